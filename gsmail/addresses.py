@@ -1,0 +1,239 @@
+# -*- test-case-name: tests.test_addresses -*-
+"""
+Envelope addresses: parsing the paths of C{MAIL FROM} and C{RCPT TO}
+(RFC 5321 §4.1.2, with UTF-8 per RFC 6531), the XVERP codec
+(C{list+mailbox=domain@site}, as Postfix expands it), and the routing decision
+for a recipient, all pure functions.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+import attrs
+
+__all__ = [
+    "Address",
+    "AddressError",
+    "Route",
+    "RouteKind",
+    "parse_path",
+    "parse_parameters",
+    "decode_xverp",
+    "encode_xverp",
+    "route_recipient",
+]
+
+# RFC 5321 §4.5.3.1: local part 64 octets, domain 255 octets, path 256 octets.
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+
+class AddressError(ValueError):
+    """
+    A path or address does not follow RFC 5321 §4.1.2. Maps to
+    C{501 5.1.7} (sender) or C{501 5.1.3} (recipient).
+    """
+
+
+@attrs.frozen
+class Address:
+    """
+    A mailbox C{local@domain}. The local part keeps its case (RFC 5321 §2.4:
+    only the receiving host may interpret it); the domain is lowercased.
+    """
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def is_ascii(self) -> bool:
+        """C{False} when the address needs SMTPUTF8 (RFC 6531)."""
+        return str(self).isascii()
+
+
+# atext of RFC 5322 §3.2.3, widened to any non-ASCII character (RFC 6531 §3.3).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
+_QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"\Z')
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9\-\u0080-\U0010ffff]{1,63}(?<!-)\Z")
+_ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+_SOURCE_ROUTE = re.compile(r"@[^:,]+(?:,@[^:,]+)*:")
+
+
+def parse_mailbox(text: str) -> Address:
+    """
+    Parse a mailbox C{local@domain} (RFC 5321 §4.1.2 C{Mailbox}).
+
+    @raise AddressError: not a mailbox.
+    """
+    local, sep, domain = text.rpartition("@")
+    if not sep or not local or not domain:
+        raise AddressError(f"not local@domain: {text!r}")
+    if len(local.encode()) > MAX_LOCAL_PART:
+        raise AddressError("local part longer than 64 octets")
+    if len(domain.encode()) > MAX_DOMAIN:
+        raise AddressError("domain longer than 255 octets")
+    if not (_DOT_STRING.match(local) or _QUOTED_STRING.match(local)):
+        raise AddressError(f"bad local part: {local!r}")
+    if not _ADDRESS_LITERAL.match(domain):
+        labels = domain.rstrip(".").split(".")
+        if not all(_LABEL.match(label) for label in labels):
+            raise AddressError(f"bad domain: {domain!r}")
+    return Address(local, domain.rstrip(".").lower())
+
+
+def parse_path(text: str, *, allow_null: bool) -> tuple[Address | None, str]:
+    """
+    Parse the start of a C{MAIL FROM:} or C{RCPT TO:} argument: a path in
+    angle brackets, then the parameters.
+
+    @param text: what follows C{FROM:} or C{TO:}, e.g. C{"<a@b.example> SIZE=10"}.
+    @param allow_null: accept C{<>}, the null reverse-path (MAIL FROM only).
+    @return: the address (C{None} for C{<>}) and the rest of the line (the
+        parameters, unparsed).
+    @raise AddressError: no well-formed path.
+    """
+    text = text.lstrip(" ")
+    if not text.startswith("<"):
+        # Tolerate a bare address without brackets, as Postfix does by default.
+        bare, _, rest = text.partition(" ")
+        if not bare:
+            raise AddressError("no path")
+        return parse_mailbox(bare), rest
+    end = _find_path_end(text)
+    inner = text[1:end]
+    rest = text[end + 1 :]
+    if rest and not rest.startswith(" "):
+        raise AddressError("junk after the path")
+    if len(inner.encode()) > MAX_PATH:
+        raise AddressError("path longer than 256 octets")
+    # A source route (@a,@b:user@c) is accepted and ignored (RFC 5321 §4.1.2, C.).
+    m = _SOURCE_ROUTE.match(inner)
+    if m:
+        inner = inner[m.end() :]
+    if inner == "":
+        if not allow_null:
+            raise AddressError("null path not allowed here")
+        return None, rest.strip(" ")
+    return parse_mailbox(inner), rest.strip(" ")
+
+
+def _find_path_end(text: str) -> int:
+    """The index of the C{>} closing the path at C{text[0]}, skipping quoted strings."""
+    quoted = False
+    escaped = False
+    for i in range(1, len(text)):
+        c = text[i]
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+    raise AddressError("no closing '>'")
+
+
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
+
+
+def parse_parameters(text: str) -> dict[str, str | None]:
+    """
+    Parse ESMTP parameters (RFC 5321 §4.1.2 C{Mail-parameters}): C{KEY=value}
+    or C{KEY}, separated by spaces. Keywords are uppercased.
+
+    @raise AddressError: a malformed parameter (maps to C{501 5.5.4}).
+    """
+    params: dict[str, str | None] = {}
+    for word in text.split():
+        key, sep, value = word.partition("=")
+        if not _KEYWORD.match(key):
+            raise AddressError(f"bad parameter {word!r}")
+        if sep and not value:
+            raise AddressError(f"empty value for {key}")
+        params[key.upper()] = value if sep else None
+    return params
+
+
+def encode_xverp(list_address: Address, recipient: Address) -> Address:
+    """
+    The VERP envelope sender for mail from C{list_address} to C{recipient},
+    as Postfix's XVERP expands it with the default delimiters C{+=}:
+    C{dev@groups.example.com} to C{alice@example.org} gives
+    C{dev+alice=example.org@groups.example.com}.
+    """
+    return Address(f"{list_address.local}+{recipient.local}={recipient.domain}", list_address.domain)
+
+
+def decode_xverp(address: Address) -> tuple[Address, Address] | None:
+    """
+    Undo L{encode_xverp}: C{dev+alice=example.org@groups.example.com} gives
+    (C{dev@groups.example.com}, C{alice@example.org}), or C{None} when the
+    address is not of that form. As smtp2gs did (C{(.*?)\\+(.*?)\\=(.*?)\\@(.*)}),
+    the list part ends at the first C{+} and the member's mailbox at the last
+    C{=} (a member's local part may itself contain C{=}).
+    """
+    list_local, plus, rest = address.local.partition("+")
+    if not plus or not list_local:
+        return None
+    user_local, eq, user_domain = rest.rpartition("=")
+    if not eq or not user_local or not user_domain or "." not in user_domain:
+        return None
+    try:
+        user = parse_mailbox(f"{user_local}@{user_domain}")
+    except AddressError:
+        return None
+    return Address(list_local, address.domain), user
+
+
+class RouteKind(enum.Enum):
+    """Where a recipient's copy goes (see C{groupserver-protocol.md})."""
+
+    REJECT_RELAY = "reject-relay"  # not one of our domains: 550 5.7.1
+    RELAY = "relay"  # relay prefix: the relay page
+    BOUNCE = "bounce"  # XVERP address: the bounce page
+    GROUP = "group"  # look the group up, then the add-email page
+
+
+@attrs.frozen
+class Route:
+    """
+    The routing decision for one recipient, made at RCPT time.
+
+    @ivar group_address: for BOUNCE, the group's list address.
+    @ivar member_address: for BOUNCE, the member whose mail bounced.
+    @ivar group_id: for GROUP, once the lookup answered.
+    """
+
+    kind: RouteKind
+    recipient: Address
+    group_address: Address | None = None
+    member_address: Address | None = None
+    group_id: str | None = None
+
+
+def route_recipient(recipient: Address, domains: tuple[str, ...], relay_prefix: str) -> Route:
+    """
+    Decide, without I/O, where C{recipient} goes: not our domain → reject
+    (gsmail is never an open relay); the relay prefix → the relay page; an
+    XVERP address → the bounce page; anything else → a group lookup.
+
+    @param domains: the lowercased mail domains the site receives for.
+    @param relay_prefix: C{relay-address-prefix} (default C{p-}); empty
+        disables relaying.
+    """
+    if recipient.domain not in domains:
+        return Route(RouteKind.REJECT_RELAY, recipient)
+    if relay_prefix and recipient.local.lower().startswith(relay_prefix.lower()):
+        return Route(RouteKind.RELAY, recipient)
+    bounce = decode_xverp(recipient)
+    if bounce is not None:
+        return Route(RouteKind.BOUNCE, recipient, group_address=bounce[0], member_address=bounce[1])
+    return Route(RouteKind.GROUP, recipient)

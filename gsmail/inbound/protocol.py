@@ -1,0 +1,653 @@
+# -*- test-case-name: tests.inbound.test_protocol -*-
+"""
+The ESMTP (RFC 5321) and LMTP (RFC 2033) server protocol.
+
+gsmail owns this layer instead of subclassing C{twisted.mail.smtp.ESMTP}: the
+fixes that class needs (reply ordering under pipelining, its own line
+splitter for DATA, STARTTLS buffer and state reset, parameter parsing,
+SMTPUTF8 addresses, per-recipient LMTP replies on every path, real 4xx codes
+at end of data) replace nearly all of it, and would lean on its private,
+name-mangled state. See docs/architecture.md.
+
+How it stays safe:
+  - Commands run strictly one at a time: a command whose check is
+    asynchronous (RCPT's group lookup, the delivery after the final dot)
+    holds back the next line until its reply is written, so pipelined
+    replies come in command order (RFC 2920 §3.1). Bytes pending meanwhile
+    are bounded; past the bound the transport is paused.
+  - In DATA, only CR LF "." CR LF ends the message (bare LF or CR never do:
+    no SMTP smuggling), and a body line is never read as a command, however
+    long it is: an overlong line only marks the message as failed.
+  - STARTTLS throws away anything the client sent after it in plaintext and
+    forgets HELO and the transaction (RFC 3207 §4.2).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from gsmail import status
+from gsmail.addresses import Address, AddressError, Route, parse_parameters, parse_path
+from gsmail.inbound.spool import Spool, SpooledMessage
+from gsmail.status import Reply
+
+if TYPE_CHECKING:
+    from gsmail.inbound.delivery import DeliveryCore
+
+__all__ = ["ServerSettings", "Session", "Envelope", "SMTPServer", "LMTPServer", "InboundFactory"]
+
+#: Longest command line, CRLF included. RFC 5321 §4.5.3.1.4 gives 512 octets
+#: and lets extensions add to it (RFC 1870 §3 adds 26 for SIZE).
+MAX_COMMAND_LINE = 2048
+#: Unprocessed bytes kept while a command waits for its reply; past this the
+#: transport is paused (back-pressure instead of an unbounded buffer).
+MAX_PENDING = 64 * 1024
+#: Bad commands before the connection is closed.
+MAX_ERRORS = 20
+
+
+@attrs.frozen
+class ServerSettings:
+    """
+    What a listener needs to know, in the units the protocol uses.
+
+    @ivar hostname: the name in the greeting, EHLO reply and Received field.
+    @ivar max_size: the SIZE limit, in bytes (RFC 1870).
+    @ivar max_recipients: accepted RCPTs per transaction; more get C{452 4.5.3}.
+    @ivar max_line_length: longest DATA line, CRLF included, in bytes.
+    @ivar idle_timeout: seconds without input before C{421 4.4.2} and close.
+    @ivar max_connections: concurrent connections per listener.
+    @ivar tls: the server TLS context (C{IOpenSSLServerConnectionCreator}) or
+        C{None}: STARTTLS is then not offered.
+    """
+
+    hostname: str
+    max_size: int = 200 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 8192
+    idle_timeout: float = 300.0
+    max_connections: int = 1000
+    tls: Any = None
+
+
+@attrs.define
+class Session:
+    """
+    Per connection: who the peer is and what it said (aiosmtpd's split).
+
+    @ivar peer: the peer's address as text (C{"[127.0.0.1]"}, C{"unix socket"}).
+    @ivar helo: the HELO/EHLO/LHLO argument, or C{None} before it.
+    @ivar extended: EHLO or LHLO (not HELO) was used.
+    @ivar tls: TLS is active.
+    @ivar id: a short random id shared by the log and the Received field.
+    """
+
+    peer: str
+    protocol_name: str
+    helo: str | None = None
+    extended: bool = False
+    tls: bool = False
+    id: str = attrs.field(factory=lambda: secrets.token_hex(6))
+
+    @property
+    def with_protocol(self) -> str:
+        """The C{with} word of the Received field (RFC 3848)."""
+        if self.protocol_name == "LMTP":
+            return "LMTPS" if self.tls else "LMTP"
+        if not self.extended:
+            return "SMTP"
+        return "ESMTPS" if self.tls else "ESMTP"
+
+
+@attrs.define
+class Envelope:
+    """
+    Per transaction: the envelope sender, its parameters and the accepted
+    recipients, in RCPT order.
+
+    @ivar sender: the reverse-path; C{None} for the null sender C{<>}.
+    """
+
+    sender: Address | None
+    smtputf8: bool = False
+    body: str = "7BIT"
+    declared_size: int | None = None
+    recipients: list[Route] = attrs.field(factory=list)
+
+
+class _DataState:
+    """The bookkeeping of one DATA phase."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.received = 0  # bytes as transmitted (CRLF), for the SIZE limit
+        self.error: Reply | None = None
+        self.midline = False  # the last bytes consumed ended inside a line
+
+
+class SMTPServer(Protocol, TimeoutMixin):
+    """
+    An ESMTP server for one connection (RFC 5321), with PIPELINING (RFC 2920),
+    SIZE (RFC 1870), 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034),
+    STARTTLS (RFC 3207) and SMTPUTF8 (RFC 6531).
+
+    @ivar factory: the L{InboundFactory}; gives the settings, clock and core.
+    """
+
+    log = Logger()
+    protocol_name = "ESMTP"
+    factory: InboundFactory
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._waiting = False
+        self._processing = False
+        self._paused = False
+        self._closing = False
+        self._errors = 0
+        self.session: Session | None = None
+        self.envelope: Envelope | None = None
+        self._data: _DataState | None = None
+
+    # -- connection ------------------------------------------------------
+    def connectionMade(self) -> None:
+        settings = self.factory.settings
+        self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
+        self.session = Session(peer=_describe_peer(self.transport), protocol_name=self.protocol_name)
+        self.factory.connections += 1
+        if self.factory.connections > settings.max_connections:
+            self.log.warn("Refused {peer}: too many connections", peer=self.session.peer)
+            self._reply(status.TOO_MANY_CONNECTIONS)
+            self._close()
+            return
+        self.setTimeout(settings.idle_timeout)
+        self.transport.write(f"220 {settings.hostname} {self.protocol_name} gsmail\r\n".encode())
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.factory.connections -= 1
+        self.setTimeout(None)
+        self._closing = True
+        if self._data is not None:
+            self._data.spool.discard()
+            self._data = None
+
+    def timeoutConnection(self) -> None:
+        self.log.info("Idle timeout for {peer}", peer=self.session.peer if self.session else "?")
+        self._reply(status.IDLE_TIMEOUT)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self.transport.loseConnection()
+
+    def _reply(self, reply: Reply) -> None:
+        if not self._closing:
+            self.transport.write(reply.encode())
+
+    # -- input -------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        """Run what is buffered until a command waits or input runs out."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._waiting and not self._closing:
+                if self._data is not None:
+                    if not self._process_data():
+                        break
+                elif not self._process_command():
+                    break
+        finally:
+            self._processing = False
+        if self._waiting and len(self._buffer) > MAX_PENDING and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _process_command(self) -> bool:
+        """Run one command line if a whole one is buffered; C{False} if not."""
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) > MAX_COMMAND_LINE:
+                self._reply(status.LINE_TOO_LONG)
+                self._close()
+            return False
+        if end + 1 > MAX_COMMAND_LINE:
+            self._reply(status.LINE_TOO_LONG)
+            self._close()
+            return False
+        raw = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(status.SYNTAX_ERROR.with_text("Command is not valid UTF-8"))
+            return True
+        verb, _, arg = line.partition(" ")
+        handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
+        if handler is None:
+            self._error(status.UNRECOGNISED_COMMAND)
+            return True
+        result = handler(arg)
+        if isinstance(result, Deferred):
+            self._wait_for(result)
+        return True
+
+    def _wait_for(self, d: Deferred[None]) -> None:
+        """Hold back further input until C{d} fires (its reply is written)."""
+        self._waiting = True
+
+        def resume(result: object) -> None:
+            self._waiting = False
+            if isinstance(result, Failure):
+                self.log.failure("Unexpected error in a command", result)
+                self._reply(status.LOCAL_ERROR)
+            if self._paused and not self._closing:
+                self._paused = False
+                self.transport.resumeProducing()
+            if not self._closing:
+                self._process()
+
+        d.addBoth(resume)
+
+    def _error(self, reply: Reply) -> None:
+        self._reply(reply)
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self._reply(Reply(421, "4.7.0", "Too many errors; closing connection"))
+            self._close()
+
+    # -- DATA ------------------------------------------------------------------
+    def _process_data(self) -> bool:
+        """
+        Consume buffered message data up to the end-of-data mark; C{False}
+        when more input is needed.
+        """
+        data = self._data
+        assert data is not None
+        buf = self._buffer
+        limit = self.factory.settings.max_line_length
+        if data.midline:
+            # Inside an overlong line: skip to its end.
+            end = buf.find(b"\r\n")
+            if end < 0:
+                keep = 1 if buf.endswith(b"\r") else 0
+                del buf[: len(buf) - keep]
+                return False
+            del buf[: end + 2]
+            data.midline = False
+        if buf[:3] == b".\r\n":
+            del buf[:3]
+            self._end_of_data()
+            return True
+        end_mark = buf.find(b"\r\n.\r\n")
+        if end_mark >= 0:
+            self._consume_lines(data, bytes(buf[: end_mark + 2]), limit)
+            del buf[: end_mark + 5]
+            self._end_of_data()
+            return True
+        last = buf.rfind(b"\r\n")
+        if last >= 0:
+            self._consume_lines(data, bytes(buf[: last + 2]), limit)
+            del buf[: last + 2]
+        if len(buf) > limit:
+            # A line longer than allowed: fail the message, never the framing.
+            data.error = data.error or status.DATA_LINE_TOO_LONG
+            keep = 1 if buf.endswith(b"\r") else 0
+            data.received += len(buf) - keep
+            del buf[: len(buf) - keep]
+            data.midline = True
+        return False
+
+    def _consume_lines(self, data: _DataState, chunk: bytes, limit: int) -> None:
+        """Store whole lines (CRLF-terminated, still dot-stuffed)."""
+        data.received += len(chunk)
+        if data.error is not None:
+            return
+        if data.received > self.factory.settings.max_size:
+            data.error = status.MESSAGE_TOO_BIG
+            return
+        if len(chunk) > limit and max(map(len, chunk.split(b"\r\n"))) + 2 > limit:
+            data.error = status.DATA_LINE_TOO_LONG
+            return
+        # Dot-unstuffing (RFC 5321 §4.5.2), then CRLF to LF for the spool.
+        if chunk[:1] == b".":
+            chunk = chunk[1:]
+        chunk = chunk.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
+        data.spool.write(chunk)
+
+    def _end_of_data(self) -> None:
+        data = self._data
+        envelope = self.envelope
+        assert data is not None and envelope is not None and self.session is not None
+        self._data = None
+        self.envelope = None
+        recipients = envelope.recipients
+        error = data.error
+        if error is None and data.spool.size == 0:
+            error = status.EMPTY_MESSAGE
+        if error is not None:
+            data.spool.discard()
+            self.log.info(
+                "Message from {peer} refused: {reply_code} {enhanced_status}",
+                peer=self.session.peer,
+                reply_code=error.code,
+                enhanced_status=error.enhanced,
+            )
+            self._data_replies([error] * len(recipients))
+            return
+        message = data.spool.finish()
+        self.setTimeout(None)  # the delivery has its own deadline
+        count = len(recipients)
+        d = self.factory.core.deliver(self.session, envelope, message)
+        d.addErrback(self._delivery_failed, count)
+        d.addCallback(self._data_replies)
+        d.addBoth(self._after_delivery)
+        self._wait_for(d)
+
+    def _delivery_failed(self, failure: Failure, count: int) -> list[Reply]:
+        # The core maps every fault to a reply; this is the safety net, and it
+        # still gives LMTP its one reply per recipient.
+        self.log.failure("Delivery failed unexpectedly", failure)
+        return [status.LOCAL_ERROR] * count
+
+    def _after_delivery(self, result: object) -> object:
+        if not self._closing:
+            self.setTimeout(self.factory.settings.idle_timeout)
+        return result
+
+    def _data_replies(self, replies: list[Reply]) -> None:
+        """SMTP: one reply for the whole transaction."""
+        self._reply(status.worst(replies))
+
+    # -- commands ----------------------------------------------------------
+    def _ehlo_lines(self) -> list[str]:
+        settings = self.factory.settings
+        lines = [
+            settings.hostname,
+            "PIPELINING",
+            f"SIZE {settings.max_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ]
+        if self._can_start_tls():
+            lines.append("STARTTLS")
+        return lines
+
+    def _can_start_tls(self) -> bool:
+        assert self.session is not None
+        return (
+            self.factory.settings.tls is not None
+            and not self.session.tls
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _greet(self, arg: str, extended: bool) -> None:
+        assert self.session is not None
+        name = arg.strip()
+        if not name or not name.isprintable() or " " in name:
+            self._error(status.SYNTAX_ERROR.with_text("Syntax: EHLO hostname"))
+            return
+        self._reset_transaction()
+        self.session.helo = name
+        self.session.extended = extended
+        if extended:
+            self.transport.write(status.multiline(250, self._ehlo_lines()))
+        else:
+            self.transport.write(f"250 {self.factory.settings.hostname}\r\n".encode())
+
+    def do_EHLO(self, arg: str) -> None:
+        self._greet(arg, extended=True)
+
+    def do_HELO(self, arg: str) -> None:
+        self._greet(arg, extended=False)
+
+    def do_LHLO(self, arg: str) -> None:
+        self._error(status.NOT_SMTP)
+
+    def _need_helo(self) -> Reply:
+        return status.NEED_HELO
+
+    def do_MAIL(self, arg: str) -> None:
+        assert self.session is not None
+        if self.session.helo is None:
+            self._error(self._need_helo())
+            return
+        if self.envelope is not None:
+            self._error(status.NESTED_MAIL)
+            return
+        if arg[:5].upper() != "FROM:":
+            self._error(status.SYNTAX_ERROR.with_text("Syntax: MAIL FROM:<address>"))
+            return
+        try:
+            sender, rest = parse_path(arg[5:], allow_null=True)
+            params = parse_parameters(rest)
+        except AddressError as e:
+            self._error(status.BAD_SENDER_SYNTAX.with_text(f"Bad sender address syntax: {e}"))
+            return
+        envelope = Envelope(sender=sender)
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    self._error(status.SYNTAX_ERROR.with_text("Bad SIZE parameter"))
+                    return
+                envelope.declared_size = int(value)
+                if envelope.declared_size > self.factory.settings.max_size:
+                    self._reply(
+                        status.MESSAGE_TOO_BIG.with_text(
+                            f"Message size exceeds the limit of {self.factory.settings.max_size} bytes"
+                        )
+                    )
+                    return
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error(status.SYNTAX_ERROR.with_text("BODY must be 7BIT or 8BITMIME"))
+                    return
+                envelope.body = value.upper()
+            elif key == "SMTPUTF8" and value is None:
+                envelope.smtputf8 = True
+            else:
+                self._error(status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}"))
+                return
+        if sender is not None and not sender.is_ascii and not envelope.smtputf8:
+            self._error(status.SMTPUTF8_REQUIRED)
+            return
+        self.envelope = envelope
+        self._reply(status.SENDER_OK)
+
+    def do_RCPT(self, arg: str) -> Deferred[None] | None:
+        envelope = self.envelope
+        if envelope is None:
+            self._error(status.NEED_MAIL)
+            return None
+        if arg[:3].upper() != "TO:":
+            self._error(status.SYNTAX_ERROR.with_text("Syntax: RCPT TO:<address>"))
+            return None
+        try:
+            recipient, rest = parse_path(arg[3:], allow_null=False)
+            params = parse_parameters(rest)
+        except AddressError as e:
+            self._error(status.BAD_RECIPIENT_SYNTAX.with_text(f"Bad recipient address syntax: {e}"))
+            return None
+        assert recipient is not None
+        if params:
+            self._error(status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {next(iter(params))}"))
+            return None
+        if not recipient.is_ascii and not envelope.smtputf8:
+            self._error(status.SMTPUTF8_REQUIRED)
+            return None
+        if len(envelope.recipients) >= self.factory.settings.max_recipients:
+            self._reply(status.TOO_MANY_RECIPIENTS)
+            return None
+        assert self.session is not None
+        d = self.factory.core.check_recipient(self.session, recipient)
+
+        def answer(decision: tuple[Reply, Route | None]) -> None:
+            reply, route = decision
+            if route is not None and reply.is_success and self.envelope is envelope:
+                envelope.recipients.append(route)
+            self._reply(reply)
+
+        return d.addCallback(answer)
+
+    def do_DATA(self, arg: str) -> None:
+        if arg.strip():
+            self._error(status.SYNTAX_ERROR.with_text("DATA takes no arguments"))
+            return
+        if self.envelope is None:
+            self._error(status.NEED_MAIL)
+            return
+        if not self.envelope.recipients:
+            self._reply(status.NO_VALID_RECIPIENTS)
+            self.envelope = None
+            if self._buffer:
+                # The client sent its message without waiting for 354 (RFC 2920
+                # §3.1 forbids it): its lines must not run as commands.
+                self._reply(Reply(421, "4.5.0", "Improper use of pipelining; closing connection"))
+                self._close()
+            return
+        self._data = _DataState(Spool(self.factory.spool_dir))
+        self._reply(status.START_DATA)
+
+    def do_RSET(self, arg: str) -> None:
+        self._reset_transaction()
+        self._reply(status.OK)
+
+    def do_NOOP(self, arg: str) -> None:
+        self._reply(status.OK)
+
+    def do_VRFY(self, arg: str) -> None:
+        self._reply(status.VRFY_CANNOT)
+
+    def do_EXPN(self, arg: str) -> None:
+        self._reply(status.NOT_IMPLEMENTED)
+
+    def do_HELP(self, arg: str) -> None:
+        self._reply(status.HELP)
+
+    def do_QUIT(self, arg: str) -> None:
+        self._reply(status.CLOSING)
+        self._close()
+
+    def do_AUTH(self, arg: str) -> None:
+        self._error(status.NOT_IMPLEMENTED.with_text("AUTH not available on this port"))
+
+    def do_BDAT(self, arg: str) -> None:
+        self._error(status.NOT_IMPLEMENTED.with_text("CHUNKING not supported"))
+
+    def do_STARTTLS(self, arg: str) -> None:
+        assert self.session is not None
+        if arg.strip():
+            self._error(status.SYNTAX_ERROR.with_text("STARTTLS takes no arguments"))
+            return
+        if self.session.tls:
+            self._error(status.ALREADY_TLS)
+            return
+        if not self._can_start_tls():
+            self._error(status.TLS_NOT_AVAILABLE)
+            return
+        if self._buffer:
+            # RFC 3207 §6 / CVE-2011-0411: plaintext sent after STARTTLS must
+            # not be run inside the TLS session.
+            self.log.warn(
+                "Discarded {count} bytes pipelined after STARTTLS from {peer}",
+                count=len(self._buffer),
+                peer=self.session.peer,
+            )
+            self._buffer.clear()
+        self._reply(status.READY_FOR_TLS)
+        self.transport.startTLS(self.factory.settings.tls)  # type: ignore[attr-defined]
+        # RFC 3207 §4.2: forget everything learnt before TLS.
+        self._reset_transaction()
+        self.session.helo = None
+        self.session.extended = False
+        self.session.tls = True
+
+    def _reset_transaction(self) -> None:
+        self.envelope = None
+        if self._data is not None:
+            self._data.spool.discard()
+            self._data = None
+
+
+class LMTPServer(SMTPServer):
+    """
+    An LMTP server (RFC 2033): SMTP with LHLO instead of EHLO and, after the
+    final dot, one reply per accepted recipient in RCPT order, on every path
+    (delivery, size limit, empty message, overlong line).
+    """
+
+    protocol_name = "LMTP"
+
+    def do_LHLO(self, arg: str) -> None:
+        self._greet(arg, extended=True)
+
+    def do_EHLO(self, arg: str) -> None:
+        self._error(status.NOT_LMTP)
+
+    def do_HELO(self, arg: str) -> None:
+        self._error(status.NOT_LMTP)
+
+    def _need_helo(self) -> Reply:
+        return status.NEED_LHLO
+
+    def _data_replies(self, replies: list[Reply]) -> None:
+        # RFC 2033 §4.2: one reply per successful RCPT, in order.
+        self.transport.write(b"".join(r.encode() for r in replies))
+
+
+class InboundFactory(Factory):
+    """
+    Builds L{SMTPServer} or L{LMTPServer} connections over one delivery core.
+
+    @ivar connections: the number of open connections.
+    """
+
+    def __init__(
+        self,
+        core: DeliveryCore,
+        settings: ServerSettings,
+        clock: IReactorTime,
+        *,
+        lmtp: bool = False,
+        spool_dir: str = "",
+    ) -> None:
+        self.core = core
+        self.settings = settings
+        self.clock = clock
+        self.protocol = LMTPServer if lmtp else SMTPServer  # type: ignore[assignment]
+        self.spool_dir = spool_dir
+        self.connections = 0
+
+
+def _describe_peer(transport: Any) -> str:
+    """The peer as text for logs and the Received field; safe for UNIX sockets."""
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "unknown"
+    host = getattr(peer, "host", None)
+    if isinstance(host, str):
+        return f"[{host}]"
+    return "local"
+
+
+__all__ += ["SpooledMessage"]

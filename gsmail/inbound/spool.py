@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.inbound.test_spool -*-
+"""
+The spool: message data streams to a temporary file as DATA arrives, so memory
+stays flat whatever the message size. The file holds the message as sent, with
+LF line endings (as Postfix's pipe(8) handed messages to smtp2gs); the
+header section is kept aside (bounded) to read the C{Message-ID}, and a
+SHA-256 digest of the stored bytes identifies a message that has none.
+
+Nothing here is fsynced: an inbound message is only acknowledged after
+GroupServer has it, so the spool file never holds the only copy of a message
+that got a 2xx reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+import attrs
+
+__all__ = ["Spool", "SpooledMessage"]
+
+#: The header section kept in memory to find the Message-ID, in bytes.
+MAX_HEADER_BYTES = 256 * 1024
+#: Bytes gathered before one write(2) and digest update.
+WRITE_CHUNK = 256 * 1024
+
+
+@attrs.frozen
+class SpooledMessage:
+    """
+    A received message on disk.
+
+    @ivar path: the spool file (LF line endings).
+    @ivar size: its length in bytes.
+    @ivar message_id: the C{Message-ID} header's value, stripped, or C{None}.
+    @ivar digest: hex SHA-256 of the file's bytes.
+    """
+
+    path: str
+    size: int
+    message_id: str | None
+    digest: str
+
+    @property
+    def identity(self) -> str:
+        """What the ledger keys this message by: its Message-ID, else its digest."""
+        if self.message_id:
+            return "id:" + self.message_id
+        return "sha256:" + self.digest
+
+
+class Spool:
+    """
+    One message being received. Call L{write} with data (LF line endings),
+    then L{finish}, or L{discard} on any failure.
+
+    @param directory: where the file is made (C{""}: the system temp dir).
+    """
+
+    def __init__(self, directory: str = "") -> None:
+        fd, self.path = tempfile.mkstemp(prefix="gsmail-", suffix=".eml", dir=directory or None)
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self._header = bytearray()
+        self._header_done = False
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data}, message bytes with LF line endings.
+        """
+        if not data:
+            return
+        self.size += len(data)
+        if not self._header_done:
+            self._collect_header(data)
+        self._pending.append(data)
+        self._pending_len += len(data)
+        if self._pending_len >= WRITE_CHUNK:
+            self._flush()
+
+    def _collect_header(self, data: bytes) -> None:
+        start = max(0, len(self._header) - 1)
+        self._header += data
+        end = self._header.find(b"\n\n", start)
+        if self._header.startswith(b"\n"):
+            end = 0
+        if end >= 0:
+            del self._header[end + 1 :]
+            self._header_done = True
+        elif len(self._header) > MAX_HEADER_BYTES:
+            del self._header[MAX_HEADER_BYTES:]
+            self._header_done = True
+
+    def _flush(self) -> None:
+        if self._pending:
+            chunk = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_len = 0
+            self._digest.update(chunk)
+            self._file.write(chunk)
+
+    def finish(self) -> SpooledMessage:
+        """
+        Close the file and describe it. The caller owns the file from here
+        (remove it with L{remove}).
+        """
+        self._flush()
+        self._file.close()
+        self._closed = True
+        return SpooledMessage(
+            path=self.path,
+            size=self.size,
+            message_id=_message_id(bytes(self._header)),
+            digest=self._digest.hexdigest(),
+        )
+
+    def discard(self) -> None:
+        """Drop the data and remove the file."""
+        if not self._closed:
+            self._pending.clear()
+            self._file.close()
+            self._closed = True
+        remove(self.path)
+
+
+def remove(path: str) -> None:
+    """Remove a spool file; a file already gone is not an error."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _message_id(header: bytes) -> str | None:
+    """The stripped Message-ID of a header section, or C{None}."""
+    if b"message-id" not in header.lower():
+        return None
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(header)
+    value = parsed.get("Message-ID")
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    return text or None

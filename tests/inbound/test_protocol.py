@@ -1,0 +1,500 @@
+"""
+Tests for L{gsmail.inbound.protocol}: the ESMTP and LMTP server, driven over a
+L{StringTransport} with a fake delivery core.
+"""
+
+from __future__ import annotations
+
+import re
+
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import StringTransport
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from gsmail import status
+from gsmail.addresses import Address, Route, RouteKind
+from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
+from gsmail.inbound.spool import SpooledMessage
+from gsmail.status import Reply
+
+
+class FakeCore:
+    """
+    A delivery core that accepts every recipient in C{example.com} (others get
+    550 5.7.1), records deliveries with the spooled bytes, and can hold
+    answers back to test ordering.
+    """
+
+    def __init__(self) -> None:
+        self.hold_rcpt = False
+        self.hold_delivery = False
+        self.rcpt_pending: list[tuple[Deferred[tuple[Reply, Route | None]], Reply, Route | None]] = []
+        self.delivery_pending: list[tuple[Deferred[list[Reply]], list[Reply]]] = []
+        self.deliveries: list[tuple[Session, Envelope, bytes]] = []
+        self.results: dict[str, Reply] = {}
+
+    def check_recipient(self, session: Session, recipient: Address) -> Deferred[tuple[Reply, Route | None]]:
+        if recipient.domain != "example.com":
+            answer: tuple[Reply, Route | None] = (status.RELAY_DENIED, None)
+        elif recipient.local.startswith("nosuch"):
+            answer = (status.NO_SUCH_GROUP, None)
+        else:
+            answer = (status.RECIPIENT_OK, Route(RouteKind.GROUP, recipient, group_id=recipient.local))
+        if self.hold_rcpt:
+            d: Deferred[tuple[Reply, Route | None]] = Deferred()
+            self.rcpt_pending.append((d, *answer))
+            return d
+        return succeed(answer)
+
+    def deliver(self, session: Session, envelope: Envelope, message: SpooledMessage) -> Deferred[list[Reply]]:
+        with open(message.path, "rb") as f:
+            data = f.read()
+        self.deliveries.append((session, envelope, data))
+        replies = [self.results.get(r.recipient.local, status.POSTED) for r in envelope.recipients]
+        if self.hold_delivery:
+            d: Deferred[list[Reply]] = Deferred()
+            self.delivery_pending.append((d, replies))
+            return d
+        return succeed(replies)
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """A StringTransport that records STARTTLS."""
+
+    tls_started = None
+
+    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
+        self.tls_started = contextFactory
+
+
+def replies(transport: StringTransport) -> list[str]:
+    """The reply lines written so far, without CRLF."""
+    return transport.value().decode().split("\r\n")[:-1]
+
+
+def codes(transport: StringTransport) -> list[str]:
+    """The final lines' 'code enhanced' pairs (continuation lines skipped)."""
+    out = []
+    for line in replies(transport):
+        if line[3:4] == "-":
+            continue
+        parts = line.split(" ")
+        out.append(" ".join(parts[:2]) if re.match(r"[245]\.\d", parts[1] if len(parts) > 1 else "") else parts[0])
+    return out
+
+
+class ServerTestsMixin:
+    lmtp = False
+    hello = b"EHLO client.example.org\r\n"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.core = FakeCore()
+        self.settings = ServerSettings(
+            hostname="mx.example.com", max_size=3000, max_recipients=3, max_line_length=1000,
+            idle_timeout=60, max_connections=100, tls=object(),
+        )
+        self.factory = InboundFactory(self.core, self.settings, self.clock, lmtp=self.lmtp,
+                                      spool_dir=self.mktemp_dir())
+
+    def mktemp_dir(self) -> str:
+        import os
+
+        path = self.mktemp()  # type: ignore[attr-defined]
+        os.makedirs(path)
+        return path
+
+    def connect(self, transport: StringTransport | None = None) -> tuple[object, StringTransport]:
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 2525))
+        transport = transport or StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 2525))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def session(self, data: bytes, transport: StringTransport | None = None) -> tuple[object, StringTransport]:
+        proto, transport = self.connect(transport)
+        transport.clear()
+        proto.dataReceived(data)
+        return proto, transport
+
+
+class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
+    """ESMTP behaviour."""
+
+    def test_greeting_and_ehlo(self) -> None:
+        """The greeting names the host; EHLO lists every extension gsmail honours."""
+        proto, t = self.connect(TLSStringTransport())
+        self.assertEqual(replies(t), ["220 mx.example.com ESMTP gsmail"])
+        t.clear()
+        proto.dataReceived(self.hello)
+        self.assertEqual(
+            replies(t),
+            ["250-mx.example.com", "250-PIPELINING", "250-SIZE 3000", "250-8BITMIME",
+             "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250 STARTTLS"],
+        )
+
+    def test_no_starttls_without_tls_transport(self) -> None:
+        """STARTTLS is neither offered nor accepted when TLS is impossible."""
+        proto, t = self.session(self.hello + b"STARTTLS\r\n")
+        self.assertNotIn("STARTTLS", t.value().decode().split("\r\n")[-3])
+        self.assertEqual(codes(t)[-1], "454 4.7.0")
+
+    def test_whole_session_in_one_write(self) -> None:
+        """
+        A pipelined session sent in one write gets its replies in command
+        order, even though the recipient checks answer late and out of order.
+        """
+        self.core.hold_rcpt = True
+        proto, t = self.session(
+            self.hello
+            + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g1@example.com>\r\nRCPT TO:<x@other.org>\r\n"
+            b"RCPT TO:<g2@example.com>\r\nDATA\r\n"
+        )
+        self.assertEqual(codes(t)[-1:], ["250 2.1.0"])
+        # Answer the checks in reverse order: replies must still come in order.
+        pending = self.core.rcpt_pending
+        self.assertEqual(len(pending), 1)  # the next RCPT is not even read yet
+        d, reply, route = pending.pop()
+        d.callback((reply, route))
+        self.assertEqual(len(pending), 1)
+        pending.pop()[0].callback((status.RELAY_DENIED, None))
+        d3, reply3, route3 = pending.pop()
+        d3.callback((reply3, route3))
+        self.assertEqual(codes(t)[1:], ["250 2.1.0", "250 2.1.5", "550 5.7.1", "250 2.1.5", "354"])
+        t.clear()
+        proto.dataReceived(b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        self.assertEqual(codes(t), ["250 2.0.0", "221 2.0.0"])
+        self.assertEqual([r.recipient.local for r in self.core.deliveries[0][1].recipients], ["g1", "g2"])
+
+    def test_quit_waits_for_delivery(self) -> None:
+        """QUIT pipelined after the final dot is answered only after the DATA reply."""
+        self.core.hold_delivery = True
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+        )
+        t.clear()
+        proto.dataReceived(b"x: y\r\n\r\nz\r\n.\r\nQUIT\r\n")
+        self.assertEqual(t.value(), b"")
+        self.assertFalse(t.disconnecting)
+        d, result = self.core.delivery_pending.pop()
+        d.callback(result)
+        self.assertEqual(codes(t), ["250 2.0.0", "221 2.0.0"])
+        self.assertTrue(t.disconnecting)
+
+    def test_message_stored_unstuffed_with_lf(self) -> None:
+        """Dots are unstuffed and CRLF becomes LF in the spooled message."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+        )
+        proto.dataReceived(b"Subject: dots\r\n\r\n..one\r\n...\r\nplain\r\n.\r\n")
+        self.assertEqual(self.core.deliveries[0][2], b"Subject: dots\n\n.one\n..\nplain\n")
+
+    def test_data_split_across_writes(self) -> None:
+        """The end-of-data mark is found however the bytes are split."""
+        message = b"Subject: s\r\n\r\nline one\r\n..two\r\n.\r\n"
+        for cut in range(1, len(message)):
+            self.core.deliveries.clear()
+            proto, t = self.session(
+                self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+            )
+            proto.dataReceived(message[:cut])
+            self.assertEqual(self.core.deliveries, [], cut)
+            proto.dataReceived(message[cut:])
+            self.assertEqual(self.core.deliveries[0][2], b"Subject: s\n\nline one\n.two\n", cut)
+
+    def test_smtp_smuggling(self) -> None:
+        """
+        Bare LF or CR variants of the end-of-data mark do not end DATA: the
+        smuggled commands are message text and nothing extra is delivered.
+        """
+        for mark in [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r"]:
+            self.core.deliveries.clear()
+            proto, t = self.session(
+                self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+            )
+            t.clear()
+            proto.dataReceived(
+                b"Subject: s\r\n\r\nhello" + mark
+                + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
+                b"Subject: smuggled\r\n\r\nevil\r\n.\r\n"
+            )
+            self.assertEqual(len(self.core.deliveries), 1, mark)
+            self.assertEqual(codes(t), ["250 2.0.0"], mark)
+            self.assertIn(b"Subject: smuggled", self.core.deliveries[0][2])
+
+    def test_overlong_data_line_injects_nothing(self) -> None:
+        """
+        An overlong line in DATA fails the message (550 5.6.0 after the
+        dot); the commands that follow it in the body are never run.
+        """
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+        )
+        t.clear()
+        proto.dataReceived(
+            b"Subject: long\r\n\r\n" + b"x" * 1500
+            + b"\r\nRSET\r\nMAIL FROM:<e@example.org>\r\nRCPT TO:<h@example.com>\r\nDATA\r\nbody\r\n.\r\n"
+        )
+        self.assertEqual(codes(t), ["550 5.6.0"])
+        self.assertEqual(self.core.deliveries, [])
+        t.clear()
+        proto.dataReceived(b"NOOP\r\n")
+        self.assertEqual(codes(t), ["250 2.0.0"])
+
+    def test_overlong_line_in_pieces(self) -> None:
+        """An overlong line that arrives in many small writes is still caught, with bounded memory."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+        )
+        t.clear()
+        for _ in range(100):
+            proto.dataReceived(b"y" * 999)
+            self.assertLessEqual(len(proto._buffer), 1001)
+        proto.dataReceived(b"\r\n.\r\n")
+        self.assertEqual(codes(t), ["550 5.6.0"])
+
+    def test_size_parameter_over_limit(self) -> None:
+        """MAIL FROM with SIZE= over the limit gets 552 5.3.4 at once."""
+        proto, t = self.session(self.hello + b"MAIL FROM:<a@example.org> SIZE=3001\r\n")
+        self.assertEqual(codes(t)[-1], "552 5.3.4")
+        t.clear()
+        proto.dataReceived(b"MAIL FROM:<a@example.org> SIZE=999 BODY=8BITMIME\r\n")
+        self.assertEqual(codes(t), ["250 2.1.0"])
+
+    def test_size_enforced_while_streaming(self) -> None:
+        """A message over the limit is refused 552 5.3.4 after the dot, and nothing is delivered."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+        )
+        t.clear()
+        proto.dataReceived(b"Subject: big\r\n\r\n" + b"0123456789\r\n" * 300 + b".\r\n")
+        self.assertEqual(codes(t), ["552 5.3.4"])
+        self.assertEqual(self.core.deliveries, [])
+
+    def test_empty_message(self) -> None:
+        """An empty message is refused 554 5.3.0 (as smtp2gs did)."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n.\r\n"
+        )
+        self.assertEqual(codes(t)[-1], "554 5.3.0")
+
+    def test_simple_commands(self) -> None:
+        """NOOP, RSET, VRFY, HELP, EXPN, unknown commands and QUIT get their RFC 5321 replies."""
+        proto, t = self.session(
+            self.hello + b"NOOP\r\nRSET\r\nVRFY bob\r\nHELP\r\nEXPN list\r\nFROB\r\nQUIT\r\n"
+        )
+        self.assertEqual(
+            codes(t)[1:],
+            ["250 2.0.0", "250 2.0.0", "252 2.0.0", "214 2.0.0", "502 5.5.1", "500 5.5.2", "221 2.0.0"],
+        )
+        self.assertTrue(t.disconnecting)
+
+    def test_bad_sequences(self) -> None:
+        """Commands out of order get 503 5.5.1."""
+        proto, t = self.session(b"MAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(codes(t), ["503 5.5.1"])
+        t.clear()
+        proto.dataReceived(self.hello + b"RCPT TO:<g@example.com>\r\nDATA\r\n"
+                           b"MAIL FROM:<a@example.org>\r\nMAIL FROM:<a@example.org>\r\nDATA\r\n")
+        self.assertEqual(codes(t)[1:], ["503 5.5.1", "503 5.5.1", "250 2.1.0", "503 5.5.1", "554 5.5.1"])
+
+    def test_every_reply_has_an_enhanced_code(self) -> None:
+        """Every reply but the greeting, the EHLO reply and 354 carries an RFC 3463 code."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nRCPT TO:<a@b.org>\r\n"
+            b"RCPT TO:<nosuch@example.com>\r\nRCPT TO:bad\r\nDATA\r\nx: y\r\n\r\nz\r\n.\r\n"
+            b"VRFY x\r\nNOOP\r\nHELP\r\nRSET\r\nFOO\r\nRCPT TO:<g@example.com>\r\nQUIT\r\n"
+        )
+        lines = replies(t)[6:]  # after the EHLO reply
+        self.assertEqual(len(lines), 14)
+        for line in lines:
+            if line.startswith("354 "):
+                continue
+            self.assertRegex(line, r"^[245]\d\d [245]\.\d{1,3}\.\d{1,3} ")
+
+    def test_parameters(self) -> None:
+        """Unknown MAIL or RCPT parameters get 555 5.5.4; bad values 501 5.5.4."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org> XVERP\r\nMAIL FROM:<a@example.org> BODY=9BIT\r\n"
+            b"MAIL FROM:<a@example.org> SIZE=abc\r\nMAIL FROM:<a@example.org>\r\n"
+            b"RCPT TO:<g@example.com> NOTIFY=NEVER\r\n"
+        )
+        self.assertEqual(codes(t)[1:], ["555 5.5.4", "501 5.5.4", "501 5.5.4", "250 2.1.0", "555 5.5.4"])
+
+    def test_smtputf8(self) -> None:
+        """A UTF-8 address needs SMTPUTF8 on MAIL (553 5.6.7 without); with it, it is accepted."""
+        proto, t = self.session(
+            self.hello + "MAIL FROM:<jösé@example.org>\r\n".encode()
+            + "MAIL FROM:<jösé@example.org> SMTPUTF8\r\nRCPT TO:<grüppe@example.com>\r\nDATA\r\n".encode()
+            + "Subject: Grüße\r\n\r\nHallo\r\n.\r\n".encode()
+        )
+        self.assertEqual(codes(t)[1:], ["553 5.6.7", "250 2.1.0", "250 2.1.5", "354", "250 2.0.0"])
+        session, envelope, data = self.core.deliveries[0]
+        self.assertTrue(envelope.smtputf8)
+        self.assertEqual(data, "Subject: Grüße\n\nHallo\n".encode())
+
+    def test_recipient_limit(self) -> None:
+        """Past max_recipients, RCPT gets 452 4.5.3 (RFC 5321 §4.5.3.1.10)."""
+        rcpts = b"".join(b"RCPT TO:<g%d@example.com>\r\n" % i for i in range(4))
+        proto, t = self.session(self.hello + b"MAIL FROM:<>\r\n" + rcpts)
+        self.assertEqual(codes(t)[2:], ["250 2.1.5"] * 3 + ["452 4.5.3"])
+
+    def test_idle_timeout(self) -> None:
+        """A silent client is told 421 4.4.2 and disconnected after idle_timeout seconds."""
+        proto, t = self.session(self.hello)
+        self.clock.advance(59)
+        self.assertFalse(t.disconnecting)
+        self.clock.advance(2)
+        self.assertEqual(codes(t)[-1], "421 4.4.2")
+        self.assertTrue(t.disconnecting)
+
+    def test_no_timeout_while_delivering(self) -> None:
+        """The idle timer does not run while GroupServer works on the message."""
+        self.core.hold_delivery = True
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g@example.com>\r\nDATA\r\nx: y\r\n\r\nz\r\n.\r\n"
+        )
+        self.clock.advance(500)
+        self.assertFalse(t.disconnecting)
+        d, result = self.core.delivery_pending.pop()
+        d.callback(result)
+        self.assertEqual(codes(t)[-1], "250 2.0.0")
+        self.clock.advance(61)
+        self.assertTrue(t.disconnecting)
+        proto.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_connection_limit(self) -> None:
+        """Past max_connections, a new client gets 421 4.7.0 and is disconnected."""
+        self.factory.settings = ServerSettings(hostname="mx.example.com", max_connections=2)
+        self.connect()
+        self.connect()
+        proto, t = self.connect()
+        self.assertEqual(codes(t), ["421 4.7.0"])
+        self.assertTrue(t.disconnecting)
+
+    def test_command_line_too_long(self) -> None:
+        """A command line over 2048 octets gets 500 5.5.2 and the connection closes."""
+        proto, t = self.session(b"NOOP " + b"x" * 3000)
+        self.assertEqual(codes(t), ["500 5.5.2"])
+        self.assertTrue(t.disconnecting)
+
+    def test_starttls_injection_and_reset(self) -> None:
+        """
+        Commands pipelined after STARTTLS in plaintext are discarded, and the
+        session forgets HELO and the transaction (RFC 3207 §4.2).
+        """
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nSTARTTLS\r\nRCPT TO:<g@example.com>\r\n",
+            TLSStringTransport(),
+        )
+        self.assertEqual(codes(t)[-2:], ["250 2.1.0", "220 2.0.0"])
+        self.assertIs(t.tls_started, self.settings.tls)
+        t.clear()
+        proto.dataReceived(b"RCPT TO:<g@example.com>\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(codes(t), ["503 5.5.1", "503 5.5.1"])
+        t.clear()
+        proto.dataReceived(self.hello)
+        self.assertNotIn(b"STARTTLS", t.value())
+        t.clear()
+        proto.dataReceived(b"STARTTLS\r\n")
+        self.assertEqual(codes(t), ["503 5.5.1"])
+
+    def test_improper_pipelining_after_refused_data(self) -> None:
+        """Message text sent without waiting for 354 is never run as commands."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<x@other.org>\r\nDATA\r\nRSET\r\nMAIL FROM:<>\r\n"
+        )
+        self.assertEqual(codes(t)[-3:], ["550 5.7.1", "554 5.5.1", "421 4.5.0"])
+        self.assertTrue(t.disconnecting)
+
+    def test_transient_failure_is_transient(self) -> None:
+        """A transient failure of one recipient makes the whole SMTP transaction 451, never 550."""
+        self.core.results["g2"] = status.GROUPSERVER_UNREACHABLE
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g1@example.com>\r\nRCPT TO:<g2@example.com>\r\n"
+            b"DATA\r\nx: y\r\n\r\nz\r\n.\r\n"
+        )
+        self.assertEqual(codes(t)[-1], "451 4.4.4")
+
+    def test_lhlo_refused(self) -> None:
+        """LHLO is for LMTP only."""
+        proto, t = self.session(b"LHLO x\r\n")
+        self.assertEqual(codes(t), ["500 5.5.1"])
+
+    def test_helo_header_injection(self) -> None:
+        """A HELO name with control characters is refused (it goes into Received)."""
+        proto, t = self.session(b"HELO a\rb\r\n")
+        self.assertEqual(codes(t), ["501 5.5.4"])
+
+
+class LMTPServerTests(ServerTestsMixin, SynchronousTestCase):
+    """LMTP behaviour (RFC 2033)."""
+
+    lmtp = True
+    hello = b"LHLO client.example.org\r\n"
+
+    def transaction(self, n: int, body: bytes) -> StringTransport:
+        rcpts = b"".join(b"RCPT TO:<g%d@example.com>\r\n" % i for i in range(n))
+        proto, t = self.session(self.hello + b"MAIL FROM:<a@example.org>\r\n" + rcpts
+                                + b"RCPT TO:<nosuch@example.com>\r\nDATA\r\n")
+        t.clear()
+        proto.dataReceived(body)
+        return t
+
+    def test_greeting(self) -> None:
+        """The greeting says LMTP; EHLO and HELO are refused."""
+        proto, t = self.session(b"EHLO x\r\nHELO x\r\n")
+        self.assertEqual(codes(t), ["500 5.5.1", "500 5.5.1"])
+
+    def test_one_reply_per_recipient(self) -> None:
+        """After the dot, one reply per accepted recipient, in RCPT order."""
+        self.core.results["g1"] = status.GROUPSERVER_ERROR
+        t = self.transaction(3, b"s: x\r\n\r\nbody\r\n.\r\n")
+        self.assertEqual(codes(t), ["250 2.0.0", "451 4.5.0", "250 2.0.0"])
+
+    def test_replies_on_every_failure_path(self) -> None:
+        """Size limit, empty message and overlong line each give N replies for N recipients."""
+        cases = [
+            (b"s: x\r\n\r\n" + (b"y" * 990 + b"\r\n") * 4 + b"\r\n.\r\n", "552 5.3.4"),
+            (b".\r\n", "554 5.3.0"),
+            (b"s: x\r\n\r\n" + b"y" * 1200 + b"\r\n.\r\n", "550 5.6.0"),
+        ]
+        for body, expected in cases:
+            t = self.transaction(3, body)
+            self.assertEqual(codes(t), [expected] * 3, expected)
+
+    def test_delivery_failure_still_n_replies(self) -> None:
+        """Even an unexpected fault in the core gives one reply per recipient."""
+        self.core.hold_delivery = True
+        t = self.transaction(2, b"s: x\r\n\r\nb\r\n.\r\n")
+        d, _ = self.core.delivery_pending.pop()
+        d.errback(RuntimeError("boom"))
+        self.assertEqual(codes(t), ["451 4.3.0", "451 4.3.0"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_unix_socket_peer(self) -> None:
+        """LHLO works on a UNIX socket connection (Twisted's ESMTP crashes there)."""
+        proto = self.factory.buildProtocol(UNIXAddress("/run/gsmail/lmtp.sock"))
+        t = StringTransport(peerAddress=UNIXAddress(None))
+        proto.makeConnection(t)
+        proto.dataReceived(self.hello)
+        self.assertIn(b"250 SMTPUTF8", t.value())
+        self.assertEqual(proto.session.peer, "local")
+
+    def test_whole_session_in_one_write(self) -> None:
+        """A whole LMTP session in one write: every reply in order, then 221."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g1@example.com>\r\nRCPT TO:<g2@example.com>\r\n"
+            b"RCPT TO:<g3@example.com>\r\nRCPT TO:<g4@example.com>\r\nRCPT TO:<x@other.org>\r\n"
+            b"DATA\r\nx: y\r\n\r\nz\r\n.\r\nQUIT\r\n"
+        )
+        self.assertEqual(
+            codes(t)[1:],
+            ["250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5", "452 4.5.3", "452 4.5.3", "354",
+             "250 2.0.0", "250 2.0.0", "250 2.0.0", "221 2.0.0"],
+        )
