@@ -1,0 +1,378 @@
+# -*- test-case-name: tests.inbound.test_delivery -*-
+"""
+The delivery core shared by the ESMTP and LMTP servers: it decides at RCPT
+time where a recipient goes (reject, relay page, bounce page, group), and
+after the final dot hands each recipient's copy to GroupServer through the
+ledger, so no message is ever posted twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gsmail import status
+from gsmail.addresses import Address, Route, RouteKind, route_recipient
+from gsmail.inbound.protocol import Envelope, Session
+from gsmail.inbound.spool import SpooledMessage, remove
+from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
+from gsmail.ledger import Outcome, PostLedger
+from gsmail.status import GroupServerError, Reply
+
+__all__ = ["GroupDirectory", "DeliveryCore", "trace_fields"]
+
+log = Logger()
+
+
+class GroupDirectory:
+    """
+    GroupServer's group-exists page behind a cache: answers are kept
+    C{ttl} seconds when a group was found and C{negative_ttl} seconds when
+    none was; failures are not cached. Concurrent lookups of one address share
+    one request.
+
+    @param max_entries: cached addresses at most; the oldest go first.
+    """
+
+    def __init__(
+        self,
+        client: IGroupServer,
+        clock: IReactorTime,
+        *,
+        ttl: float = 300.0,
+        negative_ttl: float = 60.0,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._max = max_entries
+        self._cache: OrderedDict[str, tuple[float, GroupInfo]] = OrderedDict()
+        self._in_flight: dict[str, list[Deferred[GroupInfo]]] = {}
+
+    def lookup(self, address: Address) -> Deferred[GroupInfo]:
+        """
+        The group with list address C{address}.
+
+        @raise GroupServerError: (in the Deferred) GroupServer could not answer.
+        """
+        key = str(address).lower()
+        hit = self._cache.get(key)
+        now = self._clock.seconds()
+        if hit is not None:
+            if hit[0] > now:
+                return succeed(hit[1])
+            del self._cache[key]
+        waiter: Deferred[GroupInfo] = Deferred()
+        waiters = self._in_flight.get(key)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._in_flight[key] = [waiter]
+
+        def fan_out(result: GroupInfo | Failure) -> None:
+            if isinstance(result, GroupInfo):
+                ttl = self._ttl if result.group_id else self._negative_ttl
+                self._cache[key] = (self._clock.seconds() + ttl, result)
+                while len(self._cache) > self._max:
+                    self._cache.popitem(last=False)
+            for w in self._in_flight.pop(key):
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        maybeDeferred(self._client.lookup_group, str(address)).addBoth(fan_out)
+        return waiter
+
+
+def trace_fields(
+    session: Session, envelope: Envelope, recipient: Address, hostname: str, when: float
+) -> bytes:
+    """
+    The header fields an MTA adds on delivery, LF-terminated, to put before
+    the message: C{Return-Path} (RFC 5321 §4.4), C{Received} (RFC 5321 §4.4,
+    RFC 3848 protocol names) and C{X-Original-To}, the envelope recipient, as
+    Postfix adds it and as GroupServer's code reads it.
+
+    @param when: the time of receipt, seconds since the epoch.
+    """
+    sender = str(envelope.sender) if envelope.sender else ""
+    date = format_datetime(datetime.fromtimestamp(when, UTC))
+    with_ = session.with_protocol
+    if envelope.smtputf8:
+        with_ = "UTF8" + with_.removeprefix("E")  # RFC 6531 §3.7.4
+    received = (
+        f"Received: from {session.helo or 'unknown'} ({session.peer})\n"
+        f"\tby {hostname} (gsmail) with {with_} id {session.id}\n"
+        f"\tfor <{recipient}>; {date}\n"
+    )
+    lines = f"Return-Path: <{sender}>\n{received}X-Original-To: {recipient}\n"
+    return lines.encode("utf-8")
+
+
+class DeliveryCore:
+    """
+    Routing and delivery for the inbound servers.
+
+    @param client: GroupServer (the real client, the stand-in's, or a fake).
+    @param ledger: the L{PostLedger} that makes posting exactly-once.
+    @param domains: the lowercased mail domains this site receives for.
+    @param relay_prefix: local-part prefix of member relay addresses.
+    @param time_source: C{"server"} or C{"message"} for the add-email page.
+    @param reply_deadline: seconds after the final dot by which the sender
+        gets an answer; a post still running then is answered C{451 4.4.5}
+        and goes on, and the ledger makes the sender's retry safe.
+    @param unknown_dir: where a copy of a message is kept when a post's
+        outcome is unknown, for the operator.
+    @param blocking: runs a blocking callable off the reactor (a thread
+        hand-off), returning a Deferred; C{None} runs it inline (tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: IGroupServer,
+        ledger: PostLedger,
+        clock: IReactorTime,
+        hostname: str,
+        domains: tuple[str, ...],
+        relay_prefix: str = "p-",
+        time_source: str = "server",
+        reply_deadline: float = 540.0,
+        group_cache_ttl: float = 300.0,
+        group_negative_cache_ttl: float = 60.0,
+        unknown_dir: str = "",
+        blocking: Callable[[Callable[[], None]], Deferred[None]] | None = None,
+    ) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.clock = clock
+        self.hostname = hostname
+        self.domains = domains
+        self.relay_prefix = relay_prefix
+        self.time_source = time_source
+        self.reply_deadline = reply_deadline
+        self.unknown_dir = unknown_dir
+        self._blocking = blocking
+        self.directory = GroupDirectory(
+            client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
+        )
+        #: Deliveries still running (also those whose reply went out at the deadline).
+        self.in_flight = 0
+        self._idle: list[Deferred[None]] = []
+
+    # -- RCPT time ---------------------------------------------------------
+    def check_recipient(
+        self, session: Session, recipient: Address
+    ) -> Deferred[tuple[Reply, Route | None]]:
+        """
+        Decide what to answer to C{RCPT TO:<recipient>}.
+
+        @return: the reply and, when accepted, the L{Route}. Replies:
+            C{550 5.7.1} not our domain; C{250 2.1.5} relay or bounce
+            address; C{250 2.1.5} a group; C{550 5.1.1} no such group;
+            C{451 4.4.4}/C{451 4.5.0} GroupServer could not answer.
+        """
+        route = route_recipient(recipient, self.domains, self.relay_prefix)
+        if route.kind is RouteKind.REJECT_RELAY:
+            log.info(
+                "Relay denied for {recipient} from {peer}",
+                recipient=str(recipient),
+                peer=session.peer,
+            )
+            return succeed((status.RELAY_DENIED, None))
+        if route.kind is RouteKind.RELAY:
+            return succeed((status.RELAY_ADDRESS_OK, route))
+        if route.kind is RouteKind.BOUNCE:
+            return succeed((status.BOUNCE_ADDRESS_OK, route))
+
+        def found(info: GroupInfo) -> tuple[Reply, Route | None]:
+            if not info.group_id:
+                return (status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>"), None)
+            return (
+                status.RECIPIENT_OK,
+                Route(RouteKind.GROUP, recipient, group_id=info.group_id),
+            )
+
+        def failed(failure: Failure) -> tuple[Reply, Route | None]:
+            reply = status.reply_for_exception(failure.value)
+            if not isinstance(failure.value, GroupServerError):
+                log.failure("Group lookup failed for {recipient}", failure, recipient=str(recipient))
+            else:
+                log.warn(
+                    "Group lookup for {recipient} failed: {reply_code} {enhanced_status} {detail}",
+                    recipient=str(recipient),
+                    reply_code=reply.code,
+                    enhanced_status=reply.enhanced,
+                    detail=failure.value.detail,
+                )
+            return (reply, None)
+
+        return self.directory.lookup(recipient).addCallbacks(found, failed)
+
+    # -- after the final dot -------------------------------------------------
+    def deliver(
+        self, session: Session, envelope: Envelope, message: SpooledMessage
+    ) -> Deferred[list[Reply]]:
+        """
+        Deliver C{message} to every accepted recipient of C{envelope}.
+
+        @return: one reply per recipient in RCPT order; never fails. The spool
+            file is removed once every delivery has finished, which may be
+            after the replies (see C{reply_deadline}).
+        """
+        received = self.clock.seconds()
+        work = [
+            self._deliver_one(session, envelope, route, message, received)
+            for route in envelope.recipients
+        ]
+        self.in_flight += 1
+
+        def cleanup(result: object) -> None:
+            remove(message.path)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                waiters, self._idle = self._idle, []
+                for w in waiters:
+                    w.callback(None)
+
+        all_done: Deferred[list[Reply]] = gatherResults(work)
+        all_done.addBoth(cleanup)
+
+        answered: Deferred[list[Reply]] = Deferred()
+        timer = self.clock.callLater(self.reply_deadline, self._deadline_passed, work, answered)
+
+        def finished(replies: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not answered.called:
+                answered.callback([w.result for w in work])
+
+        gatherResults(work).addBoth(finished)
+        return answered
+
+    def _deadline_passed(self, work: list[Deferred[Reply]], answered: Deferred[list[Reply]]) -> None:
+        late = status.TOO_BUSY.with_text(
+            "GroupServer has not finished yet; try again later (it will not be posted twice)"
+        )
+        replies = [w.result if w.called else late for w in work]
+        log.warn("Reply deadline passed with {count} deliveries running", count=sum(not w.called for w in work))
+        answered.callback(replies)
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires when no delivery is running (for a clean shutdown and tests)."""
+        if self.in_flight == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def _deliver_one(
+        self,
+        session: Session,
+        envelope: Envelope,
+        route: Route,
+        message: SpooledMessage,
+        received: float,
+    ) -> Deferred[Reply]:
+        prefix = trace_fields(session, envelope, route.recipient, self.hostname, received)
+        source = MessageSource(prefix=prefix, path=message.path, size=message.size)
+        action: Callable[[], Deferred[Any]]
+        if route.kind is RouteKind.GROUP:
+            assert route.group_id is not None
+            group_id = route.group_id
+            key = PostLedger.key("post", group_id, message.identity)
+            action = lambda: self.client.add_post(group_id, source, self.time_source)  # noqa: E731
+            done = status.POSTED
+        elif route.kind is RouteKind.RELAY:
+            key = PostLedger.key("relay", str(route.recipient).lower(), message.identity)
+            action = lambda: self.client.relay(source)  # noqa: E731
+            done = status.RELAYED
+        else:
+            assert route.member_address is not None and route.group_address is not None
+            member, group = str(route.member_address), str(route.group_address)
+            key = PostLedger.key("bounce", group.lower(), member.lower(), message.identity)
+            action = lambda: self.client.record_bounce(member, group)  # noqa: E731
+            done = status.BOUNCE_RECORDED
+
+        def outcome(result: Outcome) -> Reply:
+            log.info(
+                "{kind} for {recipient} ({message_id}): {outcome}",
+                kind=route.kind.value,
+                recipient=str(route.recipient),
+                message_id=message.identity,
+                outcome=result.value,
+                group_id=route.group_id,
+                session=session.id,
+            )
+            if result is Outcome.DONE:
+                return done
+            if result is Outcome.UNKNOWN:
+                return status.ALREADY_DELIVERED.with_text(
+                    "An earlier attempt may already have delivered this message; not repeated"
+                )
+            return status.ALREADY_DELIVERED
+
+        def failed(failure: Failure) -> Deferred[Reply] | Reply:
+            reply = status.reply_for_exception(failure.value)
+            if isinstance(failure.value, GroupServerError):
+                log.warn(
+                    "{kind} for {recipient} failed: {reply_code} {enhanced_status} {detail}",
+                    kind=route.kind.value,
+                    recipient=str(route.recipient),
+                    reply_code=reply.code,
+                    enhanced_status=reply.enhanced,
+                    detail=failure.value.detail,
+                    group_id=route.group_id,
+                    session=session.id,
+                )
+                if failure.value.outcome_unknown:
+                    return self._keep_copy(source, key).addBoth(lambda _: reply)
+            else:
+                log.failure("{kind} for {recipient} failed", failure, kind=route.kind.value,
+                            recipient=str(route.recipient))
+            return reply
+
+        return self.ledger.run(key, action).addCallbacks(outcome, failed)
+
+    def _keep_copy(self, source: MessageSource, key: bytes) -> Deferred[None]:
+        """
+        Keep the message whose post had an unknown outcome in C{unknown_dir},
+        named by its ledger key, so the operator can check GroupServer and
+        re-inject it if it is missing.
+        """
+        if not self.unknown_dir:
+            return succeed(None)
+        target = os.path.join(self.unknown_dir, key.hex() + ".eml")
+
+        def copy() -> None:
+            os.makedirs(self.unknown_dir, exist_ok=True)
+            tmp = target + ".tmp"
+            with open(tmp, "wb") as out, open(source.path, "rb") as src:
+                out.write(source.prefix)
+                shutil.copyfileobj(src, out, 1024 * 1024)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+
+        d = maybeDeferred(copy) if self._blocking is None else self._blocking(copy)
+
+        def report(result: object) -> None:
+            if isinstance(result, Failure):
+                log.failure("Could not keep a copy in {path}", result, path=target)
+            else:
+                log.warn("Kept a copy of a message with an unknown outcome: {path}", path=target)
+
+        return d.addBoth(report)

@@ -1,0 +1,393 @@
+"""
+Tests for L{gsmail.inbound.delivery}: routing at RCPT time, the group cache,
+trace fields, and delivery through the ledger (no duplicate posts, unknown
+outcomes, the reply deadline).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from gsmail import status
+from gsmail.addresses import Address, Route, RouteKind
+from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, trace_fields
+from gsmail.inbound.protocol import Envelope, Session
+from gsmail.inbound.spool import Spool, SpooledMessage
+from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
+from gsmail.ledger import PostLedger
+from gsmail.status import GroupServerError, Reply
+
+
+@implementer(IGroupServer)
+class FakeGroupServer:
+    """
+    A GroupServer double that records calls; groups are C{{address: id}};
+    C{hold} keeps post Deferreds unfired; C{post_error} fails posts.
+    """
+
+    def __init__(self, groups: dict[str, str]) -> None:
+        self.groups = groups
+        self.lookups: list[str] = []
+        self.posts: list[tuple[str, bytes, str]] = []
+        self.relays: list[bytes] = []
+        self.bounces: list[tuple[str, str]] = []
+        self.lookup_error: Exception | None = None
+        self.post_error: Exception | None = None
+        self.hold = False
+        self.held: list[Deferred[None]] = []
+
+    def lookup_group(self, address: str) -> Deferred[GroupInfo]:
+        self.lookups.append(address)
+        if self.lookup_error is not None:
+            return fail(self.lookup_error)
+        gid = self.groups.get(address.lower())
+        return succeed(GroupInfo(address, gid, "site" if gid else None))
+
+    def _read(self, message: MessageSource) -> bytes:
+        with open(message.path, "rb") as f:
+            return message.prefix + f.read(message.size)
+
+    def _result(self) -> Deferred[None]:
+        if self.post_error is not None:
+            return fail(self.post_error)
+        if self.hold:
+            d: Deferred[None] = Deferred()
+            self.held.append(d)
+            return d
+        return succeed(None)
+
+    def add_post(self, group_id: str, message: MessageSource, time_source: str) -> Deferred[None]:
+        self.posts.append((group_id, self._read(message), time_source))
+        return self._result()
+
+    def relay(self, message: MessageSource) -> Deferred[None]:
+        self.relays.append(self._read(message))
+        return self._result()
+
+    def record_bounce(self, user_email: str, group_email: str) -> Deferred[None]:
+        self.bounces.append((user_email, group_email))
+        return self._result()
+
+
+class CoreTestsMixin:
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.gs = FakeGroupServer({"dev@groups.example.com": "dev", "ann@groups.example.com": "ann"})
+        self.dir = self.mktemp()  # type: ignore[attr-defined]
+        os.makedirs(self.dir)
+        self.ledger = PostLedger(os.path.join(self.dir, "ledger"), clock=self.clock)
+        self.ledger.open()
+        self.core = self.make_core()
+        self.session = Session(peer="[192.0.2.1]", protocol_name="ESMTP", helo="mx.example.org",
+                               extended=True)
+
+    def tearDown(self) -> None:
+        self.ledger.close()
+
+    def make_core(self, **kw: object) -> DeliveryCore:
+        args: dict[str, object] = dict(
+            client=self.gs, ledger=self.ledger, clock=self.clock, hostname="mx.groups.example.com",
+            domains=("groups.example.com",), reply_deadline=540.0,
+            unknown_dir=os.path.join(self.dir, "unknown"),
+        )
+        args.update(kw)
+        return DeliveryCore(**args)  # type: ignore[arg-type]
+
+    def rcpt(self, address: str) -> tuple[Reply, Route | None]:
+        local, _, domain = address.partition("@")
+        return self.successResultOf(  # type: ignore[attr-defined, no-any-return]
+            self.core.check_recipient(self.session, Address(local, domain))
+        )
+
+    def message(self, data: bytes) -> SpooledMessage:
+        spool = Spool(self.dir)
+        spool.write(data)
+        return spool.finish()
+
+    def envelope(self, *addresses: str) -> Envelope:
+        env = Envelope(sender=Address("alice", "example.org"))
+        for a in addresses:
+            reply, route = self.rcpt(a)
+            assert route is not None, reply
+            env.recipients.append(route)
+        return env
+
+    def deliver(self, env: Envelope, data: bytes) -> Deferred[list[Reply]]:
+        return self.core.deliver(self.session, env, self.message(data))
+
+
+MSG = b"Message-ID: <1@example.org>\nSubject: hello\n\nbody\n"
+
+
+class RecipientTests(CoreTestsMixin, SynchronousTestCase):
+    """RCPT-time decisions."""
+
+    def test_fake_provides_interface(self) -> None:
+        """The fake is a faithful IGroupServer."""
+        self.assertTrue(verifyObject(IGroupServer, self.gs))
+
+    def test_known_group(self) -> None:
+        """A known group is accepted with 250 2.1.5 and carries its group id."""
+        reply, route = self.rcpt("dev@groups.example.com")
+        self.assertEqual(reply, status.RECIPIENT_OK)
+        assert route is not None
+        self.assertEqual(route.group_id, "dev")
+
+    def test_unknown_group(self) -> None:
+        """An unknown group is refused 550 5.1.1 naming the address."""
+        reply, route = self.rcpt("nobody@groups.example.com")
+        self.assertEqual((reply.code, reply.enhanced, route), (550, "5.1.1", None))
+        self.assertIn("nobody@groups.example.com", reply.text)
+
+    def test_foreign_domain_never_relayed(self) -> None:
+        """Another domain gets 550 5.7.1, and GroupServer is not even asked."""
+        reply, route = self.rcpt("dev@example.net")
+        self.assertEqual(reply, status.RELAY_DENIED)
+        self.assertEqual(self.gs.lookups, [])
+
+    def test_relay_and_bounce_need_no_lookup(self) -> None:
+        """Relay and XVERP bounce addresses are accepted without a lookup."""
+        self.assertEqual(self.rcpt("p-abc@groups.example.com")[0], status.RELAY_ADDRESS_OK)
+        self.assertEqual(self.rcpt("dev+bob=example.net@groups.example.com")[0],
+                         status.BOUNCE_ADDRESS_OK)
+        self.assertEqual(self.gs.lookups, [])
+
+    def test_groupserver_down(self) -> None:
+        """GroupServer unreachable → 451 4.4.4; a wrong token (HTML reply) → 451 4.5.0."""
+        self.gs.lookup_error = GroupServerError(status.GROUPSERVER_UNREACHABLE, "refused")
+        self.assertEqual(self.rcpt("dev@groups.example.com")[0], status.GROUPSERVER_UNREACHABLE)
+        self.gs.lookup_error = GroupServerError(status.GROUPSERVER_BAD_REPLY, "html")
+        self.assertEqual(self.rcpt("dev@groups.example.com")[0], status.GROUPSERVER_BAD_REPLY)
+        self.gs.lookup_error = RuntimeError("bug")
+        self.assertEqual(self.rcpt("dev@groups.example.com")[0], status.LOCAL_ERROR)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_cache(self) -> None:
+        """Answers are cached (positive 300 s, negative 60 s); failures are not."""
+        self.rcpt("dev@groups.example.com")
+        self.rcpt("DEV@groups.example.com")
+        self.rcpt("nobody@groups.example.com")
+        self.rcpt("nobody@groups.example.com")
+        self.assertEqual(len(self.gs.lookups), 2)
+        self.clock.advance(61)
+        self.rcpt("dev@groups.example.com")
+        self.rcpt("nobody@groups.example.com")
+        self.assertEqual(len(self.gs.lookups), 3)
+        self.clock.advance(240)
+        self.rcpt("dev@groups.example.com")
+        self.assertEqual(len(self.gs.lookups), 4)
+        self.gs.lookup_error = GroupServerError(status.GROUPSERVER_UNREACHABLE)
+        self.rcpt("ann@groups.example.com")
+        self.gs.lookup_error = None
+        self.assertEqual(self.rcpt("ann@groups.example.com")[0], status.RECIPIENT_OK)
+
+    def test_concurrent_lookups_coalesce(self) -> None:
+        """Concurrent lookups of one address share one request."""
+        pending: list[Deferred[GroupInfo]] = []
+        self.gs.lookup_group = lambda a: pending.append(Deferred()) or pending[-1]  # type: ignore[method-assign]
+        directory = GroupDirectory(self.gs, self.clock)
+        ds = [directory.lookup(Address("dev", "groups.example.com")) for _ in range(5)]
+        self.assertEqual(len(pending), 1)
+        pending[0].callback(GroupInfo("dev@groups.example.com", "dev", "site"))
+        for d in ds:
+            self.assertEqual(self.successResultOf(d).group_id, "dev")
+
+
+class TraceFieldTests(SynchronousTestCase):
+    """The fields an MTA adds."""
+
+    def test_fields(self) -> None:
+        """Return-Path, Received (with protocol and recipient) and X-Original-To."""
+        session = Session(peer="[192.0.2.1]", protocol_name="LMTP", helo="mx.example.org", id="abc")
+        env = Envelope(sender=None)
+        text = trace_fields(session, env, Address("dev", "g.example"), "gs.example", 0).decode()
+        self.assertEqual(
+            text,
+            "Return-Path: <>\n"
+            "Received: from mx.example.org ([192.0.2.1])\n"
+            "\tby gs.example (gsmail) with LMTP id abc\n"
+            "\tfor <dev@g.example>; Thu, 01 Jan 1970 00:00:00 +0000\n"
+            "X-Original-To: dev@g.example\n",
+        )
+
+    def test_utf8_protocol(self) -> None:
+        """With SMTPUTF8 the protocol is UTF8SMTPS / UTF8LMTP (RFC 6531 §3.7.4)."""
+        session = Session(peer="x", protocol_name="ESMTP", helo="h", extended=True, tls=True)
+        env = Envelope(sender=Address("jö", "example.org"), smtputf8=True)
+        text = trace_fields(session, env, Address("grüppe", "g.example"), "gs", 0).decode()
+        self.assertIn("with UTF8SMTPS id", text)
+        self.assertIn("X-Original-To: grüppe@g.example\n", text)
+
+
+class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
+    """After the final dot."""
+
+    def test_post(self) -> None:
+        """A message to a group is posted with the trace fields before it, then 250."""
+        replies = self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        self.assertEqual(replies, [status.POSTED])
+        [(group_id, data, time_source)] = self.gs.posts
+        self.assertEqual((group_id, time_source), ("dev", "server"))
+        self.assertTrue(data.startswith(b"Return-Path: <alice@example.org>\nReceived: from mx.example.org"))
+        self.assertTrue(data.endswith(b"X-Original-To: dev@groups.example.com\n" + MSG))
+
+    def test_spool_removed(self) -> None:
+        """The spool file is removed once the delivery is over."""
+        message = self.message(MSG)
+        self.successResultOf(self.core.deliver(self.session, self.envelope("dev@groups.example.com"), message))
+        self.assertFalse(os.path.exists(message.path))
+
+    def test_two_addresses_of_one_group(self) -> None:
+        """The same message to two addresses of one group is posted once; both get 250."""
+        self.gs.groups["dev-alias@groups.example.com"] = "dev"
+        replies = self.successResultOf(
+            self.deliver(self.envelope("dev@groups.example.com", "dev-alias@groups.example.com"), MSG)
+        )
+        self.assertEqual([r.code for r in replies], [250, 250])
+        self.assertEqual(len(self.gs.posts), 1)
+
+    def test_retry_not_posted_again(self) -> None:
+        """A sender's second copy (same Message-ID) is acknowledged without a post."""
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        replies = self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        self.assertEqual(replies, [status.ALREADY_DELIVERED])
+        self.assertEqual(len(self.gs.posts), 1)
+
+    def test_retry_after_restart(self) -> None:
+        """The ledger survives a restart: the copy is still not posted again."""
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        self.successResultOf(self.ledger.close())
+        self.ledger = PostLedger(self.ledger.path, clock=self.clock)
+        self.ledger.open()
+        self.core = self.make_core()
+        replies = self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        self.assertEqual(replies, [status.ALREADY_DELIVERED])
+        self.assertEqual(len(self.gs.posts), 1)
+
+    def test_no_message_id_uses_digest(self) -> None:
+        """Without a Message-ID, identical bytes are one post, different bytes two."""
+        body = b"Subject: no id\n\nbody\n"
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), body))
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), body))
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), body + b"more\n"))
+        self.assertEqual(len(self.gs.posts), 2)
+
+    def test_other_group_is_posted(self) -> None:
+        """The same Message-ID to two groups is two posts."""
+        replies = self.successResultOf(
+            self.deliver(self.envelope("dev@groups.example.com", "ann@groups.example.com"), MSG)
+        )
+        self.assertEqual(replies, [status.POSTED, status.POSTED])
+        self.assertEqual(sorted(p[0] for p in self.gs.posts), ["ann", "dev"])
+
+    def test_concurrent_copies_share_one_post(self) -> None:
+        """Two sessions delivering one message at once make one post and both get 250."""
+        self.gs.hold = True
+        d1 = self.deliver(self.envelope("dev@groups.example.com"), MSG)
+        d2 = self.deliver(self.envelope("dev@groups.example.com"), MSG)
+        self.assertEqual(len(self.gs.posts), 1)
+        self.gs.held[0].callback(None)
+        self.assertEqual(self.successResultOf(d1), [status.POSTED])
+        self.assertEqual(self.successResultOf(d2), [status.POSTED])
+
+    def test_transient_failure_then_retry(self) -> None:
+        """A failed post is 451 4.5.0, and the retry posts."""
+        self.gs.post_error = GroupServerError(status.GROUPSERVER_ERROR, "500")
+        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+                         [status.GROUPSERVER_ERROR])
+        self.gs.post_error = None
+        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+                         [status.POSTED])
+        self.assertEqual(len(self.gs.posts), 2)  # one failed attempt, one post
+
+    def test_unknown_outcome(self) -> None:
+        """
+        Connection lost after the post was sent: 451 4.4.2, a copy is kept for
+        the operator, and the retry is acknowledged without posting again.
+        """
+        self.gs.post_error = GroupServerError(status.OUTCOME_UNKNOWN, "lost", outcome_unknown=True)
+        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+                         [status.OUTCOME_UNKNOWN])
+        kept = os.listdir(os.path.join(self.dir, "unknown"))
+        self.assertEqual(len(kept), 1)
+        with open(os.path.join(self.dir, "unknown", kept[0]), "rb") as f:
+            self.assertTrue(f.read().endswith(MSG))
+        self.gs.post_error = None
+        [reply] = self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        self.assertEqual((reply.code, reply.enhanced), (250, "2.0.0"))
+        self.assertEqual(len(self.gs.posts), 1)
+
+    def test_unexpected_error_is_transient(self) -> None:
+        """A bug while posting is 451 4.3.0, never a bounce."""
+        self.gs.post_error = RuntimeError("bug")
+        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+                         [status.LOCAL_ERROR])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_reply_deadline(self) -> None:
+        """
+        A post still running at the deadline is answered 451 4.4.5; it goes
+        on, and once it succeeded the retry is answered 250 without a post.
+        """
+        self.gs.hold = True
+        message = self.message(MSG)
+        d = self.core.deliver(self.session, self.envelope("dev@groups.example.com"), message)
+        self.assertNoResult(d)
+        self.clock.advance(540)
+        [reply] = self.successResultOf(d)
+        self.assertEqual((reply.code, reply.enhanced), (451, "4.4.5"))
+        self.assertTrue(os.path.exists(message.path))  # the post still reads it
+        self.gs.held[0].callback(None)
+        self.assertFalse(os.path.exists(message.path))
+        self.gs.hold = False
+        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+                         [status.ALREADY_DELIVERED])
+        self.assertEqual(len(self.gs.posts), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_retry_joins_running_post(self) -> None:
+        """A retry arriving while the first post still runs joins it: one post."""
+        self.gs.hold = True
+        d1 = self.deliver(self.envelope("dev@groups.example.com"), MSG)
+        self.clock.advance(540)
+        self.successResultOf(d1)
+        d2 = self.deliver(self.envelope("dev@groups.example.com"), MSG)
+        self.gs.held[0].callback(None)
+        self.assertEqual(self.successResultOf(d2), [status.POSTED])
+        self.assertEqual(len(self.gs.posts), 1)
+
+    def test_relay(self) -> None:
+        """A relay address sends the message to the relay page, once."""
+        env = self.envelope("p-abc@groups.example.com")
+        self.assertEqual(self.successResultOf(self.deliver(env, MSG)), [status.RELAYED])
+        self.successResultOf(self.deliver(self.envelope("p-abc@groups.example.com"), MSG))
+        self.assertEqual(len(self.gs.relays), 1)
+        self.assertIn(b"X-Original-To: p-abc@groups.example.com\n", self.gs.relays[0])
+
+    def test_bounce(self) -> None:
+        """An XVERP bounce is recorded (2.1.5) with the member and the group, once."""
+        env = self.envelope("dev+bob=example.net@groups.example.com")
+        self.assertEqual(self.successResultOf(self.deliver(env, MSG)), [status.BOUNCE_RECORDED])
+        self.successResultOf(self.deliver(self.envelope("dev+bob=example.net@groups.example.com"), MSG))
+        self.assertEqual(self.gs.bounces, [("bob@example.net", "dev@groups.example.com")])
+
+    def test_when_idle(self) -> None:
+        """when_idle fires once running deliveries are over."""
+        self.gs.hold = True
+        self.deliver(self.envelope("dev@groups.example.com"), MSG)
+        idle = self.core.when_idle()
+        self.assertNoResult(idle)
+        self.gs.held[0].callback(None)
+        self.successResultOf(idle)
+
+    def test_route_kind_group_requires_id(self) -> None:
+        """Routes built at RCPT time for groups carry the looked-up id."""
+        reply, route = self.rcpt("ann@groups.example.com")
+        self.assertEqual(route, Route(RouteKind.GROUP, Address("ann", "groups.example.com"), group_id="ann"))
