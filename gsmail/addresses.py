@@ -169,7 +169,9 @@ def encode_xverp(list_address: Address, recipient: Address) -> Address:
     C{dev@groups.example.com} to C{alice@example.org} gives
     C{dev+alice=example.org@groups.example.com}.
     """
-    return Address(f"{list_address.local}+{recipient.local}={recipient.domain}", list_address.domain)
+    return Address(
+        f"{list_address.local}+{recipient.local}={recipient.domain}", list_address.domain
+    )
 
 
 def decode_xverp(address: Address) -> tuple[Address, Address] | None:

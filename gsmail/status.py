@@ -108,7 +108,9 @@ RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
 BOUNCE_ADDRESS_OK = Reply(250, "2.1.5", "Bounce address ok")
 RELAY_ADDRESS_OK = Reply(250, "2.1.5", "Member relay address ok")
 VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "Commands: EHLO HELO LHLO MAIL RCPT DATA RSET NOOP VRFY QUIT HELP STARTTLS")
+HELP = Reply(
+    214, "2.0.0", "Commands: EHLO HELO LHLO MAIL RCPT DATA RSET NOOP VRFY QUIT HELP STARTTLS"
+)
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
@@ -186,7 +188,7 @@ class GroupServerError(Exception):
         self.outcome_unknown = outcome_unknown
 
 
-def reply_for_exception(exc: BaseException) -> Reply:
+def reply_for_exception(exc: BaseException | None) -> Reply:
     """
     The reply for any failure of a delivery: a L{GroupServerError}'s own
     reply, else the transient L{LOCAL_ERROR}, never a permanent code: an

@@ -50,8 +50,10 @@ class ParsePathTests(SynchronousTestCase):
 
     def test_source_route_ignored(self) -> None:
         """An obsolete source route is accepted and dropped (RFC 5321 Appendix C)."""
-        self.assertEqual(parse_path("<@relay.example:u@example.org>", allow_null=False)[0],
-                         Address("u", "example.org"))
+        self.assertEqual(
+            parse_path("<@relay.example:u@example.org>", allow_null=False)[0],
+            Address("u", "example.org"),
+        )
 
     def test_utf8(self) -> None:
         """UTF-8 addresses (RFC 6531) parse and report that they are not ASCII."""
@@ -61,14 +63,26 @@ class ParsePathTests(SynchronousTestCase):
 
     def test_bad(self) -> None:
         """Malformed paths raise AddressError."""
-        for text in ["<a@b.c", "<a@>", "<@b.c>", "<a b@c.d>", "<a@b.c>x", "<a..b@c.d>",
-                     "<" + "x" * 65 + "@b.c>", "<a@-b.c>", "", "<a@b.c\r\n>"]:
+        for text in [
+            "<a@b.c",
+            "<a@>",
+            "<@b.c>",
+            "<a b@c.d>",
+            "<a@b.c>x",
+            "<a..b@c.d>",
+            "<" + "x" * 65 + "@b.c>",
+            "<a@-b.c>",
+            "",
+            "<a@b.c\r\n>",
+        ]:
             self.assertRaises(AddressError, parse_path, text, allow_null=False)
 
     def test_parameters(self) -> None:
         """ESMTP parameters: keywords uppercased, values kept."""
-        self.assertEqual(parse_parameters("size=10 SMTPUTF8  body=8BITMIME"),
-                         {"SIZE": "10", "SMTPUTF8": None, "BODY": "8BITMIME"})
+        self.assertEqual(
+            parse_parameters("size=10 SMTPUTF8  body=8BITMIME"),
+            {"SIZE": "10", "SMTPUTF8": None, "BODY": "8BITMIME"},
+        )
         self.assertRaises(AddressError, parse_parameters, "SIZE=")
         self.assertRaises(AddressError, parse_parameters, "=10")
 
@@ -96,8 +110,12 @@ class XVERPTests(SynchronousTestCase):
             self.assertIsNone(decode_xverp(Address(local, "groups.example.com")), local)
 
     @given(
-        st.from_regex(r"[a-z0-9][a-z0-9.\-]{0,15}[a-z0-9]", fullmatch=True).filter(lambda s: ".." not in s),
-        st.from_regex(r"[a-z0-9_=][a-z0-9_=.+]{0,15}[a-z0-9_=]", fullmatch=True).filter(lambda s: ".." not in s),
+        st.from_regex(r"[a-z0-9][a-z0-9.\-]{0,15}[a-z0-9]", fullmatch=True).filter(
+            lambda s: ".." not in s
+        ),
+        st.from_regex(r"[a-z0-9_=][a-z0-9_=.+]{0,15}[a-z0-9_=]", fullmatch=True).filter(
+            lambda s: ".." not in s
+        ),
         st.from_regex(r"[a-z0-9]{1,10}\.[a-z]{2,6}", fullmatch=True),
     )
     def test_round_trip(self, group: str, user: str, domain: str) -> None:
@@ -114,15 +132,20 @@ class RouteTests(SynchronousTestCase):
 
     def test_foreign_domain(self) -> None:
         """A domain the site does not receive for is refused: never an open relay."""
-        self.assertIs(route_recipient(Address("a", "example.org"), DOMAINS, "p-").kind,
-                      RouteKind.REJECT_RELAY)
+        self.assertIs(
+            route_recipient(Address("a", "example.org"), DOMAINS, "p-").kind, RouteKind.REJECT_RELAY
+        )
 
     def test_relay_prefix(self) -> None:
         """The relay prefix (case-insensitive) goes to the relay page."""
-        self.assertIs(route_recipient(Address("P-abc", "groups.example.com"), DOMAINS, "p-").kind,
-                      RouteKind.RELAY)
-        self.assertIs(route_recipient(Address("p-abc", "groups.example.com"), DOMAINS, "").kind,
-                      RouteKind.GROUP)
+        self.assertIs(
+            route_recipient(Address("P-abc", "groups.example.com"), DOMAINS, "p-").kind,
+            RouteKind.RELAY,
+        )
+        self.assertIs(
+            route_recipient(Address("p-abc", "groups.example.com"), DOMAINS, "").kind,
+            RouteKind.GROUP,
+        )
 
     def test_bounce(self) -> None:
         """An XVERP address goes to the bounce page with group and member."""
@@ -133,5 +156,7 @@ class RouteTests(SynchronousTestCase):
 
     def test_group(self) -> None:
         """Anything else is looked up as a group."""
-        self.assertIs(route_recipient(Address("dev", "groups.example.com"), DOMAINS, "p-").kind,
-                      RouteKind.GROUP)
+        self.assertIs(
+            route_recipient(Address("dev", "groups.example.com"), DOMAINS, "p-").kind,
+            RouteKind.GROUP,
+        )

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -209,7 +209,9 @@ class DeliveryCore:
         def failed(failure: Failure) -> tuple[Reply, Route | None]:
             reply = status.reply_for_exception(failure.value)
             if not isinstance(failure.value, GroupServerError):
-                log.failure("Group lookup failed for {recipient}", failure, recipient=str(recipient))
+                log.failure(
+                    "Group lookup failed for {recipient}", failure, recipient=str(recipient)
+                )
             else:
                 log.warn(
                     "Group lookup for {recipient} failed: {reply_code} {enhanced_status} {detail}",
@@ -258,17 +260,22 @@ class DeliveryCore:
             if timer.active():
                 timer.cancel()
             if not answered.called:
-                answered.callback([w.result for w in work])
+                answered.callback([cast(Reply, w.result) for w in work])
 
         gatherResults(work).addBoth(finished)
         return answered
 
-    def _deadline_passed(self, work: list[Deferred[Reply]], answered: Deferred[list[Reply]]) -> None:
+    def _deadline_passed(
+        self, work: list[Deferred[Reply]], answered: Deferred[list[Reply]]
+    ) -> None:
         late = status.TOO_BUSY.with_text(
             "GroupServer has not finished yet; try again later (it will not be posted twice)"
         )
-        replies = [w.result if w.called else late for w in work]
-        log.warn("Reply deadline passed with {count} deliveries running", count=sum(not w.called for w in work))
+        replies = [cast(Reply, w.result) if w.called else late for w in work]
+        log.warn(
+            "Reply deadline passed with {count} deliveries running",
+            count=sum(not w.called for w in work),
+        )
         answered.callback(replies)
 
     def when_idle(self) -> Deferred[None]:
@@ -341,8 +348,12 @@ class DeliveryCore:
                 if failure.value.outcome_unknown:
                     return self._keep_copy(source, key).addBoth(lambda _: reply)
             else:
-                log.failure("{kind} for {recipient} failed", failure, kind=route.kind.value,
-                            recipient=str(route.recipient))
+                log.failure(
+                    "{kind} for {recipient} failed",
+                    failure,
+                    kind=route.kind.value,
+                    recipient=str(route.recipient),
+                )
             return reply
 
         return self.ledger.run(key, action).addCallbacks(outcome, failed)

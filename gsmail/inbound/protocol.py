@@ -146,6 +146,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     log = Logger()
     protocol_name = "ESMTP"
     factory: InboundFactory
+    transport: Any  # a TCP/UNIX/TLS transport: IConsumer, IProducer, ITLSTransport
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -161,8 +162,10 @@ class SMTPServer(Protocol, TimeoutMixin):
     # -- connection ------------------------------------------------------
     def connectionMade(self) -> None:
         settings = self.factory.settings
-        self.callLater = self.factory.clock.callLater  # type: ignore[method-assign]
-        self.session = Session(peer=_describe_peer(self.transport), protocol_name=self.protocol_name)
+        self.callLater = self.factory.clock.callLater  # type: ignore[method-assign, assignment]
+        self.session = Session(
+            peer=_describe_peer(self.transport), protocol_name=self.protocol_name
+        )
         self.factory.connections += 1
         if self.factory.connections > settings.max_connections:
             self.log.warn("Refused {peer}: too many connections", peer=self.session.peer)
@@ -250,7 +253,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._wait_for(result)
         return True
 
-    def _wait_for(self, d: Deferred[None]) -> None:
+    def _wait_for(self, d: Deferred[Any]) -> None:
         """Hold back further input until C{d} fires (its reply is written)."""
         self._waiting = True
 
@@ -489,7 +492,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             return None
         assert recipient is not None
         if params:
-            self._error(status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {next(iter(params))}"))
+            self._error(
+                status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {next(iter(params))}")
+            )
             return None
         if not recipient.is_ascii and not envelope.smtputf8:
             self._error(status.SMTPUTF8_REQUIRED)
@@ -574,7 +579,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             )
             self._buffer.clear()
         self._reply(status.READY_FOR_TLS)
-        self.transport.startTLS(self.factory.settings.tls)  # type: ignore[attr-defined]
+        self.transport.startTLS(self.factory.settings.tls)
         # RFC 3207 §4.2: forget everything learnt before TLS.
         self._reset_transaction()
         self.session.helo = None

@@ -79,22 +79,29 @@ class CoreTestsMixin:
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.gs = FakeGroupServer({"dev@groups.example.com": "dev", "ann@groups.example.com": "ann"})
+        self.gs = FakeGroupServer(
+            {"dev@groups.example.com": "dev", "ann@groups.example.com": "ann"}
+        )
         self.dir = self.mktemp()  # type: ignore[attr-defined]
         os.makedirs(self.dir)
         self.ledger = PostLedger(os.path.join(self.dir, "ledger"), clock=self.clock)
         self.ledger.open()
         self.core = self.make_core()
-        self.session = Session(peer="[192.0.2.1]", protocol_name="ESMTP", helo="mx.example.org",
-                               extended=True)
+        self.session = Session(
+            peer="[192.0.2.1]", protocol_name="ESMTP", helo="mx.example.org", extended=True
+        )
 
     def tearDown(self) -> None:
         self.ledger.close()
 
     def make_core(self, **kw: object) -> DeliveryCore:
         args: dict[str, object] = dict(
-            client=self.gs, ledger=self.ledger, clock=self.clock, hostname="mx.groups.example.com",
-            domains=("groups.example.com",), reply_deadline=540.0,
+            client=self.gs,
+            ledger=self.ledger,
+            clock=self.clock,
+            hostname="mx.groups.example.com",
+            domains=("groups.example.com",),
+            reply_deadline=540.0,
             unknown_dir=os.path.join(self.dir, "unknown"),
         )
         args.update(kw)
@@ -155,8 +162,9 @@ class RecipientTests(CoreTestsMixin, SynchronousTestCase):
     def test_relay_and_bounce_need_no_lookup(self) -> None:
         """Relay and XVERP bounce addresses are accepted without a lookup."""
         self.assertEqual(self.rcpt("p-abc@groups.example.com")[0], status.RELAY_ADDRESS_OK)
-        self.assertEqual(self.rcpt("dev+bob=example.net@groups.example.com")[0],
-                         status.BOUNCE_ADDRESS_OK)
+        self.assertEqual(
+            self.rcpt("dev+bob=example.net@groups.example.com")[0], status.BOUNCE_ADDRESS_OK
+        )
         self.assertEqual(self.gs.lookups, [])
 
     def test_groupserver_down(self) -> None:
@@ -235,20 +243,26 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         self.assertEqual(replies, [status.POSTED])
         [(group_id, data, time_source)] = self.gs.posts
         self.assertEqual((group_id, time_source), ("dev", "server"))
-        self.assertTrue(data.startswith(b"Return-Path: <alice@example.org>\nReceived: from mx.example.org"))
+        self.assertTrue(
+            data.startswith(b"Return-Path: <alice@example.org>\nReceived: from mx.example.org")
+        )
         self.assertTrue(data.endswith(b"X-Original-To: dev@groups.example.com\n" + MSG))
 
     def test_spool_removed(self) -> None:
         """The spool file is removed once the delivery is over."""
         message = self.message(MSG)
-        self.successResultOf(self.core.deliver(self.session, self.envelope("dev@groups.example.com"), message))
+        self.successResultOf(
+            self.core.deliver(self.session, self.envelope("dev@groups.example.com"), message)
+        )
         self.assertFalse(os.path.exists(message.path))
 
     def test_two_addresses_of_one_group(self) -> None:
         """The same message to two addresses of one group is posted once; both get 250."""
         self.gs.groups["dev-alias@groups.example.com"] = "dev"
         replies = self.successResultOf(
-            self.deliver(self.envelope("dev@groups.example.com", "dev-alias@groups.example.com"), MSG)
+            self.deliver(
+                self.envelope("dev@groups.example.com", "dev-alias@groups.example.com"), MSG
+            )
         )
         self.assertEqual([r.code for r in replies], [250, 250])
         self.assertEqual(len(self.gs.posts), 1)
@@ -276,7 +290,9 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         body = b"Subject: no id\n\nbody\n"
         self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), body))
         self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), body))
-        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), body + b"more\n"))
+        self.successResultOf(
+            self.deliver(self.envelope("dev@groups.example.com"), body + b"more\n")
+        )
         self.assertEqual(len(self.gs.posts), 2)
 
     def test_other_group_is_posted(self) -> None:
@@ -300,11 +316,15 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
     def test_transient_failure_then_retry(self) -> None:
         """A failed post is 451 4.5.0, and the retry posts."""
         self.gs.post_error = GroupServerError(status.GROUPSERVER_ERROR, "500")
-        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
-                         [status.GROUPSERVER_ERROR])
+        self.assertEqual(
+            self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+            [status.GROUPSERVER_ERROR],
+        )
         self.gs.post_error = None
-        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
-                         [status.POSTED])
+        self.assertEqual(
+            self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+            [status.POSTED],
+        )
         self.assertEqual(len(self.gs.posts), 2)  # one failed attempt, one post
 
     def test_unknown_outcome(self) -> None:
@@ -313,8 +333,10 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         the operator, and the retry is acknowledged without posting again.
         """
         self.gs.post_error = GroupServerError(status.OUTCOME_UNKNOWN, "lost", outcome_unknown=True)
-        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
-                         [status.OUTCOME_UNKNOWN])
+        self.assertEqual(
+            self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+            [status.OUTCOME_UNKNOWN],
+        )
         kept = os.listdir(os.path.join(self.dir, "unknown"))
         self.assertEqual(len(kept), 1)
         with open(os.path.join(self.dir, "unknown", kept[0]), "rb") as f:
@@ -327,8 +349,10 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
     def test_unexpected_error_is_transient(self) -> None:
         """A bug while posting is 451 4.3.0, never a bounce."""
         self.gs.post_error = RuntimeError("bug")
-        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
-                         [status.LOCAL_ERROR])
+        self.assertEqual(
+            self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+            [status.LOCAL_ERROR],
+        )
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_reply_deadline(self) -> None:
@@ -347,8 +371,10 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         self.gs.held[0].callback(None)
         self.assertFalse(os.path.exists(message.path))
         self.gs.hold = False
-        self.assertEqual(self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
-                         [status.ALREADY_DELIVERED])
+        self.assertEqual(
+            self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG)),
+            [status.ALREADY_DELIVERED],
+        )
         self.assertEqual(len(self.gs.posts), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -375,7 +401,9 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         """An XVERP bounce is recorded (2.1.5) with the member and the group, once."""
         env = self.envelope("dev+bob=example.net@groups.example.com")
         self.assertEqual(self.successResultOf(self.deliver(env, MSG)), [status.BOUNCE_RECORDED])
-        self.successResultOf(self.deliver(self.envelope("dev+bob=example.net@groups.example.com"), MSG))
+        self.successResultOf(
+            self.deliver(self.envelope("dev+bob=example.net@groups.example.com"), MSG)
+        )
         self.assertEqual(self.gs.bounces, [("bob@example.net", "dev@groups.example.com")])
 
     def test_when_idle(self) -> None:
@@ -390,4 +418,6 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
     def test_route_kind_group_requires_id(self) -> None:
         """Routes built at RCPT time for groups carry the looked-up id."""
         reply, route = self.rcpt("ann@groups.example.com")
-        self.assertEqual(route, Route(RouteKind.GROUP, Address("ann", "groups.example.com"), group_id="ann"))
+        self.assertEqual(
+            route, Route(RouteKind.GROUP, Address("ann", "groups.example.com"), group_id="ann")
+        )

@@ -10,8 +10,8 @@ import re
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -32,25 +32,34 @@ class FakeCore:
     def __init__(self) -> None:
         self.hold_rcpt = False
         self.hold_delivery = False
-        self.rcpt_pending: list[tuple[Deferred[tuple[Reply, Route | None]], Reply, Route | None]] = []
+        self.rcpt_pending: list[
+            tuple[Deferred[tuple[Reply, Route | None]], Reply, Route | None]
+        ] = []
         self.delivery_pending: list[tuple[Deferred[list[Reply]], list[Reply]]] = []
         self.deliveries: list[tuple[Session, Envelope, bytes]] = []
         self.results: dict[str, Reply] = {}
 
-    def check_recipient(self, session: Session, recipient: Address) -> Deferred[tuple[Reply, Route | None]]:
+    def check_recipient(
+        self, session: Session, recipient: Address
+    ) -> Deferred[tuple[Reply, Route | None]]:
         if recipient.domain != "example.com":
             answer: tuple[Reply, Route | None] = (status.RELAY_DENIED, None)
         elif recipient.local.startswith("nosuch"):
             answer = (status.NO_SUCH_GROUP, None)
         else:
-            answer = (status.RECIPIENT_OK, Route(RouteKind.GROUP, recipient, group_id=recipient.local))
+            answer = (
+                status.RECIPIENT_OK,
+                Route(RouteKind.GROUP, recipient, group_id=recipient.local),
+            )
         if self.hold_rcpt:
             d: Deferred[tuple[Reply, Route | None]] = Deferred()
             self.rcpt_pending.append((d, *answer))
             return d
         return succeed(answer)
 
-    def deliver(self, session: Session, envelope: Envelope, message: SpooledMessage) -> Deferred[list[Reply]]:
+    def deliver(
+        self, session: Session, envelope: Envelope, message: SpooledMessage
+    ) -> Deferred[list[Reply]]:
         with open(message.path, "rb") as f:
             data = f.read()
         self.deliveries.append((session, envelope, data))
@@ -84,7 +93,11 @@ def codes(transport: StringTransport) -> list[str]:
         if line[3:4] == "-":
             continue
         parts = line.split(" ")
-        out.append(" ".join(parts[:2]) if re.match(r"[245]\.\d", parts[1] if len(parts) > 1 else "") else parts[0])
+        out.append(
+            " ".join(parts[:2])
+            if re.match(r"[245]\.\d", parts[1] if len(parts) > 1 else "")
+            else parts[0]
+        )
     return out
 
 
@@ -96,11 +109,17 @@ class ServerTestsMixin:
         self.clock = Clock()
         self.core = FakeCore()
         self.settings = ServerSettings(
-            hostname="mx.example.com", max_size=3000, max_recipients=3, max_line_length=1000,
-            idle_timeout=60, max_connections=100, tls=object(),
+            hostname="mx.example.com",
+            max_size=3000,
+            max_recipients=3,
+            max_line_length=1000,
+            idle_timeout=60,
+            max_connections=100,
+            tls=object(),
         )
-        self.factory = InboundFactory(self.core, self.settings, self.clock, lmtp=self.lmtp,
-                                      spool_dir=self.mktemp_dir())
+        self.factory = InboundFactory(
+            self.core, self.settings, self.clock, lmtp=self.lmtp, spool_dir=self.mktemp_dir()
+        )
 
     def mktemp_dir(self) -> str:
         import os
@@ -115,7 +134,9 @@ class ServerTestsMixin:
         proto.makeConnection(transport)
         return proto, transport
 
-    def session(self, data: bytes, transport: StringTransport | None = None) -> tuple[object, StringTransport]:
+    def session(
+        self, data: bytes, transport: StringTransport | None = None
+    ) -> tuple[object, StringTransport]:
         proto, transport = self.connect(transport)
         transport.clear()
         proto.dataReceived(data)
@@ -133,8 +154,15 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         proto.dataReceived(self.hello)
         self.assertEqual(
             replies(t),
-            ["250-mx.example.com", "250-PIPELINING", "250-SIZE 3000", "250-8BITMIME",
-             "250-ENHANCEDSTATUSCODES", "250-SMTPUTF8", "250 STARTTLS"],
+            [
+                "250-mx.example.com",
+                "250-PIPELINING",
+                "250-SIZE 3000",
+                "250-8BITMIME",
+                "250-ENHANCEDSTATUSCODES",
+                "250-SMTPUTF8",
+                "250 STARTTLS",
+            ],
         )
 
     def test_no_starttls_without_tls_transport(self) -> None:
@@ -168,14 +196,14 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         t.clear()
         proto.dataReceived(b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n")
         self.assertEqual(codes(t), ["250 2.0.0", "221 2.0.0"])
-        self.assertEqual([r.recipient.local for r in self.core.deliveries[0][1].recipients], ["g1", "g2"])
+        self.assertEqual(
+            [r.recipient.local for r in self.core.deliveries[0][1].recipients], ["g1", "g2"]
+        )
 
     def test_quit_waits_for_delivery(self) -> None:
         """QUIT pipelined after the final dot is answered only after the DATA reply."""
         self.core.hold_delivery = True
-        proto, t = self.session(
-            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
-        )
+        proto, t = self.session(self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n")
         t.clear()
         proto.dataReceived(b"x: y\r\n\r\nz\r\n.\r\nQUIT\r\n")
         self.assertEqual(t.value(), b"")
@@ -218,7 +246,8 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
             )
             t.clear()
             proto.dataReceived(
-                b"Subject: s\r\n\r\nhello" + mark
+                b"Subject: s\r\n\r\nhello"
+                + mark
                 + b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
                 b"Subject: smuggled\r\n\r\nevil\r\n.\r\n"
             )
@@ -236,7 +265,8 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         )
         t.clear()
         proto.dataReceived(
-            b"Subject: long\r\n\r\n" + b"x" * 1500
+            b"Subject: long\r\n\r\n"
+            + b"x" * 1500
             + b"\r\nRSET\r\nMAIL FROM:<e@example.org>\r\nRCPT TO:<h@example.com>\r\nDATA\r\nbody\r\n.\r\n"
         )
         self.assertEqual(codes(t), ["550 5.6.0"])
@@ -289,7 +319,15 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(
             codes(t)[1:],
-            ["250 2.0.0", "250 2.0.0", "252 2.0.0", "214 2.0.0", "502 5.5.1", "500 5.5.2", "221 2.0.0"],
+            [
+                "250 2.0.0",
+                "250 2.0.0",
+                "252 2.0.0",
+                "214 2.0.0",
+                "502 5.5.1",
+                "500 5.5.2",
+                "221 2.0.0",
+            ],
         )
         self.assertTrue(t.disconnecting)
 
@@ -298,14 +336,19 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         proto, t = self.session(b"MAIL FROM:<a@example.org>\r\n")
         self.assertEqual(codes(t), ["503 5.5.1"])
         t.clear()
-        proto.dataReceived(self.hello + b"RCPT TO:<g@example.com>\r\nDATA\r\n"
-                           b"MAIL FROM:<a@example.org>\r\nMAIL FROM:<a@example.org>\r\nDATA\r\n")
-        self.assertEqual(codes(t)[1:], ["503 5.5.1", "503 5.5.1", "250 2.1.0", "503 5.5.1", "554 5.5.1"])
+        proto.dataReceived(
+            self.hello + b"RCPT TO:<g@example.com>\r\nDATA\r\n"
+            b"MAIL FROM:<a@example.org>\r\nMAIL FROM:<a@example.org>\r\nDATA\r\n"
+        )
+        self.assertEqual(
+            codes(t)[1:], ["503 5.5.1", "503 5.5.1", "250 2.1.0", "503 5.5.1", "554 5.5.1"]
+        )
 
     def test_every_reply_has_an_enhanced_code(self) -> None:
         """Every reply but the greeting, the EHLO reply and 354 carries an RFC 3463 code."""
         proto, t = self.session(
-            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nRCPT TO:<a@b.org>\r\n"
+            self.hello
+            + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nRCPT TO:<a@b.org>\r\n"
             b"RCPT TO:<nosuch@example.com>\r\nRCPT TO:bad\r\nDATA\r\nx: y\r\n\r\nz\r\n.\r\n"
             b"VRFY x\r\nNOOP\r\nHELP\r\nRSET\r\nFOO\r\nRCPT TO:<g@example.com>\r\nQUIT\r\n"
         )
@@ -319,16 +362,20 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
     def test_parameters(self) -> None:
         """Unknown MAIL or RCPT parameters get 555 5.5.4; bad values 501 5.5.4."""
         proto, t = self.session(
-            self.hello + b"MAIL FROM:<a@example.org> XVERP\r\nMAIL FROM:<a@example.org> BODY=9BIT\r\n"
+            self.hello
+            + b"MAIL FROM:<a@example.org> XVERP\r\nMAIL FROM:<a@example.org> BODY=9BIT\r\n"
             b"MAIL FROM:<a@example.org> SIZE=abc\r\nMAIL FROM:<a@example.org>\r\n"
             b"RCPT TO:<g@example.com> NOTIFY=NEVER\r\n"
         )
-        self.assertEqual(codes(t)[1:], ["555 5.5.4", "501 5.5.4", "501 5.5.4", "250 2.1.0", "555 5.5.4"])
+        self.assertEqual(
+            codes(t)[1:], ["555 5.5.4", "501 5.5.4", "501 5.5.4", "250 2.1.0", "555 5.5.4"]
+        )
 
     def test_smtputf8(self) -> None:
         """A UTF-8 address needs SMTPUTF8 on MAIL (553 5.6.7 without); with it, it is accepted."""
         proto, t = self.session(
-            self.hello + "MAIL FROM:<jösé@example.org>\r\n".encode()
+            self.hello
+            + "MAIL FROM:<jösé@example.org>\r\n".encode()
             + "MAIL FROM:<jösé@example.org> SMTPUTF8\r\nRCPT TO:<grüppe@example.com>\r\nDATA\r\n".encode()
             + "Subject: Grüße\r\n\r\nHallo\r\n.\r\n".encode()
         )
@@ -356,7 +403,8 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         """The idle timer does not run while GroupServer works on the message."""
         self.core.hold_delivery = True
         proto, t = self.session(
-            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<g@example.com>\r\nDATA\r\nx: y\r\n\r\nz\r\n.\r\n"
+            self.hello
+            + b"MAIL FROM:<>\r\nRCPT TO:<g@example.com>\r\nDATA\r\nx: y\r\n\r\nz\r\n.\r\n"
         )
         self.clock.advance(500)
         self.assertFalse(t.disconnecting)
@@ -407,7 +455,8 @@ class SMTPServerTests(ServerTestsMixin, SynchronousTestCase):
     def test_improper_pipelining_after_refused_data(self) -> None:
         """Message text sent without waiting for 354 is never run as commands."""
         proto, t = self.session(
-            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<x@other.org>\r\nDATA\r\nRSET\r\nMAIL FROM:<>\r\n"
+            self.hello
+            + b"MAIL FROM:<>\r\nRCPT TO:<x@other.org>\r\nDATA\r\nRSET\r\nMAIL FROM:<>\r\n"
         )
         self.assertEqual(codes(t)[-3:], ["550 5.7.1", "554 5.5.1", "421 4.5.0"])
         self.assertTrue(t.disconnecting)
@@ -440,8 +489,12 @@ class LMTPServerTests(ServerTestsMixin, SynchronousTestCase):
 
     def transaction(self, n: int, body: bytes) -> StringTransport:
         rcpts = b"".join(b"RCPT TO:<g%d@example.com>\r\n" % i for i in range(n))
-        proto, t = self.session(self.hello + b"MAIL FROM:<a@example.org>\r\n" + rcpts
-                                + b"RCPT TO:<nosuch@example.com>\r\nDATA\r\n")
+        proto, t = self.session(
+            self.hello
+            + b"MAIL FROM:<a@example.org>\r\n"
+            + rcpts
+            + b"RCPT TO:<nosuch@example.com>\r\nDATA\r\n"
+        )
         t.clear()
         proto.dataReceived(body)
         return t
@@ -495,6 +548,17 @@ class LMTPServerTests(ServerTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(
             codes(t)[1:],
-            ["250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5", "452 4.5.3", "452 4.5.3", "354",
-             "250 2.0.0", "250 2.0.0", "250 2.0.0", "221 2.0.0"],
+            [
+                "250 2.1.0",
+                "250 2.1.5",
+                "250 2.1.5",
+                "250 2.1.5",
+                "452 4.5.3",
+                "452 4.5.3",
+                "354",
+                "250 2.0.0",
+                "250 2.0.0",
+                "250 2.0.0",
+                "221 2.0.0",
+            ],
         )

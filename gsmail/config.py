@@ -1,0 +1,704 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+gsmail's configuration, read from GroupServer's own C{gsconfig.ini} with the
+gs.config scheme, so one file serves GroupServer and gsmail.
+
+An instance (default C{default}) is a section C{[config-INSTANCE]} whose
+options map a configuration type to a name; the options of that type live in
+C{[TYPE-NAME]}. gsmail reads three types: C{webservice} (the token),
+C{smtp} (C{relay-address-prefix}) and its own C{gsmail}. The short form with
+no C{[config-INSTANCE]} section and bare C{[webservice-INSTANCE]} /
+C{[gsmail-INSTANCE]} sections is accepted too.
+
+L{load_config} runs once at start-up, before the reactor: it reads the file
+and checks that TLS files are readable synchronously, which is fine there and
+nowhere else. Every option is described in C{docs/configuration.md}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from configparser import (
+    ConfigParser,
+    DuplicateOptionError,
+    DuplicateSectionError,
+    MissingSectionHeaderError,
+    ParsingError,
+)
+from configparser import Error as ConfigParserError
+from socket import getfqdn
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+from twisted.logger import Logger
+
+__all__ = ["ConfigError", "GsmailConfig", "load_config", "parse_bool", "parse_duration"]
+
+log = Logger()
+
+#: The largest C{reply_deadline}, in seconds. Postfix waits
+#: C{lmtp_data_done_timeout} / C{smtp_data_done_timeout} (600 s) for the reply
+#: to the end of DATA; answering later makes it retry a message gsmail may
+#: already have posted. Ten seconds of margin for the network and the queue.
+MAX_REPLY_DEADLINE: Final = 590.0
+
+#: The smallest C{max_line_length}: RFC 5321 §4.5.3.1.6 lets a text line be
+#: 1000 octets including CRLF, so a receiver must take at least that.
+MIN_LINE_LENGTH: Final = 1000
+
+_MIB: Final = 1024 * 1024
+_ENDPOINT_TYPES: Final = ("tcp", "tcp6", "unix", "ssl", "tls", "systemd")
+_TRUE: Final = frozenset({"true", "yes", "on", "1"})
+_FALSE: Final = frozenset({"false", "no", "off", "0"})
+_UNIT_SECONDS: Final = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)", re.IGNORECASE)
+_LIST_SEPARATOR: Final = re.compile(r"[\s,]+")
+_ASCII_LABEL: Final = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+_SECTION_HEADER: Final = re.compile(r"\s*\[([^\]]+)\]")
+
+# Which arguments of an endpoint string are file names, by endpoint type:
+# (positional indexes, keyword names). See twisted.internet.endpoints.
+_ENDPOINT_PATHS: Final[dict[str, tuple[tuple[int, ...], tuple[str, ...]]]] = {
+    "unix": ((0,), ("address",)),
+    "tls": ((0,), ("path",)),
+    "ssl": ((), ("privateKey", "certKey", "extraCertChain", "dhParameters")),
+}
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used. C{str()} is one line naming the file,
+    the section and the option; it never contains the token or a password.
+
+    The pipe-compatible command answers it with 4.3.5 (EX_CONFIG); the
+    daemon refuses to start.
+    """
+
+
+@attrs.frozen
+class GsmailConfig:
+    """
+    Everything gsmail needs to run one site, validated.
+
+    Durations are seconds, sizes bytes (the file gives C{max_size} in MiB).
+    """
+
+    path: str
+    instance: str
+    # -- GroupServer ------------------------------------------------------
+    url: str  # "embedded" or http(s)://host[:port][/path]
+    token: str = attrs.field(repr=False)
+    verify_tls: bool = True
+    connect_timeout: float = 8.0
+    response_timeout: float = 240.0
+    post_concurrency: int = 4
+    time_source: str = "server"
+    relay_address_prefix: str = "p-"
+    group_cache_ttl: float = 300.0
+    group_negative_cache_ttl: float = 60.0
+    # -- listeners ----------------------------------------------------------
+    smtp_endpoint: str = ""
+    lmtp_endpoint: str = ""
+    hostname: str = "localhost"
+    domains: tuple[str, ...] = ()
+    tls_certificate: str = ""
+    tls_key: str = ""
+    # -- limits ----------------------------------------------------------------
+    max_size: int = 200 * 1024 * 1024
+    max_recipients: int = 100
+    max_connections: int = 1000
+    max_line_length: int = 8192
+    idle_timeout: float = 300.0
+    reply_deadline: float = 540.0
+    # -- state on disk ---------------------------------------------------------
+    spool_dir: str = ""
+    ledger_path: str = "/var/lib/gsmail/ledger"
+    ledger_ttl: float = 7 * 24 * 3600.0
+    # -- the embedded stand-in (url = embedded) --------------------------------
+    standin_dir: str = "/var/lib/gsmail/standin"
+    standin_groups: tuple[str, ...] = ()
+    standin_endpoint: str = "tcp:0:interface=127.0.0.1"
+
+
+# The options of the [gsmail-NAME] section are the field names above, less
+# those that come from elsewhere.
+_GSMAIL_OPTIONS: Final = frozenset(
+    field.name
+    for field in attrs.fields(GsmailConfig)
+    if field.name not in {"path", "instance", "token", "relay_address_prefix"}
+)
+_DEFAULTS: Final[dict[str, Any]] = {
+    field.name: field.default
+    for field in attrs.fields(GsmailConfig)
+    if field.default is not attrs.NOTHING
+}
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse a duration: a number of seconds, or a number followed by C{s},
+    C{m}, C{h} or C{d} (seconds, minutes, hours, days; any case), such as
+    C{90}, C{1.5}, C{90s}, C{15m}, C{7d}. Surrounding space is ignored.
+
+    @param text: the duration as written in the configuration file.
+    @return: the duration in seconds, zero or more.
+    @raise ValueError: C{text} is not of that form (negative numbers
+        included); the message quotes it.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    if match is not None:
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()]
+        if math.isfinite(seconds):
+            return seconds
+    raise ValueError(
+        f"expected a duration in seconds, or with a suffix s, m, h or d (90, 15m, 7d), got {text!r}"
+    )
+
+
+def parse_bool(text: str) -> bool:
+    """
+    Parse a boolean as gs.config writes them: C{true}, C{yes}, C{on}, C{1}
+    or C{false}, C{no}, C{off}, C{0}, in any case, surrounding space ignored.
+
+    @param text: the value as written in the configuration file.
+    @raise ValueError: anything else; the message quotes it.
+    """
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"expected true/yes/on/1 or false/no/off/0, got {text!r}")
+
+
+def load_config(path: str, instance: str = "default") -> GsmailConfig:
+    """
+    Read and validate C{path}, the gs.config file, for one instance.
+
+    Options missing from the file take the defaults of L{GsmailConfig}, except
+    C{hostname} (default: this host's fully qualified name) and C{spool_dir}
+    (default: the system's temporary directory). Relative file names, also
+    those inside endpoint strings, are taken relative to the directory that
+    holds C{path}. Unknown options are ignored, as gs.config does; those in
+    the C{gsmail} section are logged, since they are usually typing errors.
+
+    Blocking: it reads files and may look up this host's name. Call it
+    before the reactor runs.
+
+    @param path: the configuration file, such as C{/etc/gsconfig.ini}.
+    @param instance: the gs.config instance; its sections are
+        C{[config-INSTANCE]} or, in the short form, C{[webservice-INSTANCE]}
+        and C{[gsmail-INSTANCE]}.
+    @raise ConfigError: missing or unreadable file, missing section or
+        option, or a value of the wrong form; the message is one line naming
+        file, section and option, and never the token. The pipe-compatible
+        command answers 4.3.5 (EX_CONFIG).
+    """
+    if not instance or instance != instance.strip() or "]" in instance:
+        raise ConfigError(f"{path}: bad instance name {instance!r}")
+    parser = _parse(path)
+    reader = _Reader(path, os.path.dirname(os.path.abspath(path)), parser)
+    webservice, smtp, gsmail = _find_sections(reader, instance)
+    token = reader.token(webservice)
+    reader.secret = token
+    relay_prefix = "p-" if smtp is None else reader.relay_prefix(smtp)
+    reader.warn_unknown(gsmail)
+    return reader.gsmail(gsmail, instance, token, relay_prefix)
+
+
+def _parse(path: str) -> ConfigParser:
+    """
+    Read C{path} into a parser, turning every failure into a L{ConfigError}
+    that quotes no line of the file (a malformed line may hold the token).
+    """
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: cannot read: not UTF-8 text (at offset {error.start})"
+        ) from None
+    parser = ConfigParser(
+        interpolation=None,
+        inline_comment_prefixes=(";", "#"),
+        strict=True,
+    )
+    try:
+        parser.read_string(text, source=path)
+    except MissingSectionHeaderError as error:
+        raise ConfigError(
+            f"{path}: line {error.lineno}: expected a [section] header before the first option"
+        ) from None
+    except ParsingError as error:
+        lineno = error.errors[0][0]
+        more = f" (and {len(error.errors) - 1} more)" if len(error.errors) > 1 else ""
+        section = _section_at(text, lineno)
+        raise ConfigError(
+            f"{path}: [{section}] line {lineno}: expected 'name = value'{more}"
+        ) from None
+    except DuplicateSectionError as error:
+        raise ConfigError(
+            f"{path}: line {error.lineno}: section [{error.section}] appears twice"
+        ) from None
+    except DuplicateOptionError as error:
+        raise ConfigError(
+            f"{path}: [{error.section}] {error.option}: appears twice (line {error.lineno})"
+        ) from None
+    except ConfigParserError as error:
+        # No message: configparser's messages may quote the line.
+        raise ConfigError(f"{path}: cannot parse ({type(error).__name__})") from None
+    return parser
+
+
+def _section_at(text: str, lineno: int) -> str:
+    """
+    The name of the section that line C{lineno} (1-based) of C{text} is in.
+    """
+    for line in reversed(text.splitlines()[: lineno - 1]):
+        match = _SECTION_HEADER.match(line)
+        if match is not None:
+            return match.group(1)
+    return "?"
+
+
+def _find_sections(reader: _Reader, instance: str) -> tuple[str, str | None, str]:
+    """
+    Find the C{webservice}, C{smtp} (optional) and C{gsmail} sections of
+    C{instance}, in the full form (C{[config-INSTANCE]}) or the short form.
+    """
+    parser = reader.parser
+    config = f"config-{instance}"
+    if parser.has_section(config):
+        webservice = reader.named_section(config, "webservice")
+        smtp = reader.named_section(config, "smtp", required=False)
+        gsmail = reader.named_section(config, "gsmail")
+        assert webservice is not None and gsmail is not None
+        return webservice, smtp, gsmail
+    webservice = f"webservice-{instance}"
+    gsmail = f"gsmail-{instance}"
+    missing = [name for name in (webservice, gsmail) if not parser.has_section(name)]
+    if len(missing) == 2:
+        raise ConfigError(
+            f"{reader.path}: no section [{config}] (instance {instance!r}) "
+            f"and no short-form sections [{webservice}] and [{gsmail}]"
+        )
+    if missing:
+        raise ConfigError(
+            f"{reader.path}: no section [{missing[0]}] "
+            f"(instance {instance!r} in the short form, without [{config}])"
+        )
+    smtp = f"smtp-{instance}"
+    return webservice, (smtp if parser.has_section(smtp) else None), gsmail
+
+
+def _split_unescaped(text: str, separator: str, limit: int = -1) -> list[str]:
+    """
+    Split an endpoint description at each C{separator} not escaped by a
+    backslash, as C{twisted.internet.endpoints} does; the escapes are kept.
+    At most C{limit} splits are made (C{-1}: no limit).
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            current.append(char + next(chars, ""))
+        elif char == separator and limit != len(parts):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    """Undo endpoint escapes: a backslash takes the next character as is."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _escape(text: str) -> str:
+    """Escape a file name for an endpoint argument."""
+    return re.sub(r"([\\:=])", r"\\\1", text)
+
+
+def _resolve_endpoint_paths(endpoint: str, base: str) -> str:
+    """
+    Make the relative file names in an endpoint string (a UNIX socket, TLS
+    keys and certificates) relative to C{base} instead of the working
+    directory, which twistd may change.
+    """
+    fields = _split_unescaped(endpoint, ":")
+    positions, keywords = _ENDPOINT_PATHS.get(fields[0].strip().lower(), ((), ()))
+    positional = 0
+    for index, field in enumerate(fields[1:], start=1):
+        pair = _split_unescaped(field, "=", limit=1)
+        if len(pair) == 2:
+            key, value = pair
+            if key not in keywords:
+                continue
+            prefix = key + "="
+        else:
+            value = field
+            positional += 1
+            if positional - 1 not in positions:
+                continue
+            prefix = ""
+        name = _unescape(value)
+        if name and not os.path.isabs(name):
+            fields[index] = prefix + _escape(os.path.normpath(os.path.join(base, name)))
+    return ":".join(fields)
+
+
+@attrs.define
+class _Reader:
+    """
+    Reads and checks the options of the parsed file, and words the errors.
+
+    @ivar path: the file name as given, for messages.
+    @ivar base: the absolute directory of the file, for relative paths.
+    @ivar secret: the token once read, scrubbed from every message.
+    """
+
+    path: str
+    base: str
+    parser: ConfigParser
+    secret: str = attrs.field(default="", repr=False)
+
+    def error(self, section: str, option: str, problem: str) -> ConfigError:
+        """
+        A one-line L{ConfigError} naming the file, C{section} and C{option}.
+        """
+        message = f"{self.path}: [{section}] {option}: {problem}"
+        # Belt and braces: a token pasted into another option stays hidden.
+        if len(self.secret) >= 4:
+            message = message.replace(self.secret, "<token>")
+        return ConfigError(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+    def raw(self, section: str, option: str) -> str | None:
+        """
+        The stripped value of C{option}, or C{None} when it is absent.
+        """
+        value = self.parser.get(section, option, fallback=None)
+        return None if value is None else value.strip()
+
+    def line(self, section: str, option: str) -> str | None:
+        """
+        Like L{raw} for options that take one line (no continuation lines).
+        """
+        value = self.raw(section, option)
+        if value is not None and "\n" in value:
+            raise self.error(section, option, "must be on one line")
+        return value
+
+    def named_section(self, config: str, kind: str, required: bool = True) -> str | None:
+        """
+        The section C{[KIND-NAME]} that C{[config]} names with C{kind = NAME}.
+        """
+        name = self.line(config, kind)
+        if not name:
+            if required:
+                raise self.error(config, kind, f"missing: name the [{kind}-NAME] section to use")
+            return None
+        section = f"{kind}-{name}"
+        if not self.parser.has_section(section):
+            raise self.error(config, kind, f"no section [{section}]")
+        return section
+
+    def token(self, section: str) -> str:
+        """
+        The site's token, required. Messages never quote it.
+        """
+        value = self.parser.get(section, "token", fallback=None)
+        if value is None:
+            raise self.error(section, "token", "missing (the token gs_auth_token_create made)")
+        value = value.strip()
+        if not value:
+            raise self.error(section, "token", "is empty")
+        if any(char.isspace() or not char.isprintable() for char in value):
+            raise self.error(
+                section, "token", "must be one word (it contains a space or line break)"
+            )
+        return value
+
+    def relay_prefix(self, section: str) -> str:
+        option = "relay-address-prefix"
+        value = self.line(section, option)
+        if value is None:
+            return str(_DEFAULTS["relay_address_prefix"])
+        if not value or "@" in value or any(char.isspace() for char in value):
+            raise self.error(
+                section, option, f"expected a local-part prefix such as 'p-', got {value!r}"
+            )
+        return value
+
+    def warn_unknown(self, section: str) -> None:
+        """
+        Log the options of the C{gsmail} section that gsmail does not know.
+        """
+        defaults = self.parser.defaults()
+        for option in self.parser.options(section):
+            if option not in _GSMAIL_OPTIONS and option not in defaults:
+                log.warn(
+                    "{path}: [{section}] {option}: unknown option, ignored",
+                    path=self.path,
+                    section=section,
+                    option=option,
+                )
+
+    # -- typed options of the gsmail section ------------------------------------
+
+    def url(self, section: str) -> str:
+        value = self.line(section, "url")
+        if not value:
+            raise self.error(section, "url", "missing: 'embedded' or the site's http(s) URL")
+        if value.lower() == "embedded":
+            return "embedded"
+        expected = "expected 'embedded' or an http:// or https:// URL"
+        if any(char.isspace() for char in value):
+            raise self.error(section, "url", f"{expected}, got {value!r}")
+        parts = urlsplit(value)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise self.error(section, "url", f"{expected}, got {value!r}")
+        if "@" in parts.netloc:
+            # Not quoted: it may hold a password.
+            raise self.error(section, "url", "must not hold a user name or password")
+        if not parts.hostname:
+            raise self.error(section, "url", f"no host in the URL {value!r}")
+        try:
+            port = parts.port  # parsing it is the check
+        except ValueError:
+            raise self.error(section, "url", f"bad port in the URL {value!r}") from None
+        if port == 0:
+            raise self.error(section, "url", f"bad port in the URL {value!r}")
+        if parts.query or parts.fragment:
+            raise self.error(
+                section, "url", f"the site URL takes no query or fragment, got {value!r}"
+            )
+        # Without the trailing slash, so that clients append "/page.html".
+        return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+
+    def text(self, section: str, option: str, choices: Iterable[str] = ()) -> str:
+        value = self.line(section, option)
+        if value is None:
+            return str(_DEFAULTS[option])
+        allowed = tuple(choices)
+        if allowed:
+            if value.lower() not in allowed:
+                raise self.error(section, option, f"expected {' or '.join(allowed)}, got {value!r}")
+            return value.lower()
+        elif not value or any(char.isspace() for char in value):
+            raise self.error(section, option, f"expected one word, got {value!r}")
+        return value
+
+    def boolean(self, section: str, option: str) -> bool:
+        value = self.line(section, option)
+        if value is None:
+            return bool(_DEFAULTS[option])
+        try:
+            return parse_bool(value)
+        except ValueError as error:
+            raise self.error(section, option, str(error)) from None
+
+    def duration(self, section: str, option: str) -> float:
+        value = self.line(section, option)
+        if value is None:
+            return float(_DEFAULTS[option])
+        try:
+            seconds = parse_duration(value)
+        except ValueError as error:
+            raise self.error(section, option, str(error)) from None
+        if seconds <= 0:
+            raise self.error(section, option, f"must be more than 0 seconds, got {value!r}")
+        return seconds
+
+    def integer(self, section: str, option: str, minimum: int, why: str = "") -> int:
+        value = self.line(section, option)
+        if value is None:
+            return int(_DEFAULTS[option])
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise self.error(section, option, f"expected a whole number, got {value!r}") from None
+        if number < minimum:
+            raise self.error(section, option, f"must be at least {minimum}{why}, got {value!r}")
+        return number
+
+    def size(self, section: str, option: str) -> int:
+        """
+        A size written in MiB (fractions allowed), returned in bytes.
+        """
+        value = self.line(section, option)
+        if value is None:
+            return int(_DEFAULTS[option])
+        try:
+            mebibytes = float(value)
+        except ValueError:
+            mebibytes = math.nan
+        if not math.isfinite(mebibytes):
+            raise self.error(section, option, f"expected a number of MiB, got {value!r}")
+        size = int(mebibytes * _MIB)
+        if size < 1:
+            raise self.error(section, option, f"must be more than 0 MiB, got {value!r}")
+        return size
+
+    def path_option(self, section: str, option: str, empty: str | None = None) -> str:
+        """
+        A file or directory name, made absolute against the file's directory.
+
+        @param empty: what an empty value means; C{None}: it is an error.
+        """
+        value = self.line(section, option)
+        if value is None:
+            value = str(_DEFAULTS[option])
+        if not value:
+            if empty is None:
+                raise self.error(section, option, "must not be empty")
+            return empty
+        return os.path.normpath(os.path.join(self.base, value))
+
+    def readable(self, section: str, option: str) -> str:
+        """
+        A file that must exist and be readable, or C{""} when not set.
+        """
+        name = self.path_option(section, option, empty="")
+        if name:
+            try:
+                with open(name, "rb"):
+                    pass
+            except OSError as error:
+                raise self.error(
+                    section, option, f"cannot read {name!r}: {error.strerror or error}"
+                ) from None
+        return name
+
+    def endpoint(self, section: str, option: str, required: bool = False) -> str:
+        """
+        A Twisted endpoint string, checked lightly; C{""} means off.
+        """
+        value = self.line(section, option)
+        if value is None:
+            value = str(_DEFAULTS[option])
+        if not value and not required:
+            return ""
+        kind, colon, rest = value.partition(":")
+        if kind.strip().lower() not in _ENDPOINT_TYPES or not colon or not rest.strip():
+            prefixes = ", ".join(f"{name}:" for name in _ENDPOINT_TYPES)
+            raise self.error(
+                section, option, f"expected an endpoint string starting {prefixes} got {value!r}"
+            )
+        return _resolve_endpoint_paths(value, self.base)
+
+    def words(self, section: str, option: str) -> tuple[str, ...]:
+        """
+        A list separated by commas, spaces or line breaks, without repeats.
+        """
+        value = self.raw(section, option)
+        if value is None:
+            return tuple(_DEFAULTS[option])
+        return tuple(dict.fromkeys(word for word in _LIST_SEPARATOR.split(value) if word))
+
+    def domains(self, section: str) -> tuple[str, ...]:
+        names = tuple(
+            dict.fromkeys(name.lower().removesuffix(".") for name in self.words(section, "domains"))
+        )
+        if not names:
+            raise self.error(section, "domains", "missing: the domains to take mail for")
+        for name in names:
+            if not _is_domain(name):
+                raise self.error(section, "domains", f"not a domain name: {name!r}")
+        return names
+
+    def gsmail(self, section: str, instance: str, token: str, relay_prefix: str) -> GsmailConfig:
+        """
+        Read the C{[gsmail-NAME]} section into a L{GsmailConfig}.
+        """
+        url = self.url(section)
+        smtp_endpoint = self.endpoint(section, "smtp_endpoint")
+        lmtp_endpoint = self.endpoint(section, "lmtp_endpoint")
+        if not smtp_endpoint and not lmtp_endpoint:
+            raise self.error(
+                section, "smtp_endpoint, lmtp_endpoint", "set at least one (empty means off)"
+            )
+        tls_certificate = self.readable(section, "tls_certificate")
+        tls_key = self.readable(section, "tls_key")
+        if bool(tls_certificate) != bool(tls_key):
+            have, lack = (
+                ("tls_certificate", "tls_key")
+                if tls_certificate
+                else ("tls_key", "tls_certificate")
+            )
+            raise self.error(section, lack, f"missing while {have} is set (set both or neither)")
+        reply_deadline = self.duration(section, "reply_deadline")
+        if reply_deadline > MAX_REPLY_DEADLINE:
+            raise self.error(
+                section,
+                "reply_deadline",
+                f"must be at most {MAX_REPLY_DEADLINE:g} seconds (Postfix gives up waiting for "
+                f"the reply to DATA after 600), got {reply_deadline:g}",
+            )
+        hostname = self.line(section, "hostname")
+        if hostname is None:
+            hostname = getfqdn()
+        elif not hostname or any(char.isspace() for char in hostname):
+            raise self.error(section, "hostname", f"expected a host name, got {hostname!r}")
+        return GsmailConfig(
+            path=os.path.abspath(self.path),
+            instance=instance,
+            url=url,
+            token=token,
+            verify_tls=self.boolean(section, "verify_tls"),
+            connect_timeout=self.duration(section, "connect_timeout"),
+            response_timeout=self.duration(section, "response_timeout"),
+            post_concurrency=self.integer(section, "post_concurrency", 1),
+            time_source=self.text(section, "time_source", ("server", "message")),
+            relay_address_prefix=relay_prefix,
+            group_cache_ttl=self.duration(section, "group_cache_ttl"),
+            group_negative_cache_ttl=self.duration(section, "group_negative_cache_ttl"),
+            smtp_endpoint=smtp_endpoint,
+            lmtp_endpoint=lmtp_endpoint,
+            hostname=hostname,
+            domains=self.domains(section),
+            tls_certificate=tls_certificate,
+            tls_key=tls_key,
+            max_size=self.size(section, "max_size"),
+            max_recipients=self.integer(section, "max_recipients", 1),
+            max_connections=self.integer(section, "max_connections", 1),
+            max_line_length=self.integer(
+                section, "max_line_length", MIN_LINE_LENGTH, " (RFC 5321 section 4.5.3.1.6)"
+            ),
+            idle_timeout=self.duration(section, "idle_timeout"),
+            reply_deadline=reply_deadline,
+            spool_dir=self.path_option(section, "spool_dir", empty=tempfile.gettempdir()),
+            ledger_path=self.path_option(section, "ledger_path"),
+            ledger_ttl=self.duration(section, "ledger_ttl"),
+            standin_dir=self.path_option(section, "standin_dir"),
+            standin_groups=self.words(section, "standin_groups"),
+            standin_endpoint=self.endpoint(section, "standin_endpoint", required=True),
+        )
+
+
+def _is_domain(name: str) -> bool:
+    """
+    Whether C{name} (lowercase, no trailing dot) is a host name: ASCII
+    letter-digit-hyphen labels, or Unicode labels that IDNA can encode.
+    """
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return False
+    labels = name.split(".")
+    return len(name) <= 253 and all(
+        len(label) <= 63 and _ASCII_LABEL.fullmatch(label) for label in labels
+    )

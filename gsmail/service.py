@@ -1,0 +1,221 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+C{makeService(config, reactor)}: the whole inbound side as one
+C{MultiService}, for C{twistd gsmail} and for Twisted applications that embed
+gsmail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from gsmail.config import ConfigError, GsmailConfig
+from gsmail.groupserver import GroupServerClient
+from gsmail.inbound.delivery import DeliveryCore
+from gsmail.inbound.protocol import InboundFactory, ServerSettings
+from gsmail.ledger import PostLedger
+
+__all__ = ["makeService", "GsmailService"]
+
+log = Logger()
+
+
+def _thread_runner(reactor: Any) -> Callable[[Callable[[], None]], Deferred[None]]:
+    """A hand-off of blocking work (fsync, copies) to the reactor's thread pool."""
+
+    def run(f: Callable[[], None]) -> Deferred[None]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f)
+
+    return run
+
+
+def load_tls(config: GsmailConfig) -> Any:
+    """
+    The server TLS context for STARTTLS, or C{None} when no certificate is
+    configured. The certificate file may hold the chain after the leaf.
+
+    @raise ConfigError: the files cannot be read or do not match.
+    """
+    if not config.tls_certificate:
+        return None
+    try:
+        with open(config.tls_certificate, "rb") as f:
+            cert_pem = f.read()
+        with open(config.tls_key, "rb") as f:
+            key_pem = f.read()
+        return ssl.PrivateCertificate.loadPEM(key_pem + b"\n" + cert_pem).options()
+    except Exception as e:
+        raise ConfigError(
+            f"{config.path}: [gsmail-*] tls_certificate/tls_key: cannot load: {e.__class__.__name__}"
+        ) from None
+
+
+class GsmailService(MultiService):
+    """
+    The inbound mail service: ESMTP and/or LMTP listeners over one delivery
+    core, the GroupServer client, the post ledger, and (for C{url =
+    embedded}) the GroupServer stand-in.
+
+    @ivar core: the L{DeliveryCore}.
+    @ivar client: the L{GroupServerClient}.
+    @ivar ledger: the L{PostLedger}.
+    @ivar standin: the embedded stand-in, or C{None}.
+    """
+
+    def __init__(self, config: GsmailConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        blocking = _thread_runner(reactor)
+        self.ledger = PostLedger(
+            config.ledger_path, ttl=config.ledger_ttl, clock=reactor, sync=blocking
+        )
+        self.standin: Any = None
+        url = config.url
+        if url == "embedded":
+            from gsmail.standin import make_demo_standin
+
+            self.standin = make_demo_standin(
+                config.standin_dir,
+                config.token,
+                config.domains,
+                config.standin_groups,
+                clock=reactor,
+                reactor=reactor,
+            )
+            url = "http://127.0.0.1:0"  # set once the stand-in listens
+        self.client = GroupServerClient(
+            reactor,
+            url,
+            config.token,
+            connect_timeout=config.connect_timeout,
+            response_timeout=config.response_timeout,
+            verify_tls=config.verify_tls,
+            concurrency=config.post_concurrency,
+        )
+        self.core = DeliveryCore(
+            client=self.client,
+            ledger=self.ledger,
+            clock=reactor,
+            hostname=config.hostname,
+            domains=config.domains,
+            relay_prefix=config.relay_address_prefix,
+            time_source=config.time_source,
+            reply_deadline=config.reply_deadline,
+            group_cache_ttl=config.group_cache_ttl,
+            group_negative_cache_ttl=config.group_negative_cache_ttl,
+            unknown_dir=os.path.join(
+                os.path.dirname(os.path.abspath(config.ledger_path)), "unknown"
+            ),
+            blocking=blocking,
+        )
+        settings = ServerSettings(
+            hostname=config.hostname,
+            max_size=config.max_size,
+            max_recipients=config.max_recipients,
+            max_line_length=config.max_line_length,
+            idle_timeout=config.idle_timeout,
+            max_connections=config.max_connections,
+            tls=load_tls(config),
+        )
+        self.smtp_factory: InboundFactory | None = None
+        self.lmtp_factory: InboundFactory | None = None
+        self.listeners: dict[str, Any] = {}
+        if config.smtp_endpoint:
+            self.smtp_factory = InboundFactory(
+                self.core, settings, reactor, lmtp=False, spool_dir=config.spool_dir
+            )
+            self._listen("smtp", config.smtp_endpoint, self.smtp_factory)
+        if config.lmtp_endpoint:
+            self.lmtp_factory = InboundFactory(
+                self.core, settings, reactor, lmtp=True, spool_dir=config.spool_dir
+            )
+            self._listen("lmtp", config.lmtp_endpoint, self.lmtp_factory)
+
+    def _listen(self, name: str, description: str, factory: Any) -> None:
+        svc = strports.service(description, factory, reactor=self.reactor)
+        svc.setName(name)
+        self.listeners[name] = svc
+        svc.setServiceParent(self)
+
+    def startService(self) -> None:
+        # After twistd -u dropped privileges (so the files belong to the
+        # run-as user), and before the reactor runs: the ledger is loaded
+        # before the first message can arrive.
+        os.makedirs(os.path.dirname(os.path.abspath(self.config.ledger_path)), exist_ok=True)
+        if self.config.spool_dir:
+            os.makedirs(self.config.spool_dir, exist_ok=True)
+        self.ledger.open()
+        if self.standin is not None:
+            self._start_standin()
+        super().startService()
+
+    def _start_standin(self) -> None:
+        endpoint = serverFromString(self.reactor, self.config.standin_endpoint)
+        d = endpoint.listen(self.standin.site())
+        port = _result_now(d)
+        self._standin_port = port
+        address = port.getHost()
+        self.client.set_url(f"http://{address.host}:{address.port}")
+        log.info(
+            "Embedded GroupServer stand-in at http://{host}:{port}, storing in {directory}",
+            host=address.host,
+            port=address.port,
+            directory=self.config.standin_dir,
+        )
+
+    def port(self, name: str) -> Any:
+        """The listening port of the C{"smtp"} or C{"lmtp"} listener (after start)."""
+        return self.listeners[name]._waitingForPort.result
+
+    async def _stop(self) -> None:
+        await super().stopService()  # listeners stop accepting
+        # Let running deliveries finish so nothing is posted without its ledger record.
+        idle = self.core.when_idle()
+        idle.addTimeout(self.config.reply_deadline, self.reactor)
+        try:
+            await idle
+        except Exception:
+            log.warn("Stopped with deliveries still running")
+        await self.ledger.close()
+        await self.client.close()
+        if self.standin is not None:
+            await self._standin_port.stopListening()
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        return Deferred.fromCoroutine(self._stop())
+
+
+def _result_now(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has already fired (listen() on TCP/UNIX)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise RuntimeError("listening did not complete synchronously")
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+def makeService(config: GsmailConfig, reactor: Any = None) -> GsmailService:
+    """
+    Build gsmail's service from a loaded configuration.
+
+    @param reactor: the reactor; the global one when C{None} (twistd).
+    @raise ConfigError: the TLS files cannot be loaded.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    return GsmailService(config, reactor)

@@ -1,0 +1,49 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd gsmail}: command-line options and the service maker behind the
+plugin in C{twisted/plugins/gsmail_plugin.py}.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from gsmail.config import ConfigError, load_config
+from gsmail.status import EX_CONFIG
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """
+    C{twistd gsmail --config PATH [--instance NAME]}.
+    """
+
+    synopsis = "[--config PATH] [--instance NAME]"
+    optParameters = [
+        ["config", "c", "/etc/groupserver/gsconfig.ini", "GroupServer's configuration file."],
+        ["instance", "i", "default", "The configuration instance ([config-INSTANCE])."],
+    ]
+    longdesc = (
+        "Receive mail for GroupServer groups over ESMTP and LMTP and add each "
+        "message to its group exactly once."
+    )
+
+
+def makeService(options: Options) -> IService:
+    """
+    Load the configuration and build the service. A configuration error
+    prints one line naming the file, section and option and exits with
+    EX_CONFIG (78).
+    """
+    from gsmail.service import makeService as make
+
+    try:
+        config = load_config(options["config"], options["instance"])
+        return make(config)
+    except ConfigError as e:
+        sys.stderr.write(f"gsmail: configuration error: {e}\n")
+        raise SystemExit(EX_CONFIG) from None

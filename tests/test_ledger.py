@@ -1,0 +1,543 @@
+# -*- test-case-name: tests.test_ledger -*-
+"""
+Tests for L{gsmail.ledger}: a message is posted once, however many copies
+arrive, whether they race or come after a restart.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from gsmail.ledger import LedgerClosedError, LedgerLockedError, Outcome, PostLedger
+from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
+
+A = PostLedger.key("group-a", "<1@example.org>")
+B = PostLedger.key("group-a", "<2@example.org>")
+C = PostLedger.key("group-b", "<1@example.org>")
+
+
+class ManualSync:
+    """
+    A C{sync} hand-off whose jobs run only when the test says so, like a
+    thread pool that is slow to get to them. Counts the jobs it was given:
+    each is one write and fsync.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self._jobs: list[tuple[Callable[[], None], Deferred[None]]] = []
+
+    def __call__(self, job: Callable[[], None]) -> Deferred[None]:
+        self.calls += 1
+        d: Deferred[None] = Deferred()
+        self._jobs.append((job, d))
+        return d
+
+    @property
+    def waiting(self) -> int:
+        """The number of jobs handed over and not finished."""
+        return len(self._jobs)
+
+    def finish(self) -> None:
+        """Run the oldest job and report its success."""
+        job, d = self._jobs.pop(0)
+        job()
+        d.callback(None)
+
+    def finish_all(self) -> None:
+        """Run jobs, including those queued meanwhile, until none is left."""
+        while self._jobs:
+            self.finish()
+
+    def break_down(self) -> None:
+        """Report the oldest job as failed (the disk said EIO), without running it."""
+        _, d = self._jobs.pop(0)
+        d.errback(OSError(errno.EIO, "Input/output error"))
+
+
+class Post:
+    """
+    The action that posts: counts its calls and hands out Deferreds the test
+    fires, or fires them at once when C{instant}.
+    """
+
+    def __init__(self, instant: bool = False) -> None:
+        self.instant = instant
+        self.calls = 0
+        self.cancelled = 0
+        self.deferreds: list[Deferred[object]] = []
+
+    def __call__(self) -> Deferred[object]:
+        self.calls += 1
+        if self.instant:
+            return succeed(None)
+        d: Deferred[object] = Deferred(self._cancel)
+        self.deferreds.append(d)
+        return d
+
+    def _cancel(self, d: Deferred[object]) -> None:
+        self.cancelled += 1
+
+
+class LedgerTestCase(SynchronousTestCase):
+    """
+    A ledger file in a directory that does not exist yet, and a clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.path = os.path.join(self.mktemp(), "state", "ledger")
+
+    def make_ledger(self, *, ttl: float = 7 * 86400, sync: ManualSync | None = None) -> PostLedger:
+        ledger = PostLedger(self.path, ttl=ttl, clock=self.clock, sync=sync)
+        ledger.open()
+        self.addCleanup(self.shut, ledger, sync)
+        return ledger
+
+    def shut(self, ledger: PostLedger, sync: ManualSync | None = None) -> None:
+        d = ledger.close()
+        if sync is not None:
+            sync.finish_all()
+        self.successResultOf(d)
+
+    def lines(self) -> list[bytes]:
+        with open(self.path, "rb") as f:
+            return f.read().splitlines(keepends=True)
+
+    def write_file(self, data: bytes) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+
+class KeyTests(SynchronousTestCase):
+    """
+    L{PostLedger.key} names a post.
+    """
+
+    def test_framing(self) -> None:
+        """
+        Parts are framed: moving a character from one part to the next, or
+        splitting a part in two, gives another key.
+        """
+        self.assertNotEqual(PostLedger.key("a", "bc"), PostLedger.key("ab", "c"))
+        self.assertNotEqual(PostLedger.key("abc"), PostLedger.key("a", "bc"))
+        self.assertNotEqual(PostLedger.key(), PostLedger.key(""))
+
+    def test_text_is_utf8(self) -> None:
+        """
+        A text part gives the same key as its UTF-8 bytes.
+        """
+        self.assertEqual(PostLedger.key("g", "<é@x>"), PostLedger.key(b"g", "<é@x>".encode()))
+
+    def test_stable(self) -> None:
+        """
+        The key of a post does not change between releases: a changed digest
+        would make an upgraded gsmail post again what it posted last week.
+        """
+        self.assertEqual(
+            PostLedger.key("dev", "<1@example.org>").hex(),
+            "8a21c96b35e245d52c1540a6bfeb39f29a515d72cb547c24bcdfddf21f0af957",
+        )
+        self.assertEqual(len(PostLedger.key("dev")), 32)
+
+
+class RunTests(LedgerTestCase):
+    """
+    L{PostLedger.run} performs a post once.
+    """
+
+    def test_first_run(self) -> None:
+        """
+        The first copy is posted; a later copy is answered as a duplicate
+        without posting.
+        """
+        ledger = self.make_ledger()
+        post = Post(instant=True)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DONE)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DUPLICATE)
+        self.assertEqual(post.calls, 1)
+        self.assertEqual(ledger.state(A), Outcome.DUPLICATE)
+        self.assertEqual(len(ledger), 1)
+
+    def test_record_format(self) -> None:
+        """
+        The file holds one line per post: time, C{D}, the key in hex.
+        """
+        self.clock.advance(0.5)
+        ledger = self.make_ledger()
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        self.assertEqual(self.lines(), [b"1700000000.500000 D " + A.hex().encode() + b"\n"])
+
+    def test_concurrent_copies(self) -> None:
+        """
+        100 copies arriving while the first post is under way make one post,
+        and each copy hears it was done once GroupServer answered.
+        """
+        ledger = self.make_ledger()
+        post = Post()
+        results = [ledger.run(A, post) for _ in range(100)]
+        for d in results:
+            self.assertNoResult(d)
+        self.assertEqual(post.calls, 1)
+        post.deferreds[0].callback(None)
+        self.assertEqual([self.successResultOf(d) for d in results], [Outcome.DONE] * 100)
+        self.assertEqual(post.calls, 1)
+
+    def test_failure_shared_then_retried(self) -> None:
+        """
+        When the post fails, every copy waiting on it gets that same error
+        (the sender retries); nothing is remembered, so the retry posts.
+        """
+        ledger = self.make_ledger()
+        post = Post()
+        results = [ledger.run(A, post) for _ in range(3)]
+        error = GroupServerError(OUTCOME_UNKNOWN.with_text("boom"), outcome_unknown=False)
+        post.deferreds[0].errback(error)
+        for d in results:
+            self.assertIs(self.failureResultOf(d, GroupServerError).value, error)
+        self.assertIsNone(ledger.state(A))
+        retry = ledger.run(A, post)
+        self.assertEqual(post.calls, 2)
+        post.deferreds[1].callback(None)
+        self.assertEqual(self.successResultOf(retry), Outcome.DONE)
+
+    def test_outcome_unknown(self) -> None:
+        """
+        When the post was sent but no answer came, the attempt fails with its
+        error, and no later copy is posted: each gets L{Outcome.UNKNOWN}.
+        """
+        ledger = self.make_ledger()
+        post = Post()
+        first = ledger.run(A, post)
+        post.deferreds[0].errback(GroupServerError(OUTCOME_UNKNOWN, outcome_unknown=True))
+        self.assertEqual(self.failureResultOf(first, GroupServerError).value.reply, OUTCOME_UNKNOWN)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.UNKNOWN)
+        self.assertEqual(post.calls, 1)
+        self.assertEqual(self.lines()[0].split()[1], b"U")
+
+    def test_distinct_keys(self) -> None:
+        """
+        A slow post does not hold up a post of another message.
+        """
+        ledger = self.make_ledger()
+        slow = Post()
+        d_a = ledger.run(A, slow)
+        self.assertEqual(self.successResultOf(ledger.run(B, Post(instant=True))), Outcome.DONE)
+        self.assertNoResult(d_a)
+        slow.deferreds[0].callback(None)
+        self.assertEqual(self.successResultOf(d_a), Outcome.DONE)
+
+    def test_cancel_one_waiter(self) -> None:
+        """
+        A copy that gives up (its SMTP session closed) does not cancel the
+        post the others wait for.
+        """
+        ledger = self.make_ledger()
+        post = Post()
+        first, second, third = (ledger.run(A, post) for _ in range(3))
+        second.cancel()
+        self.failureResultOf(second, CancelledError)
+        self.assertEqual(post.cancelled, 0)
+        self.assertNoResult(first)
+        post.deferreds[0].callback(None)
+        self.assertEqual(self.successResultOf(first), Outcome.DONE)
+        self.assertEqual(self.successResultOf(third), Outcome.DONE)
+
+    def test_ttl(self) -> None:
+        """
+        A post is remembered for C{ttl} seconds, then a copy is posted again.
+        """
+        ledger = self.make_ledger(ttl=100)
+        post = Post(instant=True)
+        self.successResultOf(ledger.run(A, post))
+        self.clock.advance(99.9)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DUPLICATE)
+        self.clock.advance(0.1)
+        self.assertIsNone(ledger.state(A))
+        self.assertEqual(len(ledger), 0)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DONE)
+        self.assertEqual(post.calls, 2)
+
+    def test_not_open(self) -> None:
+        """
+        A ledger that is not open refuses to post (the caller answers 451),
+        and a key that is not from L{PostLedger.key} is a programming error.
+        """
+        ledger = PostLedger(self.path, clock=self.clock)
+        self.failureResultOf(ledger.run(A, Post(instant=True)), LedgerClosedError)
+        self.assertRaises(ValueError, ledger.run, b"short", Post(instant=True))
+        self.successResultOf(ledger.close())
+
+
+class DurabilityTests(LedgerTestCase):
+    """
+    What the ledger says has been posted is on disk first.
+    """
+
+    def test_restart(self) -> None:
+        """
+        After a restart, done and unknown posts are still not posted again.
+        """
+        ledger = self.make_ledger()
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        unknown = Post()
+        d = ledger.run(B, unknown)
+        unknown.deferreds[0].errback(GroupServerError(OUTCOME_UNKNOWN, outcome_unknown=True))
+        self.failureResultOf(d, GroupServerError)
+        self.successResultOf(ledger.close())
+
+        again = self.make_ledger()
+        post = Post(instant=True)
+        self.assertEqual(self.successResultOf(again.run(A, post)), Outcome.DUPLICATE)
+        self.assertEqual(self.successResultOf(again.run(B, post)), Outcome.UNKNOWN)
+        self.assertEqual(post.calls, 0)
+        self.assertEqual(self.successResultOf(again.run(C, post)), Outcome.DONE)
+
+    def test_expired_dropped_at_open(self) -> None:
+        """
+        A restart after C{ttl} forgets the post and drops it from the file.
+        """
+        ledger = self.make_ledger(ttl=100)
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        self.successResultOf(ledger.close())
+        self.clock.advance(100)
+        again = self.make_ledger(ttl=100)
+        self.assertEqual(len(again), 0)
+        self.assertEqual(self.lines(), [])
+
+    def test_done_after_fsync(self) -> None:
+        """
+        The caller hears the post is done only once its record is fsynced.
+        """
+        sync = ManualSync()
+        ledger = self.make_ledger(sync=sync)
+        d = ledger.run(A, Post(instant=True))
+        self.assertNoResult(d)
+        self.assertIsNone(ledger.state(A))
+        self.assertEqual(self.lines(), [])
+        sync.finish()
+        self.assertEqual(self.successResultOf(d), Outcome.DONE)
+        self.assertEqual(len(self.lines()), 1)
+
+    def test_group_commit(self) -> None:
+        """
+        Records that arrive while an fsync runs share the next one: three
+        posts, two fsyncs.
+        """
+        sync = ManualSync()
+        ledger = self.make_ledger(sync=sync)
+        d_a = ledger.run(A, Post(instant=True))
+        d_b = ledger.run(B, Post(instant=True))
+        d_c = ledger.run(C, Post(instant=True))
+        self.assertEqual(sync.calls, 1)
+        sync.finish()
+        self.assertEqual(self.successResultOf(d_a), Outcome.DONE)
+        self.assertNoResult(d_b)
+        self.assertNoResult(d_c)
+        sync.finish()
+        self.assertEqual(self.successResultOf(d_b), Outcome.DONE)
+        self.assertEqual(self.successResultOf(d_c), Outcome.DONE)
+        self.assertEqual(sync.calls, 2)
+        self.assertEqual(len(self.lines()), 3)
+
+    def test_fsync_fails(self) -> None:
+        """
+        When the record cannot be made durable the caller gets the disk error
+        (it answers 451), but the post is still not made twice in this
+        process, and the next write puts it on disk.
+        """
+        sync = ManualSync()
+        ledger = self.make_ledger(sync=sync)
+        post = Post(instant=True)
+        d = ledger.run(A, post)
+        sync.break_down()
+        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DUPLICATE)
+        self.assertEqual(post.calls, 1)
+
+        d_b = ledger.run(B, post)
+        sync.finish()
+        self.assertEqual(self.successResultOf(d_b), Outcome.DONE)
+        self.assertEqual(
+            sorted(line.split()[2] for line in self.lines()),
+            sorted([A.hex().encode(), B.hex().encode()]),
+        )
+
+    def test_unknown_record_fails(self) -> None:
+        """
+        When the record of an unknown outcome cannot be written, the caller
+        still gets GroupServer's error, and the post stays unknown.
+        """
+        sync = ManualSync()
+        ledger = self.make_ledger(sync=sync)
+        post = Post()
+        d = ledger.run(A, post)
+        post.deferreds[0].errback(GroupServerError(OUTCOME_UNKNOWN, outcome_unknown=True))
+        sync.break_down()
+        self.failureResultOf(d, GroupServerError)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.UNKNOWN)
+
+    def test_close_waits(self) -> None:
+        """
+        Closing waits for the post under way and records it; new posts are
+        refused meanwhile.
+        """
+        ledger = self.make_ledger()
+        post = Post()
+        d = ledger.run(A, post)
+        closed = ledger.close()
+        self.assertNoResult(closed)
+        self.failureResultOf(ledger.run(B, post), LedgerClosedError)
+        post.deferreds[0].callback(None)
+        self.assertEqual(self.successResultOf(d), Outcome.DONE)
+        self.successResultOf(closed)
+        self.assertEqual(self.successResultOf(self.make_ledger().run(A, post)), Outcome.DUPLICATE)
+
+    def test_one_process(self) -> None:
+        """
+        A second gsmail on the same ledger is refused while the first runs.
+        """
+        first = self.make_ledger()
+        second = PostLedger(self.path, clock=self.clock)
+        self.assertRaises(LedgerLockedError, second.open)
+        self.successResultOf(first.close())
+        second.open()
+        self.successResultOf(second.close())
+
+
+class FileTests(LedgerTestCase):
+    """
+    The ledger reads damaged files and keeps its file small.
+    """
+
+    def record(self, key: bytes, letter: bytes = b"D") -> bytes:
+        return b"1700000000.000000 " + letter + b" " + key.hex().encode() + b"\n"
+
+    def test_torn_last_line(self) -> None:
+        """
+        A record cut short by a crash is ignored; the records before it and
+        the ones written after the restart are kept.
+        """
+        self.write_file(self.record(A) + self.record(B)[:40])
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        ledger = self.make_ledger()
+        self.assertEqual(ledger.state(A), Outcome.DUPLICATE)
+        self.assertIsNone(ledger.state(B))
+        self.assertEqual(len(ledger), 1)
+        self.assertTrue(any("incomplete" in e["log_format"] for e in events))
+        self.successResultOf(ledger.run(C, Post(instant=True)))
+        self.successResultOf(ledger.close())
+        again = self.make_ledger()
+        self.assertEqual((again.state(A), again.state(C)), (Outcome.DUPLICATE,) * 2)
+
+    def test_last_line_without_newline(self) -> None:
+        """
+        A complete last record that lacks only its newline is kept.
+        """
+        self.write_file(self.record(A, b"U").rstrip(b"\n"))
+        self.assertEqual(self.make_ledger().state(A), Outcome.UNKNOWN)
+
+    def test_garbage(self) -> None:
+        """
+        Garbage lines are skipped, counted and logged once; good records
+        around them are kept and the file is cleaned.
+        """
+        hexkey = C.hex().encode()
+        self.write_file(
+            b"hello\n"
+            + self.record(A)
+            + b"\xff\xfe\x00\n"
+            + b"1.0 X "
+            + hexkey
+            + b"\n"
+            + b"nan D "
+            + hexkey
+            + b"\n"
+            + b"-1 D "
+            + hexkey
+            + b"\n"
+            + b"1.0 D abc\n"
+            + b"x" * 1_000_000
+            + b"\n"
+            + self.record(B)
+        )
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        ledger = self.make_ledger()
+        self.assertEqual(len(ledger), 2)
+        self.assertIsNone(ledger.state(C))
+        warnings = [e for e in events if e.get("garbage")]
+        self.assertEqual([e["garbage"] for e in warnings], [7])
+        self.assertEqual(sorted(self.lines()), sorted([self.record(A), self.record(B)]))
+
+    def fill(self, ledger: PostLedger, sync: ManualSync) -> tuple[list[bytes], list[bytes]]:
+        """
+        Write 1100 records that then expire and 100 that stay live.
+        """
+        post = Post(instant=True)
+        old = [PostLedger.key("old", str(i)) for i in range(1100)]
+        for key in old:
+            ledger.run(key, post)
+        sync.finish_all()
+        self.clock.advance(60)
+        live = [PostLedger.key("live", str(i)) for i in range(100)]
+        for key in live:
+            ledger.run(key, post)
+        sync.finish_all()
+        self.assertEqual(len(self.lines()), 1200)
+        self.clock.advance(60)  # the old ones expire
+        return old, live
+
+    def test_compaction(self) -> None:
+        """
+        Once the file holds mostly expired records it is rewritten with the
+        live ones only; records written during the rewrite are kept.
+        """
+        sync = ManualSync()
+        ledger = self.make_ledger(ttl=100, sync=sync)
+        post = Post(instant=True)
+        old, live = self.fill(ledger, sync)
+        ledger.run(A, post)
+        sync.finish()  # the append of A, then the compaction starts
+        self.assertEqual(sync.waiting, 1)
+        late = ledger.run(B, post)
+        sync.finish()  # compaction done, B's append queued
+        self.assertEqual(len(self.lines()), 101)
+        sync.finish()
+        self.assertEqual(self.successResultOf(late), Outcome.DONE)
+
+        self.shut(ledger, sync)
+        again = self.make_ledger(ttl=100)
+        self.assertEqual(len(again), 102)
+        self.assertEqual({again.state(k) for k in [*live, A, B]}, {Outcome.DUPLICATE})
+        self.assertIsNone(again.state(old[0]))
+        self.assertEqual(len(self.lines()), 102)
+
+    def test_compaction_fails(self) -> None:
+        """
+        A compaction that fails (say, the disk is full) fails no post: records
+        are still appended to the intact file, and the rewrite is not retried
+        on every post.
+        """
+        sync = ManualSync()
+        ledger = self.make_ledger(ttl=100, sync=sync)
+        self.fill(ledger, sync)
+        ledger.run(A, Post(instant=True))
+        sync.finish()
+        self.assertEqual(sync.waiting, 1)  # the compaction
+        sync.break_down()
+        d = ledger.run(B, Post(instant=True))
+        sync.finish()
+        self.assertEqual(self.successResultOf(d), Outcome.DONE)
+        self.assertEqual(sync.waiting, 0)
+        self.assertEqual(len(self.lines()), 1202)
+        self.assertEqual(self.lines()[-1].split()[2], B.hex().encode())
