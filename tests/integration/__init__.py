@@ -1,0 +1,3 @@
+"""
+Real-socket tests with real clients and peers on 127.0.0.1.
+"""

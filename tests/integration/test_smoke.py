@@ -1,0 +1,36 @@
+"""
+A first end-to-end check: Python's smtplib sends one message to a running
+gsmail (embedded stand-in) over ESMTP, and the post is on disk.
+"""
+
+from __future__ import annotations
+
+import smtplib
+
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from tests.util import make_config, port_of, start_service
+
+
+class SmokeTests(TestCase):
+    """One message through the real service."""
+
+    async def test_smtplib_post(self) -> None:
+        """A message sent with smtplib is posted to its group once, with the trace fields."""
+        service = start_service(self, make_config(self.mktemp()))
+        port = port_of(service, "smtp")
+
+        def send() -> dict[str, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                return s.sendmail(
+                    "alice@example.org",
+                    ["example@groups.example.com"],
+                    b"Message-ID: <smoke@example.org>\r\nSubject: hi\r\n\r\nhello\r\n",
+                )
+
+        refused = await deferToThread(send)
+        self.assertEqual(refused, {})
+        [post] = service.standin.posts("example")
+        self.assertTrue(post.endswith(b"Message-ID: <smoke@example.org>\nSubject: hi\n\nhello\n"))
+        self.assertIn(b"X-Original-To: example@groups.example.com\n", post)
