@@ -1,0 +1,125 @@
+"""
+Tests for L{gsmail.tap} and the twistd plugin: C{twistd gsmail --config PATH
+--instance NAME}, and what a configuration error looks like to an operator.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.plugin import getPlugins
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from gsmail import tap
+from gsmail.service import GsmailService
+from gsmail.status import EX_CONFIG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def write(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+class OptionsTests(SynchronousTestCase):
+    """The command line."""
+
+    def test_defaults(self) -> None:
+        """--config defaults to /etc/groupserver/gsconfig.ini, --instance to default."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"], "/etc/groupserver/gsconfig.ini")
+        self.assertEqual(options["instance"], "default")
+
+    def test_given(self) -> None:
+        """Both options are taken, long and short."""
+        options = tap.Options()
+        options.parseOptions(["-c", "/x.ini", "--instance", "prod"])
+        self.assertEqual((options["config"], options["instance"]), ("/x.ini", "prod"))
+
+    def test_plugin_found(self) -> None:
+        """twistd finds the gsmail plugin, pointing at gsmail.tap."""
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("gsmail", makers)
+        self.assertEqual(makers["gsmail"].module, "gsmail.tap")  # type: ignore[attr-defined]
+        self.assertFalse(os.path.exists(os.path.join(ROOT, "twisted", "__init__.py")))
+        self.assertFalse(os.path.exists(os.path.join(ROOT, "twisted", "plugins", "__init__.py")))
+
+    def test_make_service(self) -> None:
+        """A good configuration gives gsmail's service, with both listeners."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = write(
+            os.path.join(directory, "gsconfig.ini"),
+            "[webservice-default]\ntoken = t0ken\n[gsmail-default]\nurl = http://gs.example.com\n"
+            "smtp_endpoint = tcp:0:interface=127.0.0.1\nlmtp_endpoint = unix:lmtp.sock\n"
+            "domains = groups.example.com\nledger_path = ledger/posted.log\n",
+        )
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        service = tap.makeService(options)
+        self.assertIsInstance(service, GsmailService)
+        assert isinstance(service, GsmailService)
+        self.assertEqual(sorted(service.listeners), ["lmtp", "smtp"])
+        self.assertEqual(service.client.url, "http://gs.example.com")
+
+    def test_config_error_exits_78(self) -> None:
+        """A bad configuration makes makeService exit with EX_CONFIG (78)."""
+        options = tap.Options()
+        options.parseOptions(["--config", self.mktemp()])
+        with self.assertRaises(SystemExit) as caught:
+            tap.makeService(options)
+        self.assertEqual(caught.exception.code, EX_CONFIG)
+
+
+class TwistdTests(TestCase):
+    """The real command, as an operator runs it."""
+
+    async def twistd(self, *args: str) -> tuple[bytes, bytes, int]:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-c", TWISTD, "-n", "--pidfile=", "gsmail", *args], env=env, path=ROOT
+        )
+        return out, err, code
+
+    async def test_bad_option_one_line(self) -> None:
+        """
+        A bad option stops start-up with exit status 78 and one line naming
+        the file, the section and the option; the token is never printed.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = write(
+            os.path.join(directory, "gsconfig.ini"),
+            "[webservice-default]\ntoken = s3cr3t-t0ken\n[gsmail-default]\nurl = embedded\n"
+            "smtp_endpoint = tcp:0\ndomains = groups.example.com\nmax_size = big\n",
+        )
+        out, err, code = await self.twistd("--config", path)
+        self.assertEqual(code, EX_CONFIG)
+        lines = err.decode().strip().splitlines()
+        self.assertEqual(len(lines), 1, err)
+        self.assertIn(path, lines[0])
+        self.assertIn("[gsmail-default] max_size", lines[0])
+        self.assertNotIn(b"s3cr3t-t0ken", out + err)
+
+    async def test_missing_file(self) -> None:
+        """A missing file is named, with exit status 78."""
+        out, err, code = await self.twistd("--config", "/nonexistent/gsconfig.ini")
+        self.assertEqual(code, EX_CONFIG)
+        self.assertIn(b"/nonexistent/gsconfig.ini", err)
+
+    async def test_missing_instance(self) -> None:
+        """An instance that is not in the file is named."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = write(os.path.join(directory, "gsconfig.ini"), "[webservice-default]\ntoken = x\n")
+        out, err, code = await self.twistd("--config", path, "--instance", "prod")
+        self.assertEqual(code, EX_CONFIG)
+        self.assertIn(b"prod", err)
