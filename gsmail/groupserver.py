@@ -61,6 +61,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -368,6 +369,10 @@ class _UnverifiedPolicy:
         return _UnverifiedConnectionCreator(hostname)
 
 
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 class _ReplyTooLarge(Exception):
     """The reply body was longer than L{MAX_REPLY_SIZE}."""
 
@@ -552,6 +557,8 @@ class GroupServerClient:
             pool.maxPersistentPerHost = concurrency + 2
             pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
             pool.retryAutomatically = False
+            # One "Starting factory" log line per connection is noise.
+            pool._factory = _QuietHTTP11ClientFactory
             policy: IPolicyForHTTPS
             if not verify_tls:
                 policy = _UnverifiedPolicy()

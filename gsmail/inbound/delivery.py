@@ -197,6 +197,11 @@ class DeliveryCore:
             return succeed((status.RELAY_ADDRESS_OK, route))
         if route.kind is RouteKind.BOUNCE:
             return succeed((status.BOUNCE_ADDRESS_OK, route))
+        if not recipient.local.isascii():
+            # GroupServer's group-exists field is an ASCIILine: no group can
+            # have this address, and asking would re-render the form (which
+            # looks like a wrong token, 4.5.0, retried for days).
+            return succeed((status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>"), None))
 
         def found(info: GroupInfo) -> tuple[Reply, Route | None]:
             if not info.group_id:

@@ -626,6 +626,8 @@ class InboundFactory(Factory):
     @ivar connections: the number of open connections.
     """
 
+    noisy = False
+
     def __init__(
         self,
         core: DeliveryCore,

@@ -167,6 +167,12 @@ class RecipientTests(CoreTestsMixin, SynchronousTestCase):
         )
         self.assertEqual(self.gs.lookups, [])
 
+    def test_utf8_local_part_is_no_group(self) -> None:
+        """A UTF-8 local part is 550 5.1.1 without a lookup: GroupServer's field is ASCII-only."""
+        reply, route = self.rcpt("grüppe@groups.example.com")
+        self.assertEqual((reply.code, reply.enhanced, route), (550, "5.1.1", None))
+        self.assertEqual(self.gs.lookups, [])
+
     def test_groupserver_down(self) -> None:
         """GroupServer unreachable → 451 4.4.4; a wrong token (HTML reply) → 451 4.5.0."""
         self.gs.lookup_error = GroupServerError(status.GROUPSERVER_UNREACHABLE, "refused")
