@@ -119,6 +119,9 @@ POSTED = Reply(250, "2.0.0", "Added to the group")
 RELAYED = Reply(250, "2.0.0", "Relayed to the member")
 BOUNCE_RECORDED = Reply(250, "2.1.5", "Bounce recorded", EX_OK)
 ALREADY_DELIVERED = Reply(250, "2.0.0", "Already delivered; duplicate not posted again")
+NOT_REPEATED = Reply(
+    250, "2.0.0", "An earlier attempt may already have delivered this message; not repeated"
+)
 
 # -- transient failures (the sender retries) -------------------------------
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle too long; closing connection")

@@ -332,9 +332,7 @@ class DeliveryCore:
             if result is Outcome.DONE:
                 return done
             if result is Outcome.UNKNOWN:
-                return status.ALREADY_DELIVERED.with_text(
-                    "An earlier attempt may already have delivered this message; not repeated"
-                )
+                return status.NOT_REPEATED
             return status.ALREADY_DELIVERED
 
         def failed(failure: Failure) -> Deferred[Reply] | Reply:
