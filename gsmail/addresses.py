@@ -202,6 +202,7 @@ class RouteKind(enum.Enum):
     RELAY = "relay"  # relay prefix: the relay page
     BOUNCE = "bounce"  # XVERP address: the bounce page
     GROUP = "group"  # look the group up, then the add-email page
+    REMOTE = "remote"  # submission: queued for delivery elsewhere
 
 
 @attrs.frozen
@@ -219,6 +220,8 @@ class Route:
     group_address: Address | None = None
     member_address: Address | None = None
     group_id: str | None = None
+    #: RCPT TO parameters the listener accepted (e.g. NOTIFY, ORCPT), in order.
+    params: tuple[tuple[str, str | None], ...] = ()
 
 
 def route_recipient(recipient: Address, domains: tuple[str, ...], relay_prefix: str) -> Route:

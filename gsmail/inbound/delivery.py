@@ -313,6 +313,7 @@ class DeliveryCore:
             action = lambda: self.client.relay(source)  # noqa: E731
             done = status.RELAYED
         else:
+            assert route.kind is RouteKind.BOUNCE
             assert route.member_address is not None and route.group_address is not None
             member, group = str(route.member_address), str(route.group_address)
             key = PostLedger.key("bounce", group.lower(), member.lower(), message.identity)

@@ -122,6 +122,8 @@ class Envelope:
     body: str = "7BIT"
     declared_size: int | None = None
     recipients: list[Route] = attrs.field(factory=list)
+    #: Other MAIL FROM parameters a listener accepted (e.g. XVERP, RET, ENVID).
+    params: dict[str, str | None] = attrs.field(factory=dict)
 
 
 class _DataState:
@@ -448,33 +450,56 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         envelope = Envelope(sender=sender)
         for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    self._error(status.SYNTAX_ERROR.with_text("Bad SIZE parameter"))
-                    return
-                envelope.declared_size = int(value)
-                if envelope.declared_size > self.factory.settings.max_size:
-                    self._reply(
-                        status.MESSAGE_TOO_BIG.with_text(
-                            f"Message size exceeds the limit of {self.factory.settings.max_size} bytes"
-                        )
-                    )
-                    return
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    self._error(status.SYNTAX_ERROR.with_text("BODY must be 7BIT or 8BITMIME"))
-                    return
-                envelope.body = value.upper()
-            elif key == "SMTPUTF8" and value is None:
-                envelope.smtputf8 = True
-            else:
-                self._error(status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}"))
+            refusal = self.mail_parameter(envelope, key, value)
+            if refusal is not None:
+                if refusal.code == 552:
+                    self._reply(refusal)
+                else:
+                    self._error(refusal)
                 return
         if sender is not None and not sender.is_ascii and not envelope.smtputf8:
             self._error(status.SMTPUTF8_REQUIRED)
             return
         self.envelope = envelope
         self._reply(status.SENDER_OK)
+
+    def mail_parameter(self, envelope: Envelope, key: str, value: str | None) -> Reply | None:
+        """
+        Take one MAIL FROM parameter (RFC 5321 §4.1.2) into C{envelope}.
+
+        @param key: the keyword, uppercased.
+        @return: C{None} when accepted, else the refusal: C{552 5.3.4} for a
+            SIZE over the limit (RFC 1870 §6), C{501 5.5.4} for a bad value,
+            C{555 5.5.4} for a parameter this listener does not offer.
+        """
+        if key == "SIZE":
+            if value is None or not value.isdigit():
+                return status.SYNTAX_ERROR.with_text("Bad SIZE parameter")
+            envelope.declared_size = int(value)
+            if envelope.declared_size > self.factory.settings.max_size:
+                return status.MESSAGE_TOO_BIG.with_text(
+                    f"Message size exceeds the limit of {self.factory.settings.max_size} bytes"
+                )
+            return None
+        if key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return status.SYNTAX_ERROR.with_text("BODY must be 7BIT or 8BITMIME")
+            envelope.body = value.upper()
+            return None
+        if key == "SMTPUTF8" and value is None:
+            envelope.smtputf8 = True
+            return None
+        return status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}")
+
+    def rcpt_parameters(self, params: dict[str, str | None]) -> Reply | None:
+        """
+        Check the RCPT TO parameters; this listener offers none.
+
+        @return: C{None} when accepted, else C{555 5.5.4}.
+        """
+        if params:
+            return status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {next(iter(params))}")
+        return None
 
     def do_RCPT(self, arg: str) -> Deferred[None] | None:
         envelope = self.envelope
@@ -491,10 +516,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._error(status.BAD_RECIPIENT_SYNTAX.with_text(f"Bad recipient address syntax: {e}"))
             return None
         assert recipient is not None
-        if params:
-            self._error(
-                status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {next(iter(params))}")
-            )
+        refusal = self.rcpt_parameters(params)
+        if refusal is not None:
+            self._error(refusal)
             return None
         if not recipient.is_ascii and not envelope.smtputf8:
             self._error(status.SMTPUTF8_REQUIRED)
@@ -508,6 +532,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         def answer(decision: tuple[Reply, Route | None]) -> None:
             reply, route = decision
             if route is not None and reply.is_success and self.envelope is envelope:
+                if params:
+                    route = attrs.evolve(route, params=tuple(params.items()))
                 envelope.recipients.append(route)
             self._reply(reply)
 
