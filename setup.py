@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     # twisted/plugins is a namespace-less plugin directory: find_packages()
     # cannot see it, and it must not get an __init__.py.
-    packages=["gsmail", "gsmail.inbound", "twisted.plugins"],
+    packages=["gsmail", "gsmail.inbound", "gsmail.outbound", "twisted.plugins"],
     package_data={"gsmail": ["py.typed"], "twisted.plugins": ["gsmail_plugin.py"]},
     install_requires=[
         "Twisted[tls]>=24.7.0",

@@ -25,7 +25,9 @@ How it stays safe:
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -40,10 +42,15 @@ from gsmail.addresses import Address, AddressError, Route, parse_parameters, par
 from gsmail.inbound.spool import Spool, SpooledMessage
 from gsmail.status import Reply
 
-if TYPE_CHECKING:
-    from gsmail.inbound.delivery import DeliveryCore
-
-__all__ = ["ServerSettings", "Session", "Envelope", "SMTPServer", "LMTPServer", "InboundFactory"]
+__all__ = [
+    "ServerSettings",
+    "Session",
+    "Envelope",
+    "Core",
+    "SMTPServer",
+    "LMTPServer",
+    "InboundFactory",
+]
 
 #: Longest command line, CRLF included. RFC 5321 §4.5.3.1.4 gives 512 octets
 #: and lets extensions add to it (RFC 1870 §3 adds 26 for SIZE).
@@ -97,15 +104,19 @@ class Session:
     extended: bool = False
     tls: bool = False
     id: str = attrs.field(factory=lambda: secrets.token_hex(6))
+    #: The user name given with AUTH (submission only), or C{None}.
+    user: str | None = None
 
     @property
     def with_protocol(self) -> str:
         """The C{with} word of the Received field (RFC 3848)."""
         if self.protocol_name == "LMTP":
-            return "LMTPS" if self.tls else "LMTP"
-        if not self.extended:
+            name = "LMTP"
+        elif not self.extended:
             return "SMTP"
-        return "ESMTPS" if self.tls else "ESMTP"
+        else:
+            name = "ESMTP"
+        return name + ("S" if self.tls else "") + ("A" if self.user else "")
 
 
 @attrs.define
@@ -157,6 +168,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._paused = False
         self._closing = False
         self._errors = 0
+        #: Takes the next line instead of the command dispatch (AUTH's 334 exchange).
+        self._continuation: Callable[[str], None] | None = None
         self.session: Session | None = None
         self.envelope: Envelope | None = None
         self._data: _DataState | None = None
@@ -243,7 +256,13 @@ class SMTPServer(Protocol, TimeoutMixin):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
+            self._continuation = None
             self._error(status.SYNTAX_ERROR.with_text("Command is not valid UTF-8"))
+            return True
+        if self._continuation is not None:
+            # A line answering a 334 challenge (AUTH), not a command.
+            continuation, self._continuation = self._continuation, None
+            continuation(line)
             return True
         verb, _, arg = line.partition(" ")
         handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
@@ -556,7 +575,14 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._close()
             return
         self._data = _DataState(Spool(self.factory.spool_dir))
+        self.data_started(self._data.spool)
         self._reply(status.START_DATA)
+
+    def data_started(self, spool: Spool) -> None:
+        """
+        A hook for listeners that put trace fields before the message
+        (submission); the inbound servers add theirs per recipient instead.
+        """
 
     def do_RSET(self, arg: str) -> None:
         self._reset_transaction()
@@ -645,6 +671,23 @@ class LMTPServer(SMTPServer):
         self.transport.write(b"".join(r.encode() for r in replies))
 
 
+class Core(TypingProtocol):
+    """
+    What a listener asks of its delivery core: the inbound
+    L{gsmail.inbound.delivery.DeliveryCore}, or the submission core.
+    """
+
+    def check_recipient(
+        self, session: Session, recipient: Address
+    ) -> Deferred[tuple[Reply, Route | None]]:
+        """The reply to C{RCPT TO:<recipient>} and, when accepted, its route."""
+
+    def deliver(
+        self, session: Session, envelope: Envelope, message: SpooledMessage
+    ) -> Deferred[list[Reply]]:
+        """Deliver after the final dot: one reply per recipient, in order; never fails."""
+
+
 class InboundFactory(Factory):
     """
     Builds L{SMTPServer} or L{LMTPServer} connections over one delivery core.
@@ -656,7 +699,7 @@ class InboundFactory(Factory):
 
     def __init__(
         self,
-        core: DeliveryCore,
+        core: Core,
         settings: ServerSettings,
         clock: IReactorTime,
         *,
