@@ -1,0 +1,1257 @@
+# -*- test-case-name: tests.outbound.test_queue -*-
+"""
+The outbound queue: where a message submitted for delivery waits, on disk,
+until every recipient is delivered, failed or expired.
+
+Layout under the queue directory::
+
+    lock              flock(2)ed by the process that has the queue loaded
+    tmp/<id>.data     a message being written (a crash leaves it: garbage)
+    tmp/<id>.env      an envelope being written (likewise)
+    data/<id>         the message, byte for byte as given, one file each
+    env/<id>.json     its envelope (L{Envelope}, JSON), one file each
+    corrupt/          envelopes that cannot be used, with their data, for the operator
+
+A message exists if and only if its envelope is in C{env/}. Data without an
+envelope is garbage from a crash and is removed by L{OutboundQueue.load} once
+it is older than a minute; an envelope without its data (or with data of the
+wrong size, or that does not parse) is corrupt: logged and moved to
+C{corrupt/}. A message is held by a field of its envelope, not a marker file,
+so one file holds the whole truth about it.
+
+Durability (L{OutboundQueue.enqueue}, before the submission listener says 250):
+
+  1. create C{tmp/<id>.data} with C{O_EXCL}, write, C{fsync} it, close;
+  2. rename it to C{data/<id>}, C{fsync} the directory C{data/};
+  3. create C{tmp/<id>.env}, write the envelope, C{fsync} it, close;
+  4. rename it to C{env/<id>.json}, C{fsync} the directory C{env/};
+  5. only then does the returned Deferred fire.
+
+(Writes go through C{os.write}, so there is no user-space buffer to flush.)
+C{data/} is fsynced before the envelope is renamed into C{env/}, not after,
+so that even on a file system that does not order renames across directories
+an envelope on disk always has its data: a power cut leaves either the whole
+message or garbage, never a corrupt envelope. Updates rewrite the envelope the
+same way (temporary file, fsync, rename over the old one, fsync C{env/});
+removal unlinks the envelope, fsyncs C{env/}, then unlinks the data and fsyncs
+C{data/}.
+
+The at-least-once windows (where SMTP itself allows no better):
+  - a crash after step 4 but before the sender reads our 250: the message is
+    queued and will be delivered, and the sender, having no 250, sends it
+    again. Two copies go out.
+  - a crash (or lost reply) after a remote server accepted a recipient but
+    before L{OutboundQueue.update} recorded it: that recipient gets it again.
+    The delivery side keeps this window short by updating after each
+    transaction.
+
+All blocking disk work runs in the C{sync} hand-off (a thread in the service,
+inline in tests), except L{OutboundQueue.load}, which runs at start-up before
+the reactor. The reactor thread keeps the envelopes in memory; a job in the
+thread only ever sees bytes already serialised, or an envelope nobody else
+can see yet. Writes of one envelope are serialised by a lock per message, and
+concurrent L{OutboundQueue.update} calls of one envelope share writes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+__all__ = [
+    "DELIVERED",
+    "EXPIRED",
+    "FAILED",
+    "FINAL_STATES",
+    "PENDING",
+    "Envelope",
+    "FileOps",
+    "NoSuchMessageError",
+    "OutboundQueue",
+    "QueueClosedError",
+    "QueueLockedError",
+    "RecipientState",
+    "read_queue",
+]
+
+#: Recipient states. Only C{PENDING} recipients are ever tried again.
+PENDING: Final = "pending"
+DELIVERED: Final = "delivered"
+FAILED: Final = "failed"
+EXPIRED: Final = "expired"
+FINAL_STATES: Final = frozenset({DELIVERED, FAILED, EXPIRED})
+_STATES: Final = frozenset({PENDING}) | FINAL_STATES
+
+#: Leftovers younger than this (seconds) are kept by L{OutboundQueue.load}:
+#: they may belong to a writer that is still at work.
+GRACE: Final = 60.0
+#: zope.sendmail's C{MAX_SEND_TIME}: a C{.sending-} claim younger than this
+#: (seconds) means its queue processor may be sending the file right now.
+ZOPE_MAX_SEND_TIME: Final = 3 * 3600
+
+_COPY_CHUNK: Final = 1 << 20
+_MAX_ENVELOPE: Final = 64 << 20
+_ZOPE_LINE_MAX: Final = 4 << 20
+_FORMAT: Final = 1
+_ID_RE: Final = re.compile(r"\A[0-9a-f]{16}-[0-9a-f]{8}\Z")
+_FORBIDDEN: Final = re.compile(r"[\x00\r\n]")
+_ZOPE_FROM: Final = b"X-Zope-From: "
+_ZOPE_TO: Final = b"X-Zope-To: "
+
+Sync = Callable[[Callable[[], None]], Deferred[None]]
+
+
+@attrs.define
+class RecipientState:
+    """
+    One recipient of a queued message and how its delivery stands.
+
+    @ivar address: the recipient's address, as submitted (no angle brackets).
+    @ivar state: L{PENDING}, L{DELIVERED}, L{FAILED} (a 5xx reply) or
+        L{EXPIRED} (still transient at the end of the queue lifetime).
+    @ivar attempts: delivery attempts made so far.
+    @ivar next_attempt: when to try next, in seconds since the epoch.
+    @ivar last_reply: the last reply or error, e.g. C{"451 4.4.1 No answer"},
+        for the DSN and the queue listing.
+    """
+
+    address: str
+    state: str = PENDING
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: str = ""
+
+
+@attrs.define
+class Envelope:
+    """
+    A queued message: who sent it, to whom, and how far its delivery got.
+    The message itself is in the file L{OutboundQueue.data_path} names.
+
+    @ivar id: the queue id: time-ordered, unique, safe as a file name.
+    @ivar sender: the envelope sender; C{""} is the null sender (a bounce:
+        no DSN is ever sent for it).
+    @ivar recipients: one L{RecipientState} per recipient, in submitted order.
+    @ivar xverp: each recipient gets its own VERP sender
+        (L{gsmail.addresses.encode_xverp}), as Postfix's XVERP does.
+    @ivar created: when it was queued, seconds since the epoch; the queue
+        lifetime counts from here.
+    @ivar held: an operator put it on hold: nothing is delivered until released.
+    @ivar size: the length of the message in bytes.
+    @ivar dsn_sent: a DSN about its failed recipients has been queued.
+    @ivar params: MAIL FROM parameters to keep, e.g. C{{"BODY": "8BITMIME",
+        "SMTPUTF8": ""}}.
+    @ivar origin: where it came from when not submitted over SMTP, e.g.
+        C{"zope.sendmail:<file name>"} for an imported zope.sendmail file
+        (lets a re-run of the import see it was already done); else C{""}.
+    """
+
+    id: str
+    sender: str
+    recipients: list[RecipientState]
+    xverp: bool
+    created: float
+    held: bool = False
+    size: int = 0
+    dsn_sent: bool = False
+    params: dict[str, str] = attrs.Factory(dict)
+    origin: str = ""
+
+    def pending(self) -> list[RecipientState]:
+        """
+        The recipients still to be delivered.
+        """
+        return [r for r in self.recipients if r.state == PENDING]
+
+
+class NoSuchMessageError(LookupError):
+    """
+    No message with this id is in the queue: it was never there, or it was
+    removed or deleted meanwhile (an operator's L{OutboundQueue.delete} while
+    a delivery was running). The delivery side drops its work on it.
+    """
+
+
+class QueueLockedError(OSError):
+    """
+    Another process (or another L{OutboundQueue} in this one) has the queue
+    directory loaded. Two writers would not see each other's changes, so
+    only one may; tools that merely list the queue use L{read_queue}.
+    """
+
+
+class QueueClosedError(RuntimeError):
+    """
+    The queue was used before L{OutboundQueue.load} or after
+    L{OutboundQueue.close}. The submission listener answers C{451 4.3.0}.
+    """
+
+
+class FileOps:
+    """
+    The file-system calls that change the queue, one method each, so a test
+    can record their order or make one of them fail (a crash point). The
+    methods run in the C{sync} hand-off; reads use C{os} and C{open} directly.
+    """
+
+    def create(self, path: str, *, exclusive: bool = True) -> int:
+        """
+        Open a new file for writing (mode 0600).
+
+        @param exclusive: fail with C{FileExistsError} if C{path} exists;
+            else truncate it.
+        @return: the file descriptor.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        flags |= os.O_EXCL if exclusive else os.O_TRUNC
+        return os.open(path, flags, 0o600)
+
+    def write(self, fd: int, data: bytes) -> None:
+        """
+        Write all of C{data}, however many C{write(2)} calls it takes.
+        """
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def fsync(self, fd: int) -> None:
+        """
+        Flush a file's data and metadata to the disk.
+        """
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        """
+        Close a file descriptor.
+        """
+        os.close(fd)
+
+    def rename(self, source: str, destination: str) -> None:
+        """
+        Atomically give C{source} the name C{destination}, replacing it.
+        """
+        os.replace(source, destination)
+
+    def unlink(self, path: str) -> None:
+        """
+        Remove a name.
+        """
+        os.unlink(path)
+
+    def link(self, source: str, destination: str) -> None:
+        """
+        Make a hard link; fails with C{FileExistsError} if C{destination} exists.
+        """
+        os.link(source, destination)
+
+    def touch(self, path: str, when: float) -> None:
+        """
+        Set a file's access and modification times (seconds since the epoch).
+        """
+        os.utime(path, (when, when))
+
+    def fsync_dir(self, path: str) -> None:
+        """
+        Make the names created, renamed or removed in a directory durable.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _run_inline(f: Callable[[], None]) -> Deferred[None]:
+    """
+    The default C{sync}: run the blocking callable now (tests, tools).
+    """
+    return maybeDeferred(f)
+
+
+class OutboundQueue:
+    """
+    The durable outbound queue (see the module docstring for the layout and
+    the durability protocol).
+
+    Envelopes returned by L{get}, L{envelopes}, L{due} and L{enqueue} are the
+    queue's own objects: the delivery side changes their recipients' states
+    in place and then calls L{update} with the same object to make the change
+    durable.
+
+    @ivar directory: the queue directory (absolute).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        clock: IReactorTime,
+        sync: Sync | None = None,
+        file_ops: FileOps | None = None,
+    ) -> None:
+        """
+        @param directory: the queue directory; L{load} creates it.
+        @param clock: time source for queue ids, C{created} and leftover ages.
+        @param sync: runs a blocking callable (writes, fsyncs, copies) off the
+            reactor and returns a Deferred that fires when it has returned,
+            e.g. C{lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f)}.
+            C{None} runs it inline, blocking (tests and command-line tools).
+        @param file_ops: the file-system calls that change the queue; tests
+            pass one that records or fails them. C{None}: the real ones.
+        """
+        self.directory = os.path.abspath(directory)
+        self._tmp = os.path.join(self.directory, "tmp")
+        self._data = os.path.join(self.directory, "data")
+        self._env = os.path.join(self.directory, "env")
+        self._corrupt = os.path.join(self.directory, "corrupt")
+        self._clock = clock
+        self._sync: Sync = _run_inline if sync is None else sync
+        self._ops = FileOps() if file_ops is None else file_ops
+        self._envelopes: dict[str, Envelope] = {}
+        self._locks: dict[str, DeferredLock] = {}
+        # Per message: update generations asked for and written (coalescing).
+        self._requested: dict[str, int] = {}
+        self._written: dict[str, int] = {}
+        self._last_id_us = 0
+        self._lock_fd: int | None = None
+        self._open = False
+        self._closed = False
+        self._busy = 0
+        self._idle: list[Deferred[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<OutboundQueue {self.directory!r} {len(self._envelopes)} messages>"
+
+    # -- start and stop --------------------------------------------------
+
+    def load(self) -> None:
+        """
+        Create the directories, lock the queue, read every envelope, move the
+        corrupt ones to C{corrupt/}, remove crash leftovers older than a minute
+        (in C{tmp/}, and data without an envelope) and log the counts.
+        Blocking: call it at start-up, before the reactor runs.
+
+        @raise QueueLockedError: another process has the queue loaded.
+        @raise OSError: the directory cannot be created or read; gsmail must
+            not accept mail for a queue it cannot write.
+        @raise RuntimeError: called twice.
+        """
+        if self._open or self._closed:
+            raise RuntimeError("OutboundQueue.load() called twice, or after close()")
+        for path in (self.directory, self._tmp, self._data, self._env, self._corrupt):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        self._lock_fd = _lock(os.path.join(self.directory, "lock"))
+        try:
+            self._scan()
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise
+        self._open = True
+
+    def close(self) -> Deferred[None]:
+        """
+        Refuse new work, wait for the disk work in flight, release the lock.
+
+        @return: fires when closed (at once when nothing was in flight).
+        """
+        self._closed = True
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        self._check_idle()
+        return d
+
+    # -- reading (in memory, no disk access) -----------------------------
+
+    def data_path(self, id: str) -> str:
+        """
+        The file holding the message of queue id C{id}, byte for byte as
+        submitted; open it for reading only.
+
+        @raise ValueError: C{id} is not a queue id (no path outside the queue).
+        """
+        _check_id(id)
+        return os.path.join(self._data, id)
+
+    def get(self, id: str) -> Envelope | None:
+        """
+        The envelope of queue id C{id}, or C{None} if it is not queued.
+        """
+        return self._envelopes.get(id)
+
+    def envelopes(self) -> list[Envelope]:
+        """
+        Every queued envelope, held ones included, oldest first.
+        """
+        return sorted(self._envelopes.values(), key=lambda e: (e.created, e.id))
+
+    def due(self, now: float) -> list[tuple[Envelope, list[RecipientState]]]:
+        """
+        What to deliver now: for each message not held, oldest first, its
+        pending recipients whose C{next_attempt} is at or before C{now}.
+        Messages with none are left out.
+
+        @param now: seconds since the epoch.
+        """
+        result = []
+        for envelope in self.envelopes():
+            if envelope.held:
+                continue
+            ready = [r for r in envelope.recipients if r.state == PENDING and r.next_attempt <= now]
+            if ready:
+                result.append((envelope, ready))
+        return result
+
+    def next_wakeup(self) -> float | None:
+        """
+        The earliest C{next_attempt} of a pending recipient of a message not
+        held (seconds since the epoch; may be in the past), or C{None} when
+        there is nothing to deliver.
+        """
+        times = [
+            r.next_attempt
+            for e in self._envelopes.values()
+            if not e.held
+            for r in e.recipients
+            if r.state == PENDING
+        ]
+        return min(times, default=None)
+
+    # -- changing the queue -------------------------------------------------
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes | str,
+        *,
+        xverp: bool = False,
+        params: dict[str, str] | None = None,
+    ) -> Deferred[Envelope]:
+        """
+        Queue a message durably. The returned Deferred fires only once the
+        data, the envelope and both directory entries are fsynced, so the
+        submission listener may say C{250} then and not before.
+
+        @param sender: the envelope sender, C{""} for the null sender.
+        @param recipients: at least one address; each becomes a L{PENDING}
+            recipient due at once.
+        @param data: the message as bytes, or the path of a file to copy
+            (e.g. the spool file, which may be removed after this fires).
+            Stored exactly as given.
+        @param xverp: deliver with a VERP sender per recipient.
+        @param params: MAIL FROM parameters to keep (copied).
+        @return: fires with the new L{Envelope}; fails with C{ValueError}
+            (no recipients, or an address or parameter with CR, LF or NUL:
+            C{501 5.5.4}), C{OSError} (disk: nothing is left queued,
+            C{451 4.3.0}) or L{QueueClosedError} (C{451 4.3.0}).
+        """
+        return Deferred.fromCoroutine(
+            self._enqueue(sender, recipients, data, 0, xverp=xverp, params=params)
+        )
+
+    def update(self, envelope: Envelope) -> Deferred[None]:
+        """
+        Make the current state of C{envelope} durable: the envelope file is
+        rewritten (temporary file, fsync, rename, fsync of C{env/}).
+        Concurrent calls for one message share writes: each call's Deferred
+        fires after a write that began after the call.
+
+        @param envelope: the queue's own object (from L{get}, L{due}, ...),
+            changed in place.
+        @return: fires when written; fails with L{NoSuchMessageError} (the
+            message was removed or deleted meanwhile), C{ValueError} (a
+            copy, not the queue's object), C{OSError} (the disk; memory keeps
+            the new state, and the next successful update writes it) or
+            L{QueueClosedError}.
+        """
+        return Deferred.fromCoroutine(self._update(envelope))
+
+    def remove(self, id: str) -> Deferred[None]:
+        """
+        Take a finished message off the queue: unlink its envelope, fsync
+        C{env/}, unlink its data, fsync C{data/}.
+
+        @return: fires when done; fails with C{ValueError} if a recipient is
+            still L{PENDING} (use L{delete} to drop those),
+            L{NoSuchMessageError} or C{OSError} (once the envelope is
+            unlinked the message is gone from memory too).
+        """
+        return Deferred.fromCoroutine(self._remove(id, force=False))
+
+    def delete(self, id: str) -> Deferred[None]:
+        """
+        Delete a message whatever its state (an operator's command, like
+        C{postsuper -d}): pending recipients are dropped without a DSN.
+
+        @return: as L{remove}, without the C{ValueError}.
+        """
+        return Deferred.fromCoroutine(self._remove(id, force=True))
+
+    def hold(self, id: str) -> Deferred[None]:
+        """
+        Put a message on hold (C{postsuper -h}): L{due} and L{next_wakeup}
+        ignore it until L{release}. A delivery already running finishes.
+
+        @return: fires once the flag is durable; fails with
+            L{NoSuchMessageError} or C{OSError} (memory has the flag anyway).
+        """
+        return Deferred.fromCoroutine(self._set_held(id, True))
+
+    def release(self, id: str) -> Deferred[None]:
+        """
+        Release a held message: its pending recipients are due again at their
+        C{next_attempt} (the delivery side may reset that for a flush).
+
+        @return: as L{hold}.
+        """
+        return Deferred.fromCoroutine(self._set_held(id, False))
+
+    def import_zope_sendmail(self, queuepath: str, *, xverp: bool) -> Deferred[int]:
+        """
+        Queue the messages waiting in a zope.sendmail queue directory (gs.email's
+        C{queuepath}, a Maildir), so that nothing is lost when a site switches
+        its outbound mail to gsmail.
+
+        Files in C{new/} and C{cur/} are taken oldest first; dotfiles (claims,
+        C{.rejected-} copies) and C{tmp/} are skipped. Each file starts with
+        C{X-Zope-From: <addr>} and C{X-Zope-To: <addr>, <addr>} lines; those
+        two lines are stripped and the rest is queued durably, exactly as
+        stored. For each file:
+
+          1. a C{.sending-<name>} claim younger than 3 hours (zope.sendmail's
+             C{MAX_SEND_TIME}) means a zope.sendmail processor may be sending
+             it now: the file is skipped (left for a later import); an older
+             claim is stale and removed;
+          2. the file is claimed as zope.sendmail does (touched, hard link
+             C{.sending-<name>}), so a processor still running skips it;
+          3. it is queued; after the envelope is fsynced, and before the
+             message can be delivered, the file is unlinked and its directory
+             fsynced; then the claim is removed.
+
+        A crash after the envelope is durable but before the file is unlinked
+        leaves both; the next import finds the envelope by its C{origin} and
+        only unlinks the file. So an interrupted import imports each message
+        once, as long as its envelope is still queued; the at-least-once window
+        left is a zope.sendmail processor that sends a file whose claim is
+        older than 3 hours. Files that are not zope.sendmail messages, or fail,
+        are logged and left in place.
+
+        @param queuepath: the zope.sendmail queue directory.
+        @param xverp: queue the messages for delivery with XVERP (gs.email's
+            C{xverp} setting).
+        @return: fires with the number of messages queued; fails with
+            C{FileNotFoundError} if C{queuepath} is not a directory.
+        """
+        return Deferred.fromCoroutine(self._import_zope(queuepath, xverp))
+
+    # -- implementation -------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._open or self._closed:
+            raise QueueClosedError("the outbound queue is not loaded")
+
+    def _new_id(self, now: float) -> str:
+        # Strictly increasing within the process, even with a frozen clock.
+        us = max(int(now * 1_000_000), self._last_id_us + 1)
+        self._last_id_us = us
+        return f"{us:016x}-{secrets.token_hex(4)}"
+
+    async def _run(self, job: Callable[[], None]) -> None:
+        self._busy += 1
+        try:
+            await maybeDeferred(self._sync, job)
+        finally:
+            self._busy -= 1
+            self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._closed and self._busy == 0 and self._idle:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._open = False
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    async def _enqueue(
+        self,
+        sender: str,
+        recipients: list[str],
+        source: bytes | str,
+        offset: int,
+        *,
+        xverp: bool,
+        params: dict[str, str] | None,
+        origin: str = "",
+        after_durable: Callable[[], None] | None = None,
+    ) -> Envelope:
+        self._check_open()
+        if not isinstance(source, (bytes, str)):
+            raise TypeError("data must be bytes or the path of a file")
+        _check_address(sender, null=True)
+        if not recipients:
+            raise ValueError("a message needs at least one recipient")
+        for address in recipients:
+            _check_address(address, null=False)
+        params = dict(params or {})
+        for key, value in params.items():
+            if not (isinstance(key, str) and isinstance(value, str)) or _FORBIDDEN.search(
+                key + value
+            ):
+                raise ValueError("MAIL parameters must be text without CR, LF or NUL")
+        now = self._clock.seconds()
+        qid = self._new_id(now)
+        envelope = Envelope(
+            id=qid,
+            sender=sender,
+            recipients=[RecipientState(a, PENDING, next_attempt=now) for a in recipients],
+            xverp=xverp,
+            created=now,
+            params=params,
+            origin=origin,
+        )
+        ops = self._ops
+        tmp_data = os.path.join(self._tmp, qid + ".data")
+        tmp_env = os.path.join(self._tmp, qid + ".env")
+        final_data = os.path.join(self._data, qid)
+        final_env = os.path.join(self._env, qid + ".json")
+
+        def job() -> None:
+            # Nobody else sees this envelope until the job is done.
+            envelope.size = _write_file(ops, tmp_data, source, offset)
+            ops.rename(tmp_data, final_data)
+            try:
+                ops.fsync_dir(self._data)
+                _write_file(ops, tmp_env, _encode(envelope), 0)
+                ops.rename(tmp_env, final_env)
+                try:
+                    ops.fsync_dir(self._env)
+                    if after_durable is not None:
+                        after_durable()
+                except BaseException:
+                    _discard(ops, final_env, self._env)
+                    raise
+            except BaseException:
+                _discard(ops, final_data, None)
+                raise
+
+        await self._run(job)
+        self._envelopes[qid] = envelope
+        self.log.info(
+            "Queued {queue_id} from <{sender}> for {recipients} recipients, {size} bytes",
+            queue_id=qid,
+            sender=sender,
+            recipients=len(recipients),
+            size=envelope.size,
+        )
+        return envelope
+
+    async def _acquire(self, qid: str) -> DeferredLock:
+        lock = self._locks.setdefault(qid, DeferredLock())
+        await lock.acquire()
+        return lock
+
+    def _release(self, qid: str, lock: DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and not lock.waiting and self._locks.get(qid) is lock:
+            del self._locks[qid]
+
+    def _bump(self, qid: str) -> int:
+        generation = self._requested[qid] = self._requested.get(qid, 0) + 1
+        return generation
+
+    async def _update(self, envelope: Envelope) -> None:
+        self._check_open()
+        current = self._envelopes.get(envelope.id)
+        if current is None:
+            raise NoSuchMessageError(envelope.id)
+        if current is not envelope:
+            raise ValueError("update() takes the queue's own envelope object, not a copy")
+        generation = self._bump(envelope.id)
+        lock = await self._acquire(envelope.id)
+        try:
+            await self._write_envelope(envelope.id, generation)
+        finally:
+            self._release(envelope.id, lock)
+
+    async def _write_envelope(self, qid: str, generation: int) -> None:
+        """
+        Write the envelope as it is now, unless a write that began after
+        generation C{generation} was asked for has already done it. Lock held.
+        """
+        envelope = self._envelopes.get(qid)
+        if envelope is None:
+            raise NoSuchMessageError(qid)
+        if self._written.get(qid, 0) >= generation:
+            return
+        covers = self._requested[qid]
+        data = _encode(envelope)  # here, in the reactor thread: the job gets bytes
+        ops, env_dir = self._ops, self._env
+        tmp = os.path.join(self._tmp, qid + ".env")
+        final = os.path.join(env_dir, qid + ".json")
+
+        def job() -> None:
+            _write_file(ops, tmp, data, 0, exclusive=False)
+            ops.rename(tmp, final)
+            ops.fsync_dir(env_dir)
+
+        await self._run(job)
+        if qid in self._envelopes:
+            self._written[qid] = max(self._written.get(qid, 0), covers)
+
+    async def _set_held(self, qid: str, held: bool) -> None:
+        self._check_open()
+        _check_id(qid)
+        lock = await self._acquire(qid)
+        try:
+            envelope = self._envelopes.get(qid)
+            if envelope is None:
+                raise NoSuchMessageError(qid)
+            envelope.held = held
+            await self._write_envelope(qid, self._bump(qid))
+        finally:
+            self._release(qid, lock)
+        self.log.info("{action} {queue_id}", action="Held" if held else "Released", queue_id=qid)
+
+    async def _remove(self, qid: str, *, force: bool) -> None:
+        self._check_open()
+        _check_id(qid)
+        lock = await self._acquire(qid)
+        try:
+            envelope = self._envelopes.get(qid)
+            if envelope is None:
+                raise NoSuchMessageError(qid)
+            pending = len(envelope.pending())
+            if pending and not force:
+                raise ValueError(f"{qid} has {pending} pending recipients")
+            ops, env_dir, data_dir = self._ops, self._env, self._data
+            gone: list[bool] = []
+
+            def job() -> None:
+                _unlink_missing_ok(ops, os.path.join(env_dir, qid + ".json"))
+                gone.append(True)
+                ops.fsync_dir(env_dir)
+                _unlink_missing_ok(ops, os.path.join(data_dir, qid))
+                ops.fsync_dir(data_dir)
+
+            try:
+                await self._run(job)
+            finally:
+                if gone:
+                    del self._envelopes[qid]
+                    self._requested.pop(qid, None)
+                    self._written.pop(qid, None)
+        finally:
+            self._release(qid, lock)
+        if force:
+            self.log.info(
+                "Deleted {queue_id}: {pending} recipients not delivered",
+                queue_id=qid,
+                pending=pending,
+            )
+        else:
+            self.log.info("Removed {queue_id}: done", queue_id=qid)
+
+    # -- zope.sendmail import -----------------------------------------------
+
+    async def _import_zope(self, queuepath: str, xverp: bool) -> int:
+        self._check_open()
+        queuepath = os.path.abspath(queuepath)
+        files: list[str] = []
+        await self._run(lambda: files.extend(_zope_files(queuepath)))
+        imported = skipped = 0
+        for path in files:
+            try:
+                if await self._import_one(path, xverp):
+                    imported += 1
+            except QueueClosedError:
+                raise  # shutting down: the rest waits for the next import
+            except Exception as exc:
+                skipped += 1
+                self.log.error(
+                    "Could not import {path} from the zope.sendmail queue: {error}",
+                    path=path,
+                    error=str(exc),
+                )
+        self.log.info(
+            "Imported {imported} messages from the zope.sendmail queue {queuepath}"
+            " ({found} files, {skipped} left there)",
+            imported=imported,
+            queuepath=queuepath,
+            found=len(files),
+            skipped=skipped,
+        )
+        return imported
+
+    async def _import_one(self, path: str, xverp: bool) -> bool:
+        """
+        Import one zope.sendmail file; C{True} if it was queued now.
+
+        @raise ValueError: not a zope.sendmail message (left in place).
+        @raise OSError: it could not be read or queued (left in place).
+        """
+        ops = self._ops
+        directory, name = os.path.split(path)
+        claim = os.path.join(directory, ".sending-" + name)
+        origin = "zope.sendmail:" + name
+        now = self._clock.seconds()
+        found: list[tuple[str, list[str], int] | None] = []
+
+        def take() -> None:
+            try:
+                claimed_at = os.stat(claim).st_mtime
+            except FileNotFoundError:
+                pass
+            else:
+                if now - claimed_at < ZOPE_MAX_SEND_TIME:
+                    found.append(None)  # a zope.sendmail processor may be sending it
+                    return
+                _unlink_missing_ok(ops, claim)
+            ops.touch(path, now)  # as zope.sendmail does: the claim's age starts now
+            ops.link(path, claim)
+            try:
+                found.append(_read_zope_header(path))
+            except BaseException:
+                _unlink_missing_ok(ops, claim)
+                raise
+
+        await self._run(take)
+        header = found[0]
+        if header is None:
+            self.log.info(
+                "Skipped {path}: a zope.sendmail processor claimed it less than 3 hours ago",
+                path=path,
+            )
+            return False
+        sender, recipients, offset = header
+
+        def finish() -> None:
+            _unlink_missing_ok(ops, claim)
+
+        for envelope in self._envelopes.values():
+            if envelope.origin == origin:
+                # Queued by an import that stopped before it unlinked the file.
+                def unqueue() -> None:
+                    _unlink_missing_ok(ops, path)
+                    finish()
+                    ops.fsync_dir(directory)
+
+                await self._run(unqueue)
+                self.log.info(
+                    "{path} was already queued as {queue_id}", path=path, queue_id=envelope.id
+                )
+                return False
+
+        def unlink_source() -> None:
+            ops.unlink(path)  # failing here un-queues the message: the file stays
+            try:
+                ops.fsync_dir(directory)
+            except OSError:
+                pass  # the envelope's origin dedupes the file if it comes back
+
+        try:
+            await self._enqueue(
+                sender,
+                recipients,
+                path,
+                offset,
+                xverp=xverp,
+                params=None,
+                origin=origin,
+                after_durable=unlink_source,
+            )
+        except BaseException:
+            await self._run(finish)
+            raise
+        try:
+            await self._run(finish)
+        except OSError as exc:
+            # A stale dotfile at worst: zope.sendmail and this import skip it.
+            self.log.warn(
+                "Could not remove the claim {claim}: {error}", claim=claim, error=str(exc)
+            )
+        return True
+
+    # -- loading ------------------------------------------------------------
+
+    def _scan(self) -> None:
+        now = self._clock.seconds()
+        data_names = set(os.listdir(self._data))
+        found: list[Envelope] = []
+        corrupt = cleaned = young = 0
+        for name in sorted(os.listdir(self._env)):
+            qid = name[: -len(".json")] if name.endswith(".json") else ""
+            path = os.path.join(self._env, name)
+            reason = ""
+            envelope: Envelope | None = None
+            if not _ID_RE.match(qid):
+                reason = "not a queue envelope"
+            elif qid not in data_names:
+                reason = "its data file is missing"
+            else:
+                try:
+                    envelope = _read_envelope(path, qid)
+                    size = os.stat(os.path.join(self._data, qid)).st_size
+                except (OSError, ValueError) as exc:
+                    reason = f"unreadable: {exc}"
+                else:
+                    if size != envelope.size:
+                        reason = f"its data has {size} bytes, not {envelope.size}"
+            if reason:
+                corrupt += 1
+                self._quarantine(name, qid if qid in data_names else None, reason)
+                data_names.discard(qid)
+                continue
+            assert envelope is not None
+            found.append(envelope)
+            data_names.discard(qid)
+        for directory, names in ((self._data, data_names), (self._tmp, set(os.listdir(self._tmp)))):
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    if now - os.lstat(path).st_mtime < GRACE:
+                        young += 1
+                        continue
+                    self._ops.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:  # a directory, say: not ours to remove
+                    self.log.warn(
+                        "Could not remove {path} from the outbound queue: {error}",
+                        path=path,
+                        error=str(exc),
+                    )
+                    continue
+                cleaned += 1
+        if corrupt or cleaned:
+            for directory in (self._corrupt, self._env, self._data, self._tmp):
+                self._ops.fsync_dir(directory)
+        found.sort(key=lambda e: (e.created, e.id))
+        self._envelopes = {e.id: e for e in found}
+        if found:
+            # Ids stay time-ordered even if the clock went back since.
+            self._last_id_us = max(int(found[-1].created * 1_000_000), self._last_id_us)
+        self.log.info(
+            "Outbound queue {directory} loaded: {messages} messages ({held} held),"
+            " {pending} recipients pending, {corrupt} corrupt, {cleaned} leftovers removed,"
+            " {young} recent leftovers kept",
+            directory=self.directory,
+            messages=len(found),
+            held=sum(1 for e in found if e.held),
+            pending=sum(len(e.pending()) for e in found),
+            corrupt=corrupt,
+            cleaned=cleaned,
+            young=young,
+        )
+
+    def _quarantine(self, name: str, qid: str | None, reason: str) -> None:
+        """
+        Move a corrupt envelope (and its data, if any) to C{corrupt/}.
+        """
+        target = _free_name(os.path.join(self._corrupt, name))
+        self._ops.rename(os.path.join(self._env, name), target)
+        if qid is not None:
+            self._ops.rename(os.path.join(self._data, qid), target + ".data")
+        self.log.error(
+            "Moved the corrupt envelope {name} to {target}: {reason}",
+            name=name,
+            target=target,
+            reason=reason,
+        )
+
+
+def read_queue(directory: str) -> list[Envelope]:
+    """
+    The envelopes of a queue directory, oldest first, read without locking
+    or changing anything (for a C{mailq}-like listing while gsmail runs).
+    Unreadable envelopes are left out.
+
+    @raise OSError: the directory cannot be listed.
+    """
+    env_dir = os.path.join(directory, "env")
+    found = []
+    for name in os.listdir(env_dir):
+        qid = name[: -len(".json")]
+        if name.endswith(".json") and _ID_RE.match(qid):
+            try:
+                found.append(_read_envelope(os.path.join(env_dir, name), qid))
+            except (OSError, ValueError):
+                continue
+    return sorted(found, key=lambda e: (e.created, e.id))
+
+
+# -- helpers (blocking ones run in the sync hand-off or at load) --------------
+
+
+def _check_id(qid: str) -> None:
+    if not isinstance(qid, str) or not _ID_RE.match(qid):
+        raise ValueError(f"not a queue id: {qid!r}")
+
+
+def _check_address(address: str, *, null: bool) -> None:
+    if not isinstance(address, str):
+        raise TypeError("addresses must be str")
+    if not address and not null:
+        raise ValueError("empty recipient address")
+    if _FORBIDDEN.search(address):
+        raise ValueError("an address must not contain CR, LF or NUL")
+
+
+def _write_file(
+    ops: FileOps, path: str, source: bytes | str, offset: int, *, exclusive: bool = True
+) -> int:
+    """
+    Create C{path}, fill it from C{source} (bytes, or the file at that path
+    from byte C{offset}), fsync and close it. On failure the file is unlinked.
+
+    @return: the number of bytes written.
+    """
+    fd = ops.create(path, exclusive=exclusive)
+    try:
+        size = 0
+        if isinstance(source, bytes):
+            ops.write(fd, source)
+            size = len(source)
+        else:
+            with open(source, "rb") as f:
+                f.seek(offset)
+                while chunk := f.read(_COPY_CHUNK):
+                    ops.write(fd, chunk)
+                    size += len(chunk)
+        ops.fsync(fd)
+    except BaseException:
+        try:
+            ops.close(fd)
+        finally:
+            _discard(ops, path, None)
+        raise
+    ops.close(fd)
+    return size
+
+
+def _discard(ops: FileOps, path: str, directory: str | None) -> None:
+    """
+    Best-effort removal of a file being given up on (and, if C{directory}
+    is given, of its name from the disk).
+    """
+    try:
+        ops.unlink(path)
+        if directory is not None:
+            ops.fsync_dir(directory)
+    except OSError:
+        pass  # left for load() to clean up (data) or deliver (an envelope)
+
+
+def _unlink_missing_ok(ops: FileOps, path: str) -> None:
+    try:
+        ops.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _free_name(path: str) -> str:
+    candidate, n = path, 0
+    while os.path.lexists(candidate) or os.path.lexists(candidate + ".data"):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
+
+
+def _lock(path: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise QueueLockedError(
+            errno.EWOULDBLOCK, "outbound queue in use by another process", path
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _encode(envelope: Envelope) -> bytes:
+    obj = {
+        "format": _FORMAT,
+        "id": envelope.id,
+        "sender": envelope.sender,
+        "xverp": envelope.xverp,
+        "created": envelope.created,
+        "held": envelope.held,
+        "size": envelope.size,
+        "dsn_sent": envelope.dsn_sent,
+        "params": envelope.params,
+        "origin": envelope.origin,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state,
+                "attempts": r.attempts,
+                "next_attempt": r.next_attempt,
+                "last_reply": r.last_reply,
+            }
+            for r in envelope.recipients
+        ],
+    }
+    # ASCII only (non-ASCII as \\u escapes): addresses decoded with
+    # surrogateescape survive the round trip.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+def _read_envelope(path: str, qid: str) -> Envelope:
+    """
+    Read and check one envelope file.
+
+    @raise ValueError: it does not hold a valid envelope for C{qid}.
+    @raise OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(_MAX_ENVELOPE + 1)
+    if len(raw) > _MAX_ENVELOPE:
+        raise ValueError("envelope file too large")
+    obj = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
+        raise ValueError("not an envelope of a known format")
+    if _get(obj, "id", str) != qid:
+        raise ValueError("its id is not its file name")
+    params = _get(obj, "params", dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()):
+        raise ValueError("params must map text to text")
+    recipients = []
+    for item in _get(obj, "recipients", list):
+        if not isinstance(item, dict):
+            raise ValueError("a recipient must be an object")
+        state = _get(item, "state", str)
+        if state not in _STATES:
+            raise ValueError(f"unknown recipient state {state!r}")
+        recipients.append(
+            RecipientState(
+                address=_get(item, "address", str),
+                state=state,
+                attempts=_get(item, "attempts", int),
+                next_attempt=_get(item, "next_attempt", float),
+                last_reply=_get(item, "last_reply", str),
+            )
+        )
+    if not recipients:
+        raise ValueError("no recipients")
+    return Envelope(
+        id=qid,
+        sender=_get(obj, "sender", str),
+        recipients=recipients,
+        xverp=_get(obj, "xverp", bool),
+        created=_get(obj, "created", float),
+        held=_get(obj, "held", bool),
+        size=_get(obj, "size", int),
+        dsn_sent=_get(obj, "dsn_sent", bool),
+        params=params,
+        origin=_get(obj, "origin", str),
+    )
+
+
+def _get(obj: dict[str, Any], name: str, kind: type[Any]) -> Any:
+    """
+    C{obj[name]}, checked to be of C{kind} (JSON's types: a bool is not an
+    int, an int is a float).
+
+    @raise ValueError: missing or of another type.
+    """
+    value: Any = obj.get(name)
+    if kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+    elif kind is int:
+        ok = type(value) is int and value >= 0
+    else:
+        ok = type(value) is kind
+    if not ok:
+        raise ValueError(f"bad or missing field {name!r}")
+    return float(value) if kind is float else value
+
+
+def _zope_files(queuepath: str) -> list[str]:
+    """
+    The message files of a zope.sendmail Maildir, oldest first.
+
+    @raise FileNotFoundError: C{queuepath} is not a directory.
+    """
+    if not os.path.isdir(queuepath):
+        raise FileNotFoundError(errno.ENOENT, "no zope.sendmail queue here", queuepath)
+    entries = []
+    for sub in ("new", "cur"):
+        directory = os.path.join(queuepath, sub)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                entries.append((st.st_mtime, path))
+    entries.sort()
+    return [path for _, path in entries]
+
+
+def _read_zope_header(path: str) -> tuple[str, list[str], int]:
+    """
+    The sender, the recipients and the offset of the message in a
+    zope.sendmail queue file.
+
+    @raise ValueError: the file does not start with the two X-Zope lines,
+        has no recipient, or is not UTF-8 there.
+    """
+    with open(path, "rb") as f:
+        first = f.readline(_ZOPE_LINE_MAX)
+        second = f.readline(_ZOPE_LINE_MAX)
+    if not (
+        first.startswith(_ZOPE_FROM)
+        and first.endswith(b"\n")
+        and second.startswith(_ZOPE_TO)
+        and second.endswith(b"\n")
+    ):
+        raise ValueError("not a zope.sendmail message (no X-Zope-From and X-Zope-To lines)")
+    sender = _bare_address(first[len(_ZOPE_FROM) :].decode("utf-8"))
+    # zope.sendmail joins with ", " and splits on it again; so do we.
+    recipients = [
+        _bare_address(part) for part in second[len(_ZOPE_TO) :].decode("utf-8").split(", ")
+    ]
+    recipients = [r for r in recipients if r]
+    if not recipients:
+        raise ValueError("no recipients in X-Zope-To")
+    return sender, recipients, len(first) + len(second)
+
+
+def _bare_address(text: str) -> str:
+    """
+    An address as zope.sendmail's smtplib would have sent it: C{Name <a@b>}
+    and C{<a@b>} become C{a@b} (smtplib's C{quoteaddr}).
+    """
+    text = text.strip()
+    if "<" in text:
+        return email.utils.parseaddr(text)[1]
+    return text
