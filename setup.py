@@ -19,6 +19,7 @@ setup(
         "service-identity>=24.1.0",
         "attrs>=23.1.0",
         "multipart>=1.0.0",
+        "idna>=3.0",
     ],
     extras_require={
         "test": ["hypothesis>=6.0"],

@@ -17,6 +17,7 @@ nowhere else. Every option is described in C{docs/configuration.md}.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -123,14 +124,47 @@ class GsmailConfig:
     standin_dir: str = "/var/lib/gsmail/standin"
     standin_groups: tuple[str, ...] = ()
     standin_endpoint: str = "tcp:0:interface=127.0.0.1"
+    # -- outbound (the submission listener, the queue, delivery) ---------------
+    submission_endpoint: str = ""
+    submission_networks: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    queue_dir: str = "/var/spool/gsmail/outbound"
+    relayhost: str = ""
+    relayhost_username: str = ""
+    relayhost_password: str = attrs.field(default="", repr=False)
+    tls_name: str = ""
+    tls_ca: str = ""
+    mx_tls: str = "may"
+    mx_port: int = 25
+    dns_servers: tuple[str, ...] = ()
+    queue_lifetime: float = 5 * 24 * 3600.0
+    outbound_connections: int = 20
+    destination_concurrency: int = 4
+    batch_size: int = 50
+    # -- from GroupServer's [smtp-NAME] section (gs.email's options) ------------
+    smtp_username: str = ""
+    smtp_password: str = attrs.field(default="", repr=False)
+    no_tls: bool = False
+    force_tls: bool = False
+    queuepath: str = ""
+    processorthread: bool = True
 
+
+#: Options read from the [smtp-NAME] section, by GsmailConfig field.
+_SMTP_OPTIONS: Final = {
+    "smtp_username": "username",
+    "smtp_password": "password",
+    "no_tls": "no_tls",
+    "force_tls": "force_tls",
+    "queuepath": "queuepath",
+    "processorthread": "processorthread",
+}
 
 # The options of the [gsmail-NAME] section are the field names above, less
 # those that come from elsewhere.
 _GSMAIL_OPTIONS: Final = frozenset(
     field.name
     for field in attrs.fields(GsmailConfig)
-    if field.name not in {"path", "instance", "token", "relay_address_prefix"}
+    if field.name not in {"path", "instance", "token", "relay_address_prefix", *_SMTP_OPTIONS}
 )
 _DEFAULTS: Final[dict[str, Any]] = {
     field.name: field.default
@@ -208,7 +242,8 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     reader.secret = token
     relay_prefix = "p-" if smtp is None else reader.relay_prefix(smtp)
     reader.warn_unknown(gsmail)
-    return reader.gsmail(gsmail, instance, token, relay_prefix)
+    config = reader.gsmail(gsmail, instance, token, relay_prefix)
+    return attrs.evolve(config, **reader.outbound(gsmail, smtp))
 
 
 def _parse(path: str) -> ConfigParser:
@@ -618,6 +653,59 @@ class _Reader:
             if not _is_domain(name):
                 raise self.error(section, "domains", f"not a domain name: {name!r}")
         return names
+
+    def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
+        """
+        The outbound options: from the C{[gsmail-NAME]} section, and gs.email's
+        from the C{[smtp-NAME]} section (C{username}/C{password}: the account
+        GroupServer authenticates with; C{no_tls}, C{force_tls}: the TLS
+        policy for delivery; C{queuepath}: a zope.sendmail queue to import;
+        C{processorthread = False}: queue only, never deliver).
+        """
+        values: dict[str, Any] = {
+            "submission_endpoint": self.endpoint(section, "submission_endpoint"),
+            "submission_networks": self.words(section, "submission_networks"),
+            "queue_dir": self.path_option(section, "queue_dir"),
+            "relayhost": (self.line(section, "relayhost") or "").strip(),
+            "relayhost_username": (self.line(section, "relayhost_username") or "").strip(),
+            "relayhost_password": self.parser.get(
+                section, "relayhost_password", fallback=""
+            ).strip(),
+            "tls_name": (self.line(section, "tls_name") or "").strip(),
+            "tls_ca": self.readable(section, "tls_ca"),
+            "mx_tls": self.text(section, "mx_tls", ("may", "encrypt", "none")),
+            "mx_port": self.integer(section, "mx_port", 1),
+            "dns_servers": self.words(section, "dns_servers"),
+            "queue_lifetime": self.duration(section, "queue_lifetime"),
+            "outbound_connections": self.integer(section, "outbound_connections", 1),
+            "destination_concurrency": self.integer(section, "destination_concurrency", 1),
+            "batch_size": self.integer(section, "batch_size", 1),
+        }
+        if values["relayhost"]:
+            from gsmail.outbound.mx import parse_relayhost
+
+            try:
+                parse_relayhost(values["relayhost"])
+            except ValueError as e:
+                raise self.error(section, "relayhost", str(e)) from None
+        for network in values["submission_networks"]:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise self.error(
+                    section, "submission_networks", f"not a network: {network!r}"
+                ) from None
+        if smtp is not None:
+            values["smtp_username"] = (self.line(smtp, "username") or "").strip()
+            values["smtp_password"] = self.parser.get(smtp, "password", fallback="").strip()
+            for option in ("no_tls", "force_tls", "processorthread"):
+                if self.line(smtp, option) is not None:
+                    values[option] = self.boolean(smtp, option)
+            if self.line(smtp, "queuepath"):
+                values["queuepath"] = self.path_option(smtp, "queuepath")
+        if values.get("no_tls") and values.get("force_tls"):
+            raise self.error(smtp or section, "force_tls", "contradicts no_tls (set one)")
+        return values
 
     def gsmail(self, section: str, instance: str, token: str, relay_prefix: str) -> GsmailConfig:
         """

@@ -34,10 +34,19 @@ BASE_GSMAIL: Mapping[str, str] = {
 }
 
 # Every option gsmail reads, as written in the file.
+#: Fields read from the [smtp-NAME] section, by their option name there.
+SMTP_OPTIONS = {
+    "smtp_username": "username",
+    "smtp_password": "password",
+    "no_tls": "no_tls",
+    "force_tls": "force_tls",
+    "queuepath": "queuepath",
+    "processorthread": "processorthread",
+}
 OPTIONS = ["token", "relay-address-prefix"] + [
     field.name
     for field in attrs.fields(GsmailConfig)
-    if field.name not in {"path", "instance", "token", "relay_address_prefix"}
+    if field.name not in {"path", "instance", "token", "relay_address_prefix", *SMTP_OPTIONS}
 ]
 
 DURATIONS = (

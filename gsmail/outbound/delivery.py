@@ -1,0 +1,507 @@
+# -*- test-case-name: tests.outbound.test_delivery -*-
+"""
+Outbound delivery (Postfix's queue manager and smtp client, in one): takes
+the due recipients of the outbound queue, groups them into transactions
+(one per recipient with VERP, else batches), opens a bounded number of
+connections per destination (a smarthost, or each domain's MX hosts in
+order), records each recipient's outcome durably, retries transient
+failures with backoff until the queue lifetime ends, and sends an RFC 3464
+DSN for recipients that failed for good.
+
+At-least-once window: a recipient is marked delivered only after the remote
+server's 2xx reply has been recorded in the queue (fsynced). A crash between
+that reply and the record, or a connection lost after the final dot and
+before the reply, leaves the recipient pending: it is sent again, which may
+deliver it twice. SMTP gives no way to close that window; it is as wide as
+one reply plus one fsync.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.logger import Logger
+
+from gsmail import status
+from gsmail.addresses import AddressError, encode_xverp, parse_mailbox
+from gsmail.outbound import backoff, dsn
+from gsmail.outbound.client import ClientTLS, SMTPClientError, Timeouts, Transaction, connect
+from gsmail.outbound.mx import MXHost, MXLookupError, MXResolver, RelayHost
+from gsmail.outbound.queue import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    Envelope,
+    OutboundQueue,
+    RecipientState,
+)
+from gsmail.status import Reply
+
+__all__ = ["TLSPolicy", "OutboundDelivery", "LocalDelivery"]
+
+log = Logger()
+
+#: Recipients per transaction without VERP (gs.email sent 50).
+BATCH_SIZE = 50
+
+LocalDelivery = Callable[[str, str, str], Deferred[Reply]]
+"""Delivers (sender, recipient, message path) to this site's own inbound side."""
+
+
+@attrs.frozen
+class TLSPolicy:
+    """
+    How to use TLS towards one kind of destination.
+
+    @ivar use: offer STARTTLS when the server does (C{False}: gs.email's
+        C{no_tls}).
+    @ivar require: never send in clear (gs.email's C{force_tls}): no STARTTLS
+        or a failed handshake keeps the message queued (transient).
+    @ivar verify: verify the certificate and host name (service-identity).
+    @ivar name: the name to verify instead of the host's (a smarthost reached
+        as C{localhost}, as Synapse's C{tlsname}).
+    @ivar trust_root: CA certificates to trust instead of the system's (tests,
+        private CAs); C{None}: the platform trust.
+    """
+
+    use: bool = True
+    require: bool = False
+    verify: bool = True
+    name: str = ""
+    trust_root: Any = attrs.field(default=None, repr=False)
+
+    def context(self, host: str) -> ClientTLS | None:
+        """The STARTTLS context for C{host}, or C{None} when TLS is off."""
+        if not self.use:
+            return None
+        if self.verify:
+            return ClientTLS(ssl.optionsForClientTLS(self.name or host, trustRoot=self.trust_root))
+        return ClientTLS(ssl.CertificateOptions(verify=False))  # type: ignore[arg-type]
+
+
+#: Smarthost default: verified STARTTLS when offered.
+SMARTHOST_TLS = TLSPolicy()
+#: MX default: opportunistic STARTTLS, not verified (RFC 7435).
+MX_TLS = TLSPolicy(verify=False)
+
+
+@attrs.define
+class _Job:
+    """One transaction to make: some pending recipients of one envelope."""
+
+    envelope: Envelope
+    recipients: list[RecipientState]
+    sender: str
+
+
+class OutboundDelivery:
+    """
+    Delivers what the L{OutboundQueue} holds.
+
+    @param relayhost: the smarthost, or C{None} to deliver by MX.
+    @param local_domains: domains this site receives for: their recipients
+        (DSNs to VERP addresses, mostly) go to C{local_delivery} instead.
+    @param max_connections: connections open at once, in total.
+    @param max_per_destination: connections open at once to one destination.
+    @param lifetime: seconds a message may stay queued before its pending
+        recipients expire (default 5 days, as Postfix).
+    @param random: for the backoff jitter (tests make it fixed).
+    """
+
+    def __init__(
+        self,
+        *,
+        queue: OutboundQueue,
+        reactor: Any,
+        hostname: str,
+        relayhost: RelayHost | None = None,
+        mx: MXResolver | None = None,
+        smarthost_tls: TLSPolicy = SMARTHOST_TLS,
+        mx_tls: TLSPolicy = MX_TLS,
+        auth: tuple[str, str] | None = None,
+        batch_size: int = BATCH_SIZE,
+        max_connections: int = 20,
+        max_per_destination: int = 4,
+        lifetime: float = backoff.LIFETIME,
+        timeouts: Timeouts | None = None,
+        local_domains: tuple[str, ...] = (),
+        local_delivery: LocalDelivery | None = None,
+        endpoint_factory: Callable[[str, int], IStreamClientEndpoint] | None = None,
+        random: Callable[[], float] | None = None,
+    ) -> None:
+        if relayhost is None and mx is None:
+            raise ValueError("either a relayhost or an MX resolver is needed")
+        self.queue = queue
+        self.reactor = reactor
+        self.hostname = hostname
+        self.relayhost = relayhost
+        self.mx = mx
+        self.smarthost_tls = smarthost_tls
+        self.mx_tls = mx_tls
+        self.auth = auth
+        self.batch_size = batch_size
+        self.lifetime = lifetime
+        self.timeouts = timeouts or Timeouts(connect=30.0)
+        self.local_domains = local_domains
+        self.local_delivery = local_delivery
+        self._endpoint_factory = endpoint_factory or (
+            lambda host, port: HostnameEndpoint(reactor, host, port, timeout=self.timeouts.connect)
+        )
+        self._random = random
+        self._connections = DeferredSemaphore(max_connections)
+        self._per_destination = max_per_destination
+        self._jobs: dict[str, deque[_Job]] = defaultdict(deque)
+        self._workers: dict[str, int] = defaultdict(int)
+        self._in_flight: set[tuple[str, str]] = set()
+        self._timer: IDelayedCall | None = None
+        self._running = False
+        self._idle: list[Deferred[None]] = []
+        #: Counters for tests and metrics.
+        self.transactions = 0
+        self.delivered = 0
+
+    # -- scheduling ---------------------------------------------------------
+    def start(self) -> None:
+        """Start delivering (call after the queue is loaded)."""
+        self._running = True
+        self.kick()
+
+    def stop(self) -> Deferred[None]:
+        """Stop scheduling; fires when running transactions are over."""
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return self.when_idle()
+
+    def when_idle(self) -> Deferred[None]:
+        """Fires when no transaction is running."""
+        if not self._in_flight and not any(self._workers.values()):
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        return d
+
+    def kick(self) -> None:
+        """Look for due recipients now (after an enqueue, or at the timer)."""
+        if not self._running:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(0, self._run)
+
+    def _schedule(self) -> None:
+        if not self._running:
+            return
+        wake = self.queue.next_wakeup()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if wake is not None:
+            delay = max(0.0, wake - self.reactor.seconds())
+            self._timer = self.reactor.callLater(delay, self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        now = self.reactor.seconds()
+        for envelope, due in self.queue.due(now):
+            due = [r for r in due if (envelope.id, r.address) not in self._in_flight]
+            if not due:
+                continue
+            if backoff.expired(envelope.created, now, self.lifetime):
+                self._expire(envelope, due)
+                continue
+            for job in self._jobs_for(envelope, due):
+                self._submit(job)
+        self._schedule()
+
+    def _jobs_for(self, envelope: Envelope, due: list[RecipientState]) -> list[_Job]:
+        """One job per recipient with VERP; else batches per destination."""
+        if envelope.xverp and envelope.sender:
+            try:
+                list_address = parse_mailbox(envelope.sender)
+            except AddressError:
+                list_address = None
+            jobs = []
+            for r in due:
+                sender = envelope.sender
+                if list_address is not None:
+                    try:
+                        sender = str(encode_xverp(list_address, parse_mailbox(r.address)))
+                    except AddressError:
+                        pass
+                jobs.append(_Job(envelope, [r], sender))
+            return jobs
+        by_destination: dict[str, list[RecipientState]] = defaultdict(list)
+        for r in due:
+            by_destination[self._destination(r.address)].append(r)
+        jobs = []
+        for group in by_destination.values():
+            for i in range(0, len(group), self.batch_size):
+                jobs.append(_Job(envelope, group[i : i + self.batch_size], envelope.sender))
+        return jobs
+
+    def _destination(self, address: str) -> str:
+        domain = address.rpartition("@")[2].lower()
+        if domain in self.local_domains and self.local_delivery is not None:
+            return "local:"
+        if self.relayhost is not None:
+            return "relay:"
+        return "mx:" + domain
+
+    def _submit(self, job: _Job) -> None:
+        for r in job.recipients:
+            self._in_flight.add((job.envelope.id, r.address))
+        destination = self._destination(job.recipients[0].address)
+        self._jobs[destination].append(job)
+        if self._workers[destination] < self._per_destination:
+            self._workers[destination] += 1
+            Deferred.fromCoroutine(self._worker(destination)).addErrback(
+                lambda f: log.failure("Delivery worker failed", f)
+            )
+
+    # -- workers -----------------------------------------------------------
+    async def _worker(self, destination: str) -> None:
+        jobs = self._jobs[destination]
+        try:
+            if destination == "local:":
+                while jobs:
+                    await self._deliver_locally(jobs.popleft())
+                return
+            async with self._connections:
+                while jobs:
+                    await self._session(destination, jobs)
+        finally:
+            self._workers[destination] -= 1
+            if not self._workers[destination]:
+                del self._workers[destination]
+                if not jobs:
+                    self._jobs.pop(destination, None)
+            self._check_idle()
+
+    async def _hosts(self, destination: str) -> list[MXHost]:
+        if destination == "relay:":
+            assert self.relayhost is not None
+            if self.mx is None:
+                return [MXHost(0, self.relayhost.host, (self.relayhost.host,))]
+            return await self.mx.relay_hosts(self.relayhost)
+        assert self.mx is not None
+        return await self.mx.hosts(destination[3:])
+
+    async def _session(self, destination: str, jobs: deque[_Job]) -> None:
+        """One connection: try the hosts in order, then send jobs over it."""
+        try:
+            hosts = await self._hosts(destination)
+        except MXLookupError as e:
+            self._fail_all(jobs, e.reply)
+            return
+        smarthost = destination == "relay:"
+        policy = self.smarthost_tls if smarthost else self.mx_tls
+        port = self.relayhost.port if smarthost and self.relayhost else 25
+        last_error: Reply = Reply(451, "4.4.1", "No host could be reached")
+        for host in hosts:
+            for address in host.addresses:
+                if smarthost and self.mx is None:
+                    address = host.name
+                try:
+                    conn = await self._connect(address, port, host.name, policy, smarthost)
+                except SMTPClientError as e:
+                    last_error = e.as_reply()
+                    log.info(
+                        "Could not deliver via {host} [{address}]: {error}",
+                        host=host.name,
+                        address=address,
+                        error=str(e),
+                    )
+                    if not e.transient:
+                        self._fail_all(jobs, last_error)
+                        return
+                    if self.mx is not None and not smarthost:
+                        self.mx.mark_bad(address)
+                    continue
+                try:
+                    while jobs and conn.usable:
+                        job = jobs.popleft()
+                        await self._transact(conn, job, host.name)
+                    if conn.usable:
+                        await conn.quit()
+                finally:
+                    conn.abort()
+                return
+        self._fail_all(jobs, last_error)
+
+    async def _connect(
+        self, address: str, port: int, name: str, policy: TLSPolicy, smarthost: bool
+    ) -> Any:
+        endpoint = self._endpoint_factory(address, port)
+        if smarthost and self.relayhost is not None and self.relayhost.implicit_tls:
+            tls_name = policy.name or name
+            endpoint = wrapClientTLS(
+                ssl.optionsForClientTLS(tls_name, trustRoot=policy.trust_root), endpoint
+            )
+        return await connect(
+            self.reactor,
+            endpoint,
+            helo=self.hostname,
+            tls=policy.context(name),
+            require_tls=policy.require,
+            auth=self.auth if smarthost else None,
+            timeouts=self.timeouts,
+        )
+
+    async def _transact(self, conn: Any, job: _Job, remote: str) -> None:
+        envelope = job.envelope
+        params: dict[str, str | None] = {}
+        if envelope.params.get("BODY") == "8BITMIME":
+            params["BODY"] = "8BITMIME"
+        if "SMTPUTF8" in envelope.params:
+            params["SMTPUTF8"] = None
+        for key in ("RET", "ENVID"):
+            if key in envelope.params:
+                params[key] = envelope.params[key]
+        transaction = Transaction(
+            sender=job.sender,
+            recipients=[r.address for r in job.recipients],
+            data_path=self.queue.data_path(envelope.id),
+            size=envelope.size,
+            params=params,
+        )
+        self.transactions += 1
+        try:
+            result = await conn.send(transaction)
+        except SMTPClientError as e:
+            replies = {r.address: e.partial.get(r.address, e.as_reply()) for r in job.recipients}
+            if e.after_data:
+                log.warn(
+                    "Connection to {remote} lost after the final dot for {queue_id}: "
+                    "the retry may deliver a second copy",
+                    remote=remote,
+                    queue_id=envelope.id,
+                )
+            await self._record(job, replies, remote)
+            return
+        await self._record(job, result.recipients, remote)
+
+    async def _deliver_locally(self, job: _Job) -> None:
+        assert self.local_delivery is not None
+        replies: dict[str, Reply] = {}
+        for r in job.recipients:
+            try:
+                replies[r.address] = await self.local_delivery(
+                    job.sender, r.address, self.queue.data_path(job.envelope.id)
+                )
+            except Exception:
+                log.failure("Local delivery of {queue_id} failed", queue_id=job.envelope.id)
+                replies[r.address] = status.LOCAL_ERROR
+        await self._record(job, replies, self.hostname)
+
+    def _fail_all(self, jobs: deque[_Job], reply: Reply) -> None:
+        while jobs:
+            job = jobs.popleft()
+            Deferred.fromCoroutine(
+                self._record(job, {r.address: reply for r in job.recipients}, "")
+            ).addErrback(lambda f: log.failure("Recording a failure failed", f))
+
+    # -- outcomes ------------------------------------------------------------
+    async def _record(self, job: _Job, replies: dict[str, Reply], remote: str) -> None:
+        envelope = job.envelope
+        now = self.reactor.seconds()
+        failed: list[dsn.FailedRecipient] = []
+        for r in job.recipients:
+            self._in_flight.discard((envelope.id, r.address))
+            reply = replies.get(r.address, status.LOCAL_ERROR)
+            r.attempts += 1
+            r.last_reply = f"{reply.code} {reply.status_line()}"
+            if reply.is_success:
+                r.state = DELIVERED
+                self.delivered += 1
+            elif reply.is_permanent:
+                r.state = FAILED
+                failed.append(dsn.FailedRecipient(r.address, reply, remote or None))
+            elif backoff.expired(envelope.created, now, self.lifetime):
+                r.state = EXPIRED
+                failed.append(dsn.FailedRecipient(r.address, reply, remote or None))
+            else:
+                r.state = PENDING
+                if self._random is None:
+                    delay = backoff.next_delay(r.attempts)
+                else:
+                    delay = backoff.next_delay(r.attempts, random=self._random)
+                r.next_attempt = now + delay
+            log.info(
+                "{queue_id} to <{recipient}> via {remote}: {reply} ({state})",
+                queue_id=envelope.id,
+                recipient=r.address,
+                remote=remote or "-",
+                reply=r.last_reply,
+                state=r.state,
+            )
+        await self._finish(envelope, job.sender, failed)
+
+    def _expire(self, envelope: Envelope, due: list[RecipientState]) -> None:
+        failed = []
+        for r in due:
+            r.state = EXPIRED
+            reply = Reply(
+                451, "4.4.7", f"Delivery time expired; last: {r.last_reply or 'no attempt'}"
+            )
+            failed.append(dsn.FailedRecipient(r.address, reply, None))
+        sender = envelope.sender
+        Deferred.fromCoroutine(self._finish(envelope, sender, failed)).addErrback(
+            lambda f: log.failure("Expiring {queue_id} failed", f, queue_id=envelope.id)
+        )
+
+    async def _finish(
+        self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
+    ) -> None:
+        """Persist the states, send DSNs, and remove the message when done."""
+        if failed:
+            await self._send_dsn(envelope, sender, failed)
+        await self.queue.update(envelope)
+        if not envelope.pending() and not any(
+            (envelope.id, r.address) in self._in_flight for r in envelope.recipients
+        ):
+            if self.queue.get(envelope.id) is not None:
+                await self.queue.remove(envelope.id)
+        self._check_idle()
+        self._schedule()
+
+    async def _send_dsn(
+        self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
+    ) -> None:
+        """
+        Queue a DSN (null sender) to C{sender}: with VERP, the recipient's own
+        VERP address, so the bounce comes back to GroupServer's bounce page.
+        """
+        if not dsn.should_send_dsn(sender):
+            return
+        message = dsn.build_dsn(
+            reporting_mta=self.hostname,
+            original_sender=sender,
+            recipients=failed,
+            original_path=self.queue.data_path(envelope.id),
+            arrival=envelope.created,
+            now=self.reactor.seconds(),
+            return_content="full" if envelope.params.get("RET") == "FULL" else "headers",
+        )
+        try:
+            await self.queue.enqueue("", [sender], message)
+        except Exception:
+            log.failure("Could not queue a DSN for {queue_id}", queue_id=envelope.id)
+            return
+        self.kick()
+
+    def _check_idle(self) -> None:
+        if self._in_flight or any(self._workers.values()):
+            return
+        waiters, self._idle = self._idle, []
+        for d in waiters:
+            d.callback(None)
