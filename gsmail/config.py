@@ -140,6 +140,7 @@ class GsmailConfig:
     outbound_connections: int = 20
     destination_concurrency: int = 4
     batch_size: int = 50
+    relayhost_xverp: bool = False
     # -- from GroupServer's [smtp-NAME] section (gs.email's options) ------------
     smtp_username: str = ""
     smtp_password: str = attrs.field(default="", repr=False)
@@ -680,6 +681,7 @@ class _Reader:
             "outbound_connections": self.integer(section, "outbound_connections", 1),
             "destination_concurrency": self.integer(section, "destination_concurrency", 1),
             "batch_size": self.integer(section, "batch_size", 1),
+            "relayhost_xverp": self.boolean(section, "relayhost_xverp"),
         }
         if values["relayhost"]:
             from gsmail.outbound.mx import parse_relayhost

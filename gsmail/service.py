@@ -19,11 +19,24 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from gsmail import status
+from gsmail.addresses import AddressError, parse_mailbox
 from gsmail.config import ConfigError, GsmailConfig
 from gsmail.groupserver import GroupServerClient
 from gsmail.inbound.delivery import DeliveryCore
-from gsmail.inbound.protocol import InboundFactory, ServerSettings
+from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
+from gsmail.inbound.spool import Spool
 from gsmail.ledger import PostLedger
+from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
+from gsmail.outbound.mx import MXResolver, parse_relayhost
+from gsmail.outbound.queue import OutboundQueue
+from gsmail.outbound.submission import (
+    PasswordChecker,
+    SubmissionCore,
+    SubmissionFactory,
+    parse_networks,
+)
+from gsmail.status import Reply
 
 __all__ = ["makeService", "GsmailService"]
 
@@ -141,6 +154,98 @@ class GsmailService(MultiService):
                 self.core, settings, reactor, lmtp=True, spool_dir=config.spool_dir
             )
             self._listen("lmtp", config.lmtp_endpoint, self.lmtp_factory)
+        self.queue: OutboundQueue | None = None
+        self.outbound: OutboundDelivery | None = None
+        if config.submission_endpoint:
+            self._make_outbound(config, settings, blocking)
+
+    def _make_outbound(self, config: GsmailConfig, settings: ServerSettings, blocking: Any) -> None:
+        """The submission listener, the outbound queue and delivery."""
+        self.queue = OutboundQueue(config.queue_dir, clock=self.reactor, sync=blocking)
+        relayhost = parse_relayhost(config.relayhost) if config.relayhost else None
+        trust_root = None
+        if config.tls_ca:
+            with open(config.tls_ca, "rb") as f:
+                trust_root = ssl.trustRootFromCertificates(
+                    [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())]
+                )
+        smarthost_tls = TLSPolicy(
+            use=not config.no_tls,
+            require=config.force_tls,
+            verify=True,
+            name=config.tls_name,
+            trust_root=trust_root,
+        )
+        mx_tls = TLSPolicy(
+            use=config.mx_tls != "none" and not config.no_tls,
+            require=config.mx_tls == "encrypt" or config.force_tls,
+            verify=False,
+        )
+        auth = None
+        if config.relayhost_username:
+            auth = (config.relayhost_username, config.relayhost_password)
+        self.outbound = OutboundDelivery(
+            queue=self.queue,
+            reactor=self.reactor,
+            hostname=config.hostname,
+            relayhost=relayhost,
+            mx=MXResolver(_resolver(config.dns_servers), self.reactor),
+            smarthost_tls=smarthost_tls,
+            mx_tls=mx_tls,
+            auth=auth,
+            batch_size=config.batch_size,
+            max_connections=config.outbound_connections,
+            max_per_destination=config.destination_concurrency,
+            lifetime=config.queue_lifetime,
+            local_domains=config.domains,
+            local_delivery=self._deliver_locally,
+            mx_port=config.mx_port,
+            pass_xverp=config.relayhost_xverp,
+        )
+        checker = None
+        if config.smtp_username:
+            checker = PasswordChecker(config.smtp_username, config.smtp_password)
+        self.submission_factory = SubmissionFactory(
+            SubmissionCore(_KickingQueue(self.queue, self.outbound)),
+            settings,
+            self.reactor,
+            trusted_networks=parse_networks(config.submission_networks),
+            checker=checker,
+            spool_dir=config.spool_dir,
+        )
+        self._listen("submission", config.submission_endpoint, self.submission_factory)
+
+    def _deliver_locally(self, sender: str, recipient: str, path: str) -> Deferred[Reply]:
+        """
+        Mail from the outbound queue to this site's own domains (DSNs to VERP
+        addresses, mostly) goes straight into the inbound delivery core, so a
+        bounce becomes a bounce record without a round trip through DNS.
+        """
+        return Deferred.fromCoroutine(self._local(sender, recipient, path))
+
+    async def _local(self, sender: str, recipient: str, path: str) -> Reply:
+        session = Session(
+            peer="local", protocol_name="ESMTP", helo=self.config.hostname, extended=True
+        )
+        try:
+            address = parse_mailbox(recipient)
+            envelope = Envelope(sender=parse_mailbox(sender) if sender else None)
+        except AddressError:
+            return status.BAD_RECIPIENT_SYNTAX
+        reply, route = await self.core.check_recipient(session, address)
+        if route is None:
+            return reply
+        envelope.recipients.append(route)
+        spool = Spool(self.config.spool_dir)
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 16), b""):
+                    spool.write(chunk)
+        except OSError:
+            spool.discard()
+            raise
+        [result] = await self.core.deliver(session, envelope, spool.finish())
+        return result
 
     def _listen(self, name: str, description: str, factory: Any) -> None:
         svc = strports.service(description, factory, reactor=self.reactor)
@@ -156,9 +261,29 @@ class GsmailService(MultiService):
         if self.config.spool_dir:
             os.makedirs(self.config.spool_dir, exist_ok=True)
         self.ledger.open()
+        if self.queue is not None:
+            self.queue.load()
         if self.standin is not None:
             self._start_standin()
         super().startService()
+        if self.queue is not None and self.outbound is not None:
+            if self.config.queuepath and os.path.isdir(self.config.queuepath):
+                self.queue.import_zope_sendmail(self.config.queuepath, xverp=True).addCallbacks(
+                    self._imported,
+                    lambda f: log.failure("Importing the zope.sendmail queue failed", f),
+                )
+            if self.config.processorthread:
+                self.outbound.start()
+            else:
+                log.info("processorthread is off: outbound mail is queued, not delivered")
+
+    def _imported(self, count: int) -> None:
+        if count:
+            log.info(
+                "Imported {count} messages from {path}", count=count, path=self.config.queuepath
+            )
+            if self.outbound is not None:
+                self.outbound.kick()
 
     def _start_standin(self) -> None:
         endpoint = serverFromString(self.reactor, self.config.standin_endpoint)
@@ -187,6 +312,10 @@ class GsmailService(MultiService):
             await idle
         except Exception:
             log.warn("Stopped with deliveries still running")
+        if self.outbound is not None:
+            await self.outbound.stop()
+        if self.queue is not None:
+            await self.queue.close()
         await self.ledger.close()
         await self.client.close()
         if self.standin is not None:
@@ -194,6 +323,50 @@ class GsmailService(MultiService):
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._stop())
+
+
+class _KickingQueue:
+    """The queue as the submission core sees it: each enqueue wakes delivery."""
+
+    def __init__(self, queue: OutboundQueue, delivery: OutboundDelivery) -> None:
+        self._queue = queue
+        self._delivery = delivery
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes | str,
+        *,
+        xverp: bool = False,
+        params: dict[str, str] | None = None,
+    ) -> Deferred[Any]:
+        d = self._queue.enqueue(sender, recipients, data, xverp=xverp, params=params)
+
+        def kick(envelope: Any) -> Any:
+            self._delivery.kick()
+            return envelope
+
+        return d.addCallback(kick)
+
+
+def _resolver(servers: tuple[str, ...]) -> Any:
+    """A DNS resolver: the configured servers, else the system's."""
+    from twisted.names import client
+
+    if not servers:
+        return client.createResolver()
+    parsed = []
+    for server in servers:
+        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
+        parsed.append((host or server, int(port) if port else 53))
+    return client.Resolver(servers=parsed)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """The certificates of a PEM bundle."""
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
 
 
 def _result_now(d: Deferred[Any]) -> Any:

@@ -18,6 +18,7 @@ one reply plus one fsync.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,7 @@ from gsmail.outbound.queue import (
     FAILED,
     PENDING,
     Envelope,
+    NoSuchMessageError,
     OutboundQueue,
     RecipientState,
 )
@@ -54,6 +56,14 @@ BATCH_SIZE = 50
 
 LocalDelivery = Callable[[str, str, str], Deferred[Reply]]
 """Delivers (sender, recipient, message path) to this site's own inbound side."""
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @attrs.frozen
@@ -100,6 +110,9 @@ class _Job:
     envelope: Envelope
     recipients: list[RecipientState]
     sender: str
+    #: Ask the smarthost to do the VERP (Postfix's XVERP) for this batch;
+    #: split per recipient if it turns out not to offer XVERP.
+    xverp: bool = False
 
 
 class OutboundDelivery:
@@ -114,6 +127,10 @@ class OutboundDelivery:
     @param lifetime: seconds a message may stay queued before its pending
         recipients expire (default 5 days, as Postfix).
     @param random: for the backoff jitter (tests make it fixed).
+    @param pass_xverp: with a smarthost, send VERP mail in batches with the
+        XVERP parameter and let the smarthost make the per-recipient senders
+        (as GroupServer did with Postfix); a smarthost that does not offer
+        XVERP gets one transaction per recipient anyway.
     """
 
     def __init__(
@@ -136,6 +153,8 @@ class OutboundDelivery:
         local_delivery: LocalDelivery | None = None,
         endpoint_factory: Callable[[str, int], IStreamClientEndpoint] | None = None,
         random: Callable[[], float] | None = None,
+        mx_port: int = 25,
+        pass_xverp: bool = False,
     ) -> None:
         if relayhost is None and mx is None:
             raise ValueError("either a relayhost or an MX resolver is needed")
@@ -156,11 +175,14 @@ class OutboundDelivery:
             lambda host, port: HostnameEndpoint(reactor, host, port, timeout=self.timeouts.connect)
         )
         self._random = random
+        self.mx_port = mx_port
+        self.pass_xverp = pass_xverp
         self._connections = DeferredSemaphore(max_connections)
         self._per_destination = max_per_destination
         self._jobs: dict[str, deque[_Job]] = defaultdict(deque)
         self._workers: dict[str, int] = defaultdict(int)
         self._in_flight: set[tuple[str, str]] = set()
+        self._removing: set[str] = set()
         self._timer: IDelayedCall | None = None
         self._running = False
         self._idle: list[Deferred[None]] = []
@@ -224,30 +246,36 @@ class OutboundDelivery:
         self._schedule()
 
     def _jobs_for(self, envelope: Envelope, due: list[RecipientState]) -> list[_Job]:
-        """One job per recipient with VERP; else batches per destination."""
-        if envelope.xverp and envelope.sender:
-            try:
-                list_address = parse_mailbox(envelope.sender)
-            except AddressError:
-                list_address = None
-            jobs = []
-            for r in due:
-                sender = envelope.sender
-                if list_address is not None:
-                    try:
-                        sender = str(encode_xverp(list_address, parse_mailbox(r.address)))
-                    except AddressError:
-                        pass
-                jobs.append(_Job(envelope, [r], sender))
-            return jobs
+        """
+        One job per recipient with VERP (its own envelope sender); else
+        batches per destination. With C{pass_xverp} and a smarthost, VERP
+        mail goes in batches with the XVERP parameter instead.
+        """
+        verp = envelope.xverp and bool(envelope.sender)
+        if verp and not (self.pass_xverp and self.relayhost is not None):
+            return [_Job(envelope, [r], self._verp_sender(envelope.sender, r.address)) for r in due]
         by_destination: dict[str, list[RecipientState]] = defaultdict(list)
         for r in due:
             by_destination[self._destination(r.address)].append(r)
         jobs = []
-        for group in by_destination.values():
+        for destination, group in by_destination.items():
+            if verp and destination == "local:":
+                jobs += [
+                    _Job(envelope, [r], self._verp_sender(envelope.sender, r.address))
+                    for r in group
+                ]
+                continue
             for i in range(0, len(group), self.batch_size):
-                jobs.append(_Job(envelope, group[i : i + self.batch_size], envelope.sender))
+                jobs.append(_Job(envelope, group[i : i + self.batch_size], envelope.sender, verp))
         return jobs
+
+    @staticmethod
+    def _verp_sender(sender: str, recipient: str) -> str:
+        """C{group+user=domain@site}, or the sender as it is if either does not parse."""
+        try:
+            return str(encode_xverp(parse_mailbox(sender), parse_mailbox(recipient)))
+        except AddressError:
+            return sender
 
     def _destination(self, address: str) -> str:
         domain = address.rpartition("@")[2].lower()
@@ -290,8 +318,9 @@ class OutboundDelivery:
     async def _hosts(self, destination: str) -> list[MXHost]:
         if destination == "relay:":
             assert self.relayhost is not None
-            if self.mx is None:
-                return [MXHost(0, self.relayhost.host, (self.relayhost.host,))]
+            host = self.relayhost.host
+            if self.mx is None or _is_ip(host):
+                return [MXHost(0, host, (host,))]
             return await self.mx.relay_hosts(self.relayhost)
         assert self.mx is not None
         return await self.mx.hosts(destination[3:])
@@ -305,12 +334,10 @@ class OutboundDelivery:
             return
         smarthost = destination == "relay:"
         policy = self.smarthost_tls if smarthost else self.mx_tls
-        port = self.relayhost.port if smarthost and self.relayhost else 25
+        port = self.relayhost.port if smarthost and self.relayhost else self.mx_port
         last_error: Reply = Reply(451, "4.4.1", "No host could be reached")
         for host in hosts:
             for address in host.addresses:
-                if smarthost and self.mx is None:
-                    address = host.name
                 try:
                     conn = await self._connect(address, port, host.name, policy, smarthost)
                 except SMTPClientError as e:
@@ -330,7 +357,13 @@ class OutboundDelivery:
                 try:
                     while jobs and conn.usable:
                         job = jobs.popleft()
-                        await self._transact(conn, job, host.name)
+                        try:
+                            await self._transact(conn, job, host.name)
+                        except Exception:
+                            log.failure("Delivering {queue_id} failed", queue_id=job.envelope.id)
+                            for r in job.recipients:
+                                self._in_flight.discard((job.envelope.id, r.address))
+                                r.next_attempt = self.reactor.seconds() + 300  # no hot loop
                     if conn.usable:
                         await conn.quit()
                 finally:
@@ -358,6 +391,12 @@ class OutboundDelivery:
         )
 
     async def _transact(self, conn: Any, job: _Job, remote: str) -> None:
+        if job.xverp and "XVERP" not in conn.extensions:
+            # The smarthost does not do VERP: one transaction per recipient.
+            for r in job.recipients:
+                sender = self._verp_sender(job.envelope.sender, r.address)
+                await self._transact(conn, _Job(job.envelope, [r], sender), remote)
+            return
         envelope = job.envelope
         params: dict[str, str | None] = {}
         if envelope.params.get("BODY") == "8BITMIME":
@@ -367,6 +406,8 @@ class OutboundDelivery:
         for key in ("RET", "ENVID"):
             if key in envelope.params:
                 params[key] = envelope.params[key]
+        if job.xverp:
+            params["XVERP"] = None
         transaction = Transaction(
             sender=job.sender,
             recipients=[r.address for r in job.recipients],
@@ -465,12 +506,20 @@ class OutboundDelivery:
         """Persist the states, send DSNs, and remove the message when done."""
         if failed:
             await self._send_dsn(envelope, sender, failed)
-        await self.queue.update(envelope)
-        if not envelope.pending() and not any(
-            (envelope.id, r.address) in self._in_flight for r in envelope.recipients
-        ):
-            if self.queue.get(envelope.id) is not None:
-                await self.queue.remove(envelope.id)
+        try:
+            # Concurrent jobs of one envelope share the queue's coalesced write.
+            await self.queue.update(envelope)
+            done = not envelope.pending() and not any(
+                (envelope.id, r.address) in self._in_flight for r in envelope.recipients
+            )
+            if done and envelope.id not in self._removing and self.queue.get(envelope.id):
+                self._removing.add(envelope.id)
+                try:
+                    await self.queue.remove(envelope.id)
+                finally:
+                    self._removing.discard(envelope.id)
+        except NoSuchMessageError:
+            pass  # removed by a concurrent job, or deleted by the operator
         self._check_idle()
         self._schedule()
 
@@ -478,9 +527,20 @@ class OutboundDelivery:
         self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
     ) -> None:
         """
-        Queue a DSN (null sender) to C{sender}: with VERP, the recipient's own
-        VERP address, so the bounce comes back to GroupServer's bounce page.
+        Queue a DSN (null sender) to C{sender}: with VERP, one per failed
+        recipient to its own VERP address, so each bounce comes back to
+        GroupServer's bounce page for that member.
         """
+        if envelope.xverp and envelope.sender:
+            for failure in failed:
+                verp = self._verp_sender(envelope.sender, failure.address)
+                await self._send_one_dsn(envelope, verp, [failure])
+        else:
+            await self._send_one_dsn(envelope, sender, failed)
+
+    async def _send_one_dsn(
+        self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
+    ) -> None:
         if not dsn.should_send_dsn(sender):
             return
         message = dsn.build_dsn(
