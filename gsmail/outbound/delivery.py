@@ -58,6 +58,19 @@ LocalDelivery = Callable[[str, str, str], Deferred[Reply]]
 """Delivers (sender, recipient, message path) to this site's own inbound side."""
 
 
+def _error_reply(error: SMTPClientError) -> Reply:
+    """
+    The reply to record for a failed connection or transaction: a transient
+    error is a 4xx whatever the server said (a 535 from a smarthost with a
+    wrong password, a 250 before the end of data), so the mail stays queued.
+    """
+    reply = error.as_reply()
+    if error.transient and not reply.is_transient:
+        enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.0.0"
+        return Reply(451, enhanced, reply.text)
+    return reply
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -223,13 +236,29 @@ class OutboundDelivery:
     def _schedule(self) -> None:
         if not self._running:
             return
-        wake = self.queue.next_wakeup()
+        wake = self._next_wakeup()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         if wake is not None:
             delay = max(0.0, wake - self.reactor.seconds())
             self._timer = self.reactor.callLater(delay, self._run)
+
+    def _next_wakeup(self) -> float | None:
+        """
+        The earliest retry time of a pending recipient that is not held and
+        not being delivered right now (those would make the timer fire
+        again at once, a busy loop, until their server answers).
+        """
+        best: float | None = None
+        for envelope in self.queue.envelopes():
+            if envelope.held:
+                continue
+            for r in envelope.recipients:
+                if r.state == PENDING and (envelope.id, r.address) not in self._in_flight:
+                    if best is None or r.next_attempt < best:
+                        best = r.next_attempt
+        return best
 
     def _run(self) -> None:
         self._timer = None
@@ -332,6 +361,10 @@ class OutboundDelivery:
         except MXLookupError as e:
             self._fail_all(jobs, e.reply)
             return
+        except Exception:
+            log.failure("Looking up the hosts for {destination} failed", destination=destination)
+            self._fail_all(jobs, status.LOCAL_ERROR)
+            return
         smarthost = destination == "relay:"
         policy = self.smarthost_tls if smarthost else self.mx_tls
         port = self.relayhost.port if smarthost and self.relayhost else self.mx_port
@@ -341,16 +374,15 @@ class OutboundDelivery:
                 try:
                     conn = await self._connect(address, port, host.name, policy, smarthost)
                 except SMTPClientError as e:
-                    last_error = e.as_reply()
+                    # A refusal by one host (even a 5xx greeting) moves on to
+                    # the next, as Postfix's smtp_skip_5xx_greeting does.
+                    last_error = _error_reply(e)
                     log.info(
                         "Could not deliver via {host} [{address}]: {error}",
                         host=host.name,
                         address=address,
                         error=str(e),
                     )
-                    if not e.transient:
-                        self._fail_all(jobs, last_error)
-                        return
                     if self.mx is not None and not smarthost:
                         self.mx.mark_bad(address)
                     continue
@@ -419,7 +451,7 @@ class OutboundDelivery:
         try:
             result = await conn.send(transaction)
         except SMTPClientError as e:
-            replies = {r.address: e.partial.get(r.address, e.as_reply()) for r in job.recipients}
+            replies = {r.address: e.partial.get(r.address, _error_reply(e)) for r in job.recipients}
             if e.after_data:
                 log.warn(
                     "Connection to {remote} lost after the final dot for {queue_id}: "

@@ -1,0 +1,1144 @@
+"""
+Tests for L{gsmail.outbound.delivery}, the outbound queue manager.
+
+Everything runs in memory and in step: a real L{OutboundQueue} in a
+temporary directory (writes inline), a clock for time, and an endpoint
+factory whose endpoints connect gsmail's real ESMTP client to small
+recording SMTP servers over L{iosim} transports. A test drives the clock
+and pumps the bytes (L{FakeNetwork.flush}), then asserts on what a user
+sees: the transactions each server received, the queue's states on disk,
+the DSNs that went back, and the connections that were open at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, cast
+
+import attrs
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.protocols.basic import LineReceiver
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from gsmail import status
+from gsmail.outbound import backoff
+from gsmail.outbound.delivery import OutboundDelivery
+from gsmail.outbound.dsn import DSNRecipient, parse_dsn
+from gsmail.outbound.mx import MXHost, NoSuchDomainError, RelayHost
+from gsmail.outbound.queue import (
+    DELIVERED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    Envelope,
+    OutboundQueue,
+    read_queue,
+)
+from gsmail.status import Reply
+
+HOSTNAME = "mx.groups.example.com"
+SITE = "groups.example.com"
+LIST = "dev@groups.example.com"
+AUTHOR = "alice@example.org"
+SMARTHOST = RelayHost("192.0.2.25", 25, implicit_tls=False, mx_lookup=False)
+BODY = b"From: dev@groups.example.com\nSubject: Hello\n\nHello, group.\n"
+#: BODY as the receiving server decodes it (CRLF line ends).
+BODY_WIRE = BODY.replace(b"\n", b"\r\n")
+#: A time in seconds since the epoch to start the clock at.
+T0 = 1_700_000_000.0
+
+
+def fixed_random() -> float:
+    """The backoff jitter's random source: always the same draw."""
+    return 0.25
+
+
+#: The retry delay after the first transient failure, with L{fixed_random}
+#: (300 s less 10 %: a value only the injected random source gives).
+FIRST_DELAY = backoff.next_delay(1, random=fixed_random)
+
+
+class ReactorClock(MemoryReactorClock):
+    """
+    A memory reactor whose timed calls run as a real reactor's do: a call
+    scheduled at the current time by a timed call runs at the next
+    L{advance}, not in the same one. So code that keeps rescheduling itself
+    at once (a busy loop in a real reactor) shows up as a call always due,
+    instead of hanging the test inside C{advance(0)}.
+    """
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        self._sortCalls()
+        now = self.seconds()
+        for call in [c for c in self.calls if c.getTime() <= now]:
+            if call in self.calls and call.getTime() <= now:  # not cancelled meanwhile
+                self.calls.remove(call)
+                call.called = 1
+                call.func(*call.args, **call.kw)
+
+    def due_calls(self) -> list[Any]:
+        """The timed calls that the next iteration would run."""
+        return [c for c in self.calls if c.getTime() <= self.seconds()]
+
+
+@attrs.define
+class Received:
+    """One transaction as a server saw it."""
+
+    connection: int
+    sender: str
+    params: list[str]
+    recipients: list[str]
+    data: bytes
+
+
+class FakeMTA:
+    """
+    A recording SMTP server in memory. Recipients get C{250} unless
+    C{replies} scripts another reply line for them; the data gets
+    C{data_reply}. Only transactions that reached the final dot are
+    recorded, with the recipients the server accepted.
+
+    @ivar lose_after_dot: close the connection after the final dot, before
+        replying (the window in which a message may be delivered twice).
+    @ivar auth: the AUTH commands received.
+    """
+
+    def __init__(self, name: str, extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME")):
+        self.name = name
+        self.extensions = list(extensions)
+        self.replies: dict[str, str] = {}
+        self.data_reply = "250 2.0.0 Queued"
+        self.lose_after_dot = False
+        self.greeting = f"220 {name} ESMTP"
+        self.auth_reply = "235 2.7.0 Authentication successful"
+        #: A reply to send at the first line of message data, before the end.
+        self.early_reply: str | None = None
+        self.auth: list[str] = []
+        self.received: list[Received] = []
+        self.connections = 0
+
+    def buildProtocol(self) -> _MTAProtocol:
+        self.connections += 1
+        return _MTAProtocol(self, self.connections)
+
+    def transactions(self) -> list[tuple[str, list[str]]]:
+        """(sender, accepted recipients) of each message received, in order."""
+        return [(r.sender, r.recipients) for r in self.received]
+
+
+class _MTAProtocol(LineReceiver):
+    delimiter = b"\r\n"
+    transport: Any  # an iosim FakeTransport
+
+    def __init__(self, mta: FakeMTA, serial: int) -> None:
+        self.mta = mta
+        self.serial = serial
+        self._reset()
+        self._data: list[bytes] | None = None
+        self._closing = False
+
+    def _reset(self) -> None:
+        self.sender: str | None = None
+        self.params: list[str] = []
+        self.recipients: list[str] = []
+
+    def reply(self, line: str) -> None:
+        self.sendLine(line.encode())
+
+    def connectionMade(self) -> None:
+        self.reply(self.mta.greeting)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        if self._data is not None:
+            self._data_line(line)
+            return
+        text = line.decode()
+        verb = text.split(" ", 1)[0].upper()
+        if verb == "EHLO":
+            lines = [self.mta.name, *self.mta.extensions]
+            for keyword in lines[:-1]:
+                self.reply(f"250-{keyword}")
+            self.reply(f"250 {lines[-1]}")
+        elif verb == "MAIL":
+            path, _, params = text[len("MAIL FROM:") :].partition(" ")
+            self.sender = path.strip("<>")
+            self.params = params.split()
+            self.reply("250 2.1.0 Ok")
+        elif verb == "RCPT":
+            address = text[len("RCPT TO:") :].strip("<>")
+            answer = self.mta.replies.get(address, "250 2.1.5 Ok")
+            if answer.startswith("2"):
+                self.recipients.append(address)
+            self.reply(answer)
+        elif verb == "DATA":
+            if self.sender is None or not self.recipients:
+                self.reply("554 5.5.1 No valid recipients")
+            else:
+                self._data = []
+                self.reply("354 End data with <CR><LF>.<CR><LF>")
+        elif verb == "AUTH":
+            self.mta.auth.append(text)
+            self.reply(self.mta.auth_reply)
+        elif verb == "RSET":
+            self._reset()
+            self.reply("250 2.0.0 Ok")
+        elif verb == "QUIT":
+            self.reply("221 2.0.0 Bye")
+            self.transport.loseConnection()
+        else:
+            self.reply("502 5.5.1 Not implemented")
+
+    def _data_line(self, line: bytes) -> None:
+        assert self._data is not None
+        if self.mta.early_reply is not None:
+            self.reply(self.mta.early_reply)
+            self.transport.loseConnection()
+            self._data = None
+            self._closing = True
+            return
+        if line != b".":
+            self._data.append(line[1:] if line.startswith(b".") else line)
+            return
+        data, self._data = b"".join(x + b"\r\n" for x in self._data), None
+        if self.mta.lose_after_dot:
+            self.transport.loseConnection()
+            return
+        assert self.sender is not None
+        self.mta.received.append(
+            Received(self.serial, self.sender, self.params, self.recipients, data)
+        )
+        self.reply(self.mta.data_reply)
+        self._reset()
+
+
+class _ClientTransport(iosim.FakeTransport):
+    """The client's end of a connection; tells the network when it is lost."""
+
+    def __init__(self, protocol: IProtocol, on_lost: Callable[[], None], **kw: Any) -> None:
+        super().__init__(protocol, isServer=False, **kw)
+        self._on_lost = on_lost
+
+    def reportDisconnect(self) -> None:
+        self._on_lost()
+        super().reportDisconnect()
+
+
+class FakeNetwork:
+    """
+    Hosts by IP address, each a L{FakeMTA}; an address with none refuses
+    connections. Counts the connections open at once, per host and in all.
+
+    @ivar attempts: every address a connection was attempted to, in order.
+    @ivar peak: the most connections that were open at once, per address.
+    @ivar peak_total: the most connections open at once, to any address.
+    """
+
+    def __init__(self, clock: ReactorClock) -> None:
+        self.clock = clock
+        self.hosts: dict[str, FakeMTA] = {}
+        self.attempts: list[tuple[str, int]] = []
+        self.open: Counter[str] = Counter()
+        self.peak: Counter[str] = Counter()
+        self.peak_total = 0
+        self._pumps: list[iosim.IOPump] = []
+
+    def add(self, address: str, mta: FakeMTA | None = None) -> FakeMTA:
+        mta = mta or FakeMTA(f"mx-{address}.example.net")
+        self.hosts[address] = mta
+        return mta
+
+    def endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
+        return _Endpoint(self, host, port)
+
+    def connect(self, host: str, port: int, factory: IProtocolFactory) -> Deferred[Any]:
+        self.attempts.append((host, port))
+        mta = self.hosts.get(host)
+        if mta is None:
+            return fail(ConnectionRefusedError(host, port))
+        peer = IPv4Address("TCP", host, port)
+        client = factory.buildProtocol(peer)
+        assert client is not None
+        server = mta.buildProtocol()
+
+        def lost() -> None:
+            self.open[host] -= 1
+
+        self.open[host] += 1
+        self.peak[host] = max(self.peak[host], self.open[host])
+        self.peak_total = max(self.peak_total, sum(self.open.values()))
+        client_io = _ClientTransport(
+            client, lost, hostAddress=IPv4Address("TCP", "192.0.2.1", 40000), peerAddress=peer
+        )
+        server_io = iosim.FakeTransport(server, isServer=True, peerAddress=client_io.hostAddress)
+        self._pumps.append(
+            iosim.connect(server, server_io, client, client_io, greet=False, clock=self.clock)
+        )
+        return succeed(client)
+
+    def flush(self) -> None:
+        """
+        Run due timers and move bytes until nothing moves and no timer is
+        due: every conversation that can go on has gone on.
+        """
+        for _ in range(5000):
+            self.clock.advance(0)
+            moved = False
+            for pump in list(self._pumps):
+                moved = pump.pump(advanceClock=False) or moved
+                if pump.clientIO.disconnected and pump.serverIO.disconnected:
+                    self._pumps.remove(pump)
+            waiting = any(p.clientIO.stream or p.serverIO.stream for p in self._pumps)
+            if not (moved or waiting or self.clock.due_calls()):
+                return
+        raise AssertionError("the network never settled")
+
+
+@implementer(IStreamClientEndpoint)
+@attrs.frozen
+class _Endpoint:
+    network: FakeNetwork
+    host: str
+    port: int
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        return self.network.connect(self.host, self.port, factory)
+
+
+class FakeMX:
+    """
+    An L{gsmail.outbound.mx.MXResolver} stand-in: each domain's hosts come
+    from C{domains}; a domain mapped to an exception fails with it, and any
+    other domain does not exist (as the real one, it fails only with
+    L{MXLookupError}s).
+
+    @ivar looked_up: the domains asked for, in order.
+    @ivar marked_bad: the addresses marked bad, in order.
+    """
+
+    def __init__(self, domains: dict[str, list[MXHost] | Exception]) -> None:
+        self.domains = domains
+        self.looked_up: list[str] = []
+        self.marked_bad: list[str] = []
+
+    def hosts(self, domain: str) -> Deferred[list[MXHost]]:
+        self.looked_up.append(domain)
+        answer = self.domains.get(domain, NoSuchDomainError(domain))
+        if isinstance(answer, Exception):
+            return fail(answer)
+        return succeed(answer)
+
+    def relay_hosts(self, relay: RelayHost) -> Deferred[list[MXHost]]:
+        return self.hosts(relay.host)
+
+    def mark_bad(self, address: str, seconds: float = 3600) -> None:
+        self.marked_bad.append(address)
+
+
+class DeliveryTestCase(SynchronousTestCase):
+    """
+    A queue, a clock, a network with the smarthost C{192.0.2.25} on it, and a
+    recording stand-in for the site's own inbound side.
+    """
+
+    def setUp(self) -> None:
+        self.clock = ReactorClock()
+        self.clock.advance(T0)
+        self.network = FakeNetwork(self.clock)
+        self.smarthost = self.network.add(SMARTHOST.host)
+        self.queue_dir = self.mktemp()
+        self.queue = OutboundQueue(self.queue_dir, clock=self.clock)
+        self.queue.load()
+        self.addCleanup(self.queue.close)
+        #: (sender, recipient, message) of each local delivery.
+        self.local: list[tuple[str, str, bytes]] = []
+        self.local_reply = status.BOUNCE_RECORDED
+
+    def deliver_locally(self, sender: str, recipient: str, path: str) -> Deferred[Reply]:
+        with open(path, "rb") as f:
+            self.local.append((sender, recipient, f.read()))
+        return succeed(self.local_reply)
+
+    def delivery(self, **overrides: Any) -> OutboundDelivery:
+        """An L{OutboundDelivery} on the fake network, started."""
+        arguments: dict[str, Any] = {
+            "queue": self.queue,
+            "reactor": self.clock,
+            "hostname": HOSTNAME,
+            "relayhost": SMARTHOST,
+            "endpoint_factory": self.network.endpoint,
+            "random": fixed_random,
+        }
+        arguments.update(overrides)
+        delivery = OutboundDelivery(**arguments)
+        delivery.start()
+        self.addCleanup(delivery.stop)
+        return delivery
+
+    def enqueue(self, sender: str, recipients: list[str], *, xverp: bool = False) -> Envelope:
+        return self.successResultOf(self.queue.enqueue(sender, recipients, BODY, xverp=xverp))
+
+    def states(self, envelope: Envelope) -> dict[str, str]:
+        """Each recipient's state as the queue on disk has it."""
+        for stored in read_queue(self.queue_dir):
+            if stored.id == envelope.id:
+                return {r.address: r.state for r in stored.recipients}
+        raise AssertionError(f"{envelope.id} is not queued")
+
+    def assertGone(self, envelope: Envelope) -> None:
+        """The message is off the queue: envelope and data removed."""
+        self.assertIsNone(self.queue.get(envelope.id))
+        self.assertNotIn(envelope.id, [e.id for e in read_queue(self.queue_dir)])
+        self.assertFalse(os.path.exists(self.queue.data_path(envelope.id)))
+
+    def capture_log(self) -> list[LogEvent]:
+        """The log events emitted from now until the end of the test."""
+        events: list[LogEvent] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        return events
+
+    def bounces(self, mta: FakeMTA) -> list[Received]:
+        """The messages from the null sender (DSNs) that C{mta} received."""
+        return [r for r in mta.received if r.sender == ""]
+
+
+class TransactionTests(DeliveryTestCase):
+    """
+    How queued recipients are grouped into SMTP transactions.
+    """
+
+    def test_verp_one_transaction_per_recipient(self) -> None:
+        """
+        A message queued with XVERP goes out in one transaction per
+        recipient, each with its own VERP sender C{group+user=domain@site},
+        and the message arrives unchanged.
+        """
+        self.delivery()
+        self.enqueue(LIST, ["alice@example.org", "bob@example.net"], xverp=True)
+        self.network.flush()
+        self.assertEqual(
+            sorted(self.smarthost.transactions()),
+            [
+                ("dev+alice=example.org@groups.example.com", ["alice@example.org"]),
+                ("dev+bob=example.net@groups.example.com", ["bob@example.net"]),
+            ],
+        )
+        self.assertEqual({r.data for r in self.smarthost.received}, {BODY_WIRE})
+
+    def test_batches_without_verp(self) -> None:
+        """
+        Without XVERP the recipients go in batches of C{batch_size}, in
+        queued order, all with the message's own sender.
+        """
+        self.delivery(batch_size=2, max_per_destination=1)
+        recipients = [f"m{i}@example.org" for i in range(5)]
+        self.enqueue(LIST, recipients)
+        self.network.flush()
+        self.assertEqual(
+            self.smarthost.transactions(),
+            [(LIST, recipients[0:2]), (LIST, recipients[2:4]), (LIST, recipients[4:5])],
+        )
+
+    def test_mx_grouped_by_domain(self) -> None:
+        """
+        Without a smarthost, each recipient domain's MX host gets one
+        transaction with that domain's recipients only.
+        """
+        a = self.network.add("192.0.2.10")
+        b = self.network.add("192.0.2.20")
+        mx = FakeMX(
+            {
+                "a.example": [MXHost(10, "mx.a.example", ("192.0.2.10",))],
+                "b.example": [MXHost(10, "mx.b.example", ("192.0.2.20",))],
+            }
+        )
+        self.delivery(relayhost=None, mx=mx)
+        self.enqueue(AUTHOR, ["one@a.example", "two@b.example", "three@a.example"])
+        self.network.flush()
+        self.assertEqual(a.transactions(), [(AUTHOR, ["one@a.example", "three@a.example"])])
+        self.assertEqual(b.transactions(), [(AUTHOR, ["two@b.example"])])
+        self.assertEqual(sorted(mx.looked_up), ["a.example", "b.example"])
+        self.assertEqual(self.smarthost.received, [])
+
+    def test_mx_port(self) -> None:
+        """
+        MX hosts are reached on C{mx_port}, the smarthost on its own port.
+        """
+        self.network.add("192.0.2.10")
+        mx = FakeMX({"a.example": [MXHost(10, "mx.a.example", ("192.0.2.10",))]})
+        self.delivery(relayhost=None, mx=mx, mx_port=2525)
+        self.enqueue(AUTHOR, ["one@a.example"])
+        self.network.flush()
+        self.assertEqual(self.network.attempts, [("192.0.2.10", 2525)])
+
+    def test_pass_xverp_to_a_smarthost_that_offers_it(self) -> None:
+        """
+        With C{pass_xverp}, VERP mail goes to a smarthost offering XVERP as
+        one batch from the list address with the C{XVERP} parameter: the
+        smarthost makes the per-recipient senders.
+        """
+        self.smarthost.extensions.append("XVERP")
+        self.delivery(pass_xverp=True)
+        recipients = ["alice@example.org", "bob@example.net", "carol@example.com"]
+        self.enqueue(LIST, recipients, xverp=True)
+        self.network.flush()
+        self.assertEqual(self.smarthost.transactions(), [(LIST, recipients)])
+        self.assertIn("XVERP", self.smarthost.received[0].params)
+
+    def test_pass_xverp_to_a_smarthost_without_it(self) -> None:
+        """
+        With C{pass_xverp} but a smarthost that does not offer XVERP, the
+        batch is split into one transaction per recipient with its VERP
+        sender, over the same connection, and no XVERP parameter is sent.
+        """
+        self.delivery(pass_xverp=True)
+        self.enqueue(LIST, ["alice@example.org", "bob@example.net"], xverp=True)
+        self.network.flush()
+        self.assertEqual(
+            self.smarthost.transactions(),
+            [
+                ("dev+alice=example.org@groups.example.com", ["alice@example.org"]),
+                ("dev+bob=example.net@groups.example.com", ["bob@example.net"]),
+            ],
+        )
+        self.assertEqual(self.network.attempts, [(SMARTHOST.host, 25)])
+        self.assertEqual([r.connection for r in self.smarthost.received], [1, 1])
+        self.assertEqual([r.params for r in self.smarthost.received], [[], []])
+
+
+class OutcomeTests(DeliveryTestCase):
+    """
+    What each reply does to a recipient, the queue and the sender.
+    """
+
+    def test_delivered_and_removed(self) -> None:
+        """
+        When the server accepts every recipient, the message is taken off
+        the queue (envelope and data) and nothing is left to do.
+        """
+        delivery = self.delivery()
+        envelope = self.enqueue(AUTHOR, ["bob@example.net", "carol@example.com"])
+        self.network.flush()
+        self.assertEqual([r.state for r in envelope.recipients], [DELIVERED, DELIVERED])
+        self.assertGone(envelope)
+        self.assertEqual(delivery.delivered, 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_permanent_failure_dsn_to_sender(self) -> None:
+        """
+        A recipient refused with 5xx fails for good; the others are
+        delivered; exactly one DSN goes from the null sender to the
+        message's sender, naming the failed recipient and the server's
+        status; then the message is off the queue.
+        """
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        envelope = self.enqueue(AUTHOR, ["bad@example.net", "good@example.net"])
+        self.delivery()
+        self.network.flush()
+        self.assertEqual([r.state for r in envelope.recipients], [FAILED, DELIVERED])
+        self.assertIn("550 5.1.1 No such user", envelope.recipients[0].last_reply)
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(bounce.recipients, [AUTHOR])
+        self.assertEqual(
+            parse_dsn(bounce.data), [DSNRecipient("bad@example.net", "failed", "5.1.1")]
+        )
+        self.assertGone(envelope)
+        self.assertEqual(self.queue.envelopes(), [])
+
+    def test_permanent_failure_dsn_to_verp_address(self) -> None:
+        """
+        With XVERP, the DSN for a failed recipient goes to that recipient's
+        own VERP address, which is in the site's domain and so goes to the
+        site's inbound side (GroupServer's bounce page), not the smarthost.
+        """
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        self.delivery(local_domains=(SITE,), local_delivery=self.deliver_locally)
+        envelope = self.enqueue(LIST, ["good@example.org", "bad@example.net"], xverp=True)
+        self.network.flush()
+        self.assertEqual([r.state for r in envelope.recipients], [DELIVERED, FAILED])
+        [(sender, recipient, message)] = self.local
+        self.assertEqual((sender, recipient), ("", "dev+bad=example.net@groups.example.com"))
+        self.assertEqual(parse_dsn(message), [DSNRecipient("bad@example.net", "failed", "5.1.1")])
+        self.assertEqual(self.bounces(self.smarthost), [])
+        self.assertGone(envelope)
+
+    def test_data_refused_fails_the_batch(self) -> None:
+        """
+        A 5xx reply after the final dot fails every recipient of that
+        transaction, and the one DSN to the sender names them all.
+        """
+        self.smarthost.data_reply = "554 5.6.0 Content rejected"
+        envelope = self.enqueue(AUTHOR, ["bob@example.net", "carol@example.net"])
+        self.delivery()
+        self.network.flush()
+        self.assertEqual([r.state for r in envelope.recipients], [FAILED, FAILED])
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(
+            parse_dsn(bounce.data),
+            [
+                DSNRecipient("bob@example.net", "failed", "5.6.0"),
+                DSNRecipient("carol@example.net", "failed", "5.6.0"),
+            ],
+        )
+        self.assertGone(envelope)
+
+    def test_no_dsn_for_null_sender(self) -> None:
+        """
+        A bounce (null sender) that fails for good is dropped: no DSN about
+        a DSN, and nothing stays queued.
+        """
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        envelope = self.enqueue("", ["bad@example.net"])
+        self.delivery()
+        self.network.flush()
+        self.assertEqual(envelope.recipients[0].state, FAILED)
+        self.assertEqual(self.smarthost.received, [])
+        self.assertEqual(self.queue.envelopes(), [])
+
+    def test_transient_failure_backs_off(self) -> None:
+        """
+        A recipient refused with 4xx stays pending, on disk too, with its
+        next attempt one backoff delay from now (the injected random source
+        sets the jitter); the recipients accepted are not sent again.
+        """
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        envelope = self.enqueue(AUTHOR, ["busy@example.net", "good@example.net"])
+        self.delivery()
+        self.network.flush()
+        busy = envelope.recipients[0]
+        self.assertEqual(
+            self.states(envelope), {"busy@example.net": PENDING, "good@example.net": DELIVERED}
+        )
+        self.assertEqual(busy.next_attempt, T0 + FIRST_DELAY)
+        self.assertEqual(busy.attempts, 1)
+        self.assertIn("451 4.3.0 Try later", busy.last_reply)
+        self.assertEqual(self.bounces(self.smarthost), [])
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [T0 + FIRST_DELAY])
+
+    def test_retry_at_the_backoff_time(self) -> None:
+        """
+        The pending recipient is tried again when its backoff delay is over,
+        not before, and once delivered the message leaves the queue.
+        """
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        envelope = self.enqueue(AUTHOR, ["busy@example.net", "good@example.net"])
+        self.delivery()
+        self.network.flush()
+        del self.smarthost.replies["busy@example.net"]
+        self.clock.advance(FIRST_DELAY - 1)
+        self.network.flush()
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["good@example.net"])])
+        self.clock.advance(1)
+        self.network.flush()
+        self.assertEqual(
+            self.smarthost.transactions(),
+            [(AUTHOR, ["good@example.net"]), (AUTHOR, ["busy@example.net"])],
+        )
+        self.assertGone(envelope)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_expires_after_lifetime(self) -> None:
+        """
+        A recipient still failing transiently when the queue lifetime is
+        over expires: it is not tried again, the sender gets a DSN saying
+        delivery time expired (C{Action: failed}, so C{5.4.7}, RFC 3464
+        §2.3.3), and the message leaves the queue.
+        """
+        self.smarthost.replies["slow@example.net"] = "451 4.3.0 Try later"
+        envelope = self.enqueue(AUTHOR, ["slow@example.net"])
+        self.delivery(lifetime=1000)
+        self.network.flush()
+        second = backoff.next_delay(2, random=fixed_random)
+        third = backoff.next_delay(3, random=fixed_random)
+        for delay in (FIRST_DELAY, second):  # at T0 + 270, T0 + 810: inside the lifetime
+            self.clock.advance(delay)
+            self.network.flush()
+        self.assertEqual(self.states(envelope), {"slow@example.net": PENDING})
+        self.clock.advance(third)  # T0 + 1890: past the lifetime
+        self.network.flush()
+        self.assertEqual(envelope.recipients[0].state, EXPIRED)
+        self.assertEqual(envelope.recipients[0].attempts, 3)
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(bounce.recipients, [AUTHOR])
+        self.assertEqual(
+            parse_dsn(bounce.data), [DSNRecipient("slow@example.net", "failed", "5.4.7")]
+        )
+        self.assertIn(b"Delivery time expired", bounce.data)
+        self.assertGone(envelope)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_transient_reply_after_lifetime(self) -> None:
+        """
+        A 4xx reply that arrives after the lifetime ended expires the
+        recipient at once, with the server's reply in the DSN's
+        diagnostic, instead of scheduling another attempt.
+        """
+        self.smarthost.replies["slow@example.net"] = "452 4.2.2 Mailbox full"
+        envelope = self.enqueue(AUTHOR, ["slow@example.net"])
+        self.delivery(lifetime=100)
+        self.clock.advance(0)  # connected; the greeting has not come yet
+        self.clock.advance(150)
+        self.network.flush()
+        self.assertEqual(envelope.recipients[0].state, EXPIRED)
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(
+            parse_dsn(bounce.data), [DSNRecipient("slow@example.net", "failed", "5.4.7")]
+        )
+        self.assertIn(b"452 4.2.2 Mailbox full", bounce.data)
+        self.assertGone(envelope)
+
+    def test_lost_after_the_final_dot(self) -> None:
+        """
+        A connection lost after the final dot and before the reply leaves
+        the recipient pending (the server may or may not have the message;
+        keeping it is the only way not to lose it), with a warning that a
+        second copy may be delivered.
+        """
+        events = self.capture_log()
+        self.smarthost.lose_after_dot = True
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.delivery()
+        self.network.flush()
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+        self.assertEqual(envelope.recipients[0].next_attempt, T0 + FIRST_DELAY)
+        self.assertTrue(
+            any("second copy" in e.get("log_format", "") for e in events),
+            "no warning about a possible duplicate",
+        )
+
+    def test_mx_lookup_permanent_failure(self) -> None:
+        """
+        A recipient domain that does not exist fails its recipients for good
+        (C{5.1.2}) and the sender gets a DSN through the domain's MX.
+        """
+        self.network.add("192.0.2.10")
+        mx = FakeMX(
+            {
+                "nowhere.example": NoSuchDomainError("nowhere.example"),
+                "example.org": [MXHost(10, "mx.example.org", ("192.0.2.10",))],
+            }
+        )
+        self.delivery(relayhost=None, mx=mx)
+        envelope = self.enqueue(AUTHOR, ["bob@nowhere.example"])
+        self.network.flush()
+        self.assertEqual(envelope.recipients[0].state, FAILED)
+        [bounce] = self.bounces(self.network.hosts["192.0.2.10"])
+        self.assertEqual(bounce.recipients, [AUTHOR])
+        self.assertEqual(
+            parse_dsn(bounce.data), [DSNRecipient("bob@nowhere.example", "failed", "5.1.2")]
+        )
+        self.assertGone(envelope)
+
+
+class ConnectionTests(DeliveryTestCase):
+    """
+    Connections: how many at once, and which host next when one fails.
+    """
+
+    def test_destination_concurrency(self) -> None:
+        """
+        Ten transactions for one destination with C{max_per_destination=2}
+        never have more than two connections open to it at once, and all
+        ten are delivered.
+        """
+        self.delivery(max_per_destination=2)
+        recipients = [f"m{i}@example.org" for i in range(10)]
+        envelope = self.enqueue(LIST, recipients, xverp=True)
+        self.network.flush()
+        self.assertEqual(self.network.peak[SMARTHOST.host], 2)
+        self.assertEqual(
+            sorted(r for _, rs in self.smarthost.transactions() for r in rs), sorted(recipients)
+        )
+        self.assertEqual(len(self.smarthost.received), 10)
+        self.assertGone(envelope)
+
+    def test_total_connections(self) -> None:
+        """
+        C{max_connections} bounds the connections open at once over all
+        destinations.
+        """
+        domains: dict[str, list[MXHost] | Exception] = {}
+        for i in range(3):
+            address = f"192.0.2.{10 + i}"
+            self.network.add(address)
+            domains[f"d{i}.example"] = [MXHost(10, f"mx.d{i}.example", (address,))]
+        self.delivery(relayhost=None, mx=FakeMX(domains), max_connections=1)
+        self.enqueue(AUTHOR, ["a@d0.example", "b@d1.example", "c@d2.example"])
+        self.network.flush()
+        self.assertEqual(self.network.peak_total, 1)
+        self.assertEqual(sum(len(m.received) for m in self.network.hosts.values()), 3)
+
+    def test_next_host_after_refused_connection(self) -> None:
+        """
+        When the first MX host refuses the connection, the next one gets the
+        message, and the first is marked bad so later lookups put it last.
+        """
+        backup = self.network.add("192.0.2.20")
+        mx = FakeMX(
+            {
+                "example.net": [
+                    MXHost(10, "mx1.example.net", ("192.0.2.10",)),
+                    MXHost(20, "mx2.example.net", ("192.0.2.20",)),
+                ]
+            }
+        )
+        self.delivery(relayhost=None, mx=mx)
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertEqual(self.network.attempts, [("192.0.2.10", 25), ("192.0.2.20", 25)])
+        self.assertEqual(backup.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.assertEqual(mx.marked_bad, ["192.0.2.10"])
+        self.assertGone(envelope)
+
+    def test_all_hosts_down(self) -> None:
+        """
+        When no MX host can be reached, every address is tried once and the
+        recipient stays pending (C{4.4.1}) until its backoff delay is over.
+        """
+        mx = FakeMX(
+            {
+                "example.net": [
+                    MXHost(10, "mx1.example.net", ("192.0.2.10", "2001:db8::10")),
+                    MXHost(20, "mx2.example.net", ("192.0.2.20",)),
+                ]
+            }
+        )
+        self.delivery(relayhost=None, mx=mx)
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertEqual(
+            self.network.attempts,
+            [("192.0.2.10", 25), ("2001:db8::10", 25), ("192.0.2.20", 25)],
+        )
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+        bob = envelope.recipients[0]
+        self.assertIn("4.4.1", bob.last_reply)
+        self.assertEqual(bob.next_attempt, T0 + FIRST_DELAY)
+
+    def test_smarthost_down(self) -> None:
+        """
+        A smarthost that refuses connections leaves the mail pending; when
+        it is back, the retry delivers.
+        """
+        del self.network.hosts[SMARTHOST.host]
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.delivery()
+        self.network.flush()
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+        self.assertEqual(self.smarthost.received, [])
+        self.network.add(SMARTHOST.host, self.smarthost)
+        self.clock.advance(FIRST_DELAY)
+        self.network.flush()
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.assertGone(envelope)
+
+
+class LocalDeliveryTests(DeliveryTestCase):
+    """
+    Recipients in the site's own domains go to its inbound side directly.
+    """
+
+    def test_local_domain_recipients(self) -> None:
+        """
+        Recipients in C{local_domains} are handed to C{local_delivery} with
+        the message as queued; the others go to the smarthost.
+        """
+        self.delivery(local_domains=(SITE,), local_delivery=self.deliver_locally)
+        envelope = self.enqueue(AUTHOR, ["dev@groups.example.com", "bob@example.net"])
+        self.network.flush()
+        self.assertEqual(self.local, [(AUTHOR, "dev@groups.example.com", BODY)])
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.assertGone(envelope)
+
+    def test_local_domain_case(self) -> None:
+        """
+        A local domain matches whatever the case of the recipient's domain.
+        """
+        self.delivery(local_domains=(SITE,), local_delivery=self.deliver_locally)
+        self.enqueue(AUTHOR, ["dev@Groups.Example.COM"])
+        self.network.flush()
+        self.assertEqual([r for _, r, _ in self.local], ["dev@Groups.Example.COM"])
+        self.assertEqual(self.network.attempts, [])
+
+    def test_local_verp(self) -> None:
+        """
+        A VERP message to local recipients is delivered one recipient at a
+        time, each with its own VERP sender.
+        """
+        self.delivery(local_domains=(SITE,), local_delivery=self.deliver_locally)
+        self.enqueue(LIST, ["a@groups.example.com", "b@groups.example.com"], xverp=True)
+        self.network.flush()
+        self.assertEqual(
+            [(s, r) for s, r, _ in self.local],
+            [
+                ("dev+a=groups.example.com@groups.example.com", "a@groups.example.com"),
+                ("dev+b=groups.example.com@groups.example.com", "b@groups.example.com"),
+            ],
+        )
+
+    def test_local_transient(self) -> None:
+        """
+        A transient reply from the inbound side (GroupServer unreachable)
+        keeps the recipient pending for a retry.
+        """
+        self.local_reply = status.GROUPSERVER_UNREACHABLE
+        self.delivery(local_domains=(SITE,), local_delivery=self.deliver_locally)
+        envelope = self.enqueue(AUTHOR, ["dev@groups.example.com"])
+        self.network.flush()
+        self.assertEqual(self.states(envelope), {"dev@groups.example.com": PENDING})
+        self.assertEqual(envelope.recipients[0].next_attempt, T0 + FIRST_DELAY)
+
+    def test_local_delivery_error(self) -> None:
+        """
+        A local delivery that raises is logged and the recipient stays
+        pending (C{451 4.3.0}), never lost or bounced.
+        """
+
+        def broken(sender: str, recipient: str, path: str) -> Deferred[Reply]:
+            raise RuntimeError("inbound side broken")
+
+        self.delivery(local_domains=(SITE,), local_delivery=broken)
+        envelope = self.enqueue(AUTHOR, ["dev@groups.example.com"])
+        self.network.flush()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.states(envelope), {"dev@groups.example.com": PENDING})
+        self.assertIn("451 4.3.0", envelope.recipients[0].last_reply)
+
+
+class LifecycleTests(DeliveryTestCase):
+    """
+    Starting, holding, stopping and the timers left behind.
+    """
+
+    def test_not_started(self) -> None:
+        """
+        Nothing is delivered before C{start}, and no timer is set.
+        """
+        delivery = OutboundDelivery(
+            queue=self.queue,
+            reactor=self.clock,
+            hostname=HOSTNAME,
+            relayhost=SMARTHOST,
+            endpoint_factory=self.network.endpoint,
+        )
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        delivery.kick()
+        self.network.flush()
+        self.assertEqual(self.network.attempts, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_hold(self) -> None:
+        """
+        A held message is not delivered and sets no timer; once released
+        and kicked, it is.
+        """
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.successResultOf(self.queue.hold(envelope.id))
+        delivery = self.delivery()
+        self.network.flush()
+        self.assertEqual(self.network.attempts, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+        self.successResultOf(self.queue.release(envelope.id))
+        delivery.kick()
+        self.network.flush()
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.assertGone(envelope)
+
+    def test_hold_while_waiting_for_retry(self) -> None:
+        """
+        Putting a message on hold while it waits for a retry stops the
+        retry.
+        """
+        self.smarthost.replies["bob@example.net"] = "451 4.3.0 Try later"
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.delivery()
+        self.network.flush()
+        self.successResultOf(self.queue.hold(envelope.id))
+        del self.smarthost.replies["bob@example.net"]
+        self.clock.advance(FIRST_DELAY)
+        self.network.flush()
+        self.assertEqual(self.network.attempts, [(SMARTHOST.host, 25)])
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+
+    def test_when_idle(self) -> None:
+        """
+        C{when_idle} fires at once when nothing is running, and otherwise
+        when the running transaction is over.
+        """
+        delivery = self.delivery()
+        self.assertIsNone(self.successResultOf(delivery.when_idle()))
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        delivery.kick()
+        self.clock.advance(0)
+        idle = delivery.when_idle()
+        self.assertNoResult(idle)
+        self.network.flush()
+        self.assertIsNone(self.successResultOf(idle))
+        self.assertEqual(len(self.smarthost.received), 1)
+
+    def test_stop_waits_for_running_transaction(self) -> None:
+        """
+        C{stop} lets the running transaction finish and fires after it;
+        then nothing new is started, however the delivery is kicked, and no
+        timer or connection is left.
+        """
+        delivery = self.delivery()
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.network.attempts), 1)
+        stopped = delivery.stop()
+        self.assertNoResult(stopped)
+        self.network.flush()
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.enqueue(AUTHOR, ["carol@example.net"])
+        delivery.kick()
+        self.network.flush()
+        self.assertEqual(len(self.network.attempts), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(+self.network.open, Counter())
+
+    def test_stop_cancels_retry_timer(self) -> None:
+        """
+        Stopping while a recipient waits for its retry cancels the timer:
+        no timed call is left behind.
+        """
+        self.smarthost.replies["bob@example.net"] = "451 4.3.0 Try later"
+        delivery = self.delivery()
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertNotEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(self.successResultOf(delivery.stop()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_busy_loop_during_a_transaction(self) -> None:
+        """
+        While a transaction waits for a slow server, the scheduler does not
+        keep running: no timed call is due (in a real reactor one would be
+        a busy loop burning a CPU for as long as the server takes).
+        """
+        self.delivery()
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        for _ in range(3):
+            self.clock.advance(0)  # connected; the greeting does not come
+        self.assertEqual(len(self.network.attempts), 1)
+        self.assertEqual(self.clock.due_calls(), [])
+
+
+
+class SmarthostAuthTests(DeliveryTestCase):
+    """
+    The smarthost's credentials: sent to it, and to no one else.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.relay = RelayHost("127.0.0.1", 587, implicit_tls=False, mx_lookup=False)
+        self.smarthost = self.network.add("127.0.0.1")
+        self.smarthost.extensions.append("AUTH PLAIN LOGIN")
+
+    def test_auth_to_smarthost(self) -> None:
+        """
+        The smarthost gets AUTH PLAIN with the configured credentials, and
+        the password appears in no log event.
+        """
+        events = self.capture_log()
+        self.delivery(relayhost=self.relay, auth=("gsmail", "s3cret-pw"))
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        token = base64.b64encode(b"\0gsmail\0s3cret-pw").decode()
+        self.assertEqual(self.smarthost.auth, [f"AUTH PLAIN {token}"])
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+        for event in events:
+            text = formatEvent(event) + repr(event)
+            self.assertNotIn("s3cret-pw", text)
+            self.assertNotIn(token, text)
+
+    def test_no_auth_to_mx_hosts(self) -> None:
+        """
+        Without a smarthost, MX hosts never get the credentials, even when
+        they offer AUTH.
+        """
+        mx = FakeMX({"example.net": [MXHost(10, "localhost", ("127.0.0.1",))]})
+        self.delivery(relayhost=None, mx=mx, auth=("gsmail", "s3cret-pw"))
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertEqual(self.smarthost.auth, [])
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+
+    def test_auth_refused_keeps_mail(self) -> None:
+        """
+        A smarthost refusing the credentials (C{535}: a configuration
+        error, not the message's fault) keeps the mail queued for a retry;
+        it is not bounced to its sender (Postfix's
+        C{smtp_sasl_auth_soft_bounce}).
+        """
+        self.smarthost.auth_reply = "535 5.7.8 Authentication credentials invalid"
+        self.delivery(relayhost=self.relay, auth=("gsmail", "wrong"))
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertEqual(self.smarthost.received, [])
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+        self.assertEqual(envelope.recipients[0].next_attempt, T0 + FIRST_DELAY)
+
+
+
+class ServerMisbehaviourTests(DeliveryTestCase):
+    """
+    Servers that do not play by the rules must not lose mail.
+    """
+
+    def test_success_reply_before_end_of_data(self) -> None:
+        """
+        A server that says C{250} before the message data is complete has
+        not received the whole message: the recipient stays pending (it is
+        not marked delivered, which would lose the message).
+        """
+        self.smarthost.early_reply = "250 2.0.0 Ok"
+        body = b"Subject: big\n\n" + (b"y" * 76 + b"\n") * 3000  # several 64 KiB chunks
+        envelope = self.successResultOf(self.queue.enqueue(AUTHOR, ["bob@example.net"], body))
+        self.delivery()
+        self.network.flush()
+        self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
+        self.assertEqual(envelope.recipients[0].next_attempt, T0 + FIRST_DELAY)
+
+
+    def test_5xx_greeting_tries_next_mx(self) -> None:
+        """
+        An MX host that greets with C{554} is skipped for the next MX host
+        (Postfix's C{smtp_skip_5xx_greeting}): one misconfigured host does
+        not bounce mail that its backup would take.
+        """
+        refusing = self.network.add("192.0.2.10")
+        refusing.greeting = "554 5.3.2 Not accepting mail"
+        backup = self.network.add("192.0.2.20")
+        mx = FakeMX(
+            {
+                "example.net": [
+                    MXHost(10, "mx1.example.net", ("192.0.2.10",)),
+                    MXHost(20, "mx2.example.net", ("192.0.2.20",)),
+                ]
+            }
+        )
+        self.delivery(relayhost=None, mx=mx)
+        envelope = self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertEqual(backup.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.assertGone(envelope)
+
