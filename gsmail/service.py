@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
 from gsmail.config import ConfigError, GsmailConfig
+from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
@@ -94,6 +95,7 @@ class GsmailService(MultiService):
             config.ledger_path, ttl=config.ledger_ttl, clock=reactor, sync=blocking
         )
         self.standin: Any = None
+        self._standin_port: Any = None
         url = config.url
         if url == "embedded":
             from gsmail.standin import make_demo_standin
@@ -162,6 +164,7 @@ class GsmailService(MultiService):
     def _make_outbound(self, config: GsmailConfig, settings: ServerSettings, blocking: Any) -> None:
         """The submission listener, the outbound queue and delivery."""
         self.queue = OutboundQueue(config.queue_dir, clock=self.reactor, sync=blocking)
+        self._dns = _resolver(config.dns_servers, self.reactor)
         relayhost = parse_relayhost(config.relayhost) if config.relayhost else None
         trust_root = None
         if config.tls_ca:
@@ -189,7 +192,7 @@ class GsmailService(MultiService):
             reactor=self.reactor,
             hostname=config.hostname,
             relayhost=relayhost,
-            mx=MXResolver(_resolver(config.dns_servers), self.reactor),
+            mx=MXResolver(self._dns, self.reactor),
             smarthost_tls=smarthost_tls,
             mx_tls=mx_tls,
             auth=auth,
@@ -214,6 +217,12 @@ class GsmailService(MultiService):
             spool_dir=config.spool_dir,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
+        # Listens in startService, after the queue is loaded (gsmail-queue).
+        control = QueueControl(
+            self.queue, self.outbound if config.processorthread else None, self.reactor
+        )
+        self.control = ControlService(control_path(config), ControlFactory(control), self.reactor)
+        self.control.setServiceParent(self)
 
     def _deliver_locally(self, sender: str, recipient: str, path: str) -> Deferred[Reply]:
         """
@@ -318,8 +327,14 @@ class GsmailService(MultiService):
             await self.queue.close()
         await self.ledger.close()
         await self.client.close()
-        if self.standin is not None:
-            await self._standin_port.stopListening()
+        if self.queue is not None:
+            # client.Resolver re-reads resolv.conf every minute: stop that timer.
+            parse_call = getattr(self._dns, "_parseCall", None)
+            if parse_call is not None and parse_call.active():
+                parse_call.cancel()
+        if self.standin is not None and self._standin_port is not None:
+            port, self._standin_port = self._standin_port, None
+            await port.stopListening()
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._stop())
@@ -350,17 +365,17 @@ class _KickingQueue:
         return d.addCallback(kick)
 
 
-def _resolver(servers: tuple[str, ...]) -> Any:
-    """A DNS resolver: the configured servers, else the system's."""
+def _resolver(servers: tuple[str, ...], reactor: Any) -> Any:
+    """A DNS resolver: the configured servers, else those of /etc/resolv.conf."""
     from twisted.names import client
 
     if not servers:
-        return client.createResolver()
+        return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
     parsed = []
     for server in servers:
         host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
         parsed.append((host or server, int(port) if port else 53))
-    return client.Resolver(servers=parsed)
+    return client.Resolver(servers=parsed, reactor=reactor)
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:

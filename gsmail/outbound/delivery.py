@@ -369,38 +369,49 @@ class OutboundDelivery:
         policy = self.smarthost_tls if smarthost else self.mx_tls
         port = self.relayhost.port if smarthost and self.relayhost else self.mx_port
         last_error: Reply = Reply(451, "4.4.1", "No host could be reached")
-        for host in hosts:
-            for address in host.addresses:
-                try:
-                    conn = await self._connect(address, port, host.name, policy, smarthost)
-                except SMTPClientError as e:
-                    # A refusal by one host (even a 5xx greeting) moves on to
-                    # the next, as Postfix's smtp_skip_5xx_greeting does.
-                    last_error = _error_reply(e)
-                    log.info(
-                        "Could not deliver via {host} [{address}]: {error}",
-                        host=host.name,
-                        address=address,
-                        error=str(e),
-                    )
-                    if self.mx is not None and not smarthost:
-                        self.mx.mark_bad(address)
-                    continue
-                try:
-                    while jobs and conn.usable:
-                        job = jobs.popleft()
-                        try:
-                            await self._transact(conn, job, host.name)
-                        except Exception:
-                            log.failure("Delivering {queue_id} failed", queue_id=job.envelope.id)
-                            for r in job.recipients:
-                                self._in_flight.discard((job.envelope.id, r.address))
-                                r.next_attempt = self.reactor.seconds() + 300  # no hot loop
-                    if conn.usable:
-                        await conn.quit()
-                finally:
-                    conn.abort()
-                return
+        targets = [(host, address) for host in hosts for address in host.addresses]
+        for index, (host, address) in enumerate(targets):
+            last = index == len(targets) - 1
+            try:
+                conn = await self._connect(address, port, host.name, policy, smarthost)
+            except SMTPClientError as e:
+                # A refusal by one host (even a 5xx greeting) moves on to
+                # the next, as Postfix's smtp_skip_5xx_greeting does.
+                last_error = _error_reply(e)
+                log.info(
+                    "Could not deliver via {host} [{address}]: {error}",
+                    host=host.name,
+                    address=address,
+                    error=str(e),
+                )
+                if self.mx is not None and not smarthost:
+                    self.mx.mark_bad(address)
+                continue
+            next_host = False
+            try:
+                while jobs and conn.usable:
+                    job = jobs.popleft()
+                    try:
+                        retry = await self._transact(conn, job, host.name, last)
+                    except Exception:
+                        log.failure("Delivering {queue_id} failed", queue_id=job.envelope.id)
+                        for r in job.recipients:
+                            self._in_flight.discard((job.envelope.id, r.address))
+                            r.next_attempt = self.reactor.seconds() + 300  # no hot loop
+                        continue
+                    if retry is not None:
+                        # A recoverable error here: the next host may do
+                        # better (Postfix's smtp(8) does the same).
+                        jobs.appendleft(retry[0])
+                        last_error = retry[1]
+                        next_host = True
+                        break
+                if conn.usable:
+                    await conn.quit()
+            finally:
+                conn.abort()
+            if not next_host:
+                return  # the worker takes any jobs queued meanwhile
         self._fail_all(jobs, last_error)
 
     async def _connect(
@@ -422,13 +433,28 @@ class OutboundDelivery:
             timeouts=self.timeouts,
         )
 
-    async def _transact(self, conn: Any, job: _Job, remote: str) -> None:
+    async def _transact(
+        self, conn: Any, job: _Job, remote: str, last: bool = True
+    ) -> tuple[_Job, Reply] | None:
+        """
+        Send one job over C{conn} and record the outcomes.
+
+        @param last: this is the last host to try. If not, recipients that
+            got a transient reply (before the final dot) are not recorded.
+        @return: C{None}, or the job of the recipients to try on the next host
+            with the reply that made it so.
+        """
         if job.xverp and "XVERP" not in conn.extensions:
             # The smarthost does not do VERP: one transaction per recipient.
-            for r in job.recipients:
+            for i, r in enumerate(job.recipients):
                 sender = self._verp_sender(job.envelope.sender, r.address)
-                await self._transact(conn, _Job(job.envelope, [r], sender), remote)
-            return
+                retry = await self._transact(conn, _Job(job.envelope, [r], sender), remote, last)
+                if retry is not None:
+                    rest = [retry[0].recipients[0], *job.recipients[i + 1 :]]
+                    return _Job(job.envelope, rest, job.sender, job.xverp), retry[1]
+                if not conn.usable:
+                    break
+            return None
         envelope = job.envelope
         params: dict[str, str | None] = {}
         if envelope.params.get("BODY") == "8BITMIME":
@@ -448,10 +474,12 @@ class OutboundDelivery:
             params=params,
         )
         self.transactions += 1
+        after_data = False
         try:
             result = await conn.send(transaction)
         except SMTPClientError as e:
             replies = {r.address: e.partial.get(r.address, _error_reply(e)) for r in job.recipients}
+            after_data = e.after_data
             if e.after_data:
                 log.warn(
                     "Connection to {remote} lost after the final dot for {queue_id}: "
@@ -459,9 +487,26 @@ class OutboundDelivery:
                     remote=remote,
                     queue_id=envelope.id,
                 )
-            await self._record(job, replies, remote)
-            return
-        await self._record(job, result.recipients, remote)
+        else:
+            replies = result.recipients
+        if not last and not after_data:
+            again = [
+                r for r in job.recipients if replies.get(r.address, status.LOCAL_ERROR).is_transient
+            ]
+            if again:
+                done = [r for r in job.recipients if r not in again]
+                if done:
+                    await self._record(_Job(envelope, done, job.sender, job.xverp), replies, remote)
+                reply = replies.get(again[0].address, status.LOCAL_ERROR)
+                log.info(
+                    "{queue_id}: {reply} from {remote}; trying the next host",
+                    queue_id=envelope.id,
+                    reply=f"{reply.code} {reply.status_line()}",
+                    remote=remote,
+                )
+                return _Job(envelope, again, job.sender, job.xverp), reply
+        await self._record(job, replies, remote)
+        return None
 
     async def _deliver_locally(self, job: _Job) -> None:
         assert self.local_delivery is not None

@@ -1,0 +1,716 @@
+# -*- test-case-name: tests.integration.test_outbound_mx -*-
+"""
+Delivery by MX, end to end: gsmail's service takes a message on its
+submission listener and delivers it through a C{twisted.names} zone served
+on 127.0.0.1 to receiving servers bound on other loopback addresses
+(127.0.0.2 and up), all on one port, as MX hosts on port 25 would be.
+
+The receiving servers are gsmail's own inbound protocol with scripted
+delivery cores (L{ScriptedCore}): one accepts, one greets with C{421}, one
+refuses C{MAIL} with C{451}, one refuses every recipient with C{550 5.1.1},
+one offers STARTTLS, one is slow to answer the final dot; one address has
+its port bound but nothing listening (connection refused).
+
+Senders: a failed recipient's DSN has to arrive somewhere visible. Mail from
+a group with XVERP (what GroupServer sends) gets its DSN at the member's VERP
+address, which is this site's own domain: gsmail delivers it into its inbound
+core and the stand-in records a bounce for (member, group). Mail from a
+foreign sender (C{owner@s.test}) gets its DSN by MX like any mail, at the
+accepting server, where the test reads it with L{parse_dsn}. Both paths are
+covered.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.names import authority, dns, server
+from twisted.trial.unittest import TestCase
+from zope.interface import provider
+
+from gsmail import status
+from gsmail.addresses import Address, Route, RouteKind
+from gsmail.inbound.protocol import (
+    Envelope,
+    InboundFactory,
+    ServerSettings,
+    Session,
+    SMTPServer,
+)
+from gsmail.inbound.spool import SpooledMessage, remove
+from gsmail.outbound.dsn import parse_dsn
+from gsmail.outbound.queue import DELIVERED, FAILED, PENDING
+from gsmail.outbound.queue import Envelope as QueuedEnvelope
+from gsmail.service import GsmailService, makeService
+from gsmail.status import Reply
+from tests.util import make_config, start_service
+
+#: How long any one wait in these tests may take, in seconds.
+WAIT = 20.0
+
+# The receiving hosts, by role.
+GOOD = "127.0.0.2"  # accepts everything
+GREET_421 = "127.0.0.3"  # 421 greeting (max_connections = 0)
+REJECT_550 = "127.0.0.4"  # 550 5.1.1 to every RCPT
+MAIL_451 = "127.0.0.5"  # 451 4.3.2 to MAIL
+DOWN = "127.0.0.6"  # port bound, nothing listening: connection refused
+STARTTLS = "127.0.0.7"  # accepts, offers STARTTLS
+SLOW = "127.0.0.8"  # accepts, answers the final dot after SLOW_REPLY seconds
+
+SLOW_REPLY = 1.5
+
+SENDER = "owner@s.test"
+GROUP = "example@groups.example.com"
+
+
+# -- receiving servers --------------------------------------------------------
+@attrs.frozen
+class Received:
+    """One transaction a receiving server accepted."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes
+    tls: bool
+
+
+class ScriptedCore:
+    """
+    A receiving server's delivery core with scripted replies: C{rcpt} to each
+    RCPT, C{final} after the final dot (after C{delay} seconds). Records
+    every accepted transaction in L{received}, when the final dot arrives.
+    """
+
+    def __init__(
+        self,
+        rcpt: Reply = status.RECIPIENT_OK,
+        final: Reply = status.OK,
+        delay: float = 0.0,
+    ) -> None:
+        self.rcpt = rcpt
+        self.final = final
+        self.delay = delay
+        self.received: list[Received] = []
+        self.rcpt_calls = 0
+
+    def check_recipient(
+        self, session: Session, recipient: Address
+    ) -> Deferred[tuple[Reply, Route | None]]:
+        self.rcpt_calls += 1
+        route = Route(RouteKind.REMOTE, recipient) if self.rcpt.is_success else None
+        return succeed((self.rcpt, route))
+
+    def deliver(
+        self, session: Session, envelope: Envelope, message: SpooledMessage
+    ) -> Deferred[list[Reply]]:
+        with open(message.path, "rb") as f:
+            data = f.read()
+        remove(message.path)
+        self.received.append(
+            Received(
+                sender=str(envelope.sender) if envelope.sender else "",
+                recipients=[str(r.recipient) for r in envelope.recipients],
+                data=data,
+                tls=session.tls,
+            )
+        )
+        replies = [self.final] * len(envelope.recipients)
+        if self.delay:
+            return deferLater(reactor, self.delay, lambda: replies)
+        return succeed(replies)
+
+    def recipients(self) -> list[str]:
+        """Every recipient accepted so far, in order, duplicates included."""
+        return [r for t in self.received for r in t.recipients]
+
+
+class CountingFactory(InboundFactory):
+    """An inbound factory that counts the connections it was offered."""
+
+    offered = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.offered += 1
+        return super().buildProtocol(addr)
+
+
+class RefuseMail(SMTPServer):
+    """A server that answers every MAIL with C{451 4.3.2}."""
+
+    def do_MAIL(self, arg: str) -> None:
+        self.transport.write(b"451 4.3.2 System not accepting mail now\r\n")
+
+
+def receiver(
+    core: ScriptedCore,
+    spool_dir: str,
+    *,
+    tls: Any = None,
+    max_connections: int = 100,
+    protocol: type[SMTPServer] | None = None,
+) -> CountingFactory:
+    """An ESMTP server factory over C{core}."""
+    settings = ServerSettings(
+        hostname="mx.receiver.test",
+        max_connections=max_connections,
+        idle_timeout=30,
+        max_recipients=10_000,
+        tls=tls,
+    )
+    factory = CountingFactory(core, settings, reactor, spool_dir=spool_dir)
+    if protocol is not None:
+        factory.protocol = protocol  # type: ignore[assignment]
+    return factory
+
+
+async def stop_receivers(ports: list[Any], factories: list[CountingFactory]) -> None:
+    """Stop listening, then wait (bounded) until every server connection is gone."""
+    for port in ports:
+        await port.stopListening()
+    await wait_until(
+        "the receiving servers' connections to close",
+        lambda: all(f.connections == 0 for f in factories),
+    )
+
+
+# -- certificates -----------------------------------------------------------------
+@attrs.frozen
+class TestPKI:
+    """A test CA and one server certificate it signed (PEM)."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    def server_options(self) -> Any:
+        """The server TLS context for STARTTLS."""
+        return ssl.PrivateCertificate.loadPEM(self.key_pem + self.cert_pem).options()
+
+
+_pki: dict[str, TestPKI] = {}
+
+
+def make_pki(name: str) -> TestPKI:
+    """A CA and a certificate for DNS name C{name} (EC P-256, valid a day); cached."""
+    if name in _pki:
+        return _pki[name]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gsmail test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = TestPKI(
+        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    _pki[name] = pki
+    return pki
+
+
+# -- DNS ------------------------------------------------------------------------------
+class MemoryZone(authority.FileAuthority):
+    """The zone C{test}, held in memory; names without records answer NXDOMAIN."""
+
+    def __init__(self, records: list[tuple[bytes, Any]]) -> None:
+        self._records = records
+        super().__init__(None)
+
+    def loadFile(self, filename: object) -> None:
+        soa = dns.Record_SOA(
+            mname=b"ns.test", rname=b"hostmaster.test", serial=1, minimum=60, expire=60, ttl=60
+        )
+        self.soa = (b"test", soa)
+        self.records = {b"test": [soa]}
+        for name, record in self._records:
+            self.records.setdefault(name.lower(), []).append(record)
+
+
+def MX(preference: int, name: bytes) -> dns.Record_MX:
+    return dns.Record_MX(preference, name, ttl=300)
+
+
+def A(address: str) -> dns.Record_A:
+    return dns.Record_A(address, ttl=300)
+
+
+ZONE = [
+    # Failover: down, then 421, then a host that accepts (listed out of order).
+    (b"a.test", MX(30, b"mx3.a.test")),
+    (b"a.test", MX(10, b"mx1.a.test")),
+    (b"a.test", MX(20, b"mx2.a.test")),
+    (b"mx1.a.test", A(DOWN)),
+    (b"mx2.a.test", A(GREET_421)),
+    (b"mx3.a.test", A(GOOD)),
+    # Only a host that refuses MAIL with 451.
+    (b"b.test", MX(10, b"mx.b.test")),
+    (b"mx.b.test", A(MAIL_451)),
+    # A host that refuses the recipient with 550 5.1.1.
+    (b"c.test", MX(10, b"mx.c.test")),
+    (b"mx.c.test", A(REJECT_550)),
+    # 451 to MAIL at the best host, a backup that accepts.
+    (b"d.test", MX(10, b"mx1.d.test")),
+    (b"d.test", MX(20, b"mx2.d.test")),
+    (b"mx1.d.test", A(MAIL_451)),
+    (b"mx2.d.test", A(GOOD)),
+    # RFC 7505 null MX.
+    (b"nullmx.test", MX(0, b"")),
+    # The foreign sender's domain: its DSNs land at the accepting host.
+    (b"s.test", MX(10, b"mx.s.test")),
+    (b"mx.s.test", A(GOOD)),
+    # A host without STARTTLS, and one with it.
+    (b"plain.test", MX(10, b"mx.plain.test")),
+    (b"mx.plain.test", A(GOOD)),
+    (b"tls.test", MX(10, b"mx.tls.test")),
+    (b"mx.tls.test", A(STARTTLS)),
+    # A host that is slow to answer the final dot.
+    (b"slow.test", MX(10, b"mx.slow.test")),
+    (b"mx.slow.test", A(SLOW)),
+    # nx.test has no records: NXDOMAIN.
+]
+
+
+# -- waiting, submitting, logs ------------------------------------------------------
+async def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Poll C{check} every 50 ms; fail naming C{what} after C{timeout} seconds."""
+    deadline = reactor.seconds() + timeout
+    while not check():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await deferLater(reactor, 0.05)
+
+
+def message(subject: str) -> bytes:
+    """A small message with a unique Message-ID."""
+    return (
+        f"From: {SENDER}\r\nTo: someone\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}.{os.urandom(4).hex()}@s.test>\r\n\r\n"
+        f"Body of {subject}.\r\n"
+    ).encode()
+
+
+def submit(
+    port: int, sender: str, recipients: list[str], data: bytes, *, xverp: bool = False
+) -> str:
+    """
+    Submit a message (blocking: run it in a thread); return its queue id,
+    from the C{250 2.0.0 Queued as ID} reply.
+    """
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.test")
+        code, reply = s.mail(sender, ["XVERP"] if xverp else [])
+        assert code == 250, (code, reply)
+        for recipient in recipients:
+            code, reply = s.rcpt(recipient)
+            assert code == 250, (code, reply)
+        code, reply = s.data(data)
+        assert code == 250, (code, reply)
+        return reply.decode().rsplit(" ", 1)[-1]
+
+
+def capture_log(test: TestCase) -> list[LogEvent]:
+    """Every log event from now until the test ends."""
+    events: list[LogEvent] = []
+
+    @provider(ILogObserver)
+    def observe(event: LogEvent) -> None:
+        events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    test.addCleanup(globalLogPublisher.removeObserver, observe)
+    return events
+
+
+@attrs.define
+class Network:
+    """The receivers, the down host and the DNS server of one test."""
+
+    port: int
+    dns_port: int
+    cores: dict[str, ScriptedCore]
+    factories: dict[str, CountingFactory]
+
+
+async def start_network(test: TestCase, directory: str) -> Network:
+    """
+    Start the receivers on 127.0.0.2.. on one port P (retrying with another
+    P when one of the addresses has P taken, bounded), bind the down host's
+    P without listening, and serve L{ZONE} on 127.0.0.1 (UDP and TCP).
+    """
+    spool = os.path.join(directory, "receivers")
+    os.makedirs(spool, exist_ok=True)
+    pki = make_pki("mx.tls.test")
+    cores = {
+        GOOD: ScriptedCore(),
+        GREET_421: ScriptedCore(),
+        REJECT_550: ScriptedCore(rcpt=Reply(550, "5.1.1", "No such user here")),
+        MAIL_451: ScriptedCore(),
+        STARTTLS: ScriptedCore(),
+        SLOW: ScriptedCore(delay=SLOW_REPLY),
+    }
+    factories = {
+        GOOD: receiver(cores[GOOD], spool),
+        GREET_421: receiver(cores[GREET_421], spool, max_connections=0),
+        REJECT_550: receiver(cores[REJECT_550], spool),
+        MAIL_451: receiver(cores[MAIL_451], spool, protocol=RefuseMail),
+        STARTTLS: receiver(cores[STARTTLS], spool, tls=pki.server_options()),
+        SLOW: receiver(cores[SLOW], spool),
+    }
+    for _ in range(20):
+        ports: list[Any] = []
+        down = socket.socket()
+        try:
+            for address, factory in factories.items():
+                port = ports[0].getHost().port if ports else 0
+                ports.append(reactor.listenTCP(port, factory, interface=address))
+            down.bind((DOWN, ports[0].getHost().port))
+        except (CannotListenError, OSError):
+            down.close()
+            for p in ports:
+                await p.stopListening()
+            continue
+        break
+    else:
+        raise AssertionError("no port was free on all of 127.0.0.2-8 in 20 tries")
+    test.addCleanup(stop_receivers, ports, list(factories.values()))
+    test.addCleanup(down.close)
+
+    zone = server.DNSServerFactory(authorities=[MemoryZone(ZONE)], verbose=0)
+    zone.noisy = False
+    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=zone), interface="127.0.0.1")
+    test.addCleanup(udp.stopListening)
+    tcp = reactor.listenTCP(udp.getHost().port, zone, interface="127.0.0.1")
+    test.addCleanup(tcp.stopListening)
+    return Network(ports[0].getHost().port, udp.getHost().port, cores, factories)
+
+
+def start_gsmail(test: TestCase, directory: str, network: Network, **overrides: Any) -> Any:
+    """gsmail with its submission listener, delivering by MX through the test zone."""
+    config = make_config(
+        directory,
+        smtp_endpoint="",
+        lmtp_endpoint="",
+        submission_endpoint="tcp:0:interface=127.0.0.1",
+        queue_dir=os.path.join(directory, "queue"),
+        dns_servers=(f"127.0.0.1:{network.dns_port}",),
+        mx_port=network.port,
+        **overrides,
+    )
+    return start_service(test, config)
+
+
+def queued(service: GsmailService, queue_id: str) -> QueuedEnvelope | None:
+    """The message's envelope while it is queued, else C{None}."""
+    assert service.queue is not None
+    return service.queue.get(queue_id)
+
+
+def envelopes(service: GsmailService) -> list[QueuedEnvelope]:
+    """Every message in gsmail's outbound queue."""
+    assert service.queue is not None
+    return service.queue.envelopes()
+
+
+def attempted(service: GsmailService, queue_id: str) -> Callable[[], bool]:
+    """A check: every recipient of the message has had an attempt."""
+
+    def check() -> bool:
+        envelope = queued(service, queue_id)
+        return envelope is not None and all(r.attempts >= 1 for r in envelope.recipients)
+
+    return check
+
+
+def gone(service: GsmailService, queue_id: str) -> Callable[[], bool]:
+    """A check: the message has left the queue (every recipient done)."""
+    return lambda: queued(service, queue_id) is None
+
+
+class MXDeliveryTests(TestCase):
+    """Delivery by MX through a DNS zone on 127.0.0.1 to receivers on 127.0.0.2-8."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.directory = os.path.abspath(self.mktemp())
+        self.network = await start_network(self, self.directory)
+        self.events = capture_log(self)
+
+    def start(self, **overrides: Any) -> tuple[GsmailService, int]:
+        service = start_gsmail(self, self.directory, self.network, **overrides)
+        return service, int(service.port("submission").getHost().port)
+
+    def failover_log(self) -> list[tuple[str, str]]:
+        """The (host, address) pairs gsmail logged as failed, in order."""
+        return [
+            (e["host"], e["address"])
+            for e in self.events
+            if e.get("log_format", "").startswith("Could not deliver via")
+        ]
+
+    def assert_no_dsn(self, service: GsmailService) -> None:
+        """Nothing but the original is queued, no bounce recorded, nothing received."""
+        self.assertEqual([e.sender for e in envelopes(service)], [SENDER])
+        self.assertEqual(service.standin.bounces(), [])
+        self.assertEqual(self.network.cores[GOOD].received, [])
+
+    async def test_failover_in_preference_order(self) -> None:
+        """
+        A domain whose best MX host is down and whose second greets with 421
+        gets its mail through the third: the hosts are tried in preference
+        order, each failure is logged, and the message leaves the queue.
+        """
+        service, port = self.start()
+        qid = await deferToThread(submit, port, SENDER, ["member@a.test"], message("failover"))
+        await wait_until("delivery via mx3.a.test", gone(service, qid))
+        [got] = self.network.cores[GOOD].received
+        self.assertEqual((got.sender, got.recipients), (SENDER, ["member@a.test"]))
+        self.assertIn(b"Subject: failover\n", got.data)
+        self.assertEqual(self.failover_log(), [("mx1.a.test", DOWN), ("mx2.a.test", GREET_421)])
+        self.assertEqual(self.network.factories[GREET_421].offered, 1)
+        self.assertEqual(self.network.cores[GREET_421].received, [])
+
+    async def test_transient_only_stays_queued(self) -> None:
+        """
+        A domain whose only MX host answers 451 to MAIL keeps the message
+        queued: pending after one attempt, retried after the first backoff
+        (300 s +/- 20 %), with the server's reply kept and no DSN.
+        """
+        service, port = self.start()
+        qid = await deferToThread(submit, port, SENDER, ["member@b.test"], message("later"))
+        await wait_until("the first attempt", attempted(service, qid))
+        now = reactor.seconds()
+        envelope = queued(service, qid)
+        assert envelope is not None
+        [r] = envelope.recipients
+        self.assertEqual((r.state, r.attempts), (PENDING, 1))
+        self.assertTrue(r.last_reply.startswith("451 4.3.2"), r.last_reply)
+        self.assertTrue(now + 240 - 5 <= r.next_attempt <= now + 360, r.next_attempt - now)
+        self.assertEqual(self.network.factories[MAIL_451].offered, 1)
+        self.assert_no_dsn(service)
+
+    async def test_451_to_mail_fails_over(self) -> None:
+        """
+        When the best MX host answers 451 to MAIL, the message goes to the
+        next MX host in the same delivery, as Postfix does (a soft error that
+        is not the recipient's: another server may take it now).
+        """
+        service, port = self.start()
+        qid = await deferToThread(submit, port, SENDER, ["member@d.test"], message("backup"))
+        await wait_until(
+            "delivery via mx2.d.test, or the attempt to end",
+            lambda: bool(self.network.cores[GOOD].received) or attempted(service, qid)(),
+        )
+        self.assertEqual(
+            [t.recipients for t in self.network.cores[GOOD].received],
+            [["member@d.test"]],
+            "not delivered via the backup MX host after 451 to MAIL",
+        )
+        await wait_until("the message to leave the queue", gone(service, qid))
+
+
+    async def test_550_bounces_to_the_verp_address(self) -> None:
+        """
+        A recipient refused with 550 5.1.1 fails for good after one attempt,
+        and its DSN, sent to the member's VERP address at this site, is
+        recorded by GroupServer's bounce page as a bounce of that member from
+        the group; nothing is left queued.
+        """
+        service, port = self.start()
+        qid = await deferToThread(
+            submit, port, GROUP, ["member@c.test"], message("bounce"), xverp=True
+        )
+        await wait_until("the bounce to be recorded", lambda: bool(service.standin.bounces()))
+        self.assertEqual(service.standin.bounces(), [("member@c.test", GROUP)])
+        await wait_until("the queue to empty", lambda: not envelopes(service))
+        self.assertEqual(self.network.cores[REJECT_550].rcpt_calls, 1)
+        self.assertEqual(self.network.cores[REJECT_550].received, [])
+        outcomes = [
+            (e["recipient"], e["state"], e["reply"][:9])
+            for e in self.events
+            if e.get("queue_id") == qid and "state" in e
+        ]
+        self.assertEqual(outcomes, [("member@c.test", FAILED, "550 5.1.1")])
+
+    async def dsn_for(self, recipient: str) -> list[Any]:
+        """Submit from the foreign sender to C{recipient}; return the DSN it gets."""
+        service, port = self.start()
+        qid = await deferToThread(submit, port, SENDER, [recipient], message("no such"))
+        good = self.network.cores[GOOD]
+        await wait_until("the DSN at the sender's MX host", lambda: bool(good.received))
+        [dsn] = good.received
+        self.assertEqual((dsn.sender, dsn.recipients), ("", [SENDER]))
+        await wait_until("the queue to empty", lambda: not envelopes(service))
+        self.assertTrue(gone(service, qid)())
+        return parse_dsn(dsn.data)
+
+    async def test_null_mx(self) -> None:
+        """
+        Mail to a domain with a null MX (RFC 7505) fails at once with 5.1.10,
+        and the sender gets a DSN saying so.
+        """
+        [report] = await self.dsn_for("member@nullmx.test")
+        self.assertEqual(
+            (report.recipient, report.action, report.status),
+            ("member@nullmx.test", "failed", "5.1.10"),
+        )
+
+    async def test_nxdomain(self) -> None:
+        """
+        Mail to a domain that does not exist fails at once with 5.1.2, and the
+        sender gets a DSN saying so.
+        """
+        [report] = await self.dsn_for("member@nx.test")
+        self.assertEqual(
+            (report.recipient, report.action, report.status),
+            ("member@nx.test", "failed", "5.1.2"),
+        )
+
+    async def test_encrypt_without_starttls_stays_queued(self) -> None:
+        """
+        With C{mx_tls = encrypt}, a host that does not offer STARTTLS gets
+        nothing: the message stays queued (4.7.4, transient), no DSN.
+        """
+        service, port = self.start(mx_tls="encrypt")
+        qid = await deferToThread(submit, port, SENDER, ["member@plain.test"], message("tls"))
+        await wait_until("the first attempt", attempted(service, qid))
+        envelope = queued(service, qid)
+        assert envelope is not None
+        [r] = envelope.recipients
+        self.assertEqual((r.state, r.attempts), (PENDING, 1))
+        self.assertIn(" 4.7.4 ", r.last_reply)
+        self.assertEqual(self.network.factories[GOOD].offered, 1)
+        self.assert_no_dsn(service)
+
+    async def test_may_uses_starttls(self) -> None:
+        """
+        With the default C{mx_tls = may}, a host that offers STARTTLS gets the
+        message over TLS (its certificate is not checked: RFC 7435).
+        """
+        service, port = self.start()
+        qid = await deferToThread(submit, port, SENDER, ["member@tls.test"], message("may"))
+        await wait_until("delivery via mx.tls.test", gone(service, qid))
+        [got] = self.network.cores[STARTTLS].received
+        self.assertEqual(got.recipients, ["member@tls.test"])
+        self.assertTrue(got.tls)
+        envelope_states = [
+            e["state"] for e in self.events if e.get("queue_id") == qid and "state" in e
+        ]
+        self.assertEqual(envelope_states, [DELIVERED])
+
+    async def test_idle_while_a_server_is_slow(self) -> None:
+        """
+        While a slow server takes its time to answer the final dot, gsmail
+        waits without using the CPU (it does not spin on the recipient in
+        flight), then records the delivery.
+        """
+        service, port = self.start()
+        qid = await deferToThread(submit, port, SENDER, ["member@slow.test"], message("slow"))
+        slow = self.network.cores[SLOW]
+        await wait_until("the final dot at the slow host", lambda: bool(slow.received))
+        cpu, wall = time.process_time(), reactor.seconds()
+        await deferLater(reactor, SLOW_REPLY / 2)
+        cpu, wall = time.process_time() - cpu, reactor.seconds() - wall
+        self.assertLess(cpu, wall / 4, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting")
+        await wait_until("the delivery to be recorded", gone(service, qid))
+
+
+
+class ServiceLifecycleTests(TestCase):
+    """Starting and stopping gsmail with outbound delivery on."""
+
+    async def test_system_resolver_leaves_no_timer(self) -> None:
+        """
+        gsmail using the system's DNS servers (no C{dns_servers}) leaves no
+        timer behind once stopped, so an application that embeds it can stop
+        its reactor cleanly.
+        """
+        directory = os.path.abspath(self.mktemp())
+        before = set(reactor.getDelayedCalls())
+        service = makeService(
+            make_config(
+                directory,
+                smtp_endpoint="",
+                lmtp_endpoint="",
+                submission_endpoint="tcp:0:interface=127.0.0.1",
+                queue_dir=os.path.join(directory, "queue"),
+                relayhost="[127.0.0.1]:9",
+            ),
+            reactor,
+        )
+        service.privilegedStartService()
+        service.startService()
+        await service.stopService()
+        left = [
+            c
+            for c in reactor.getDelayedCalls()
+            if c not in before
+            and c.active()
+            and not getattr(getattr(c, "func", None), "__module__", "").startswith("twisted.trial")
+        ]
+        described = [repr(c) for c in left]
+        for call in left:
+            call.cancel()  # so that the failure is this assertion, not a dirty reactor
+        self.assertEqual(described, [])
+
