@@ -128,6 +128,7 @@ class GsmailConfig:
     submission_endpoint: str = ""
     submission_networks: tuple[str, ...] = ("127.0.0.0/8", "::1")
     queue_dir: str = "/var/spool/gsmail/outbound"
+    control_socket: str = ""  # "": <queue_dir>/control (gsmail.control.control_path)
     relayhost: str = ""
     relayhost_username: str = ""
     relayhost_password: str = attrs.field(default="", repr=False)
@@ -667,6 +668,7 @@ class _Reader:
             "submission_endpoint": self.endpoint(section, "submission_endpoint"),
             "submission_networks": self.words(section, "submission_networks"),
             "queue_dir": self.path_option(section, "queue_dir"),
+            "control_socket": self.path_option(section, "control_socket", empty=""),
             "relayhost": (self.line(section, "relayhost") or "").strip(),
             "relayhost_username": (self.line(section, "relayhost_username") or "").strip(),
             "relayhost_password": self.parser.get(
