@@ -101,7 +101,7 @@ class Timeouts:
     §4.5.3.2's minimums; the connect and quit limits are Postfix's
     (C{smtp_connect_timeout} 30 s) and gsmail's own.
 
-    @ivar connect: for the TCP (and implicit TLS) connection to be made.
+    @ivar connect: for the TCP connection to be made.
     @ivar greeting: for the 220 greeting (RFC: 5 minutes).
     @ivar command: for EHLO/HELO/LHLO, STARTTLS, AUTH and RSET replies.
     @ivar mail: for the MAIL reply (RFC: 5 minutes).
@@ -224,9 +224,9 @@ class SMTPClientError(Exception):
         self.detail = detail
         self.transient = transient
         self.reply = reply
-        self.enhanced = (
-            enhanced or (reply.enhanced if reply else "") or ("4.0.0" if transient else "5.0.0")
-        )
+        enhanced = enhanced or (reply.enhanced if reply else "") or "4.0.0"
+        # The class follows our verdict: a 535 taken as transient is 4.7.8.
+        self.enhanced = ("4" if transient else "5") + enhanced[1:]
         self.after_data = after_data
         self.partial = partial or {}
         super().__init__(str(self))
@@ -241,12 +241,17 @@ class SMTPClientError(Exception):
 
     def as_reply(self) -> Reply:
         """
-        The reply to record against each recipient: the server's own, else one
-        made up from C{enhanced} and C{detail} (451 if transient, else 554).
+        The reply to record against each recipient: the server's own when its
+        class agrees with C{transient}, else one made up from C{enhanced} and
+        C{detail} (451 if transient, else 554), quoting the server's.
         """
-        if self.reply is not None:
-            return self.reply
-        return Reply(451 if self.transient else 554, self.enhanced, f"gsmail: {self.detail}")
+        reply = self.reply
+        if reply is not None and reply.is_transient == self.transient:
+            return reply
+        text = f"gsmail: {self.detail}"
+        if reply is not None:
+            text += f" (server said: {reply.code} {reply.status_line()})"
+        return Reply(451 if self.transient else 554, self.enhanced, text)
 
 
 # -- the wire format ---------------------------------------------------------
@@ -331,6 +336,10 @@ class ReplyParser:
         self._lines = []
         self._code = None
         return reply
+
+
+class _TimedOut(SMTPClientError):
+    """No reply (or no progress) in time."""
 
 
 def _protocol_error(detail: str, after_data: bool = False) -> SMTPClientError:
@@ -539,7 +548,8 @@ class _ClientProtocol(Protocol):
         try:
             replies = self._parser.feed(data)
         except SMTPClientError as e:
-            self.fail(_protocol_error(e.detail.removeprefix("protocol error: "), self.after_data))
+            e.after_data = self.after_data
+            self.fail(e)
             self.transport.abortConnection()
             return
         generation = self._generation
@@ -624,7 +634,7 @@ class _ClientProtocol(Protocol):
     # -- failure -------------------------------------------------------------
     def timed_out(self, what: str) -> None:
         self.fail(
-            SMTPClientError(
+            _TimedOut(
                 f"timed out waiting for {what}",
                 transient=True,
                 enhanced="4.4.2",
@@ -749,7 +759,17 @@ class SMTPConnection:
         require_auth: bool,
     ) -> None:
         t = self._timeouts
-        greeting = await self._read(t.greeting, "the greeting")
+        try:
+            greeting = await self._read(t.greeting, "the greeting")
+        except SMTPClientError as e:
+            if self.tls_active and e.reply is None and not isinstance(e, _TimedOut):
+                # Implicit TLS (port 465): the handshake failed.
+                raise SMTPClientError(
+                    f"TLS handshake or certificate verification failed ({e.detail})",
+                    transient=True,
+                    enhanced="4.7.5",
+                ) from e
+            raise
         if greeting.code != 220:
             raise SMTPClientError(
                 "the server refused the session",
@@ -1094,7 +1114,6 @@ class SMTPConnection:
                 return
             self._quit = True
             if self.usable:
-                self._closed = True
                 try:
                     await self._command(b"QUIT", self._timeouts.quit, "the QUIT reply")
                 except SMTPClientError:
