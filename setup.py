@@ -21,7 +21,12 @@ setup(
         "multipart>=1.0.0",
         "idna>=3.0",
     ],
-    entry_points={"console_scripts": ["gsmail-queue = gsmail.queuectl:main"]},
+    entry_points={
+        "console_scripts": [
+            "gsmail-queue = gsmail.queuectl:main",
+            "smtp2gs = gsmail.script:main",
+        ]
+    },
     extras_require={
         "test": ["hypothesis>=6.0"],
         "dev": ["hypothesis>=6.0", "mypy>=1.10", "mypy-zope>=1.0.5", "ruff>=0.5"],

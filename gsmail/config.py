@@ -38,7 +38,15 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 from twisted.logger import Logger
 
-__all__ = ["ConfigError", "GsmailConfig", "load_config", "parse_bool", "parse_duration"]
+__all__ = [
+    "ConfigError",
+    "GsmailConfig",
+    "PipeConfig",
+    "load_config",
+    "load_pipe_config",
+    "parse_bool",
+    "parse_duration",
+]
 
 log = Logger()
 
@@ -246,6 +254,98 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     reader.warn_unknown(gsmail)
     config = reader.gsmail(gsmail, instance, token, relay_prefix)
     return attrs.evolve(config, **reader.outbound(gsmail, smtp))
+
+
+@attrs.frozen
+class PipeConfig:
+    """
+    What the pipe-compatible C{smtp2gs} command (L{gsmail.script}) reads from
+    the gs.config file: the token, the relay prefix and, when the instance
+    has a C{gsmail} section, the daemon's ledger and client settings.
+
+    Durations are seconds.
+
+    @ivar ledger_path: the post ledger the daemon uses (C{ledger_path} of the
+        C{gsmail} section, or its default), so that a message that comes
+        once through the pipe and once over LMTP is posted once; C{""} when
+        the instance has no C{gsmail} section: no ledger, as the old command.
+    """
+
+    path: str
+    instance: str
+    token: str = attrs.field(repr=False)
+    relay_address_prefix: str = "p-"
+    ledger_path: str = ""
+    ledger_ttl: float = 7 * 24 * 3600.0
+    connect_timeout: float = 8.0
+    response_timeout: float = 240.0
+    verify_tls: bool = True
+
+
+def load_pipe_config(path: str, instance: str = "default") -> PipeConfig:
+    """
+    Read what C{smtp2gs} needs from C{path}, the gs.config file, for one
+    instance: the C{webservice} section's C{token} (required), the C{smtp}
+    section's C{relay-address-prefix} (optional section, default C{p-}) and,
+    if the instance has a C{gsmail} section, its C{ledger_path},
+    C{ledger_ttl}, C{connect_timeout}, C{response_timeout} and
+    C{verify_tls} (each with the daemon's default when absent). Nothing else
+    of the C{gsmail} section is read or checked, so a file that only the old
+    smtp2gs used works unchanged.
+
+    Sections are found as L{load_config} finds them: C{[config-INSTANCE]}
+    naming C{webservice}, C{smtp} and C{gsmail} sections (only C{webservice}
+    required), or the short form C{[webservice-INSTANCE]} with optional
+    C{[smtp-INSTANCE]} and C{[gsmail-INSTANCE]}. Relative paths are relative
+    to the file's directory. Blocking: call it before the reactor runs.
+
+    @param path: the configuration file.
+    @param instance: the gs.config instance (C{smtp2gs --instance}).
+    @raise ConfigError: missing or unreadable file, missing section or token,
+        or a value of the wrong form; one line naming file, section and
+        option, never the token. C{smtp2gs} answers C{4.3.5} (exit 78,
+        EX_CONFIG), which Postfix defers.
+    """
+    if not instance or instance != instance.strip() or "]" in instance:
+        raise ConfigError(f"{path}: bad instance name {instance!r}")
+    parser = _parse(path)
+    reader = _Reader(path, os.path.dirname(os.path.abspath(path)), parser)
+    config = f"config-{instance}"
+    if parser.has_section(config):
+        webservice = reader.named_section(config, "webservice")
+        smtp = reader.named_section(config, "smtp", required=False)
+        gsmail = reader.named_section(config, "gsmail", required=False)
+        assert webservice is not None
+    else:
+        webservice = f"webservice-{instance}"
+        if not parser.has_section(webservice):
+            raise ConfigError(
+                f"{path}: no section [{config}] (instance {instance!r}) "
+                f"and no short-form section [{webservice}]"
+            )
+        smtp = f"smtp-{instance}" if parser.has_section(f"smtp-{instance}") else None
+        gsmail = f"gsmail-{instance}" if parser.has_section(f"gsmail-{instance}") else None
+    token = reader.token(webservice)
+    reader.secret = token
+    relay_prefix = "p-" if smtp is None else reader.relay_prefix(smtp)
+    if gsmail is None:
+        return PipeConfig(
+            path=os.path.abspath(path),
+            instance=instance,
+            token=token,
+            relay_address_prefix=relay_prefix,
+        )
+    return PipeConfig(
+        path=os.path.abspath(path),
+        instance=instance,
+        token=token,
+        relay_address_prefix=relay_prefix,
+        ledger_path=reader.path_option(gsmail, "ledger_path"),
+        ledger_ttl=reader.duration(gsmail, "ledger_ttl"),
+        connect_timeout=reader.duration(gsmail, "connect_timeout"),
+        response_timeout=reader.duration(gsmail, "response_timeout"),
+        verify_tls=reader.boolean(gsmail, "verify_tls"),
+    )
 
 
 def _parse(path: str) -> ConfigParser:
