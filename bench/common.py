@@ -1,0 +1,117 @@
+"""
+Helpers shared by the benchmark harness and its load generators: messages,
+GroupServer form bodies, percentiles, and /proc readings of a process.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import time
+import uuid
+
+TOKEN = "bench-token"
+DOMAIN = "groups.example.com"
+GROUP = "example"
+LIST_ADDRESS = f"{GROUP}@{DOMAIN}"
+SENDER = "sender@example.org"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_BODY_LINE = b"X" * 76
+
+
+def new_message_id() -> str:
+    """A unique Message-ID, so the ledger never takes one message for another."""
+    return f"<{uuid.uuid4().hex}@bench.example.org>"
+
+
+def make_message(message_id: str, size: int, to: str = LIST_ADDRESS) -> bytes:
+    """
+    A message with CRLF line endings and a body of about C{size} bytes
+    (76-character lines, as smtp-source sends), no line starting with a dot.
+    """
+    header = (
+        f"From: Bench <{SENDER}>\r\nTo: <{to}>\r\nSubject: bench\r\n"
+        f"Date: Sat, 21 Nov 2026 00:00:00 +0000\r\nMessage-ID: {message_id}\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode("ascii")
+    lines = max(1, size // (len(_BODY_LINE) + 2))
+    return header + (_BODY_LINE + b"\r\n") * lines
+
+
+def form_body(fields: dict[str, str], message: bytes, boundary: str) -> bytes:
+    """
+    A C{multipart/form-data} body as GroupServer's add-email page takes it:
+    the string fields, then C{form.emailMessage} as base64.
+    """
+    out = []
+    for name, value in fields.items():
+        out.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    out.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="form.emailMessage"\r\n'
+        "Content-Type: text/plain\r\n\r\n".encode()
+    )
+    out.append(base64.b64encode(message))
+    out.append(f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(out)
+
+
+def add_email_fields(group_id: str = GROUP, token: str = TOKEN) -> dict[str, str]:
+    """The add-email page's fields but the message."""
+    return {
+        "form.groupId": group_id,
+        "form.timeSource": "server",
+        "form.token": token,
+        "form.actions.add": "Add",
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The C{q}-th percentile (0..100) by nearest rank; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (and its reaped children), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state): utime is field 14, stime 15, cutime 16, cstime 17.
+    return sum(int(x) for x in fields[11:15]) / _CLK_TCK
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM (peak resident set size) of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:C{port}.
+
+    @raise TimeoutError: nothing did within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.05)

@@ -1,0 +1,179 @@
+"""
+Case 5 helpers: Postfix's smtp-sink as the receiving end (it counts
+transactions), a private Postfix instance as the XVERP relay peer, and the
+smtplib peer. gsmail itself is started by run.py.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import smtplib
+import subprocess
+import tempfile
+import time
+
+from common import free_port, wait_for_port
+
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
+GROUP_ADDRESS = "example@groups.example.com"
+
+
+def members(count: int) -> list[str]:
+    """The member addresses a post goes to."""
+    return [f"member{i}@example.net" for i in range(count)]
+
+
+def group_message(size: int = 4096) -> bytes:
+    """A post as GroupServer sends it out (CRLF lines)."""
+    header = (
+        f"From: Someone <someone@example.org>\r\nTo: <{GROUP_ADDRESS}>\r\n"
+        "Subject: a post\r\nMessage-ID: <post.bench@groups.example.com>\r\n\r\n"
+    )
+    return header.encode("ascii") + (b"Z" * 76 + b"\r\n") * max(1, size // 78)
+
+
+def verp(recipient: str) -> str:
+    """The VERP sender of one copy: C{list+user=domain@site}, as Postfix's XVERP makes it."""
+    local, domain = GROUP_ADDRESS.split("@")
+    user, user_domain = recipient.split("@")
+    return f"{local}+{user}={user_domain}@{domain}"
+
+
+class Sink:
+    """smtp-sink on a free port of 127.0.0.1, counting transactions (C{-c})."""
+
+    def __init__(self, workdir: str, name: str) -> None:
+        self.port = free_port()
+        self.out = os.path.join(workdir, f"{name}-sink.out")
+        self._file = open(self.out, "wb")
+        self.popen = subprocess.Popen(
+            [SMTP_SINK, "-c", "-u", "nobody", f"127.0.0.1:{self.port}", "1024"],
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def count(self) -> int:
+        """Messages (end of DATA) received so far."""
+        with open(self.out, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.out) - 200))
+            tail = f.read().replace(b"\r", b"\n").split(b"\n")
+        for line in reversed(tail):
+            if b"mesg=" in line:
+                return int(line.rsplit(b"mesg=", 1)[1].split()[0])
+        return 0
+
+    def wait_for(self, count: int, timeout: float) -> float:
+        """Wait until C{count} messages arrived (or C{timeout}); return the time they had."""
+        deadline = time.monotonic() + timeout
+        while self.count() < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        self.popen.terminate()
+        self.popen.wait(10)
+        self._file.close()
+
+
+def smtplib_fanout(port: int, recipients: list[str], message: bytes) -> None:
+    """
+    The smtplib peer: one connection, one transaction per recipient with
+    its VERP sender (what a Python mailer without XVERP at the relay does).
+    """
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        for recipient in recipients:
+            client.sendmail(verp(recipient), [recipient], message)
+
+
+def submit_xverp(port: int, recipients: list[str], message: bytes, batch: int = 50) -> None:
+    """
+    Submit as gs.email's XVERP mailer does: the group's address as sender,
+    C{XVERP}, recipients in batches of C{batch} per transaction.
+    """
+    with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
+        for i in range(0, len(recipients), batch):
+            refused = client.sendmail(
+                GROUP_ADDRESS, recipients[i : i + batch], message, mail_options=["XVERP"]
+            )
+            if refused:
+                raise RuntimeError(f"refused: {list(refused)[:3]}")
+
+
+class PrivatePostfix:
+    """
+    A Postfix instance of its own (configuration, queue, log in a temporary
+    directory), relaying everything to C{relay_port} and letting 127.0.0.0/8
+    use XVERP. Needs root and the C{postfix} user (Debian's package).
+    """
+
+    def __init__(self, relay_port: int) -> None:
+        # Not under the work directory (mode 0700): Postfix's own user must reach it.
+        self.directory = tempfile.mkdtemp(prefix="gsmail-bench-pf-", dir="/tmp")
+        os.chmod(self.directory, 0o755)
+        self.port = free_port()
+        etc, queue, data = (os.path.join(self.directory, d) for d in ("etc", "queue", "data"))
+        for d in (etc, queue, data):
+            os.makedirs(d)
+        user = pwd.getpwnam("postfix")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        params = {
+            "compatibility_level": "3.6",
+            "config_directory": etc,
+            "queue_directory": queue,
+            "data_directory": data,
+            "myhostname": "relay.bench.invalid",
+            "mydestination": "",
+            "inet_interfaces": "loopback-only",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_authorized_verp_clients": "127.0.0.0/8",
+            "alias_maps": "",
+            "alias_database": "",
+            "biff": "no",
+            "relayhost": f"[127.0.0.1]:{relay_port}",
+            "default_transport": "smtp",
+            "relay_transport": "smtp",
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            "smtpd_peername_lookup": "no",
+            "smtp_tls_security_level": "none",
+            "maillog_file": os.path.join(self.directory, "maillog"),
+            "maillog_file_prefixes": self.directory,
+        }
+        with open(os.path.join(etc, "main.cf"), "w") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in params.items())
+        services = [
+            f"127.0.0.1:{self.port} inet n - n - - smtpd",
+            "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr",
+            "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce",
+            "verify unix - - n - 1 verify",
+            "proxymap unix - - n - - proxymap",
+            "smtp unix - - n - - smtp",
+            "relay unix - - n - - smtp",
+            "error unix - - n - - error",
+            "retry unix - - n - - error",
+            "discard unix - - n - - discard",
+            "anvil unix - - n - 1 anvil",
+            "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd",
+        ]
+        with open(os.path.join(etc, "master.cf"), "w") as f:
+            f.writelines(s + "\n" for s in services)
+        self.etc = etc
+        done = subprocess.run([POSTFIX, "-c", etc, "start"], capture_output=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix start: {done.stderr.decode(errors='replace')[-500:]}")
+        wait_for_port(self.port, 30)
+
+    def stop(self) -> None:
+        subprocess.run([POSTFIX, "-c", self.etc, "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.directory, ignore_errors=True)

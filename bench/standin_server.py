@@ -1,0 +1,149 @@
+"""
+The GroupServer side of the benchmarks: gsmail's own stand-in
+(L{gsmail.standin.StandIn}) served in a process of its own, so its work is
+not counted against the server under test.
+
+It adds a small control page under C{/_bench/} and records, for every post
+the add-email page stores, the post's C{Message-ID} and the time it was
+stored (C{time.monotonic()}, which on Linux is one clock for every process,
+so the harness can compare it with its own send times).
+
+    python bench/standin_server.py --dir DIR --token TOKEN [--groups example,dev]
+        [--domain groups.example.com] [--inline] [--keep]
+
+Prints C{PORT <n>} on standard output once it listens on 127.0.0.1. Control:
+
+  - C{GET /_bench/stats}: C{{"count": n, "first": t, "last": t}} (posts
+    stored since the last reset, times in monotonic seconds);
+  - C{GET /_bench/arrivals}: C{[[message_id, t], ...]};
+  - C{POST /_bench/reset}: forget the arrivals.
+
+Stored messages are deleted once their Message-ID is read (a benchmark stores
+gigabytes otherwise); C{--keep} keeps them. Stops on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.web import server
+from twisted.web.resource import Resource
+
+# Run from a checkout: the tree's gsmail, not an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gsmail.standin import StandIn  # noqa: E402
+
+reactor: Any = _reactor
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+#: Bytes read from a stored post to find its Message-ID.
+_HEAD = 16 * 1024
+
+
+def _message_id(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(_HEAD)
+    head = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+    found = _MESSAGE_ID.search(head)
+    return found.group(1).decode("latin-1") if found else ""
+
+
+class BenchStandIn(StandIn):
+    """
+    The stand-in, recording (Message-ID, time stored) per post. Hooks the
+    stand-in's private C{_store_post}: the stand-in has no public hook for
+    "a post was stored" (suggested to the lead).
+    """
+
+    def __init__(self, *args: Any, keep: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrivals: list[tuple[str, float]] = []
+        self._keep = keep
+
+    def _store_post(self, form: Any, group_id: str, time_source: str) -> None:
+        super()._store_post(form, group_id, time_source)
+        stored = time.monotonic()
+        record = self._posts.pop()  # memory stays flat over 100k posts
+        self.arrivals.append((_message_id(record.path), stored))
+        if not self._keep:
+            os.unlink(record.path)
+
+
+class Root(Resource):
+    """C{/_bench/...} control pages, everything else to the stand-in."""
+
+    isLeaf = True
+
+    def __init__(self, standin: BenchStandIn) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._standin = standin
+        self._pages = standin.resource()
+
+    def render(self, request: server.Request) -> Any:
+        path = request.path
+        if not path.startswith(b"/_bench/"):
+            return self._pages.render(request)
+        request.setHeader(b"content-type", b"application/json")
+        arrivals = self._standin.arrivals
+        if path == b"/_bench/stats":
+            body: Any = {
+                "count": len(arrivals),
+                "first": arrivals[0][1] if arrivals else None,
+                "last": arrivals[-1][1] if arrivals else None,
+                "requests": dict(self._standin.requests),
+            }
+        elif path == b"/_bench/arrivals":
+            body = arrivals
+        elif path == b"/_bench/reset" and request.method == b"POST":
+            self._standin.arrivals = []
+            self._standin.requests.clear()
+            body = {"ok": True}
+        else:
+            request.setResponseCode(404)
+            body = {"error": "no such control page"}
+        return json.dumps(body).encode("ascii")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--groups", default="example,dev")
+    parser.add_argument("--domain", default="groups.example.com")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--inline",
+        action="store_true",
+        help="parse bodies in the reactor thread (faster for small posts)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep stored posts")
+    args = parser.parse_args()
+    groups = {f"{g}@{args.domain}": g for g in args.groups.split(",") if g}
+    standin = BenchStandIn(
+        args.dir,
+        args.token,
+        groups,
+        clock=reactor,
+        reactor=None if args.inline else reactor,
+        keep=args.keep,
+    )
+    site = server.Site(
+        Root(standin),
+        requestFactory=functools.partial(server.Request, parsePOSTFormSubmission=False),
+    )
+    site.log = lambda request: None  # type: ignore[method-assign]  # no access log
+    port = reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=1024)
+    print(f"PORT {port.getHost().port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
