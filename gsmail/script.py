@@ -735,21 +735,14 @@ async def _keep_copy(
     in C{unknown/KEY.eml}, where the daemon keeps its copies, for the
     operator to check against the group. Failing to is logged, not fatal.
     """
-    import shutil
+    from gsmail.inbound.spool import keep_copy, unknown_dir
 
-    directory = os.path.join(os.path.dirname(os.path.abspath(job.config.ledger_path)), "unknown")
+    directory = unknown_dir(job.config.ledger_path)
     target = os.path.join(directory, key.hex() + ".eml")
     source = job.source()
 
     def copy() -> None:
-        os.makedirs(directory, exist_ok=True)
-        temporary = f"{target}.{os.getpid()}.tmp"
-        with open(temporary, "wb") as out, open(source.path, "rb") as data:
-            out.write(source.prefix)
-            shutil.copyfileobj(data, out, _MIB)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
+        keep_copy(directory, key, source.prefix, source.path)
 
     try:
         await in_thread(copy)

@@ -26,7 +26,7 @@ from gsmail.control import ControlFactory, ControlService, QueueControl, control
 from gsmail.groupserver import GroupServerClient
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import Spool
+from gsmail.inbound.spool import Spool, unknown_dir
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
 from gsmail.outbound.mx import MXResolver, parse_relayhost
@@ -129,9 +129,7 @@ class GsmailService(MultiService):
             reply_deadline=config.reply_deadline,
             group_cache_ttl=config.group_cache_ttl,
             group_negative_cache_ttl=config.group_negative_cache_ttl,
-            unknown_dir=os.path.join(
-                os.path.dirname(os.path.abspath(config.ledger_path)), "unknown"
-            ),
+            unknown_dir=unknown_dir(config.ledger_path),
             blocking=blocking,
         )
         settings = ServerSettings(

@@ -9,7 +9,6 @@ ledger, so no message is ever posted twice.
 from __future__ import annotations
 
 import os
-import shutil
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind, route_recipient
 from gsmail.inbound.protocol import Envelope, Session
-from gsmail.inbound.spool import SpooledMessage, remove
+from gsmail.inbound.spool import SpooledMessage, keep_copy, remove
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.status import GroupServerError, Reply
@@ -373,14 +372,7 @@ class DeliveryCore:
         target = os.path.join(self.unknown_dir, key.hex() + ".eml")
 
         def copy() -> None:
-            os.makedirs(self.unknown_dir, exist_ok=True)
-            tmp = target + ".tmp"
-            with open(tmp, "wb") as out, open(source.path, "rb") as src:
-                out.write(source.prefix)
-                shutil.copyfileobj(src, out, 1024 * 1024)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
+            keep_copy(self.unknown_dir, key, source.prefix, source.path)
 
         d = maybeDeferred(copy) if self._blocking is None else self._blocking(copy)
 

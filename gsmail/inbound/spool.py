@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -129,6 +130,35 @@ class Spool:
             self._file.close()
             self._closed = True
         remove(self.path)
+
+
+def unknown_dir(ledger_path: str) -> str:
+    """
+    Where copies of messages whose post had an unknown outcome are kept:
+    C{unknown/} beside the post ledger (the daemon and smtp2gs share it).
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(ledger_path)), "unknown")
+
+
+def keep_copy(directory: str, key: bytes, prefix: bytes, path: str) -> str:
+    """
+    Write C{prefix} followed by the file at C{path} to C{directory/KEYHEX.eml},
+    fsynced, via a temporary file unique to this process. Blocking: run it in
+    a thread.
+
+    @return: the path written.
+    @raise OSError: it could not be written.
+    """
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, key.hex() + ".eml")
+    temporary = f"{target}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as out, open(path, "rb") as data:
+        out.write(prefix)
+        shutil.copyfileobj(data, out, 1024 * 1024)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, target)
+    return target
 
 
 def remove(path: str) -> None:
