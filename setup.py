@@ -20,6 +20,7 @@ setup(
         "attrs>=23.1.0",
         "multipart>=1.0.0",
         "idna>=3.0",
+        "hyperlink>=21.0.0",
     ],
     entry_points={
         "console_scripts": [

@@ -43,11 +43,14 @@ class MessageSource:
         C{b"Return-Path: <a@example.org>\\nX-Original-To: dev@groups.example.com\\n"}.
     @ivar path: the spool file; it is not removed by the client.
     @ivar size: the number of bytes of C{path} that belong to the message.
+    @ivar data: those C{size} bytes, when the spool kept them in memory too
+        (small messages), or C{None}: the client then reads the file.
     """
 
     prefix: bytes
     path: str
     size: int
+    data: bytes | None = None
 
     @property
     def length(self) -> int:

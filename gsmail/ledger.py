@@ -12,7 +12,7 @@ L{PostLedger.run} takes a key and the action that posts, and:
     another one using the same file, did it (or may have done it);
   - makes concurrent calls with one key share one action and its outcome: a
     keyed lock with an atomic claim, not check-then-mark; across processes
-    the claim is a lock file per key (below);
+    the claim is a lock on one byte of a shared file (below);
   - remembers, for C{ttl} seconds, each key whose action succeeded, in memory
     and in an append-only file that is fsynced I{before} the caller hears of
     the success, so the caller's 250 is only said once a restart, or another
@@ -56,11 +56,15 @@ own memory of the file and these rules keep the memories right:
      from the start, also in the reactor thread: rare (see 4), but with
      C{preload} as long as opening (below).
   3. Claiming a key. While its action runs, and until its record is durable,
-     the process holds C{flock(LOCK_EX | LOCK_NB)} on C{<path>.keys/<hex key>};
-     then it unlinks the file and closes it. Taking the lock is followed by a
-     check that the path still names the locked inode (else it was unlinked
-     under us: retry), then by a catch-up and a look-up, so a post another
-     process finished just before is seen. A call that finds the key locked
+     the process holds an exclusive lock on one byte of C{<path>.claims},
+     the byte at the offset given by the key's first 7 bytes (Linux
+     open-file-description locks, C{F_OFD_SETLK}: owned by the ledger
+     object's descriptor, released by the kernel when the process dies; no
+     file is made per key, so a claim is one C{fcntl} call and so is its
+     release). Taking the lock is followed by a catch-up and a look-up, so a
+     post another process finished just before is seen. Two keys share a
+     byte once in 2**56: the second then waits for the first, nothing
+     worse. A call that finds the key locked
      polls every 50 ms on the injected clock, catching up each time: when
      the record appears it answers L{Outcome.DUPLICATE} or L{Outcome.UNKNOWN};
      when the lock is free and there is no record (the other process failed,
@@ -100,6 +104,7 @@ import fcntl
 import hashlib
 import math
 import os
+import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, Generic, NamedTuple, TypeVar
@@ -130,8 +135,6 @@ _READ_CHUNK: Final = 1 << 20
 _WRITE_BATCH: Final = 4096
 #: Seconds between two looks at a key another process is posting.
 _POLL_INTERVAL: Final = 0.05
-#: Attempts at a key's lock file that keeps being replaced before waiting.
-_KEY_LOCK_TRIES: Final = 8
 #: Prefix of the hashed key material; changing it makes every remembered key unknown.
 _KEY_DOMAIN: Final = b"gsmail.ledger.key.v1\x00"
 _KEY_SIZE: Final = 32
@@ -281,8 +284,8 @@ class PostLedger:
     ) -> None:
         """
         @param path: the ledger file; its directory is created by L{open}.
-            C{<path>.lock}, C{<path>.tmp} and the directory C{<path>.keys}
-            are used beside it.
+            C{<path>.lock}, C{<path>.claims} and C{<path>.tmp} are used
+            beside it.
         @param ttl: how long a key is remembered, in seconds (a sender retries
             for about 5 days, so the default is 7 days).
         @param clock: time source for record times, expiry and waiting.
@@ -305,7 +308,6 @@ class PostLedger:
         if not (math.isfinite(wait_timeout) and wait_timeout > 0):
             raise ValueError("wait_timeout must be a positive number of seconds")
         self.path = path
-        self._keys_dir = path + ".keys"
         self._ttl = ttl
         self._clock = clock
         self._sync: Sync = _run_inline if sync is None else sync
@@ -323,9 +325,10 @@ class PostLedger:
         self._cursor: _Cursor | None = None  # what this process has read
         self._records = 0  # lines in the current file, as far as read
         self._appender: _Appender | None = None  # used only in sync jobs
+        self._claims_fd = -1  # the descriptor that owns this object's claims
         self._flights: dict[bytes, _Observer[Outcome]] = {}
         # Keys whose action is done but whose record is not durable yet: their
-        # lock files stay locked so that other processes wait.
+        # claims stay locked so that other processes wait.
         self._held: dict[bytes, _KeyLock] = {}
         self._pauses: set[Deferred[None]] = set()
         self._pending: list[tuple[bytes, Deferred[None]]] = []
@@ -371,17 +374,19 @@ class PostLedger:
         it. Never waits for another process. Blocking: call it before the
         reactor runs (C{startService}).
 
-        @raise OSError: the directories or the lock file cannot be created,
+        @raise OSError: the directory, the lock or claims file cannot be created,
             or the file cannot be read; gsmail must not start without its
             ledger.
         @raise RuntimeError: the ledger was already opened.
         """
         if self._state is not _State.NEW:
             raise RuntimeError("PostLedger.open() called twice")
-        os.makedirs(self._keys_dir, exist_ok=True)  # and the ledger's directory
-        lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        lock_fd = os.open(self.path + ".lock", flags, 0o600)
         self._appender = _Appender(self.path, lock_fd)
         try:
+            self._claims_fd = os.open(self.path + ".claims", flags, 0o600)
             loaded = self._reload()
             if self._worth_compacting():
                 self._compact_at_open()
@@ -389,6 +394,7 @@ class PostLedger:
             self._set_cursor(None)
             self._appender.close()
             self._appender = None
+            self._close_claims()
             raise
         if loaded.garbage:
             self._log_garbage(loaded.garbage)
@@ -671,7 +677,7 @@ class PostLedger:
         self, key: bytes, action: Callable[[], Deferred[Any]], lock: _KeyLock
     ) -> Outcome | Failure:
         """
-        Perform the action holding the key's lock file; release it once the
+        Perform the action holding the key's claim; release it once the
         outcome is durable (or nothing is to be recorded).
         """
         result: Outcome | Failure
@@ -707,8 +713,7 @@ class PostLedger:
 
     async def _claim(self, key: bytes) -> tuple[Outcome | None, _KeyLock | None]:
         """
-        Take the key's lock file, or wait until the process that holds it is
-        done.
+        Claim the key, or wait until the process that holds it is done.
 
         @return: the outcome recorded by another process (and no lock), or
             C{None} and the lock: perform the action.
@@ -717,10 +722,9 @@ class PostLedger:
         @raise OSError: a file could not be read or created.
         """
         deadline = self._clock.seconds() + self._wait_timeout
-        path = os.path.join(self._keys_dir, key.hex())
         waited = False
         while True:
-            lock = _KeyLock.acquire(path)
+            lock = _KeyLock.acquire(self._claims_fd, key)
             try:
                 self._catch_up()  # what the previous holder recorded
                 known = self._lookup(key)
@@ -918,6 +922,11 @@ class PostLedger:
 
     # -- closing ------------------------------------------------------------
 
+    def _close_claims(self) -> None:
+        if self._claims_fd >= 0:
+            os.close(self._claims_fd)
+            self._claims_fd = -1
+
     def _check_idle(self) -> None:
         if not (self._flights or self._writing or self._pending):
             idle, self._idle = self._idle, []
@@ -951,6 +960,7 @@ class PostLedger:
             if self._appender is not None:
                 self._appender.close()
                 self._appender = None
+            self._close_claims()  # after the held claims were released
             self._state = _State.CLOSED
         self._closed.fire(result)
 
@@ -960,63 +970,47 @@ class PostLedger:
 
 class _KeyLock:
     """
-    The lock file of a key whose action this process is performing.
+    This ledger object's claim on a key: an exclusive open-file-description
+    lock on one byte of the claims file (see the module docstring, rule 3).
     """
 
-    def __init__(self, path: str, fd: int) -> None:
-        self._path = path
+    def __init__(self, fd: int, offset: int) -> None:
         self._fd = fd
+        self._offset = offset
 
     @classmethod
-    def acquire(cls, path: str) -> _KeyLock | None:
+    def acquire(cls, fd: int, key: bytes) -> _KeyLock | None:
         """
-        Lock C{path} without waiting.
+        Claim C{key} without waiting.
 
-        @return: the lock, or C{None} if another process (or another ledger
+        @param fd: the claims file, open for reading and writing.
+        @return: the claim, or C{None} if another process (or another ledger
             object in this one) holds it.
-        @raise OSError: the file could not be created.
+        @raise OSError: the lock could not be taken for another reason.
         """
-        for _ in range(_KEY_LOCK_TRIES):
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except FileNotFoundError:  # the directory was removed by hand
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            # The holder we waited for unlinks the file before it unlocks: the
-            # lock counts only if the path still names the inode we locked.
-            try:
-                named = os.stat(path)
-                mine = os.fstat(fd)
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            if (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino):
-                return cls(path, fd)
-            os.close(fd)
-        return None  # replaced every time: someone is busy with it; wait
+        offset = int.from_bytes(key[:7], "big")
+        try:
+            fcntl.fcntl(fd, _SETLK, _flock(fcntl.F_WRLCK, offset))
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
+            return None
+        return cls(fd, offset)
 
     def release(self) -> None:
-        """
-        Remove the file, then unlock it (closing it), so a process that
-        opened it meanwhile sees it gone and retries.
-        """
+        """Let other processes claim the key."""
         try:
-            os.unlink(self._path)
+            fcntl.fcntl(self._fd, _SETLK, _flock(fcntl.F_UNLCK, self._offset))
         except OSError:
-            pass  # a left-over file is harmless: nobody holds its lock
-        finally:
-            os.close(self._fd)
+            pass  # the descriptor is gone, and the lock with it
+
+
+#: Open-file-description locks (Linux 3.15+): two ledger objects in one
+#: process exclude each other as two processes do. Elsewhere, process locks.
+_SETLK: Final[int] = getattr(fcntl, "F_OFD_SETLK", fcntl.F_SETLK)
+
+
+def _flock(kind: int, offset: int) -> bytes:
+    """A C{struct flock} for one byte at C{offset} (64-bit Linux layout)."""
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
 
 
 @attrs.define

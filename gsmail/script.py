@@ -338,7 +338,12 @@ class Job:
         """The whole input, as the GroupServer client posts it."""
         from gsmail.interfaces import MessageSource
 
-        return MessageSource(prefix=self.prefix, path=self.message.path, size=self.message.size)
+        return MessageSource(
+            prefix=self.prefix,
+            path=self.message.path,
+            size=self.message.size,
+            data=self.message.data,
+        )
 
     def discard(self) -> None:
         """Remove the spool file."""

@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import gsmail
 from gsmail import status
-from gsmail.ledger import LedgerBusyError, LedgerClosedError, Outcome, PostLedger
+from gsmail.ledger import LedgerBusyError, LedgerClosedError, Outcome, PostLedger, _KeyLock
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
 from tests.test_ledger import ManualSync, Post
 
@@ -93,13 +93,18 @@ class SharedFileTestCase(SynchronousTestCase):
         with open(self.path, "rb") as f:
             return f.read().splitlines(keepends=True)
 
-    def key_files(self) -> list[str]:
-        return os.listdir(self.path + ".keys")
+    def claimed(self, key: bytes) -> bool:
+        """Whether some ledger holds C{key}'s claim (asked as another process would)."""
+        fd = os.open(self.path + ".claims", os.O_RDWR | os.O_CREAT)
+        try:
+            return _KeyLock.acquire(fd, key) is None
+        finally:
+            os.close(fd)
 
     def lock_key(self, key: bytes) -> int:
-        """Lock C{key}'s lock file as a process posting it would; return the descriptor."""
-        fd = os.open(os.path.join(self.path + ".keys", key.hex()), os.O_RDWR | os.O_CREAT)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        """Claim C{key} as a process posting it would; return the descriptor."""
+        fd = os.open(self.path + ".claims", os.O_RDWR | os.O_CREAT)
+        self.assertIsNotNone(_KeyLock.acquire(fd, key))
         return fd
 
 
@@ -122,7 +127,7 @@ class SharingTests(SharedFileTestCase):
         self.assertEqual(post.calls, 0)
         self.assertEqual(self.successResultOf(pipe.run(L, post)), Outcome.DONE)
         self.assertEqual(daemon.state(L), Outcome.DUPLICATE)
-        self.assertEqual(self.key_files(), [])
+        self.assertFalse(self.claimed(K))
 
     def test_opened_later(self) -> None:
         """
@@ -309,16 +314,23 @@ class WaitingTests(SharedFileTestCase):
         self.assertEqual(self.successResultOf(d), Outcome.DONE)
         self.assertEqual(post.calls, 1)
 
-    def test_stale_key_file(self) -> None:
+    def test_claim_held_until_durable(self) -> None:
         """
-        A key's lock file left behind by a crashed process does not hold up
-        the next copy, and is removed once the post is recorded.
+        Another process cannot claim a key while its post runs and its record
+        is not on disk yet, and can once it is; the claims of other keys are
+        free all along.
         """
-        ledger = self.ledger()
-        os.close(self.lock_key(K))
-        self.assertEqual(self.key_files(), [K.hex()])
-        self.assertEqual(self.successResultOf(ledger.run(K, Post(instant=True))), Outcome.DONE)
-        self.assertEqual(self.key_files(), [])
+        sync = ManualSync()
+        ledger = self.ledger(sync=sync)
+        post = Post()
+        d = ledger.run(K, post)
+        self.assertTrue(self.claimed(K))
+        self.assertFalse(self.claimed(L))
+        post.deferreds[0].callback(None)
+        self.assertTrue(self.claimed(K))  # posted, record not fsynced yet
+        sync.finish()
+        self.assertEqual(self.successResultOf(d), Outcome.DONE)
+        self.assertFalse(self.claimed(K))
 
     def test_record_not_durable(self) -> None:
         """

@@ -299,7 +299,9 @@ class DeliveryCore:
         received: float,
     ) -> Deferred[Reply]:
         prefix = trace_fields(session, envelope, route.recipient, self.hostname, received)
-        source = MessageSource(prefix=prefix, path=message.path, size=message.size)
+        source = MessageSource(
+            prefix=prefix, path=message.path, size=message.size, data=message.data
+        )
         action: Callable[[], Deferred[Any]]
         if route.kind is RouteKind.GROUP:
             assert route.group_id is not None

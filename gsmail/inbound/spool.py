@@ -14,11 +14,11 @@ that got a 2xx reply.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import re
 import shutil
 import tempfile
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 import attrs
 
@@ -28,6 +28,9 @@ __all__ = ["Spool", "SpooledMessage"]
 MAX_HEADER_BYTES = 256 * 1024
 #: Bytes gathered before one write(2) and digest update.
 WRITE_CHUNK = 256 * 1024
+#: Messages up to this size (bytes) are also kept in memory, so posting them
+#: does not read the file back.
+MEMORY_COPY = 64 * 1024
 
 
 @attrs.frozen
@@ -39,12 +42,14 @@ class SpooledMessage:
     @ivar size: its length in bytes.
     @ivar message_id: the C{Message-ID} header's value, stripped, or C{None}.
     @ivar digest: hex SHA-256 of the file's bytes.
+    @ivar data: the file's bytes when at most L{MEMORY_COPY}, else C{None}.
     """
 
     path: str
     size: int
     message_id: str | None
     digest: str
+    data: bytes | None = None
 
     @property
     def identity(self) -> str:
@@ -63,8 +68,9 @@ class Spool:
     """
 
     def __init__(self, directory: str = "") -> None:
-        fd, self.path = tempfile.mkstemp(prefix="gsmail-", suffix=".eml", dir=directory or None)
+        fd, self.path = _create(directory or tempfile.gettempdir())
         self._file = os.fdopen(fd, "wb", buffering=0)
+        self._small: bytes | None = None
         self._pending: list[bytes] = []
         self._pending_len = 0
         self._digest = hashlib.sha256()
@@ -100,20 +106,22 @@ class Spool:
             del self._header[MAX_HEADER_BYTES:]
             self._header_done = True
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
         if self._pending:
             chunk = b"".join(self._pending)
             self._pending.clear()
             self._pending_len = 0
             self._digest.update(chunk)
             self._file.write(chunk)
+            if last and len(chunk) == self.size <= MEMORY_COPY:
+                self._small = chunk
 
     def finish(self) -> SpooledMessage:
         """
         Close the file and describe it. The caller owns the file from here
         (remove it with L{remove}).
         """
-        self._flush()
+        self._flush(last=True)
         self._file.close()
         self._closed = True
         return SpooledMessage(
@@ -121,6 +129,7 @@ class Spool:
             size=self.size,
             message_id=_message_id(bytes(self._header)),
             digest=self._digest.hexdigest(),
+            data=self._small if self.size else b"",
         )
 
     def discard(self) -> None:
@@ -170,12 +179,46 @@ def remove(path: str) -> None:
 
 
 def _message_id(header: bytes) -> str | None:
-    """The stripped Message-ID of a header section, or C{None}."""
-    if b"message-id" not in header.lower():
+    """
+    The stripped Message-ID of a header section (LF line endings), or
+    C{None}: the first C{Message-ID} field, unfolded, whitespace runs made
+    one space; as C{email}'s compat32 parser reads it (each byte beyond
+    ASCII becomes U+FFFD), without parsing the other fields.
+    """
+    found = _MESSAGE_ID.search(header)
+    if found is None:
         return None
-    parsed = BytesHeaderParser(policy=compat32).parsebytes(header)
-    value = parsed.get("Message-ID")
-    if value is None:
+    if _NOT_A_FIELD.search(header, 0, found.start()):
+        # The header section ended (a line that is no field) before it.
         return None
-    text = " ".join(str(value).split())
+    value = found.group(1).decode("ascii", "replace")
+    text = " ".join(value.split())
     return text or None
+
+
+# The first Message-ID field, with its continuation lines.
+_MESSAGE_ID = re.compile(rb"^message-id:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
+# A line that is neither a field, a continuation nor a From_ line: the
+# compat32 parser's header section ends there (its headerRE).
+_NOT_A_FIELD = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[\t ])[^\n]*\n", re.M)
+
+_counter = itertools.count()
+
+
+def _create(directory: str) -> tuple[int, str]:
+    """
+    A new spool file in C{directory}, opened for writing: named by process
+    and a counter (cheaper than L{tempfile.mkstemp}'s random names), created
+    exclusively, so a name left by an earlier process with the same id is
+    skipped.
+
+    @raise OSError: it could not be created.
+    """
+    pid = os.getpid()
+    while True:
+        path = os.path.join(directory, f"gsmail-{pid}-{next(_counter)}.eml")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        return fd, path
