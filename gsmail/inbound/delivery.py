@@ -245,28 +245,34 @@ class DeliveryCore:
             for route in envelope.recipients
         ]
         self.in_flight += 1
+        answered: Deferred[list[Reply]] = Deferred()
+        timer = self.clock.callLater(self.reply_deadline, self._deadline_passed, work, answered)
 
-        def cleanup(result: object) -> None:
-            remove(message.path)
+        def finished(replies: list[Reply]) -> None:
+            if timer.active():
+                timer.cancel()
+            if not answered.called:
+                answered.callback(replies)
+            try:
+                remove(message.path)
+            except OSError as e:
+                log.warn(
+                    "Could not remove the spool file {path}: {error}", path=e.filename, error=e
+                )
             self.in_flight -= 1
             if self.in_flight == 0:
                 waiters, self._idle = self._idle, []
                 for w in waiters:
                     w.callback(None)
 
-        all_done: Deferred[list[Reply]] = gatherResults(work)
-        all_done.addBoth(cleanup)
-
-        answered: Deferred[list[Reply]] = Deferred()
-        timer = self.clock.callLater(self.reply_deadline, self._deadline_passed, work, answered)
-
-        def finished(replies: object) -> None:
-            if timer.active():
-                timer.cancel()
-            if not answered.called:
-                answered.callback([cast(Reply, w.result) for w in work])
-
-        gatherResults(work).addBoth(finished)
+        # _deliver_one never fails; one recipient (the usual case) needs no
+        # DeferredList.
+        all_done: Deferred[list[Reply]]
+        if len(work) == 1:
+            all_done = work[0].addCallback(lambda reply: [reply])
+        else:
+            all_done = gatherResults(work)
+        all_done.addCallback(finished)
         return answered
 
     def _deadline_passed(
