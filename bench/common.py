@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import resource
 import socket
 import time
 import uuid
@@ -92,6 +93,29 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process: resident set size now and at its peak, in MiB."""
+    found = {"VmRSS:": float("nan"), "VmHWM:": float("nan")}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(None, 1)[0] if line.strip() else ""
+            if key in found:
+                found[key] = int(line.split()[1]) / 1024
+    return found["VmRSS:"], found["VmHWM:"]
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """
+    Raise this process's soft limit on open files to at least C{wanted}
+    (bounded by the hard limit); children inherit it. Returns the new limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 def free_port() -> int:

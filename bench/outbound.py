@@ -26,11 +26,11 @@ def members(count: int) -> list[str]:
     return [f"member{i}@example.net" for i in range(count)]
 
 
-def group_message(size: int = 4096) -> bytes:
+def group_message(size: int = 4096, message_id: str = "<post.bench@groups.example.com>") -> bytes:
     """A post as GroupServer sends it out (CRLF lines)."""
     header = (
         f"From: Someone <someone@example.org>\r\nTo: <{GROUP_ADDRESS}>\r\n"
-        "Subject: a post\r\nMessage-ID: <post.bench@groups.example.com>\r\n\r\n"
+        f"Subject: a post\r\nMessage-ID: {message_id}\r\n\r\n"
     )
     return header.encode("ascii") + (b"Z" * 76 + b"\r\n") * max(1, size // 78)
 
@@ -90,18 +90,58 @@ def smtplib_fanout(port: int, recipients: list[str], message: bytes) -> None:
             client.sendmail(verp(recipient), [recipient], message)
 
 
-def submit_xverp(port: int, recipients: list[str], message: bytes, batch: int = 50) -> None:
+def submit_xverp(
+    port: int,
+    recipients: list[str],
+    message: bytes,
+    batch: int = 50,
+    time_limit: float = float("inf"),
+) -> int:
     """
     Submit as gs.email's XVERP mailer does: the group's address as sender,
-    C{XVERP}, recipients in batches of C{batch} per transaction.
+    C{XVERP}, recipients in batches of C{batch} per transaction. Stops
+    starting transactions after C{time_limit} seconds; returns how many
+    recipients were submitted.
     """
+    deadline = time.monotonic() + time_limit
+    submitted = 0
     with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
         for i in range(0, len(recipients), batch):
+            if time.monotonic() > deadline:
+                break
             refused = client.sendmail(
                 GROUP_ADDRESS, recipients[i : i + batch], message, mail_options=["XVERP"]
             )
             if refused:
                 raise RuntimeError(f"refused: {list(refused)[:3]}")
+            submitted += len(recipients[i : i + batch])
+    return submitted
+
+
+def submit_posts(port: int, posts: int, per_post: int) -> float:
+    """
+    Submit C{posts} different posts, each to its own C{per_post} members in
+    one XVERP transaction, back to back, one connection per post: as
+    gs.email's queued mail goes out through zope.sendmail's C{SMTPMailer}
+    (connect, EHLO, MAIL FROM:<group> XVERP, RCPT per member, DATA, QUIT).
+    Returns the seconds from the first connection to the last 250.
+    """
+    recipients = members(posts * per_post)
+    messages = [
+        group_message(message_id=f"<post{i}.bench@groups.example.com>") for i in range(posts)
+    ]
+    start = time.monotonic()
+    for i, message in enumerate(messages):
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
+            refused = client.sendmail(
+                GROUP_ADDRESS,
+                recipients[i * per_post : (i + 1) * per_post],
+                message,
+                mail_options=["XVERP"],
+            )
+        if refused:
+            raise RuntimeError(f"refused: {list(refused)[:3]}")
+    return time.monotonic() - start
 
 
 class PrivatePostfix:

@@ -13,9 +13,10 @@ for per-message latency. Every run is bounded in count and time. Prints
 Markdown tables (see bench/README.md for what each column means) and writes
 them, with the raw figures as JSON, to the work directory it names.
 
-Cases in this version: 1 (inbound throughput and latency, ESMTP and LMTP,
-4 KB and 100 KB), 2 (latency at light load, 5 msg/s), 3 (one 200 MiB
-message). Cases 4 to 6 are not written yet.
+Cases: 1 (inbound throughput and latency, ESMTP and LMTP, 4 KB and 100 KB),
+2 (latency at light load, 5 msg/s), 3 (one 200 MiB message), 4 (1,000 idle
+sessions: RSS, then a burst), 5 (outbound VERP fan-out; 100 posts x 50
+members as gs.email submits them), 6 (cost growth at N = 1k, 10k, 100k).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -36,6 +38,8 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+#: Where gsmail (daemon and smtp2gs) is imported from: the checkout, or --gsmail-root.
+GSMAIL_ROOT = ROOT
 sys.path.insert(0, HERE)
 
 from common import (  # noqa: E402
@@ -45,8 +49,10 @@ from common import (  # noqa: E402
     TOKEN,
     cpu_seconds,
     free_port,
+    memory_mib,
     peak_rss_mib,
     percentile,
+    raise_fd_limit,
     wait_for_port,
 )
 
@@ -54,16 +60,22 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SESSIONS = 20
 #: Targets in table order; the first is what the ratios are taken for.
-TARGETS = ("gsmail", "twisted", "aiosmtpd", "pipe", "sink")
+TARGETS = ("gsmail", "twisted", "aiosmtpd", "pipe", "smtp2gs", "sink")
 LABELS = {
     "gsmail": "gsmail (ledger + spool + RCPT lookup)",
     "twisted": "peer: Twisted ESMTP + treq",
     "aiosmtpd": "peer: aiosmtpd + aiohttp",
     "pipe": "peer: process per message (smtp2gs shape)",
+    "smtp2gs": "peer: process per message, gsmail's smtp2gs",
     "sink": "limit: Postfix smtp-sink (no HTTP)",
 }
-#: The pipe peer runs one process per message: its N and time are capped.
+#: The pipe peers run one process per message: their N and time are capped
+#: (--quick: 100; gsmail's smtp2gs takes about 0.5 s of CPU per message).
+PIPE_KINDS = ("pipe", "smtp2gs")
 PIPE_MAX_N = 200
+#: Case 4: idle sessions held open, and the servers it runs against.
+IDLE_SESSIONS = 1000
+IDLE_TARGETS = ("gsmail", "twisted", "aiosmtpd")
 
 
 def log(message: str) -> None:
@@ -201,6 +213,33 @@ ledger_path = {state}/ledger/posted.log
 """
 
 
+#: gsmail's smtp2gs reads the token and, from the gsmail section, its ledger.
+SMTP2GS_INI = """\
+[config-default]
+webservice = bench
+gsmail = bench
+
+[webservice-bench]
+token = {token}
+
+[gsmail-bench]
+ledger_path = {state}/ledger/posted.log
+"""
+
+
+def smtp2gs_command(ini: str) -> str:
+    """
+    The pipe command line for gsmail's own smtp2gs (C{{url}} filled in by
+    pipe_front.py): the console script beside this Python when installed
+    (pyenv's shims would add a shell per message), else C{python -m}. With
+    C{PYTHONPATH} set to the checkout either runs the tree's gsmail.
+    """
+    script = os.path.join(os.path.dirname(sys.executable), "smtp2gs")
+    if not os.access(script, os.X_OK):
+        script = f"{sys.executable} -m gsmail.script"
+    return f"{script} --config {ini} {{url}}"
+
+
 class Target:
     """One fresh server under test, listening on C{port} for one protocol."""
 
@@ -248,7 +287,7 @@ class Target:
                     )
                 )
             # The tree's gsmail, not an installed copy; twistd's default log file.
-            env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = GSMAIL_ROOT + os.pathsep + env.get("PYTHONPATH", "")
             argv = [
                 sys.executable,
                 "-c",
@@ -275,6 +314,7 @@ class Target:
                 "twisted": "twisted_treq.py",
                 "aiosmtpd": "aiosmtpd_aiohttp.py",
                 "pipe": "pipe_front.py",
+                "smtp2gs": "pipe_front.py",
             }[kind]
             argv = [
                 sys.executable,
@@ -288,6 +328,13 @@ class Target:
                 *(["--lmtp"] if lmtp else []),
             ]
             env["GS_LOCK"] = os.path.join(state, "smtp2gs.lock")
+            if kind == "smtp2gs":
+                os.makedirs(os.path.join(state, "ledger"))
+                ini = os.path.join(state, "smtp2gs.ini")
+                with open(ini, "w") as f:
+                    f.write(SMTP2GS_INI.format(token=TOKEN, state=state))
+                argv += ["--command", smtp2gs_command(ini)]
+                env["PYTHONPATH"] = GSMAIL_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         self.process = Process(f"{run_id}-{kind}", argv, state, env)
         try:
             wait_for_port(self.port, 30)
@@ -326,6 +373,7 @@ class Run:
     rss_mib: float = float("nan")
     cpu_ms_per_msg: float = float("nan")
     seconds: float = float("nan")
+    ledger_bytes: float = float("nan")
     errors: list[str] = field(default_factory=list)
 
 
@@ -391,7 +439,7 @@ def inbound_run(
 ) -> Run:
     """Case 1 (and 2): smtp-source throughput, then latency under load and at light load."""
     result = Run()
-    if kind == "pipe":
+    if kind in PIPE_KINDS:
         n, latency_n, light = min(n, PIPE_MAX_N), min(latency_n, PIPE_MAX_N // 2), 0
     standin.reset()
     target = Target(kind, lmtp, standin, workdir, run_id, gsmail_options)
@@ -545,15 +593,37 @@ def outbound_run(
     run_id: str,
     time_limit: float,
     gsmail_options: list[str],
+    posts: int = 0,
 ) -> Run:
-    """Case 5: one post to C{count} members, one VERP transaction each, into smtp-sink."""
-    from outbound import PrivatePostfix, Sink, group_message, members, smtplib_fanout, submit_xverp
+    """
+    Case 5 (and 6): one post to C{count} members, one VERP transaction each,
+    into smtp-sink. With C{posts}: C{posts} different posts to C{count}
+    members each, one connection per post (L{outbound.submit_posts}).
+    """
+    from outbound import (
+        PrivatePostfix,
+        Sink,
+        group_message,
+        members,
+        smtplib_fanout,
+        submit_posts,
+        submit_xverp,
+    )
 
+    def submit(port: int) -> int:
+        """Submit; return how many recipients went in before the time limit."""
+        if posts:
+            submit_posts(port, posts, per_post)
+            return count
+        return submit_xverp(port, recipients, message, time_limit=time_limit)
+
+    per_post, count = count, count * max(1, posts)
     result = Run(sent=count)
+    submitted = count
     sink = Sink(workdir, run_id)
     target: Target | None = None
     postfix: PrivatePostfix | None = None
-    recipients, message = members(count), group_message()
+    recipients, message = ([] if posts else members(count)), group_message()
     try:
         cpu0 = time.process_time()
         start = time.monotonic()
@@ -570,7 +640,7 @@ def outbound_run(
                     "-f",
                     "example@groups.example.com",
                     "-t",
-                    recipients[0],
+                    members(1)[0],
                     f"127.0.0.1:{sink.port}",
                 ],
                 capture_output=True,
@@ -583,16 +653,20 @@ def outbound_run(
         elif kind == "postfix":
             postfix = PrivatePostfix(sink.port)
             start = time.monotonic()
-            submit_xverp(postfix.port, recipients, message)
+            submitted = submit(postfix.port)
         else:
             target = Target(
                 "gsmail", False, standin, workdir, run_id, gsmail_options, relayhost=sink.port
             )
             cpu0 = cpu_seconds(target.pid)
             start = time.monotonic()
-            submit_xverp(target.submission_port, recipients, message)
+            submitted = submit(target.submission_port)
         result.ack_p50 = (time.monotonic() - start) * 1000  # submission accepted
-        end = sink.wait_for(count, max(5.0, time_limit - (time.monotonic() - start)))
+        if submitted < count:
+            result.errors.append(
+                f"submission stopped after {time_limit:g} s: {submitted} of {count} recipients"
+            )
+        end = sink.wait_for(submitted, max(5.0, time_limit - (time.monotonic() - start)))
         result.posted = sink.count()
         result.seconds = end - start
         result.msgs_per_s = result.posted / result.seconds
@@ -634,6 +708,291 @@ def outbound_table(count: int, runs: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+def posts_table(posts: int, per_post: int, runs: dict[str, list[Run]]) -> str:
+    lines = [
+        f"#### Case 5: {posts} posts × {per_post} members as gs.email submits them "
+        "(one connection per post, MAIL FROM:<group> XVERP), into smtp-sink",
+        "",
+        "| sender | recipients/s (median) | runs | gsmail ÷ this | submission time ms | "
+        "peak RSS MiB | CPU ms/recipient | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ours = median([r.msgs_per_s for r in runs.get("gsmail", [])])
+    for kind, rs in runs.items():
+        tput = median([r.msgs_per_s for r in rs])
+        ratio = ours / tput if tput == tput and tput else float("nan")
+        notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
+        lines.append(
+            f"| {OUT_LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
+            f"{fmt(median([r.ack_p50 for r in rs]))} | {fmt(max(r.rss_mib for r in rs))} | "
+            f"{fmt(median([r.cpu_ms_per_msg for r in rs]), 3)} | {notes} |"
+        )
+    lines += [
+        "",
+        "No gsmail row with `relayhost_xverp = true`: smtp-sink does not advertise XVERP "
+        "(its EHLO reply has no XVERP line), so there is no smarthost here to pass it on to.",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class IdleRun:
+    """Case 4: one server with idle sessions held open, and a burst with and without them."""
+
+    opened: int = 0
+    held: int = 0
+    open_seconds: float = float("nan")
+    rss_base_mib: float = float("nan")
+    rss_idle_mib: float = float("nan")
+    hwm_idle_mib: float = float("nan")
+    with_idle: Run = field(default_factory=Run)
+    without_idle: Run = field(default_factory=Run)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def kib_per_session(self) -> float:
+        if not self.held:
+            return float("nan")
+        return (self.rss_idle_mib - self.rss_base_mib) * 1024 / self.held
+
+
+def burst(target: Target, standin: StandIn, n: int, time_limit: float) -> Run:
+    """
+    A burst of C{n} 4 KB messages over ESMTP from smtpclient.py's 20
+    sessions: msg/s end to end (first MAIL FROM to the last post stored)
+    and the end-to-end latency of each message.
+    """
+    result = Run(sent=n)
+    standin.reset()
+    start = time.monotonic()
+    sent = run_smtpclient(target.port, False, n, 4096, time_limit)
+    ok = [r for r in sent["records"] if r[3] // 100 == 2]
+    standin.wait_for(len(ok), timeout=30)
+    arrivals = standin.arrivals()
+    _, e2e = latencies(sent, arrivals)
+    stored = [arrivals[r[0]] for r in ok if r[0] in arrivals]
+    result.posted = len(stored)
+    if stored:
+        first = min((r[1] for r in ok), default=start)
+        result.seconds = max(stored) - first
+        result.msgs_per_s = result.posted / result.seconds
+    result.e2e_p50, result.e2e_p99 = percentile(e2e, 50), percentile(e2e, 99)
+    if sent["errors"]:
+        result.errors.append(f"burst: {sent['errors']} errors")
+    if result.posted < n:
+        result.errors.append(f"burst: {result.posted} of {n} stored")
+    return result
+
+
+class IdleClient:
+    """bench/idleclient.py holding C{count} idle sessions open on C{port}."""
+
+    def __init__(self, port: int, count: int, time_limit: float) -> None:
+        self.popen = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(HERE, "idleclient.py"),
+                "--port",
+                str(port),
+                "--count",
+                str(count),
+                "--time-limit",
+                str(time_limit),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def _line(self, timeout: float) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
+        line = self.popen.stdout.readline() if ready else b""
+        if not line:
+            raise RuntimeError(f"idleclient said nothing within {timeout:g} s")
+        return dict(json.loads(line))
+
+    def ready(self, timeout: float) -> dict[str, Any]:
+        """Wait until every session is open (or failed): C{{"opened", "failed", ...}}."""
+        return self._line(timeout)
+
+    def release(self) -> int:
+        """Close every session; return how many the server had kept open until now."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(b"done\n")
+        self.popen.stdin.flush()
+        held = int(self._line(30)["held"])
+        self.popen.wait(30)
+        return held
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def idle_run(
+    kind: str,
+    idle: int,
+    burst_n: int,
+    standin: StandIn,
+    workdir: str,
+    run_id: str,
+    time_limit: float,
+    gsmail_options: list[str],
+) -> IdleRun:
+    """
+    Case 4: a fresh server; its RSS; C{idle} sessions opened (greeting,
+    EHLO, then silence) and its RSS again; a burst while they stay open;
+    how many it kept open. Then, for comparison, the same burst against
+    another fresh server without idle sessions.
+    """
+    result = IdleRun()
+    if kind == "gsmail":
+        # max_connections is per listener; the burst's sessions come on top.
+        gsmail_options = [*gsmail_options, f"max_connections = {idle + SESSIONS + 80}"]
+    target = Target(kind, False, standin, workdir, run_id + "a", gsmail_options)
+    holder: IdleClient | None = None
+    try:
+        time.sleep(0.5)  # start-up work settles
+        result.rss_base_mib, _ = memory_mib(target.pid)
+        holder = IdleClient(target.port, idle, time_limit + 120)
+        ready = holder.ready(timeout=120)
+        result.opened, result.open_seconds = ready["opened"], ready["seconds"]
+        if ready["failed"]:
+            result.errors.append(f"{ready['failed']} sessions not opened ({ready['error']})")
+        time.sleep(0.5)
+        result.rss_idle_mib, result.hwm_idle_mib = memory_mib(target.pid)
+        result.with_idle = burst(target, standin, burst_n, time_limit)
+        result.with_idle.rss_mib = peak_rss_mib(target.pid)
+        result.held = holder.release()
+        target.process.check_alive()
+    except Exception as e:
+        result.errors.append(f"{e.__class__.__name__}: {e}"[:300])
+    finally:
+        if holder is not None:
+            holder.stop()
+        target.stop()
+    target = Target(kind, False, standin, workdir, run_id + "b", gsmail_options)
+    try:
+        result.without_idle = burst(target, standin, burst_n, time_limit)
+        result.without_idle.rss_mib = peak_rss_mib(target.pid)
+    except Exception as e:
+        result.errors.append(f"without idle: {e.__class__.__name__}: {e}"[:300])
+    finally:
+        target.stop()
+    return result
+
+
+def idle_table(idle: int, burst_n: int, runs: dict[str, list[IdleRun]]) -> str:
+    lines = [
+        f"#### Case 4: {idle:,} idle sessions (greeting + EHLO, then silence), then a burst of "
+        f"{burst_n:,} × 4 KB in {SESSIONS} sessions",
+        "",
+        f"| server | idle sessions held | RSS with {idle:,} idle MiB (VmRSS / VmHWM) | "
+        "RSS per idle session KiB | burst msg/s (with idle) | burst msg/s (without) | "
+        "e2e p50/p99 ms (with idle) | e2e p50/p99 ms (without) | runs | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, rs in runs.items():
+        notes = "; ".join(
+            sorted({e for r in rs for e in r.errors + r.with_idle.errors + r.without_idle.errors})
+        )[:160]
+        held = min(r.held for r in rs)
+        w = [r.with_idle for r in rs]
+        wo = [r.without_idle for r in rs]
+        lines.append(
+            f"| {LABELS[kind]} | {held:,} of {idle:,} | "
+            f"{fmt(median([r.rss_idle_mib for r in rs]))} / "
+            f"{fmt(max(r.hwm_idle_mib for r in rs))} | "
+            f"{fmt(median([r.kib_per_session for r in rs]))} | "
+            f"{fmt(median([r.msgs_per_s for r in w]))} | {fmt(median([r.msgs_per_s for r in wo]))} | "
+            f"{fmt(median([r.e2e_p50 for r in w]))} / {fmt(median([r.e2e_p99 for r in w]))} | "
+            f"{fmt(median([r.e2e_p50 for r in wo]))} / {fmt(median([r.e2e_p99 for r in wo]))} | "
+            f"{len(rs)} | {notes} |"
+        )
+    lines += [
+        "",
+        "RSS per idle session: (VmRSS with the sessions open − VmRSS of the fresh server) ÷ "
+        "sessions held. *Without*: the same burst against another fresh server.",
+    ]
+    return "\n".join(lines)
+
+
+def ledger_bytes(workdir: str, run_id: str) -> float:
+    """Bytes of gsmail's ledger directory (the file, its lock, any key files) after a run."""
+    directory = os.path.join(workdir, run_id, "ledger")
+    total = 0
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(parent, name))
+            except OSError:
+                pass
+    return float(total)
+
+
+def slope_words(ratio: float) -> str:
+    """A reading of (figure at the largest N) ÷ (figure at the smallest N)."""
+    if ratio != ratio:
+        return "unknown"
+    if 0.85 <= ratio <= 1.15:
+        return "flat"
+    return "falls" if ratio < 1 else "rises"
+
+
+def growth_tables(inbound: dict[int, Run], outbound: dict[int, Run], time_limit: float) -> str:
+    lines = [
+        "#### Case 6: cost growth, inbound (gsmail ESMTP, 4 KB, smtp-source -s 20, one run each)",
+        "",
+        "| N | msg/s e2e | seconds | CPU ms/msg | peak RSS MiB | ledger bytes | "
+        "ledger bytes/msg | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n, r in inbound.items():
+        lines.append(
+            f"| {n:,} | {fmt(r.msgs_per_s)} | {fmt(r.seconds)} | {fmt(r.cpu_ms_per_msg, 2)} | "
+            f"{fmt(r.rss_mib)} | {fmt(r.ledger_bytes, 0)} | "
+            f"{fmt(r.ledger_bytes / max(1, r.posted))} | {'; '.join(r.errors)[:160]} |"
+        )
+    lines += ["", curve("Inbound", "msg/s", inbound, "msg"), ""]
+    lines += [
+        "#### Case 6: cost growth, outbound (gsmail VERP fan-out, one 4 KB post, into smtp-sink)",
+        "",
+        "| recipients | recipients/s | seconds | CPU ms/recipient | peak RSS MiB | "
+        "submission accepted s | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, r in outbound.items():
+        lines.append(
+            f"| {n:,} | {fmt(r.msgs_per_s)} | {fmt(r.seconds)} | {fmt(r.cpu_ms_per_msg, 3)} | "
+            f"{fmt(r.rss_mib)} | {fmt(r.ack_p50 / 1000, 2)} | {'; '.join(r.errors)[:160]} |"
+        )
+    lines += [
+        "",
+        curve("Outbound", "recipients/s", outbound, "recipient"),
+        "",
+        f"Each run is bounded by {time_limit:g} s; a run cut there reports its rate over "
+        "what it did (see notes).",
+    ]
+    return "\n".join(lines)
+
+
+def curve(name: str, unit: str, runs: dict[int, Run], per: str) -> str:
+    """One line stating how the figures change from the smallest N to the largest."""
+    if len(runs) < 2:
+        return f"{name}: one N only, no curve."
+    small, large = min(runs), max(runs)
+    a, b = runs[small], runs[large]
+    slope = b.msgs_per_s / a.msgs_per_s if a.msgs_per_s else float("nan")
+    cpu = b.cpu_ms_per_msg / a.cpu_ms_per_msg if a.cpu_ms_per_msg else float("nan")
+    return (
+        f"**{name} curve** (N {small:,} → {large:,}, ×{large // small:,}): {unit} slope "
+        f"{fmt(slope, 2)} ({slope_words(slope)}); CPU ms/{per} ×{fmt(cpu, 2)} "
+        f"({slope_words(cpu)}); peak RSS {fmt(a.rss_mib)} → {fmt(b.rss_mib)} MiB."
+    )
+
+
 def median(values: list[float]) -> float:
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
@@ -656,7 +1015,7 @@ def inbound_table(title: str, runs: dict[str, list[Run]]) -> str:
         tput = median([r.msgs_per_s for r in rs])
         ratio = ours / tput if tput == tput and tput else float("nan")
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
-        if kind == "pipe":
+        if kind in PIPE_KINDS:
             notes = (f"N ≤ {PIPE_MAX_N}; " + notes).strip("; ")
         lines.append(
             f"| {LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
@@ -729,7 +1088,7 @@ def standin_capacity(standin: StandIn, quick: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per case, small N")
-    parser.add_argument("--cases", default="1,2,3,5", help="comma-separated: 1, 2, 3, 5")
+    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated: 1 to 6")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--reps", type=int, help="runs per case (default 3; --quick 1)")
     parser.add_argument(
@@ -739,13 +1098,40 @@ def main() -> None:
     parser.add_argument("--protocols", default="smtp,lmtp")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per load run")
     parser.add_argument(
+        "--idle", type=int, default=IDLE_SESSIONS, help="case 4: idle sessions held open"
+    )
+    parser.add_argument(
+        "--burst", type=int, default=1000, help="case 4: messages in the burst (20 sessions)"
+    )
+    parser.add_argument(
+        "--growth-n",
+        help="case 6: comma-separated N, inbound messages and outbound recipients "
+        "(default 1000,10000,100000; --quick 1000,10000)",
+    )
+    parser.add_argument(
+        "--time-limit-growth", type=float, default=420.0, help="case 6: seconds per run"
+    )
+    parser.add_argument(
+        "--posts", type=int, default=100, help="case 5: posts of 50 members as gs.email sends"
+    )
+    parser.add_argument(
         "--gsmail-option",
         action="append",
         default=[],
         help="extra 'name = value' line for [gsmail-bench] (e.g. post_concurrency = 20)",
     )
     parser.add_argument("--workdir", help="where state and logs go (default: a new temp dir)")
+    parser.add_argument(
+        "--gsmail-root",
+        help="run gsmail from this source tree instead of the checkout (a before/after "
+        "table: e.g. git archive BEFORE | tar -x -C DIR)",
+    )
     args = parser.parse_args()
+    global GSMAIL_ROOT, PIPE_MAX_N
+    if args.gsmail_root:
+        GSMAIL_ROOT = os.path.abspath(args.gsmail_root)
+    if args.quick:
+        PIPE_MAX_N = 100
 
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not os.access(tool, os.X_OK):
@@ -756,6 +1142,12 @@ def main() -> None:
     ns = [int(x) for x in (args.n or ("1000" if args.quick else "2000,10000")).split(",")]
     sizes = [int(x) for x in args.sizes.split(",")]
     protocols = args.protocols.split(",")
+    growth_ns = [
+        int(x)
+        for x in (args.growth_n or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")
+    ]
+    # Case 4 holds 1,000 sockets in the client and in the server: children inherit this.
+    raise_fd_limit(4 * args.idle + 1024)
     workdir = args.workdir or tempfile.mkdtemp(prefix="gsmail-bench-")
     os.makedirs(workdir, exist_ok=True)
     log(f"work directory: {workdir}")
@@ -763,7 +1155,7 @@ def main() -> None:
 
     out: list[str] = [
         f"### gsmail benchmarks ({'quick' if args.quick else 'full'}; {reps} run(s) per figure; "
-        f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')})",
+        f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; gsmail from {GSMAIL_ROOT})",
         "",
     ]
     raw: dict[str, Any] = {}
@@ -778,7 +1170,7 @@ def main() -> None:
                         runs: dict[str, list[Run]] = {t: [] for t in targets}
                         for rep in range(reps):
                             for kind in targets:  # interleaved, so drift hits all alike
-                                if kind == "pipe" and (size > 4096 or i > 0):
+                                if kind in PIPE_KINDS and (size > 4096 or i > 0):
                                     continue
                                 counter += 1
                                 run_id = f"r{counter:03d}"
@@ -821,7 +1213,7 @@ def main() -> None:
             big: dict[str, list[Run]] = {}
             for rep in range(reps):
                 for kind in targets:
-                    if kind in ("pipe", "sink"):
+                    if kind in (*PIPE_KINDS, "sink"):
                         continue
                     counter += 1
                     run_id = f"r{counter:03d}"
@@ -837,6 +1229,47 @@ def main() -> None:
             os.unlink(path)
             out += [big_table(big), ""]
             raw["case3"] = {k: [vars(r) for r in v] for k, v in big.items()}
+        if 4 in cases:
+            idle_runs: dict[str, list[IdleRun]] = {}
+            for rep in range(reps):
+                for kind in targets:
+                    if kind not in IDLE_TARGETS:
+                        continue
+                    counter += 1
+                    run_id = f"r{counter:03d}"
+                    log(f"{run_id}: {kind} {args.idle} idle sessions, burst rep {rep + 1}")
+                    ir = idle_run(
+                        kind,
+                        args.idle,
+                        args.burst,
+                        standin,
+                        workdir,
+                        run_id,
+                        args.time_limit,
+                        args.gsmail_option,
+                    )
+                    log(
+                        f"  held {ir.held}/{ir.opened}, RSS {fmt(ir.rss_base_mib)} → "
+                        f"{fmt(ir.rss_idle_mib)} MiB, burst {fmt(ir.with_idle.msgs_per_s)} / "
+                        f"{fmt(ir.without_idle.msgs_per_s)} msg/s {'; '.join(ir.errors)}"
+                    )
+                    idle_runs.setdefault(kind, []).append(ir)
+            out += [idle_table(args.idle, args.burst, idle_runs), ""]
+            raw["case4"] = {
+                k: [
+                    {
+                        **{f: getattr(r, f) for f in ("opened", "held", "open_seconds")},
+                        "rss_base_mib": r.rss_base_mib,
+                        "rss_idle_mib": r.rss_idle_mib,
+                        "hwm_idle_mib": r.hwm_idle_mib,
+                        "with_idle": vars(r.with_idle),
+                        "without_idle": vars(r.without_idle),
+                        "errors": r.errors,
+                    }
+                    for r in v
+                ]
+                for k, v in idle_runs.items()
+            }
         if 5 in cases:
             for count in [1000] if args.quick else [1000, 10000]:
                 fan: dict[str, list[Run]] = {}
@@ -858,12 +1291,76 @@ def main() -> None:
                         fan.setdefault(kind, []).append(r)
                 out += [outbound_table(count, fan), ""]
                 raw[f"case5-{count}"] = {k: [vars(r) for r in v] for k, v in fan.items()}
+            if args.posts:
+                batches: dict[str, list[Run]] = {}
+                for rep in range(reps):
+                    for kind in ("gsmail", "postfix"):
+                        counter += 1
+                        run_id = f"r{counter:03d}"
+                        log(f"{run_id}: outbound {kind} {args.posts} posts x 50 rep {rep + 1}")
+                        r = outbound_run(
+                            kind,
+                            50,
+                            standin,
+                            workdir,
+                            run_id,
+                            args.time_limit,
+                            args.gsmail_option,
+                            posts=args.posts,
+                        )
+                        log(
+                            f"  {fmt(r.msgs_per_s)} recipients/s, submitted in "
+                            f"{fmt(r.ack_p50)} ms {'; '.join(r.errors)}"
+                        )
+                        batches.setdefault(kind, []).append(r)
+                out += [posts_table(args.posts, 50, batches), ""]
+                raw["case5-posts"] = {k: [vars(r) for r in v] for k, v in batches.items()}
+        if 6 in cases:
+            grow_in: dict[int, Run] = {}
+            grow_out: dict[int, Run] = {}
+            for n in growth_ns:  # one run each: the 100k runs take minutes
+                counter += 1
+                run_id = f"r{counter:03d}"
+                log(f"{run_id}: growth, gsmail inbound ESMTP 4 KB N={n}")
+                r = inbound_run(
+                    "gsmail",
+                    False,
+                    4096,
+                    n,
+                    0,
+                    0,
+                    standin,
+                    workdir,
+                    run_id,
+                    args.time_limit_growth,
+                    args.gsmail_option,
+                )
+                r.ledger_bytes = ledger_bytes(workdir, run_id)
+                log(f"  {fmt(r.msgs_per_s)} msg/s, {fmt(r.cpu_ms_per_msg, 2)} CPU ms/msg")
+                grow_in[n] = r
+            for n in growth_ns:
+                counter += 1
+                run_id = f"r{counter:03d}"
+                log(f"{run_id}: growth, gsmail outbound {n} recipients")
+                r = outbound_run(
+                    "gsmail",
+                    n,
+                    standin,
+                    workdir,
+                    run_id,
+                    args.time_limit_growth,
+                    args.gsmail_option,
+                )
+                log(f"  {fmt(r.msgs_per_s)} recipients/s {'; '.join(r.errors)}")
+                grow_out[n] = r
+            out += [growth_tables(grow_in, grow_out, args.time_limit_growth), ""]
+            raw["case6"] = {
+                "inbound": {n: vars(r) for n, r in grow_in.items()},
+                "outbound": {n: vars(r) for n, r in grow_out.items()},
+            }
     finally:
         standin.stop()
-    out.append(
-        f"Total time {time.monotonic() - began:.0f} s. Cases 4 (idle sessions) "
-        "and 6 (cost growth) are not written yet."
-    )
+    out.append(f"Total time {time.monotonic() - began:.0f} s.")
     text = "\n".join(out)
     print(text)
     with open(os.path.join(workdir, "results.md"), "w") as f:
