@@ -1230,28 +1230,33 @@ class _Appender:
         self._lock_fd = lock_fd
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
+        # Where this object's last append ended (with an LF), or -1.
+        self._end = -1
 
     def append(self, data: bytes) -> None:
         """
         Append records to the current file and fsync it, holding the lock.
+        Five system calls when this process wrote last (lock, stat, write,
+        fsync, unlock): each one is a hand-back of the GIL the reactor
+        thread may wait for.
         """
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            fd, created = self._current()
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+            fd, created, size = self._current()
+            if size and size != self._end and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # after a crashed writer's torn line
             _write_all(fd, data)
             os.fsync(fd)
+            self._end = size + len(data)  # O_APPEND, and writers hold the lock
             if created:
                 _fsync_directory(os.path.dirname(os.path.abspath(self._path)))
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _current(self) -> tuple[int, bool]:
+    def _current(self) -> tuple[int, bool, int]:
         """
         A descriptor on the file the path names now (another process may
-        have replaced it), and whether it was created just now.
+        have replaced it), whether it was created just now, and its size.
         """
         try:
             st = os.stat(self._path)
@@ -1259,7 +1264,7 @@ class _Appender:
             pass
         else:
             if self._fd is not None and self._ident == (st.st_dev, st.st_ino):
-                return self._fd, False
+                return self._fd, False, st.st_size
         flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
         created = False
         try:
@@ -1267,14 +1272,17 @@ class _Appender:
         except FileNotFoundError:
             fd = os.open(self._path, flags | os.O_CREAT, 0o600)
             created = True
-        self._use(fd)
-        return fd, created
+        size = self._use(fd)
+        return fd, created, size
 
-    def _use(self, fd: int) -> None:
+    def _use(self, fd: int) -> int:
+        """Append to C{fd} from now on; return its size."""
         if self._fd is not None:
             os.close(self._fd)
         st = os.fstat(fd)
         self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        self._end = -1
+        return st.st_size
 
     def compact(
         self, snapshot: list[tuple[bytes, _Entry]], now: float, ttl: float, *, wait: bool
