@@ -35,6 +35,7 @@ permanent) or a per-recipient L{Reply} in a L{TransactionResult}; the caller
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import re
 from collections import deque
@@ -160,6 +161,10 @@ class Transaction:
         offers its extension, except SMTPUTF8: see L{SMTPConnection.send}.
     @ivar wire_size: the exact size as transmitted (CRLF line ends), in
         bytes, when the queue knows it; else SIZE is estimated from C{size}.
+    @ivar data: the message itself (C{size} bytes), when the caller holds
+        it in memory (a small message sent to many recipients in turn);
+        C{data_path} is then not read. A connection encodes a given bytes
+        object once and reuses the result for the transactions that follow.
     """
 
     sender: str
@@ -168,6 +173,7 @@ class Transaction:
     size: int
     params: dict[str, str | None] = attrs.field(factory=dict)
     wire_size: int | None = None
+    data: bytes | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -266,16 +272,25 @@ class _RawReply:
 
     def to_reply(self) -> Reply:
         """The reply with its enhanced code split off (RFC 2034 §4)."""
-        enhanced = ""
-        texts = []
-        for i, line in enumerate(self.lines):
-            m = _ENHANCED.match(line)
-            if m and m.group(1) == str(self.code // 100) and self.code // 100 != 3:
-                if i == 0:
-                    enhanced = m.group(0).strip()
-                line = line[m.end() :]
-            texts.append(line.strip())
-        return Reply(self.code, enhanced, " ".join(t for t in texts if t))
+        return _to_reply(self.code, self.lines)
+
+
+@functools.lru_cache(maxsize=256)
+def _to_reply(code: int, lines: tuple[str, ...]) -> Reply:
+    """
+    L{_RawReply.to_reply}, remembered: a server gives the same MAIL, RCPT
+    and DATA replies to every transaction (L{Reply} is immutable).
+    """
+    enhanced = ""
+    texts = []
+    for i, line in enumerate(lines):
+        m = _ENHANCED.match(line)
+        if m and m.group(1) == str(code // 100) and code // 100 != 3:
+            if i == 0:
+                enhanced = m.group(0).strip()
+            line = line[m.end() :]
+        texts.append(line.strip())
+    return Reply(code, enhanced, " ".join(t for t in texts if t))
 
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|\Z)")
@@ -517,12 +532,14 @@ class _ClientProtocol(Protocol):
         reply beyond them is unsolicited (a server closing with 421).
     @ivar after_data: the final dot was written and its reply has not come.
     @ivar error: why the connection is no longer usable, once it is not.
+    @ivar trace: log each command and reply at debug level.
     """
 
     transport: Any  # TCP, TLS or UNIX: ITransport, IConsumer, ITLSTransport
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, trace: bool = False) -> None:
         self.clock = clock
+        self.trace = trace
         self._parser = ReplyParser()
         self._replies: deque[_RawReply] = deque()
         self._waiter: tuple[Deferred[_RawReply], IDelayedCall] | None = None
@@ -563,7 +580,8 @@ class _ClientProtocol(Protocol):
                 self.fail(_protocol_error("reply injected after STARTTLS"))
                 self.transport.abortConnection()
                 return
-            log.debug("S: {code} {text}", code=reply.code, text=" / ".join(reply.lines))
+            if self.trace:
+                log.debug("S: {code} {text}", code=reply.code, text=" / ".join(reply.lines))
             self._reply_received(reply)
 
     def _reply_received(self, reply: _RawReply) -> None:
@@ -596,6 +614,10 @@ class _ClientProtocol(Protocol):
         else:
             self._replies.append(reply)
 
+    def take(self) -> _RawReply | None:
+        """The next reply if it has arrived, else C{None} (then use L{read})."""
+        return self._replies.popleft() if self._replies else None
+
     def read(self, timeout: float, what: str) -> Deferred[_RawReply]:
         """The next reply, or L{SMTPClientError} after C{timeout} seconds."""
         if self._replies:
@@ -619,9 +641,17 @@ class _ClientProtocol(Protocol):
         self.transport.startTLS(context)
 
     def send_lines(self, lines: list[bytes], shown: list[str] | None = None) -> None:
-        """Write commands (CRLF added), all in one write: a pipelined group."""
-        for text in shown if shown is not None else [x.decode("utf-8", "replace") for x in lines]:
-            log.debug("C: {command}", command=text)
+        """
+        Write commands (CRLF added), all in one write: a pipelined group.
+
+        @param shown: what the protocol trace shows instead of C{lines}
+            (C{AUTH PLAIN ****}): secrets never reach the log.
+        """
+        if self.trace:
+            for text in (
+                shown if shown is not None else [x.decode("utf-8", "replace") for x in lines]
+            ):
+                log.debug("C: {command}", command=text)
         self.outstanding += len(lines)
         self.transport.write(b"".join(line + b"\r\n" for line in lines))
 
@@ -630,6 +660,20 @@ class _ClientProtocol(Protocol):
         self.outstanding += replies
         self.sender = sender
         sender.start()
+
+    def send_whole(self, wire: bytes, replies: int, commands: list[bytes]) -> None:
+        """
+        Write a whole encoded message, final dot included (C{replies} replies
+        are expected after it), and C{commands} after it in the same write.
+        """
+        if self.trace:
+            for line in commands:
+                log.debug("C: {command}", command=line.decode("utf-8", "replace"))
+        self.outstanding += replies + len(commands)
+        self.after_data = True
+        if commands:
+            wire += b"".join(line + b"\r\n" for line in commands)
+        self.transport.write(wire)
 
     # -- failure -------------------------------------------------------------
     def timed_out(self, what: str) -> None:
@@ -670,11 +714,12 @@ class _ClientProtocol(Protocol):
 class _ClientFactory(Factory):
     noisy = False
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, trace: bool) -> None:
         self.clock = clock
+        self.trace = trace
 
     def buildProtocol(self, addr: IAddress | None) -> _ClientProtocol:
-        return _ClientProtocol(self.clock)
+        return _ClientProtocol(self.clock, self.trace)
 
 
 # -- the session ---------------------------------------------------------------
@@ -716,6 +761,10 @@ class SMTPConnection:
         self.tls_active = ISSLTransport.providedBy(protocol.transport)
         self.authenticated = False
         self.greeting: Reply | None = None
+        self._cached: tuple[bytes, bytes] | None = None
+        # The transaction whose commands went out after the last message,
+        # with its recipients and whether it needs SMTPUTF8.
+        self._prepared: tuple[Transaction, list[str], bool] | None = None
 
     def __repr__(self) -> str:
         return f"<SMTPConnection tls={self.tls_active} usable={self.usable}>"
@@ -728,7 +777,10 @@ class SMTPConnection:
     # -- small steps ---------------------------------------------------------
     async def _read_raw(self, timeout: float, what: str) -> _RawReply:
         """The next reply; a 421 (RFC 5321 §3.8: closing) fails the session."""
-        raw = await self._protocol.read(timeout, what)
+        # Pipelined replies are mostly here already: no Deferred, no timer.
+        raw = self._protocol.take()
+        if raw is None:
+            raw = await self._protocol.read(timeout, what)
         if raw.code == 421:
             error = SMTPClientError(
                 f"the server is closing the connection (reply to {what})",
@@ -845,7 +897,8 @@ class SMTPConnection:
                 ) from e
             raise
         self.tls_active = True
-        self.log.debug("TLS active")
+        if self._protocol.trace:
+            self.log.debug("TLS active")
 
     async def _authenticate(self, auth: tuple[str, str], require_auth: bool) -> None:
         t = self._timeouts
@@ -897,7 +950,9 @@ class SMTPConnection:
         self.authenticated = True
 
     # -- transactions --------------------------------------------------------
-    async def send(self, transaction: Transaction) -> TransactionResult:
+    async def send(
+        self, transaction: Transaction, *, then: Transaction | None = None
+    ) -> TransactionResult:
         """
         Run one mail transaction (RFC 5321 §3.3) on this connection.
 
@@ -915,14 +970,28 @@ class SMTPConnection:
             server answered 421; C{after_data} tells whether the message may
             have been accepted. The connection is then unusable.
         @raise ValueError: an address is not a valid mailbox, no
-            recipients, or an unknown parameter (nothing is sent; the
-            connection stays usable).
-        @raise OSError: the message file cannot be opened (nothing is sent).
+            recipients, an unknown parameter, or C{data} that is not C{size}
+            bytes (nothing is sent; the connection stays usable); or not the
+            transaction announced with C{then=} (the connection is dropped).
+        @param then: the transaction the caller will send next on this
+            connection, if it knows. With PIPELINING, its MAIL, RCPT and
+            DATA commands go out in the same write as this message's data
+            (RFC 2920 §3.1: message content may start a group), which saves
+            a round trip and a write per message. Its data is only sent when
+            C{send(then)} is called, so nothing of it can be delivered
+            before: the caller may record this transaction's outcome first.
+            The next call must then be C{send(then)} with that very object,
+            or L{quit} or L{abort}.
+        @raise OSError: the message file cannot be opened (nothing is sent,
+            unless the transaction was announced: then the connection is
+            dropped).
         """
         async with self._lock:
-            return await self._send(transaction)
+            return await self._send(transaction, then)
 
-    async def _send(self, transaction: Transaction) -> TransactionResult:
+    async def _send(
+        self, transaction: Transaction, then: Transaction | None = None
+    ) -> TransactionResult:
         if not self.usable:
             error = self._protocol.error
             raise SMTPClientError(
@@ -931,18 +1000,32 @@ class SMTPConnection:
                 enhanced="4.4.2",
                 reply=error.reply if error is not None else None,
             )
-        recipients = list(dict.fromkeys(transaction.recipients))
-        _check_transaction(transaction, recipients)
-        smtputf8 = "SMTPUTF8" in transaction.params or not all(
-            a.isascii() for a in [transaction.sender, *recipients]
-        )
-        if smtputf8 and "SMTPUTF8" not in self.extensions:
-            return TransactionResult(
-                {r: SMTPUTF8_UNSUPPORTED for r in recipients}, SMTPUTF8_UNSUPPORTED, None
-            )
-        file = self._open_message(transaction.data_path)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            if prepared[0] is not transaction:
+                # Its commands were sent; the server waits for its data.
+                self.abort()
+                raise ValueError("send() must be given the transaction announced with then=")
+            recipients, smtputf8 = prepared[1], prepared[2]
+        else:
+            recipients = list(dict.fromkeys(transaction.recipients))
+            _check_transaction(transaction, recipients)
+            smtputf8 = _needs_smtputf8(transaction, recipients)
+            if smtputf8 and "SMTPUTF8" not in self.extensions:
+                return TransactionResult(
+                    {r: SMTPUTF8_UNSUPPORTED for r in recipients}, SMTPUTF8_UNSUPPORTED, None
+                )
+        wire = self._wire(transaction.data)
         try:
-            return await self._transact(transaction, recipients, smtputf8, file)
+            file = self._open_message(transaction.data_path) if wire is None else None
+        except OSError:
+            if prepared is not None:
+                self.abort()  # the server waits for data that cannot come
+            raise
+        try:
+            return await self._transact(
+                transaction, recipients, smtputf8, file, wire, prepared is not None, then
+            )
         except Exception:
             # Any failure mid-transaction (including a cancelled Deferred)
             # leaves the session state unknown: never reuse it. (Not
@@ -958,32 +1041,50 @@ class SMTPConnection:
             self._protocol.transport.abortConnection()
             raise
         finally:
-            file.close()
+            if file is not None:
+                file.close()
 
     def _open_message(self, path: str) -> IO[bytes]:
         # Unbuffered: each read is one read(2) of the file as it is now, so a
         # file that changes size is noticed. Also a seam for tests.
         return open(path, "rb", buffering=0)
 
+    def _wire(self, data: bytes | None) -> bytes | None:
+        """
+        C{data} encoded for DATA, final dot included; the last one is kept,
+        since VERP sends one message to each member in turn.
+        """
+        if data is None:
+            return None
+        cached = self._cached
+        if cached is not None and cached[0] is data:
+            return cached[1]
+        encoder = DataEncoder()
+        wire = encoder.encode(data) + encoder.finish()
+        self._cached = (data, wire)
+        return wire
+
     async def _transact(
         self,
         transaction: Transaction,
         recipients: list[str],
         smtputf8: bool,
-        file: IO[bytes],
+        file: IO[bytes] | None,
+        wire: bytes | None,
+        announced: bool,
+        then: Transaction | None,
     ) -> TransactionResult:
         t = self._timeouts
         pipelining = "PIPELINING" in self.extensions
-        encoding = "utf-8" if smtputf8 else "ascii"
-        commands: list[bytes] = []
         reset = self._needs_reset
-        if reset:
-            commands.append(b"RSET")
-        commands.append(self._mail_command(transaction, smtputf8).encode(encoding))
-        commands.extend(f"RCPT TO:<{r}>".encode(encoding) for r in recipients)
-        if pipelining:
-            commands.append(b"DATA")
-            self._protocol.send_lines(commands)
+        commands: list[bytes] = []
+        if not announced:  # else they went out with the last message's data
+            if reset:
+                commands.append(b"RSET")
+            commands += self._commands(transaction, recipients, smtputf8)
+            if pipelining:
+                commands.append(b"DATA")
+                self._protocol.send_lines(commands)
         if reset:
             if not pipelining:
                 self._protocol.send_lines([commands[0]])
@@ -1028,7 +1129,39 @@ class SMTPConnection:
             for rcpt in accepted:
                 results[rcpt] = data_reply
             return TransactionResult(results, mail_reply, data_reply)
-        return await self._send_data(file, transaction.size, results, accepted, mail_reply)
+        if wire is None and transaction.size < self._chunk_size:
+            assert file is not None
+            wire = _read_small(file, transaction.size)
+        return await self._send_data(
+            file, wire, transaction.size, results, accepted, mail_reply, then
+        )
+
+    def _commands(
+        self, transaction: Transaction, recipients: list[str], smtputf8: bool
+    ) -> list[bytes]:
+        """MAIL and the RCPTs of C{transaction}."""
+        encoding = "utf-8" if smtputf8 else "ascii"
+        commands = [self._mail_command(transaction, smtputf8).encode(encoding)]
+        commands.extend(f"RCPT TO:<{r}>".encode(encoding) for r in recipients)
+        return commands
+
+    def _announce(self, then: Transaction | None) -> list[bytes]:
+        """
+        The commands of C{then} to send after this message's final dot (none
+        when it cannot be pipelined), noting it as the next to be sent.
+        """
+        if then is None or self._lmtp or "PIPELINING" not in self.extensions:
+            return []
+        recipients = list(dict.fromkeys(then.recipients))
+        try:
+            _check_transaction(then, recipients)
+        except ValueError:
+            return []  # send(then) reports it, before anything is sent
+        smtputf8 = _needs_smtputf8(then, recipients)
+        if smtputf8 and "SMTPUTF8" not in self.extensions:
+            return []
+        self._prepared = (then, recipients, smtputf8)
+        return [*self._commands(then, recipients, smtputf8), b"DATA"]
 
     def _mail_command(self, transaction: Transaction, smtputf8: bool) -> str:
         ext = self.extensions
@@ -1049,18 +1182,27 @@ class SMTPConnection:
 
     async def _send_data(
         self,
-        file: IO[bytes],
+        file: IO[bytes] | None,
+        wire: bytes | None,
         size: int,
         results: dict[str, Reply],
         accepted: list[str],
         mail_reply: Reply,
+        then: Transaction | None,
     ) -> TransactionResult:
         t = self._timeouts
         protocol = self._protocol
-        sender = _DataSender(protocol, file, size, self._chunk_size, t.data_block)
-        protocol.send_data(sender, len(accepted) if self._lmtp else 1)
+        replies = len(accepted) if self._lmtp else 1
         try:
-            await sender.done
+            if wire is not None:
+                # A small message: all of it, the final dot and the commands
+                # of the next transaction in one write.
+                protocol.send_whole(wire, replies, self._announce(then))
+            else:
+                assert file is not None
+                sender = _DataSender(protocol, file, size, self._chunk_size, t.data_block)
+                protocol.send_data(sender, replies)
+                await sender.done
         except _EarlyReply as e:
             # The server answered before the dot: the message was not taken.
             reply = e.reply.to_reply()
@@ -1103,7 +1245,9 @@ class SMTPConnection:
     # -- closing -------------------------------------------------------------
     async def quit(self) -> None:
         """
-        Say QUIT (unless the connection already failed), wait for the reply
+        Say QUIT (unless the connection already failed, or a transaction
+        announced with C{then=} was not sent: the server waits for its
+        data, so the connection is just closed), wait for the reply
         and the close, each at most C{timeouts.quit} seconds, then drop the
         connection if it is still open. Never fails: nothing that happens now
         changes the mail already sent. Call it after an error too, so the
@@ -1113,7 +1257,9 @@ class SMTPConnection:
             if self._quit:
                 return
             self._quit = True
-            if self.usable:
+            # After an announced transaction the server waits for its data:
+            # QUIT would be taken for message text. Closing loses nothing.
+            if self.usable and self._prepared is None:
                 try:
                     await self._command(b"QUIT", self._timeouts.quit, "the QUIT reply")
                 except SMTPClientError:
@@ -1161,6 +1307,7 @@ async def connect(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     lmtp: bool = False,
     chunk_size: int = CHUNK_SIZE,
+    trace: bool = False,
 ) -> SMTPConnection:
     """
     Connect, read the greeting, EHLO (LHLO for LMTP), STARTTLS when offered
@@ -1184,6 +1331,9 @@ async def connect(
     @param timeouts: the limits for each step, in seconds.
     @param lmtp: speak LMTP (RFC 2033): LHLO, one reply per recipient.
     @param chunk_size: bytes read from the message file per write.
+    @param trace: log every command and reply (C{C:}/C{S:} debug events,
+        AUTH secrets masked). Off by default: the trace costs more than the
+        SMTP work itself, and nothing of it is formatted when off.
     @raise SMTPClientError: no connection (C{4.4.1}), refused greeting, EHLO
         and HELO, TLS or AUTH failure, timeout. The connection is closed.
     @raise ValueError: a bad C{helo} or C{require_auth} without C{auth}.
@@ -1193,7 +1343,7 @@ async def connect(
     if require_auth and auth is None:
         raise ValueError("require_auth needs auth")
     clock = clock if clock is not None else reactor
-    d = endpoint.connect(_ClientFactory(clock))
+    d = endpoint.connect(_ClientFactory(clock, trace))
     d.addTimeout(timeouts.connect, clock)
     try:
         protocol = await d
@@ -1217,6 +1367,46 @@ async def connect(
 
 
 # -- helpers -------------------------------------------------------------------
+
+
+def _read_small(file: IO[bytes], size: int) -> bytes:
+    """
+    Read a small message file whole and encode it as DATA, final dot
+    included.
+
+    @param size: the bytes the file must hold.
+    @raise SMTPClientError: it cannot be read or does not hold C{size} bytes
+        (C{4.3.0}, transient: no dot may follow a damaged message).
+    """
+    parts = []
+    total = 0
+    try:
+        while total <= size:
+            chunk = file.read(size + 1 - total)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+    except OSError as e:
+        raise SMTPClientError(
+            f"could not read the message file: {e.strerror}", transient=True, enhanced="4.3.0"
+        ) from None
+    if total != size:
+        raise SMTPClientError(
+            f"the message file has {'more than ' if total > size else ''}{total} bytes,"
+            f" expected {size}",
+            transient=True,
+            enhanced="4.3.0",
+        )
+    encoder = DataEncoder()
+    return encoder.encode(b"".join(parts)) + encoder.finish()
+
+
+def _needs_smtputf8(transaction: Transaction, recipients: list[str]) -> bool:
+    """Asked for, or needed because an address is not ASCII (RFC 6531)."""
+    return "SMTPUTF8" in transaction.params or not (
+        transaction.sender.isascii() and all(a.isascii() for a in recipients)
+    )
 
 
 def _parse_ehlo(lines: tuple[str, ...]) -> dict[str, str | None]:
@@ -1247,6 +1437,8 @@ def _check_transaction(transaction: Transaction, recipients: list[str]) -> None:
     """Refuse, before anything is sent, what would break the command line."""
     if not recipients:
         raise ValueError("a transaction needs at least one recipient")
+    if transaction.data is not None and len(transaction.data) != transaction.size:
+        raise ValueError(f"data has {len(transaction.data)} bytes, not {transaction.size}")
     unknown = set(transaction.params) - _KNOWN_PARAMS
     if unknown:
         raise ValueError(f"unknown MAIL parameters: {sorted(unknown)}")

@@ -18,6 +18,8 @@ one reply plus one fsync.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import ipaddress
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -31,9 +33,16 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from gsmail import status
-from gsmail.addresses import AddressError, encode_xverp, parse_mailbox
+from gsmail.addresses import Address, AddressError, encode_xverp, parse_mailbox
 from gsmail.outbound import backoff, dsn
-from gsmail.outbound.client import ClientTLS, SMTPClientError, Timeouts, Transaction, connect
+from gsmail.outbound.client import (
+    CHUNK_SIZE,
+    ClientTLS,
+    SMTPClientError,
+    Timeouts,
+    Transaction,
+    connect,
+)
 from gsmail.outbound.mx import MXHost, MXLookupError, MXResolver, RelayHost
 from gsmail.outbound.queue import (
     DELIVERED,
@@ -53,6 +62,13 @@ log = Logger()
 
 #: Recipients per transaction without VERP (gs.email sent 50).
 BATCH_SIZE = 50
+#: Deliveries are logged together: at most this many seconds after they
+#: happened, at most this many per event, and at once when delivery is idle.
+#: (A log event per recipient cost more than the delivery itself.)
+LOG_DELAY = 1.0
+LOG_BATCH = 1000
+#: Small messages kept in memory while they are delivered (oldest dropped).
+_MESSAGES_KEPT = 16
 
 LocalDelivery = Callable[[str, str, str], Deferred[Reply]]
 """Delivers (sender, recipient, message path) to this site's own inbound side."""
@@ -69,6 +85,17 @@ def _error_reply(error: SMTPClientError) -> Reply:
         enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.0.0"
         return Reply(451, enhanced, reply.text)
     return reply
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(address: str) -> Address:
+    """
+    C{parse_mailbox}, remembered for the few senders of VERP mail (one
+    group's address for each of its members; L{Address} is immutable).
+
+    @raise AddressError: it does not parse (not remembered).
+    """
+    return parse_mailbox(address)
 
 
 def _is_ip(text: str) -> bool:
@@ -116,6 +143,46 @@ SMARTHOST_TLS = TLSPolicy()
 MX_TLS = TLSPolicy(verify=False)
 
 
+@attrs.frozen
+class _Outcome:
+    """
+    One recipient's outcome, for the log.
+
+    @ivar reply: the reply as recorded, e.g. C{"250 2.0.0 Ok"}.
+    @ivar state: the recipient's state after it.
+    """
+
+    queue_id: str
+    recipient: str
+    remote: str
+    reply: str
+    state: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.queue_id} to <{self.recipient}> via {self.remote}: {self.reply} ({self.state})"
+        )
+
+
+class _Outcomes(list[_Outcome]):
+    """Outcomes logged as one event: one line each, formatted only if an observer asks."""
+
+    def __format__(self, spec: str) -> str:
+        return "\n".join(map(str, self))
+
+
+def _log_outcome(outcome: _Outcome) -> None:
+    """One outcome as an event of its own, with its fields."""
+    log.info(
+        "{queue_id} to <{recipient}> via {remote}: {reply} ({state})",
+        queue_id=outcome.queue_id,
+        recipient=outcome.recipient,
+        remote=outcome.remote,
+        reply=outcome.reply,
+        state=outcome.state,
+    )
+
+
 @attrs.define
 class _Job:
     """One transaction to make: some pending recipients of one envelope."""
@@ -126,6 +193,8 @@ class _Job:
     #: Ask the smarthost to do the VERP (Postfix's XVERP) for this batch;
     #: split per recipient if it turns out not to offer XVERP.
     xverp: bool = False
+    #: Its transaction, once made (L{OutboundDelivery._transaction}).
+    transaction: Transaction | None = None
 
 
 class OutboundDelivery:
@@ -144,6 +213,16 @@ class OutboundDelivery:
         XVERP parameter and let the smarthost make the per-recipient senders
         (as GroupServer did with Postfix); a smarthost that does not offer
         XVERP gets one transaction per recipient anyway.
+    @param trace: log every SMTP command and reply (debug level); off by
+        default, since the trace costs more than the delivery.
+
+    Each recipient's outcome is logged as one line (C{<queue id> to
+    <recipient> via <host>: <reply> (<state>)}). A failure or deferral, or a
+    delivery on its own, is an event of its own (fields C{queue_id},
+    C{recipient}, C{remote}, C{reply}, C{state}); deliveries under load are
+    logged together: events of up to L{LOG_BATCH} lines (field C{outcomes}),
+    at most L{LOG_DELAY} seconds late, and at once when nothing is being
+    delivered.
     """
 
     def __init__(
@@ -168,6 +247,7 @@ class OutboundDelivery:
         random: Callable[[], float] | None = None,
         mx_port: int = 25,
         pass_xverp: bool = False,
+        trace: bool = False,
     ) -> None:
         if relayhost is None and mx is None:
             raise ValueError("either a relayhost or an MX resolver is needed")
@@ -190,6 +270,7 @@ class OutboundDelivery:
         self._random = random
         self.mx_port = mx_port
         self.pass_xverp = pass_xverp
+        self.trace = trace
         self._connections = DeferredSemaphore(max_connections)
         self._per_destination = max_per_destination
         self._jobs: dict[str, deque[_Job]] = defaultdict(deque)
@@ -199,6 +280,17 @@ class OutboundDelivery:
         self._timer: IDelayedCall | None = None
         self._running = False
         self._idle: list[Deferred[None]] = []
+        # Scheduling without scanning the queue: the messages that may have
+        # pending recipients not in flight (a superset), one wake-up time per
+        # message in _next_at, and a heap of them (stale entries skipped).
+        self._waiting: set[str] = set()
+        self._next_at: dict[str, float] = {}
+        self._wakeups: list[tuple[float, str]] = []
+        self._kicked = False
+        self._outcomes = _Outcomes()
+        self._log_timer: IDelayedCall | None = None
+        self._messages: dict[str, bytes] = {}
+        queue.watch(self._queued)
         #: Counters for tests and metrics.
         self.transactions = 0
         self.delivered = 0
@@ -207,6 +299,8 @@ class OutboundDelivery:
     def start(self) -> None:
         """Start delivering (call after the queue is loaded)."""
         self._running = True
+        for envelope in self.queue.envelopes():
+            self._waiting.add(envelope.id)
         self.kick()
 
     def stop(self) -> Deferred[None]:
@@ -215,6 +309,7 @@ class OutboundDelivery:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._log_outcomes()
         return self.when_idle()
 
     def when_idle(self) -> Deferred[None]:
@@ -226,53 +321,106 @@ class OutboundDelivery:
         return d
 
     def kick(self) -> None:
-        """Look for due recipients now (after an enqueue, or at the timer)."""
+        """
+        Look for due recipients now (after an enqueue, a release or a flush,
+        or at the timer): every message that may have pending recipients not
+        being delivered is looked at, in the next reactor turn.
+        """
         if not self._running:
             return
+        self._kicked = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self.reactor.callLater(0, self._run)
 
+    def _queued(self, envelope: Envelope) -> None:
+        """The queue took a new message: it is looked at by the next kick."""
+        self._waiting.add(envelope.id)
+
+    def _wake_at(self, queue_id: str, when: float) -> None:
+        """Look at message C{queue_id} again at C{when} (seconds since the epoch)."""
+        current = self._next_at.get(queue_id)
+        if current is None or when < current:
+            self._next_at[queue_id] = when
+            heapq.heappush(self._wakeups, (when, queue_id))
+
+    def _forget(self, queue_id: str) -> None:
+        self._waiting.discard(queue_id)
+        self._next_at.pop(queue_id, None)
+        self._messages.pop(queue_id, None)
+
     def _schedule(self) -> None:
         if not self._running:
             return
-        wake = self._next_wakeup()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        wakeups = self._wakeups
+        while wakeups and self._next_at.get(wakeups[0][1]) != wakeups[0][0]:
+            heapq.heappop(wakeups)  # stale: superseded or forgotten
+        wake = self.reactor.seconds() if self._kicked else wakeups[0][0] if wakeups else None
+        timer = self._timer
+        if timer is not None and timer.active():
+            if wake is not None and timer.getTime() <= wake:
+                return  # fires early enough (an early run just finds nothing)
+            timer.cancel()
         self._timer = None
         if wake is not None:
             delay = max(0.0, wake - self.reactor.seconds())
             self._timer = self.reactor.callLater(delay, self._run)
 
-    def _next_wakeup(self) -> float | None:
-        """
-        The earliest retry time of a pending recipient that is not held and
-        not being delivered right now (those would make the timer fire
-        again at once, a busy loop, until their server answers).
-        """
-        best: float | None = None
-        for envelope in self.queue.envelopes():
-            if envelope.held:
-                continue
-            for r in envelope.recipients:
-                if r.state == PENDING and (envelope.id, r.address) not in self._in_flight:
-                    if best is None or r.next_attempt < best:
-                        best = r.next_attempt
-        return best
-
     def _run(self) -> None:
         self._timer = None
         now = self.reactor.seconds()
-        for envelope, due in self.queue.due(now):
-            due = [r for r in due if (envelope.id, r.address) not in self._in_flight]
-            if not due:
-                continue
-            if backoff.expired(envelope.created, now, self.lifetime):
-                self._expire(envelope, due)
-                continue
-            for job in self._jobs_for(envelope, due):
-                self._submit(job)
+        candidates: dict[str, None] = {}
+        if self._kicked:
+            self._kicked = False
+            candidates = dict.fromkeys(self._waiting)
+        wakeups = self._wakeups
+        while wakeups and wakeups[0][0] <= now:
+            when, queue_id = heapq.heappop(wakeups)
+            if self._next_at.get(queue_id) == when:
+                del self._next_at[queue_id]
+                candidates[queue_id] = None
+        envelopes = []
+        for queue_id in candidates:
+            envelope = self.queue.get(queue_id)
+            if envelope is None:
+                self._forget(queue_id)  # deleted by the operator
+            else:
+                envelopes.append(envelope)
+        envelopes.sort(key=lambda e: (e.created, e.id))
+        for envelope in envelopes:
+            self._look(envelope, now)
         self._schedule()
+
+    def _look(self, envelope: Envelope, now: float) -> None:
+        """
+        Start delivering the due recipients of C{envelope} (or expire them)
+        and note when the next of the others is due. Ignores recipients
+        being delivered right now: waking for them would be a busy loop
+        until their server answers.
+        """
+        if envelope.held:
+            return  # stays waiting: a release kicks
+        in_flight = self._in_flight
+        due: list[RecipientState] = []
+        later: float | None = None
+        for r in envelope.recipients:
+            if r.state == PENDING and (envelope.id, r.address) not in in_flight:
+                if r.next_attempt <= now:
+                    due.append(r)
+                elif later is None or r.next_attempt < later:
+                    later = r.next_attempt
+        if later is None:
+            self._waiting.discard(envelope.id)
+        else:
+            self._waiting.add(envelope.id)
+            self._wake_at(envelope.id, later)
+        if not due:
+            return
+        if backoff.expired(envelope.created, now, self.lifetime):
+            self._expire(envelope, due)
+            return
+        for job in self._jobs_for(envelope, due):
+            self._submit(job)
 
     def _jobs_for(self, envelope: Envelope, due: list[RecipientState]) -> list[_Job]:
         """
@@ -302,7 +450,7 @@ class OutboundDelivery:
     def _verp_sender(sender: str, recipient: str) -> str:
         """C{group+user=domain@site}, or the sender as it is if either does not parse."""
         try:
-            return str(encode_xverp(parse_mailbox(sender), parse_mailbox(recipient)))
+            return str(encode_xverp(_parsed(sender), parse_mailbox(recipient)))
         except AddressError:
             return sender
 
@@ -388,20 +536,37 @@ class OutboundDelivery:
                     self.mx.mark_bad(address)
                 continue
             next_host = False
+            # The job after the current one, taken from the queue so that
+            # its commands can follow the current message (client.send's
+            # then=); it is the next one sent on this connection.
+            held: _Job | None = None
             try:
-                while jobs and conn.usable:
-                    job = jobs.popleft()
+                while conn.usable:
+                    if held is not None:
+                        job, held = held, None
+                    elif jobs:
+                        job = jobs.popleft()
+                    else:
+                        break
+                    if jobs and self._pipelinable(conn, job) and self._pipelinable(conn, jobs[0]):
+                        held = jobs.popleft()
                     try:
-                        retry = await self._transact(conn, job, host.name, last)
+                        retry = await self._transact(conn, job, host.name, last, held)
                     except Exception:
                         log.failure("Delivering {queue_id} failed", queue_id=job.envelope.id)
                         for r in job.recipients:
                             self._in_flight.discard((job.envelope.id, r.address))
                             r.next_attempt = self.reactor.seconds() + 300  # no hot loop
+                            if r.state == PENDING:
+                                self._waiting.add(job.envelope.id)
+                                self._wake_at(job.envelope.id, r.next_attempt)
                         continue
                     if retry is not None:
                         # A recoverable error here: the next host may do
                         # better (Postfix's smtp(8) does the same).
+                        if held is not None:
+                            jobs.appendleft(held)
+                            held = None
                         jobs.appendleft(retry[0])
                         last_error = retry[1]
                         next_host = True
@@ -409,6 +574,8 @@ class OutboundDelivery:
                 if conn.usable:
                     await conn.quit()
             finally:
+                if held is not None:
+                    jobs.appendleft(held)  # for another connection
                 conn.abort()
             if not next_host:
                 return  # the worker takes any jobs queued meanwhile
@@ -431,16 +598,73 @@ class OutboundDelivery:
             require_tls=policy.require,
             auth=self.auth if smarthost else None,
             timeouts=self.timeouts,
+            trace=self.trace,
         )
 
+    @staticmethod
+    def _pipelinable(conn: Any, job: _Job) -> bool:
+        """Is C{job} one transaction on C{conn} (not split per recipient)?"""
+        return not (job.xverp and "XVERP" not in conn.extensions)
+
+    def _transaction(self, job: _Job) -> Transaction:
+        """The transaction of C{job}, made once (C{send(then=)} needs the same object)."""
+        if job.transaction is not None:
+            return job.transaction
+        envelope = job.envelope
+        params: dict[str, str | None] = {}
+        if envelope.params.get("BODY") == "8BITMIME":
+            params["BODY"] = "8BITMIME"
+        if "SMTPUTF8" in envelope.params:
+            params["SMTPUTF8"] = None
+        for key in ("RET", "ENVID"):
+            if key in envelope.params:
+                params[key] = envelope.params[key]
+        if job.xverp:
+            params["XVERP"] = None
+        job.transaction = Transaction(
+            sender=job.sender,
+            recipients=[r.address for r in job.recipients],
+            data_path=self.queue.data_path(envelope.id),
+            size=envelope.size,
+            params=params,
+            data=self._message(envelope),
+        )
+        return job.transaction
+
+    def _message(self, envelope: Envelope) -> bytes | None:
+        """
+        The message of a small envelope, read once while it is being
+        delivered (queue files never change), so the client neither opens
+        nor encodes it per recipient; C{None} for a large one (streamed from
+        its file) or on a read error (the client reports it).
+        """
+        data = self._messages.get(envelope.id)
+        if data is not None or envelope.size >= CHUNK_SIZE:
+            return data
+        try:
+            with open(self.queue.data_path(envelope.id), "rb") as f:
+                data = f.read(envelope.size + 1)
+        except OSError:
+            return None
+        if len(data) != envelope.size:
+            return None  # the client refuses the file, with the reason
+        if len(self._messages) >= _MESSAGES_KEPT:
+            del self._messages[next(iter(self._messages))]  # the oldest
+        self._messages[envelope.id] = data
+        return data
+
     async def _transact(
-        self, conn: Any, job: _Job, remote: str, last: bool = True
+        self, conn: Any, job: _Job, remote: str, last: bool = True, then: _Job | None = None
     ) -> tuple[_Job, Reply] | None:
         """
         Send one job over C{conn} and record the outcomes.
 
         @param last: this is the last host to try. If not, recipients that
             got a transient reply (before the final dot) are not recorded.
+        @param then: the job to send next on C{conn}: its commands may go
+            out with this message (pipelining). Its message data only goes
+            out with the next call, after this job's outcomes are recorded,
+            so the at-least-once window stays one transaction per connection.
         @return: C{None}, or the job of the recipients to try on the next host
             with the reply that made it so.
         """
@@ -456,27 +680,14 @@ class OutboundDelivery:
                     break
             return None
         envelope = job.envelope
-        params: dict[str, str | None] = {}
-        if envelope.params.get("BODY") == "8BITMIME":
-            params["BODY"] = "8BITMIME"
-        if "SMTPUTF8" in envelope.params:
-            params["SMTPUTF8"] = None
-        for key in ("RET", "ENVID"):
-            if key in envelope.params:
-                params[key] = envelope.params[key]
-        if job.xverp:
-            params["XVERP"] = None
-        transaction = Transaction(
-            sender=job.sender,
-            recipients=[r.address for r in job.recipients],
-            data_path=self.queue.data_path(envelope.id),
-            size=envelope.size,
-            params=params,
-        )
+        transaction = self._transaction(job)
         self.transactions += 1
         after_data = False
         try:
-            result = await conn.send(transaction)
+            if then is not None:
+                result = await conn.send(transaction, then=self._transaction(then))
+            else:
+                result = await conn.send(transaction)
         except SMTPClientError as e:
             replies = {r.address: e.partial.get(r.address, _error_reply(e)) for r in job.recipients}
             after_data = e.after_data
@@ -554,15 +765,14 @@ class OutboundDelivery:
                 else:
                     delay = backoff.next_delay(r.attempts, random=self._random)
                 r.next_attempt = now + delay
-            log.info(
-                "{queue_id} to <{recipient}> via {remote}: {reply} ({state})",
-                queue_id=envelope.id,
-                recipient=r.address,
-                remote=remote or "-",
-                reply=r.last_reply,
-                state=r.state,
-            )
-        await self._finish(envelope, job.sender, failed)
+                self._waiting.add(envelope.id)
+                self._wake_at(envelope.id, r.next_attempt)
+            outcome = _Outcome(envelope.id, r.address, remote or "-", r.last_reply, r.state)
+            if r.state == DELIVERED:
+                self._note(outcome)
+            else:
+                _log_outcome(outcome)  # rare, and what an operator looks for
+        await self._finish(envelope, job.sender, failed, job.recipients)
 
     def _expire(self, envelope: Envelope, due: list[RecipientState]) -> None:
         failed = []
@@ -573,20 +783,29 @@ class OutboundDelivery:
             )
             failed.append(dsn.FailedRecipient(r.address, reply, None))
         sender = envelope.sender
-        Deferred.fromCoroutine(self._finish(envelope, sender, failed)).addErrback(
+        Deferred.fromCoroutine(self._finish(envelope, sender, failed, due)).addErrback(
             lambda f: log.failure("Expiring {queue_id} failed", f, queue_id=envelope.id)
         )
 
     async def _finish(
-        self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
+        self,
+        envelope: Envelope,
+        sender: str,
+        failed: list[dsn.FailedRecipient],
+        recipients: list[RecipientState],
     ) -> None:
-        """Persist the states, send DSNs, and remove the message when done."""
-        if failed:
-            await self._send_dsn(envelope, sender, failed)
+        """
+        Send DSNs, make the states of C{recipients} durable, log them, and
+        remove the message when it is done.
+        """
         try:
-            # Concurrent jobs of one envelope share the queue's coalesced write.
-            await self.queue.update(envelope)
-            done = not envelope.pending() and not any(
+            if failed:
+                await self._send_dsn(envelope, sender, failed)
+            # The records of every job that finishes meanwhile, of any
+            # message, share one write (the queue's group commit).
+            await self.queue.record(envelope, recipients)
+            # Backwards: the pending recipients are at the end, mostly.
+            done = not any(r.state == PENDING for r in reversed(envelope.recipients)) and not any(
                 (envelope.id, r.address) in self._in_flight for r in envelope.recipients
             )
             if done and envelope.id not in self._removing and self.queue.get(envelope.id):
@@ -595,10 +814,32 @@ class OutboundDelivery:
                     await self.queue.remove(envelope.id)
                 finally:
                     self._removing.discard(envelope.id)
+                self._forget(envelope.id)
         except NoSuchMessageError:
-            pass  # removed by a concurrent job, or deleted by the operator
+            # Removed by a concurrent job, or deleted by the operator.
+            self._forget(envelope.id)
         self._check_idle()
         self._schedule()
+
+    def _note(self, outcome: _Outcome) -> None:
+        """Log C{outcome} with the others of the next L{LOG_DELAY} seconds."""
+        self._outcomes.append(outcome)
+        if len(self._outcomes) >= LOG_BATCH:
+            self._log_outcomes()
+        elif self._log_timer is None:
+            self._log_timer = self.reactor.callLater(LOG_DELAY, self._log_outcomes)
+
+    def _log_outcomes(self) -> None:
+        """Log the outcomes noted so far, as one event."""
+        if self._log_timer is not None:
+            if self._log_timer.active():
+                self._log_timer.cancel()
+            self._log_timer = None
+        if len(self._outcomes) == 1:
+            _log_outcome(self._outcomes.pop())
+        elif self._outcomes:
+            outcomes, self._outcomes = self._outcomes, _Outcomes()
+            log.info("{outcomes}", outcomes=outcomes)
 
     async def _send_dsn(
         self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
@@ -639,6 +880,7 @@ class OutboundDelivery:
     def _check_idle(self) -> None:
         if self._in_flight or any(self._workers.values()):
             return
+        self._log_outcomes()
         waiters, self._idle = self._idle, []
         for d in waiters:
             d.callback(None)

@@ -10,6 +10,8 @@ Layout under the queue directory::
     tmp/<id>.env      an envelope being written (likewise)
     data/<id>         the message, byte for byte as given, one file each
     env/<id>.json     its envelope (L{Envelope}, JSON), one file each
+    journal/<id>      recipient outcomes recorded since the envelope was last
+                      written (appended, one JSON line each; may be absent)
     corrupt/          envelopes that cannot be used, with their data, for the operator
 
 A message exists if and only if its envelope is in C{env/}. Data without an
@@ -33,24 +35,41 @@ so that even on a file system that does not order renames across directories
 an envelope on disk always has its data: a power cut leaves either the whole
 message or garbage, never a corrupt envelope. Updates rewrite the envelope the
 same way (temporary file, fsync, rename over the old one, fsync C{env/});
-removal unlinks the envelope, fsyncs C{env/}, then unlinks the data and fsyncs
-C{data/}.
+removal unlinks the envelope, fsyncs C{env/}, then unlinks the data (and the
+journal) and fsyncs C{data/}.
+
+Recipient outcomes (L{OutboundQueue.record}, after each transaction) are not
+written into the envelope, which would make a message to n members cost
+O(n^2) bytes written: each is appended to the message's journal as one line,
+C{[seq, index, state, attempts, next_attempt, last_reply]}, with absolute
+values. Records of every message that arrive while a write is running are
+written together by the next one (group commit: one hand-off, one C{fsync}
+per journal, and one of C{journal/} when a journal was created). The envelope
+file carries C{journal_seq}, the last record it already includes; loading
+replays the journal's later records over it, in order, and ignores the
+others, so a crash between rewriting an envelope and emptying its journal
+replays nothing stale. A torn last line (a crash during an append, never
+acknowledged) is cut off at load. When a journal holds more than two records
+per recipient (retries), the envelope is rewritten and the journal emptied,
+so a journal stays O(n) and loading O(queue).
 
 The at-least-once windows (where SMTP itself allows no better):
   - a crash after step 4 but before the sender reads our 250: the message is
     queued and will be delivered, and the sender, having no 250, sends it
     again. Two copies go out.
   - a crash (or lost reply) after a remote server accepted a recipient but
-    before L{OutboundQueue.update} recorded it: that recipient gets it again.
-    The delivery side keeps this window short by updating after each
-    transaction.
+    before L{OutboundQueue.record} made it durable: that recipient gets it
+    again. The delivery side keeps this window short by recording after each
+    transaction and waiting for the record before the next one.
 
 All blocking disk work runs in the C{sync} hand-off (a thread in the service,
 inline in tests), except L{OutboundQueue.load}, which runs at start-up before
 the reactor. The reactor thread keeps the envelopes in memory; a job in the
 thread only ever sees bytes already serialised, or an envelope nobody else
-can see yet. Writes of one envelope are serialised by a lock per message, and
-concurrent L{OutboundQueue.update} calls of one envelope share writes.
+can see yet. Writes of one envelope are serialised by a lock per message,
+concurrent L{OutboundQueue.update} calls of one envelope share writes, and a
+journal write never runs at the same time as an envelope rewrite or removal
+(which empty or remove journals).
 """
 
 from __future__ import annotations
@@ -64,13 +83,14 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = [
     "DELIVERED",
@@ -105,10 +125,16 @@ ZOPE_MAX_SEND_TIME: Final = 3 * 3600
 
 _COPY_CHUNK: Final = 1 << 20
 _MAX_ENVELOPE: Final = 64 << 20
+#: A journal longer than this (bytes) is not replayed (corrupt).
+_MAX_JOURNAL: Final = 256 << 20
+#: Journal records per recipient beyond which the envelope is rewritten.
+_COMPACT_PER_RECIPIENT: Final = 2
+_COMPACT_SLACK: Final = 32
 _ZOPE_LINE_MAX: Final = 4 << 20
 _FORMAT: Final = 1
 _ID_RE: Final = re.compile(r"\A[0-9a-f]{16}-[0-9a-f]{8}\Z")
 _FORBIDDEN: Final = re.compile(r"[\x00\r\n]")
+_json_string: Final = json.encoder.encode_basestring_ascii
 _ZOPE_FROM: Final = b"X-Zope-From: "
 _ZOPE_TO: Final = b"X-Zope-To: "
 
@@ -264,6 +290,20 @@ class FileOps:
         """
         os.utime(path, (when, when))
 
+    def append(self, path: str) -> int:
+        """
+        Open a journal for appending, creating it (mode 0600) if needed.
+
+        @return: the file descriptor.
+        """
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def truncate(self, fd: int, size: int) -> None:
+        """
+        Cut an open file to C{size} bytes (an emptied journal, a torn tail).
+        """
+        os.ftruncate(fd, size)
+
     def fsync_dir(self, path: str) -> None:
         """
         Make the names created, renamed or removed in a directory durable.
@@ -289,8 +329,8 @@ class OutboundQueue:
 
     Envelopes returned by L{get}, L{envelopes}, L{due} and L{enqueue} are the
     queue's own objects: the delivery side changes their recipients' states
-    in place and then calls L{update} with the same object to make the change
-    durable.
+    in place and then calls L{record} (those recipients) or L{update} (the
+    whole envelope) with the same object to make the change durable.
 
     @ivar directory: the queue directory (absolute).
     """
@@ -320,6 +360,7 @@ class OutboundQueue:
         self._data = os.path.join(self.directory, "data")
         self._env = os.path.join(self.directory, "env")
         self._corrupt = os.path.join(self.directory, "corrupt")
+        self._journal = os.path.join(self.directory, "journal")
         self._clock = clock
         self._sync: Sync = _run_inline if sync is None else sync
         self._ops = FileOps() if file_ops is None else file_ops
@@ -328,6 +369,21 @@ class OutboundQueue:
         # Per message: update generations asked for and written (coalescing).
         self._requested: dict[str, int] = {}
         self._written: dict[str, int] = {}
+        # Journals. _seq: the last record number given out per message;
+        # _lines: records in each journal file on disk (present = the file
+        # exists); _fds: journals kept open (used only by one job at a time:
+        # _journal_lock); _waiting: records not written yet, with the
+        # Deferreds of their callers; _broken: a write failed, the file may
+        # end in a torn line: the next record rewrites the envelope instead.
+        self._seq: dict[str, int] = {}
+        self._lines: dict[str, int] = {}
+        self._fds: dict[str, int] = {}
+        self._waiting: dict[str, tuple[list[bytes], list[Deferred[None]]]] = {}
+        self._broken: set[str] = set()
+        self._positions: dict[str, dict[int, int]] = {}
+        self._journal_lock = DeferredLock()
+        self._flushing = False
+        self._watchers: list[Callable[[Envelope], None]] = []
         self._last_id_us = 0
         self._lock_fd: int | None = None
         self._open = False
@@ -354,12 +410,20 @@ class OutboundQueue:
         """
         if self._open or self._closed:
             raise RuntimeError("OutboundQueue.load() called twice, or after close()")
-        for path in (self.directory, self._tmp, self._data, self._env, self._corrupt):
+        for path in (
+            self.directory,
+            self._tmp,
+            self._data,
+            self._env,
+            self._corrupt,
+            self._journal,
+        ):
             os.makedirs(path, mode=0o700, exist_ok=True)
         self._lock_fd = _lock(os.path.join(self.directory, "lock"))
         try:
             self._scan()
         except BaseException:
+            self._close_journals()
             os.close(self._lock_fd)
             self._lock_fd = None
             raise
@@ -394,6 +458,14 @@ class OutboundQueue:
         The envelope of queue id C{id}, or C{None} if it is not queued.
         """
         return self._envelopes.get(id)
+
+    def watch(self, observer: Callable[[Envelope], None]) -> None:
+        """
+        Have C{observer} called with each message queued from now on, once it
+        is durable and before L{enqueue}'s Deferred fires (the delivery side
+        learns of new mail without scanning the queue).
+        """
+        self._watchers.append(observer)
 
     def envelopes(self) -> list[Envelope]:
         """
@@ -482,6 +554,57 @@ class OutboundQueue:
             L{QueueClosedError}.
         """
         return Deferred.fromCoroutine(self._update(envelope))
+
+    def record(self, envelope: Envelope, recipients: Sequence[RecipientState]) -> Deferred[None]:
+        """
+        Make the current state of some recipients of C{envelope} durable:
+        one line each is appended to the message's journal, written and
+        fsynced together with the records of every other message that
+        arrive meanwhile (group commit). Cheaper than L{update} by the size
+        of the envelope: use it for delivery outcomes.
+
+        @param envelope: the queue's own object, changed in place.
+        @param recipients: objects of C{envelope.recipients}.
+        @return: fires when the records are durable (the state on disk then
+            is at least as new as it was at this call); fails with
+            L{NoSuchMessageError} (the message was removed or deleted
+            meanwhile), C{ValueError} (a copy, or a recipient that is not
+            the envelope's), C{OSError} (the disk; memory keeps the state,
+            and the next successful record or update writes it) or
+            L{QueueClosedError}.
+        """
+        try:
+            self._check_open()
+            current = self._envelopes.get(envelope.id)
+            if current is None:
+                raise NoSuchMessageError(envelope.id)
+            if current is not envelope:
+                raise ValueError("record() takes the queue's own envelope object, not a copy")
+            if envelope.id in self._broken:
+                # The journal may end in a torn line: start over from a whole envelope.
+                return self.update(envelope)
+            lines = self._journal_lines(envelope, recipients)
+        except Exception:
+            return fail()
+        d: Deferred[None] = Deferred()
+        waiting = self._waiting.get(envelope.id)
+        if waiting is None:
+            self._waiting[envelope.id] = (lines, [d])
+        else:
+            waiting[0].extend(lines)
+            waiting[1].append(d)
+        if not self._flushing:
+            self._flushing = True
+            self._busy += 1  # close() waits for the records taken so far
+            # In the next reactor turn: the records of every connection
+            # that got its reply in this one go in the same write.
+            self._clock.callLater(0, self._start_flush)
+        return d
+
+    def _start_flush(self) -> None:
+        Deferred.fromCoroutine(self._flush_journals()).addErrback(
+            lambda f: self.log.failure("Writing journals failed", f)
+        )
 
     def remove(self, id: str) -> Deferred[None]:
         """
@@ -583,6 +706,7 @@ class OutboundQueue:
 
     def _check_idle(self) -> None:
         if self._closed and self._busy == 0 and self._idle:
+            self._close_journals()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -655,6 +779,11 @@ class OutboundQueue:
 
         await self._run(job)
         self._envelopes[qid] = envelope
+        for observer in self._watchers:
+            try:
+                observer(envelope)
+            except Exception:
+                self.log.failure("A queue observer failed on {queue_id}", queue_id=qid)
         self.log.info(
             "Queued {queue_id} from <{sender}> for {recipients} recipients, {size} bytes",
             queue_id=qid,
@@ -695,27 +824,56 @@ class OutboundQueue:
     async def _write_envelope(self, qid: str, generation: int) -> None:
         """
         Write the envelope as it is now, unless a write that began after
-        generation C{generation} was asked for has already done it. Lock held.
+        generation C{generation} was asked for has already done it; then
+        empty its journal, whose records the new envelope includes (as it
+        does the records still waiting: their callers are answered by this
+        write). Per-message lock held.
         """
-        envelope = self._envelopes.get(qid)
-        if envelope is None:
-            raise NoSuchMessageError(qid)
-        if self._written.get(qid, 0) >= generation:
-            return
-        covers = self._requested[qid]
-        data = _encode(envelope)  # here, in the reactor thread: the job gets bytes
-        ops, env_dir = self._ops, self._env
-        tmp = os.path.join(self._tmp, qid + ".env")
-        final = os.path.join(env_dir, qid + ".json")
+        async with self._journal_lock:
+            envelope = self._envelopes.get(qid)
+            if envelope is None:
+                raise NoSuchMessageError(qid)
+            if self._written.get(qid, 0) >= generation:
+                return
+            covers = self._requested[qid]
+            # Here, in the reactor thread: the job gets bytes.
+            data = _encode(envelope, self._seq.get(qid, 0))
+            taken = self._waiting.pop(qid, None)
+            ops, env_dir, fds = self._ops, self._env, self._fds
+            tmp = os.path.join(self._tmp, qid + ".env")
+            final = os.path.join(env_dir, qid + ".json")
+            journal = os.path.join(self._journal, qid) if qid in self._lines else None
 
-        def job() -> None:
-            _write_file(ops, tmp, data, 0, exclusive=False)
-            ops.rename(tmp, final)
-            ops.fsync_dir(env_dir)
+            def job() -> None:
+                _write_file(ops, tmp, data, 0, exclusive=False)
+                ops.rename(tmp, final)
+                ops.fsync_dir(env_dir)
+                if journal is not None:
+                    # A crash before this replays only records newer than the
+                    # envelope's journal_seq: none.
+                    fd = fds.get(qid)
+                    if fd is None:
+                        fd = fds[qid] = ops.append(journal)
+                    ops.truncate(fd, 0)
+                    ops.fsync(fd)
 
-        await self._run(job)
-        if qid in self._envelopes:
-            self._written[qid] = max(self._written.get(qid, 0), covers)
+            try:
+                await self._run(job)
+            except BaseException:
+                self._broken.add(qid)
+                if taken is not None:
+                    error = Failure()
+                    for d in taken[1]:
+                        d.errback(error)
+                raise
+            if qid in self._envelopes:
+                self._written[qid] = max(self._written.get(qid, 0), covers)
+                self._broken.discard(qid)
+                if journal is not None:
+                    self._lines[qid] = 0
+        if taken is not None:
+            for d in taken[1]:
+                d.callback(None)
 
     async def _set_held(self, qid: str, held: bool) -> None:
         self._check_open()
@@ -744,21 +902,30 @@ class OutboundQueue:
                 raise ValueError(f"{qid} has {pending} pending recipients")
             ops, env_dir, data_dir = self._ops, self._env, self._data
             gone: list[bool] = []
+            await self._journal_lock.acquire()  # no journal write meanwhile
+            journal = os.path.join(self._journal, qid) if qid in self._lines else None
+            fd = self._fds.pop(qid, None)
 
             def job() -> None:
+                if fd is not None:
+                    ops.close(fd)
                 _unlink_missing_ok(ops, os.path.join(env_dir, qid + ".json"))
                 gone.append(True)
                 ops.fsync_dir(env_dir)
+                if journal is not None:
+                    # No fsync of journal/: should the name come back after a
+                    # crash, load removes a journal without an envelope.
+                    _unlink_missing_ok(ops, journal)
                 _unlink_missing_ok(ops, os.path.join(data_dir, qid))
                 ops.fsync_dir(data_dir)
 
             try:
                 await self._run(job)
             finally:
+                self._journal_lock.release()
                 if gone:
                     del self._envelopes[qid]
-                    self._requested.pop(qid, None)
-                    self._written.pop(qid, None)
+                    self._forget(qid)
         finally:
             self._release(qid, lock)
         if force:
@@ -769,6 +936,156 @@ class OutboundQueue:
             )
         else:
             self.log.info("Removed {queue_id}: done", queue_id=qid)
+
+    def _forget(self, qid: str) -> None:
+        """Drop what the queue knows of a removed message; its waiting records fail."""
+        self._requested.pop(qid, None)
+        self._written.pop(qid, None)
+        self._seq.pop(qid, None)
+        self._lines.pop(qid, None)
+        self._positions.pop(qid, None)
+        self._broken.discard(qid)
+        taken = self._waiting.pop(qid, None)
+        if taken is not None:
+            for d in taken[1]:
+                d.errback(NoSuchMessageError(qid))
+
+    # -- journals -------------------------------------------------------------
+
+    def _journal_lines(
+        self, envelope: Envelope, recipients: Sequence[RecipientState]
+    ) -> list[bytes]:
+        """
+        The journal lines for C{recipients}' current state, numbered on from
+        the message's last record.
+
+        @raise ValueError: a recipient that is not one of C{envelope}'s, or a
+            state that cannot be stored.
+        """
+        qid = envelope.id
+        positions = self._positions.get(qid)
+        seq = self._seq.get(qid, 0)
+        lines = []
+        for r in recipients:
+            index = positions.get(id(r)) if positions is not None else None
+            if index is None or envelope.recipients[index] is not r:
+                # The positions are by identity: duplicate addresses stay apart.
+                positions = {id(x): n for n, x in enumerate(envelope.recipients)}
+                self._positions[qid] = positions
+                index = positions.get(id(r))
+                if index is None:
+                    raise ValueError(f"not a recipient of {qid}")
+            if r.state not in _STATES:
+                raise ValueError(f"unknown recipient state {r.state!r}")
+            if type(r.attempts) is not int or r.attempts < 0:
+                raise ValueError(f"bad attempt count {r.attempts!r}")
+            when = float(r.next_attempt)
+            if not math.isfinite(when):
+                raise ValueError(f"bad next attempt time {when!r}")
+            seq += 1
+            # As json.dumps would write it, without its cost: a finite
+            # float's repr is JSON, the reply is escaped to ASCII.
+            lines.append(
+                f'[{seq},{index},"{r.state}",{r.attempts},{when!r},'
+                f"{_json_string(r.last_reply)}]\n".encode("ascii")
+            )
+        self._seq[qid] = seq
+        return lines
+
+    async def _flush_journals(self) -> None:
+        """
+        Write the waiting records, all messages together, until none waits.
+        One runs at a time (C{_flushing}); it counts as busy for L{close}.
+        """
+        try:
+            while self._waiting:
+                async with self._journal_lock:
+                    batch, self._waiting = self._waiting, {}
+                    fire = await self._write_journals(batch)
+                fire()
+        finally:
+            self._flushing = False
+            self._busy -= 1
+            self._check_idle()
+
+    async def _write_journals(
+        self, batch: dict[str, tuple[list[bytes], list[Deferred[None]]]]
+    ) -> Callable[[], None]:
+        """
+        Append C{batch} to the journals and fsync them (journal lock held).
+
+        @return: what answers the callers, to call once the lock is released.
+        """
+        gone = [qid for qid in batch if qid not in self._envelopes]
+        qids = [qid for qid in batch if qid in self._envelopes]
+        data = {qid: b"".join(batch[qid][0]) for qid in qids}
+        existing = {qid for qid in qids if qid in self._lines}
+        ops, fds, directory = self._ops, self._fds, self._journal
+
+        def job() -> None:
+            created = False
+            for qid in qids:
+                fd = fds.get(qid)
+                if fd is None:
+                    fd = fds[qid] = ops.append(os.path.join(directory, qid))
+                    created = created or qid not in existing
+                ops.write(fd, data[qid])
+            for qid in qids:
+                ops.fsync(fds[qid])
+            if created:
+                ops.fsync_dir(directory)  # the new journals' names
+
+        error: Failure | None = None
+        if qids:
+            try:
+                await self._run(job)
+            except Exception:
+                error = Failure()
+                for qid in qids:
+                    # It may end in a torn line now: the next record rewrites
+                    # the envelope, which empties the journal first.
+                    self._broken.add(qid)
+                    self._lines.setdefault(qid, 0)
+            else:
+                for qid in qids:
+                    self._lines[qid] = self._lines.get(qid, 0) + len(batch[qid][0])
+                    self._compact_if_long(qid)
+
+        def fire() -> None:
+            for qid in gone:
+                for d in batch[qid][1]:
+                    d.errback(NoSuchMessageError(qid))
+            for qid in qids:
+                for d in batch[qid][1]:
+                    if error is None:
+                        d.callback(None)
+                    else:
+                        d.errback(error)
+
+        return fire
+
+    def _compact_if_long(self, qid: str) -> None:
+        """Rewrite the envelope (emptying the journal) once retries made it long."""
+        envelope = self._envelopes.get(qid)
+        if envelope is None:
+            return
+        limit = _COMPACT_PER_RECIPIENT * len(envelope.recipients) + _COMPACT_SLACK
+        if self._lines.get(qid, 0) <= limit or self._closed:
+            return
+        self._lines[qid] = 0  # once: the rewrite sets it for good
+        self.update(envelope).addErrback(self._compaction_failed, qid)
+
+    def _compaction_failed(self, failure: Failure, qid: str) -> None:
+        if not failure.check(NoSuchMessageError, QueueClosedError):
+            self.log.failure("Rewriting the envelope of {queue_id} failed", failure, queue_id=qid)
+
+    def _close_journals(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     # -- zope.sendmail import -----------------------------------------------
 
@@ -895,6 +1212,7 @@ class OutboundQueue:
     def _scan(self) -> None:
         now = self._clock.seconds()
         data_names = set(os.listdir(self._data))
+        journals = set(os.listdir(self._journal))
         found: list[Envelope] = []
         corrupt = cleaned = young = 0
         for name in sorted(os.listdir(self._env)):
@@ -908,7 +1226,7 @@ class OutboundQueue:
                 reason = "its data file is missing"
             else:
                 try:
-                    envelope = _read_envelope(path, qid)
+                    envelope, seq = _read_envelope(path, qid)
                     size = os.stat(os.path.join(self._data, qid)).st_size
                 except (OSError, ValueError) as exc:
                     reason = f"unreadable: {exc}"
@@ -917,10 +1235,20 @@ class OutboundQueue:
                         reason = f"its data has {size} bytes, not {envelope.size}"
             if reason:
                 corrupt += 1
-                self._quarantine(name, qid if qid in data_names else None, reason)
+                self._quarantine(
+                    name,
+                    qid if qid in data_names else None,
+                    reason,
+                    qid if qid in journals else None,
+                )
                 data_names.discard(qid)
+                journals.discard(qid)
                 continue
             assert envelope is not None
+            self._seq[qid] = seq
+            if qid in journals:
+                journals.discard(qid)
+                self._load_journal(envelope, seq)
             found.append(envelope)
             data_names.discard(qid)
         for directory, names in ((self._data, data_names), (self._tmp, set(os.listdir(self._tmp)))):
@@ -941,8 +1269,22 @@ class OutboundQueue:
                     )
                     continue
                 cleaned += 1
+        for name in journals:
+            # Its envelope is gone (a removal that crashed half-way): so is the message.
+            try:
+                self._ops.unlink(os.path.join(self._journal, name))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                self.log.warn(
+                    "Could not remove {path} from the outbound queue: {error}",
+                    path=os.path.join(self._journal, name),
+                    error=str(exc),
+                )
+                continue
+            cleaned += 1
         if corrupt or cleaned:
-            for directory in (self._corrupt, self._env, self._data, self._tmp):
+            for directory in (self._corrupt, self._env, self._data, self._tmp, self._journal):
                 self._ops.fsync_dir(directory)
         found.sort(key=lambda e: (e.created, e.id))
         self._envelopes = {e.id: e for e in found}
@@ -962,14 +1304,46 @@ class OutboundQueue:
             young=young,
         )
 
-    def _quarantine(self, name: str, qid: str | None, reason: str) -> None:
+    def _load_journal(self, envelope: Envelope, seq: int) -> None:
         """
-        Move a corrupt envelope (and its data, if any) to C{corrupt/}.
+        Replay the journal of C{envelope} over it (records after C{seq}) and
+        cut off a torn or damaged tail, so that appends start on a new line.
+        """
+        qid = envelope.id
+        path = os.path.join(self._journal, qid)
+        try:
+            last, count, good, size = _replay(path, envelope, seq)
+        except (OSError, ValueError) as exc:
+            # The envelope's own state stands: recipients recorded only in
+            # the journal are sent again (at least once, never lost).
+            self.log.error(
+                "Could not read the journal of {queue_id}: {error}", queue_id=qid, error=str(exc)
+            )
+            last, count, good, size = seq, 0, 0, 1
+        self._seq[qid] = last
+        self._lines[qid] = count
+        if good < size:
+            self.log.warn(
+                "Cut {cut} bytes (an interrupted write) off the journal of {queue_id}",
+                cut=size - good,
+                queue_id=qid,
+            )
+            fd = self._fds[qid] = self._ops.append(path)
+            self._ops.truncate(fd, good)
+            self._ops.fsync(fd)
+
+    def _quarantine(
+        self, name: str, qid: str | None, reason: str, journal: str | None = None
+    ) -> None:
+        """
+        Move a corrupt envelope (and its data and journal, if any) to C{corrupt/}.
         """
         target = _free_name(os.path.join(self._corrupt, name))
         self._ops.rename(os.path.join(self._env, name), target)
         if qid is not None:
             self._ops.rename(os.path.join(self._data, qid), target + ".data")
+        if journal is not None:
+            self._ops.rename(os.path.join(self._journal, journal), target + ".journal")
         self.log.error(
             "Moved the corrupt envelope {name} to {target}: {reason}",
             name=name,
@@ -992,9 +1366,14 @@ def read_queue(directory: str) -> list[Envelope]:
         qid = name[: -len(".json")]
         if name.endswith(".json") and _ID_RE.match(qid):
             try:
-                found.append(_read_envelope(os.path.join(env_dir, name), qid))
+                envelope, seq = _read_envelope(os.path.join(env_dir, name), qid)
             except (OSError, ValueError):
                 continue
+            try:
+                _replay(os.path.join(directory, "journal", qid), envelope, seq)
+            except (OSError, ValueError):
+                pass  # no journal (or unreadable): the envelope as written
+            found.append(envelope)
     return sorted(found, key=lambda e: (e.created, e.id))
 
 
@@ -1090,10 +1469,11 @@ def _lock(path: str) -> int:
     return fd
 
 
-def _encode(envelope: Envelope) -> bytes:
+def _encode(envelope: Envelope, journal_seq: int = 0) -> bytes:
     obj = {
         "format": _FORMAT,
         "id": envelope.id,
+        "journal_seq": journal_seq,
         "sender": envelope.sender,
         "xverp": envelope.xverp,
         "created": envelope.created,
@@ -1118,9 +1498,12 @@ def _encode(envelope: Envelope) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
 
 
-def _read_envelope(path: str, qid: str) -> Envelope:
+def _read_envelope(path: str, qid: str) -> tuple[Envelope, int]:
     """
     Read and check one envelope file.
+
+    @return: the envelope and the last journal record it includes (0 in
+        envelopes written before journals existed).
 
     @raise ValueError: it does not hold a valid envelope for C{qid}.
     @raise OSError: it cannot be read.
@@ -1155,7 +1538,8 @@ def _read_envelope(path: str, qid: str) -> Envelope:
         )
     if not recipients:
         raise ValueError("no recipients")
-    return Envelope(
+    seq = _get(obj, "journal_seq", int) if "journal_seq" in obj else 0
+    envelope = Envelope(
         id=qid,
         sender=_get(obj, "sender", str),
         recipients=recipients,
@@ -1167,6 +1551,61 @@ def _read_envelope(path: str, qid: str) -> Envelope:
         params=params,
         origin=_get(obj, "origin", str),
     )
+    return envelope, seq
+
+
+def _replay(path: str, envelope: Envelope, seq: int) -> tuple[int, int, int, int]:
+    """
+    Apply the records of the journal at C{path} numbered after C{seq} to
+    C{envelope}, in order. Reading stops at the first line that is not a
+    whole, valid record (a write cut short by a crash; it was never
+    acknowledged).
+
+    @return: the last record number (at least C{seq}), the records read, the
+        bytes they take from the start of the file, and the file's size.
+    @raise OSError: it cannot be read (C{FileNotFoundError}: none).
+    @raise ValueError: it is too large to be a journal.
+    """
+    with open(path, "rb") as f:
+        raw = f.read(_MAX_JOURNAL + 1)
+    if len(raw) > _MAX_JOURNAL:
+        raise ValueError("journal file too large")
+    recipients = envelope.recipients
+    last = seq
+    count = position = 0
+    while True:
+        end = raw.find(b"\n", position)
+        if end < 0:
+            break
+        try:
+            record = json.loads(raw[position:end])
+            number, index, state, attempts, next_attempt, last_reply = record
+            if not (
+                type(number) is int
+                and type(index) is int
+                and 0 <= index < len(recipients)
+                and state in _STATES
+                and type(attempts) is int
+                and attempts >= 0
+                and type(next_attempt) in (int, float)
+                and math.isfinite(next_attempt)
+                and type(last_reply) is str
+            ):
+                break
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, unpacking
+            break
+        except TypeError:  # not a list
+            break
+        if number > seq:
+            r = recipients[index]
+            r.state = state
+            r.attempts = attempts
+            r.next_attempt = float(next_attempt)
+            r.last_reply = last_reply
+        last = max(last, number)
+        count += 1
+        position = end + 1
+    return last, count, position, len(raw)
 
 
 def _get(obj: dict[str, Any], name: str, kind: type[Any]) -> Any:

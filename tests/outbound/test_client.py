@@ -624,6 +624,11 @@ class TLSTests(ScriptedTestCase):
 
 
 class AuthTests(ScriptedTestCase):
+    """
+    AUTH, with the protocol trace on (the worst case for secrets: every
+    command is logged).
+    """
+
     password = "s3cret-Pa55"
 
     def setUp(self) -> None:
@@ -641,20 +646,25 @@ class AuthTests(ScriptedTestCase):
             for secret in [*secrets, plain]:
                 self.assertNotIn(secret, text)
 
+    def traced(self) -> list[str]:
+        """The commands the protocol trace logged."""
+        return [formatEvent(e) for e in self.events if e.get("log_format") == "C: {command}"]
+
     def test_plain(self) -> None:
         """AUTH PLAIN is used when offered, with the initial response; the log masks it."""
-        s = Script(auth=("user", self.password))
+        s = Script(trace=True, auth=("user", self.password))
         s.reply(b"220 mx\r\n" + ehlo("AUTH LOGIN PLAIN"))
         token = base64.b64encode(b"\0user\0" + self.password.encode())
         self.assertEqual(s.sent(), b"EHLO client.example.org\r\nAUTH PLAIN " + token + b"\r\n")
         s.reply(b"235 2.7.0 Authentication successful\r\n")
         conn = self.successResultOf(s.connecting)
         self.assertTrue(conn.authenticated)
+        self.assertEqual(self.traced(), ["C: EHLO client.example.org", "C: AUTH PLAIN ****"])
         self.assertNoSecret(repr(conn))
 
     def test_login(self) -> None:
         """AUTH LOGIN sends the user name and password in answer to the 334s."""
-        s = Script(auth=("user", self.password))
+        s = Script(trace=True, auth=("user", self.password))
         s.reply(b"220 mx\r\n" + ehlo("AUTH LOGIN"))
         self.assertEqual(s.sent(), b"EHLO client.example.org\r\nAUTH LOGIN\r\n")
         s.reply(b"334 VXNlcm5hbWU6\r\n")
@@ -663,6 +673,9 @@ class AuthTests(ScriptedTestCase):
         self.assertEqual(s.sent(), base64.b64encode(self.password.encode()) + b"\r\n")
         s.reply(b"235 2.7.0 ok\r\n")
         self.assertTrue(self.successResultOf(s.connecting).authenticated)
+        self.assertEqual(
+            self.traced(), ["C: EHLO client.example.org", "C: AUTH LOGIN", "C: ****", "C: ****"]
+        )
         self.assertNoSecret()
 
     def test_refused(self) -> None:
@@ -670,7 +683,7 @@ class AuthTests(ScriptedTestCase):
         Wrong credentials are a transient failure (the configuration is at
         fault, not the message) with the server's reply, and no secret in it.
         """
-        s = Script(auth=("user", self.password))
+        s = Script(trace=True, auth=("user", self.password))
         s.reply(b"220 mx\r\n" + ehlo("AUTH PLAIN"))
         s.reply(b"535 5.7.8 Authentication credentials invalid\r\n")
         error = self.refused(s)
@@ -694,13 +707,13 @@ class AuthTests(ScriptedTestCase):
         session goes on unauthenticated.
         """
         remote = IPv4Address("TCP", "192.0.2.7", 587)
-        s = Script(peer=remote, auth=("user", self.password), require_auth=True)
+        s = Script(trace=True, peer=remote, auth=("user", self.password), require_auth=True)
         s.reply(b"220 mx\r\n" + ehlo("AUTH PLAIN LOGIN"))
         self.assertEqual(s.transport.value(), b"EHLO client.example.org\r\nQUIT\r\n")
         error = self.refused(s)
         self.assertEqual((error.enhanced, error.transient), ("4.7.10", True))
 
-        s = Script(peer=remote, auth=("user", self.password))
+        s = Script(trace=True, peer=remote, auth=("user", self.password))
         s.reply(b"220 mx\r\n" + ehlo("AUTH PLAIN LOGIN"))
         conn = self.successResultOf(s.connecting)
         self.assertFalse(conn.authenticated)
@@ -708,18 +721,73 @@ class AuthTests(ScriptedTestCase):
 
     def test_unix_socket_is_local(self) -> None:
         """A UNIX-socket peer is this host: AUTH may go without TLS."""
-        s = Script(peer=UNIXAddress("/run/submission.sock"), auth=("user", self.password))
+        s = Script(
+            trace=True, peer=UNIXAddress("/run/submission.sock"), auth=("user", self.password)
+        )
         s.reply(b"220 mx\r\n" + ehlo("AUTH PLAIN"))
         self.assertIn(b"AUTH PLAIN ", s.sent())
 
     def test_no_mechanism(self) -> None:
         """Neither PLAIN nor LOGIN offered: an error only with require_auth (4.7.0)."""
-        s = Script(auth=("user", self.password), require_auth=True)
+        s = Script(trace=True, auth=("user", self.password), require_auth=True)
         s.reply(b"220 mx\r\n" + ehlo("AUTH CRAM-MD5"))
         self.assertEqual(self.refused(s).enhanced, "4.7.0")
-        s = Script(auth=("user", self.password))
+        s = Script(trace=True, auth=("user", self.password))
         s.reply(b"220 mx\r\n" + ehlo("PIPELINING"))
         self.assertFalse(self.successResultOf(s.connecting).authenticated)
+
+
+class TraceTests(ScriptedTestCase):
+    """The protocol trace (C{C:}/C{S:} debug events) is there only when asked for."""
+
+    def setUp(self) -> None:
+        self.events = EventLoggingObserver.createWithCleanup(
+            self,  # type: ignore[arg-type]
+            globalLogPublisher,
+        )
+
+    def session(self, **kwargs: Any) -> None:
+        """Connect, send one message, and quit."""
+        s, conn = self.open("PIPELINING", **kwargs)
+        d = s.send(conn, transaction(self))
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.stream()
+        s.reply(b"250 2.0.0 queued\r\n")
+        self.successResultOf(d)
+        quitting = Deferred.fromCoroutine(conn.quit())
+        s.reply(b"221 bye\r\n")
+        self.successResultOf(quitting)
+
+    def test_off_by_default(self) -> None:
+        """
+        A whole session without C{trace} logs no command and no reply: a
+        daemon that writes every level (twistd) stays quiet and fast.
+        """
+        self.session()
+        self.assertEqual(
+            [e for e in self.events if e.get("log_format", "")[:3] in ("C: ", "S: ")], []
+        )
+
+    def test_on(self) -> None:
+        """With C{trace}, every command and every reply is logged, in order."""
+        self.session(trace=True)
+        self.assertEqual(
+            [formatEvent(e) for e in self.events],
+            [
+                "S: 220 mx.example.net ESMTP",
+                "C: EHLO client.example.org",
+                "S: 250 mx.example.net / PIPELINING",
+                "C: MAIL FROM:<list@groups.example.com>",
+                "C: RCPT TO:<a@example.org>",
+                "C: DATA",
+                "S: 250 ok",
+                "S: 250 ok",
+                "S: 354 go",
+                "S: 250 2.0.0 queued",
+                "C: QUIT",
+                "S: 221 bye",
+            ],
+        )
 
 
 # -- transactions ----------------------------------------------------------------
@@ -1037,6 +1105,166 @@ class SendTests(ScriptedTestCase):
             transaction(self, params={"ENVID": "a b"}),
         ]:
             self.failureResultOf(s.send(conn, txn), ValueError)
+        self.assertEqual(s.sent(), b"")
+        self.assertTrue(conn.usable)
+
+
+class AnnouncedTransactionTests(ScriptedTestCase):
+    """
+    C{send(t, then=next)}: the next transaction's commands go out with this
+    message's data (RFC 2920 §3.1), its data only with C{send(next)}.
+    """
+
+    def test_one_write_per_message(self) -> None:
+        """
+        The first message's data, its final dot and the next transaction's
+        MAIL, RCPT and DATA leave in one write; the next message's data
+        leaves only when it is sent, in one write too; each gets its own
+        result.
+        """
+        s, conn = self.open("PIPELINING")
+        first = transaction(self, ["a@example.org"])
+        then = transaction(self, ["b@example.org"], sender="list+b=example.org@groups.example.com")
+        d = Deferred.fromCoroutine(conn.send(first, then=then))
+        self.assertEqual(
+            s.sent(), b"MAIL FROM:<list@groups.example.com>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n"
+        )
+        s.reply(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        self.assertEqual(
+            s.sent(),
+            BODY_WIRE + b".\r\nMAIL FROM:<list+b=example.org@groups.example.com>\r\n"
+            b"RCPT TO:<b@example.org>\r\nDATA\r\n",
+        )
+        s.reply(b"250 2.0.0 first queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(result.data_reply, Reply(250, "2.0.0", "first queued"))
+        self.assertEqual(s.sent(), b"")  # nothing of the next message yet
+        d = s.send(conn, then)
+        self.assertEqual(s.sent(), BODY_WIRE + b".\r\n")
+        s.reply(b"250 2.0.0 second queued\r\n")
+        self.assertEqual(
+            self.successResultOf(d).recipients,
+            {"b@example.org": Reply(250, "2.0.0", "second queued")},
+        )
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_writes(self) -> None:
+        """Two messages, the second announced, take three writes in all."""
+        s, conn = self.open("PIPELINING")
+        writes: list[bytes] = []
+        original = s.transport.write
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            original(data)
+
+        self.patch(s.transport, "write", write)
+        first, then = transaction(self), transaction(self, ["b@example.org"])
+        d = Deferred.fromCoroutine(conn.send(first, then=then))
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.successResultOf(d)
+        d = s.send(conn, then)
+        s.reply(b"250 ok\r\n")
+        self.successResultOf(d)
+        self.assertEqual(len(writes), 3)
+
+    def test_refused_next_transaction(self) -> None:
+        """
+        A refusal of the announced transaction's recipient belongs to that
+        transaction: the first is delivered, the second has its RCPT reply.
+        """
+        s, conn = self.open("PIPELINING")
+        first, then = transaction(self), transaction(self, ["b@example.org"])
+        d = Deferred.fromCoroutine(conn.send(first, then=then))
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.reply(
+            b"250 2.0.0 queued\r\n250 ok\r\n550 5.1.1 No such user\r\n554 5.5.1 No recipients\r\n"
+        )
+        self.assertEqual(self.successResultOf(d).data_reply, Reply(250, "2.0.0", "queued"))
+        result = self.successResultOf(s.send(conn, then))
+        self.assertEqual(result.recipients, {"b@example.org": Reply(550, "5.1.1", "No such user")})
+        self.assertTrue(conn.usable)
+
+    def test_other_transaction_refused(self) -> None:
+        """
+        Sending another transaction than the announced one raises
+        C{ValueError} and drops the connection: the server waits for the
+        announced message's data, and nothing else may be taken for it.
+        """
+        s, conn = self.open("PIPELINING")
+        first, then = transaction(self), transaction(self, ["b@example.org"])
+        d = Deferred.fromCoroutine(conn.send(first, then=then))
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.successResultOf(d)
+        s.sent()
+        self.failureResultOf(s.send(conn, transaction(self, ["c@example.org"])), ValueError)
+        self.assertEqual(s.sent(), b"")
+        self.assertFalse(conn.usable)
+        self.assertTrue(s.transport.disconnected)
+
+    def test_quit_after_announcing(self) -> None:
+        """
+        Quitting with an announced transaction not sent closes the
+        connection without QUIT (it would be taken for message text), so the
+        announced message is never delivered.
+        """
+        s, conn = self.open("PIPELINING")
+        first, then = transaction(self), transaction(self, ["b@example.org"])
+        d = Deferred.fromCoroutine(conn.send(first, then=then))
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.successResultOf(d)
+        s.sent()
+        self.successResultOf(Deferred.fromCoroutine(conn.quit()))
+        self.assertEqual(s.sent(), b"")
+        self.assertFalse(s.transport.connected)
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_not_without_pipelining(self) -> None:
+        """Without PIPELINING nothing is announced: the next send starts with MAIL."""
+        s, conn = self.open("8BITMIME")
+        first, then = transaction(self), transaction(self, ["b@example.org"])
+        d = Deferred.fromCoroutine(conn.send(first, then=then))
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            s.reply(reply)
+        self.assertEqual(s.sent()[-len(BODY_WIRE) - 3 :], BODY_WIRE + b".\r\n")
+        s.reply(b"250 ok\r\n")
+        self.successResultOf(d)
+        s.send(conn, then)
+        self.assertEqual(s.sent(), b"MAIL FROM:<list@groups.example.com>\r\n")
+
+    def test_data_in_memory(self) -> None:
+        """
+        A transaction that carries its message (C{data}) is sent without
+        reading C{data_path}, and the same bytes object is encoded once for
+        the transactions that follow.
+        """
+        s, conn = self.open("PIPELINING")
+        opened: list[str] = []
+        self.patch(conn, "_open_message", opened.append)
+        encoded: list[bytes] = []
+        original = DataEncoder.encode
+
+        def encode(encoder: DataEncoder, chunk: bytes) -> bytes:
+            encoded.append(chunk)
+            return original(encoder, chunk)
+
+        self.patch(DataEncoder, "encode", encode)
+        data = b"Subject: hi\n\n.dot\n"
+        for recipient in ("a@example.org", "b@example.org"):
+            txn = Transaction(LIST, [recipient], "/nonexistent", len(data), data=data)
+            d = s.send(conn, txn)
+            s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            self.assertEqual(s.sent().split(b"DATA\r\n")[-1], b"Subject: hi\r\n\r\n..dot\r\n.\r\n")
+            s.reply(b"250 ok\r\n")
+            self.successResultOf(d)
+        self.assertEqual((opened, encoded), ([], [data]))
+
+    def test_data_of_wrong_size(self) -> None:
+        """C{data} that is not C{size} bytes is refused before anything is sent."""
+        s, conn = self.open("PIPELINING")
+        txn = Transaction(LIST, ["a@example.org"], "/nonexistent", 5, data=b"four")
+        self.failureResultOf(s.send(conn, txn), ValueError)
         self.assertEqual(s.sent(), b"")
         self.assertTrue(conn.usable)
 

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from gsmail import status
 from gsmail.outbound import backoff
-from gsmail.outbound.delivery import OutboundDelivery
+from gsmail.outbound.delivery import LOG_DELAY, OutboundDelivery
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
 from gsmail.outbound.mx import MXHost, NoSuchDomainError, RelayHost
 from gsmail.outbound.queue import (
@@ -45,6 +45,7 @@ from gsmail.outbound.queue import (
     read_queue,
 )
 from gsmail.status import Reply
+from tests.outbound.test_queue import ManualSync
 
 HOSTNAME = "mx.groups.example.com"
 SITE = "groups.example.com"
@@ -1041,6 +1042,205 @@ class LifecycleTests(DeliveryTestCase):
         self.assertEqual(self.clock.due_calls(), [])
 
 
+class FanOutTests(DeliveryTestCase):
+    """
+    One message to many members: deliveries logged together, recorded
+    before the next message goes out, and scheduling that does not scan the
+    queue.
+    """
+
+    @staticmethod
+    def logged(events: list[LogEvent]) -> list[str]:
+        """The outcome lines logged, in order, whether alone or together."""
+        lines = []
+        for e in events:
+            if "outcomes" in e:
+                lines += formatEvent(e).splitlines()
+            elif "queue_id" in e and "state" in e:
+                lines.append(formatEvent(e))
+        return lines
+
+    def test_outcomes_logged_together(self) -> None:
+        """
+        Each recipient's outcome has its own log line (queue id, recipient,
+        host, reply, state), and the lines of outcomes recorded together
+        come in one event rather than one event each.
+        """
+        events = self.capture_log()
+        self.delivery()
+        envelope = self.enqueue(LIST, [f"m{i}@example.org" for i in range(3)], xverp=True)
+        self.network.flush()
+        outcomes = [e for e in events if "outcomes" in e]
+        self.assertEqual(len(outcomes), 1)
+        self.assertEqual(
+            sorted(formatEvent(outcomes[0]).splitlines()),
+            [
+                f"{envelope.id} to <m{i}@example.org> via {SMARTHOST.host}: "
+                "250 2.0.0 Queued (delivered)"
+                for i in range(3)
+            ],
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_failure_logged_on_its_own(self) -> None:
+        """
+        A failed recipient gets an event of its own at once, with the
+        fields an operator's tools read (queue id, recipient, reply, state).
+        """
+        events = self.capture_log()
+        self.smarthost.replies["gone@example.net"] = "550 5.1.1 No such user"
+        self.delivery()
+        envelope = self.enqueue(AUTHOR, ["gone@example.net", "bob@example.net"])
+        self.network.flush()
+        # The failure at once, with its fields; the delivery with the others.
+        self.assertEqual(
+            [
+                (e["recipient"], e["state"], e["reply"])
+                for e in events
+                if e.get("queue_id") == envelope.id and "state" in e
+            ],
+            [("gone@example.net", FAILED, "550 5.1.1 No such user")],
+        )
+        lines = self.logged(events)
+        self.assertEqual(
+            lines[0],
+            f"{envelope.id} to <gone@example.net> via {SMARTHOST.host}: "
+            "550 5.1.1 No such user (failed)",
+        )
+        self.assertIn(
+            f"{envelope.id} to <bob@example.net> via {SMARTHOST.host}: 250 2.0.0 Queued (delivered)",
+            lines[1:],
+        )
+
+    def test_outcomes_logged_within_a_second(self) -> None:
+        """
+        While delivery goes on (a local delivery is still running), the
+        outcomes so far are logged one second after they happened; the rest
+        as soon as nothing is being delivered.
+        """
+        events = self.capture_log()
+        local: Deferred[Reply] = Deferred()
+        self.delivery(local_domains=(SITE,), local_delivery=lambda s, r, p: local)
+        envelope = self.enqueue(AUTHOR, [f"x@{SITE}", "bob@example.net"])
+        self.network.flush()
+        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
+        self.assertEqual(self.logged(events), [])
+        self.clock.advance(LOG_DELAY)
+        bob = (
+            f"{envelope.id} to <bob@example.net> via {SMARTHOST.host}: 250 2.0.0 Queued (delivered)"
+        )
+        self.assertEqual(self.logged(events), [bob])
+        local.callback(status.BOUNCE_RECORDED)
+        self.network.flush()
+        self.assertEqual(len(self.logged(events)), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_next_message_waits_for_the_record(self) -> None:
+        """
+        A connection does not send the next message's data before the
+        outcome of the last one is on disk: a crash loses no recipient and
+        re-sends at most one message per connection.
+        """
+        sync = ManualSync()
+        queue = OutboundQueue(self.mktemp(), clock=self.clock, sync=sync)
+        queue.load()
+
+        def close() -> None:
+            closed = queue.close()
+            sync.finish_all()
+            self.successResultOf(closed)
+
+        self.addCleanup(close)
+        d = queue.enqueue(LIST, ["a@example.org", "b@example.org"], BODY, xverp=True)
+        sync.finish()
+        envelope = self.successResultOf(d)
+        self.delivery(queue=queue, max_per_destination=1)
+        self.network.flush()
+        self.assertEqual(len(self.smarthost.received), 1)
+        self.assertEqual(len(sync.jobs), 1)  # the record of the first recipient
+        self.network.flush()
+        self.assertEqual(len(self.smarthost.received), 1)
+        self.assertEqual(read_queue(queue.directory)[0].recipients[0].state, PENDING)
+        sync.finish()
+        self.assertEqual(read_queue(queue.directory)[0].recipients[0].state, DELIVERED)
+        self.network.flush()
+        self.assertEqual(len(self.smarthost.received), 2)
+        while sync.jobs:
+            sync.finish_all()
+            self.network.flush()
+        self.assertIsNone(queue.get(envelope.id))
+        self.assertEqual(self.network.attempts, [(SMARTHOST.host, 25)])
+
+    def test_no_queue_scan(self) -> None:
+        """
+        After start, scheduling never lists the queue: each transaction's
+        end and each retry look only at their own message (a scan per
+        transaction made a fan-out to n members cost O(n^2)).
+        """
+        listed: list[str] = []
+        for name in ("envelopes", "due", "next_wakeup"):
+            original = getattr(self.queue, name)
+
+            def spy(*args: Any, _name: str = name, _original: Any = original) -> Any:
+                listed.append(_name)
+                return _original(*args)
+
+            self.patch(self.queue, name, spy)
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.enqueue(AUTHOR, ["busy@example.net"])
+        delivery = self.delivery()
+        del listed[:]  # start() reads the queue once
+        self.enqueue(LIST, [f"m{i}@example.org" for i in range(20)], xverp=True)
+        delivery.kick()
+        self.network.flush()
+        del self.smarthost.replies["busy@example.net"]
+        self.clock.advance(FIRST_DELAY)
+        self.network.flush()
+        self.assertEqual(len(self.smarthost.received), 21)
+        self.assertEqual(listed, [])
+
+    def test_retries_at_their_own_times(self) -> None:
+        """
+        Recipients deferred at different times are each retried at their
+        own time, alone.
+        """
+        delivery = self.delivery()
+        for i in range(3):
+            self.smarthost.replies[f"busy{i}@example.net"] = "451 4.3.0 Try later"
+            self.enqueue(AUTHOR, [f"busy{i}@example.net"])
+            delivery.kick()
+            self.network.flush()
+            self.clock.advance(10)
+        self.smarthost.replies.clear()
+        self.clock.advance(FIRST_DELAY - 30)
+        for i in range(3):
+            self.network.flush()
+            self.assertEqual(
+                [r for _, r in self.smarthost.transactions()],
+                [[f"busy{n}@example.net"] for n in range(i + 1)],
+            )
+            self.clock.advance(10)
+        self.assertEqual(self.queue.envelopes(), [])
+
+    def test_trace(self) -> None:
+        """
+        The SMTP protocol trace (C{C:}/C{S:} debug events) is off unless
+        asked for with C{trace=True}.
+        """
+        events = self.capture_log()
+        quiet = self.delivery()
+        self.enqueue(AUTHOR, ["bob@example.net"])
+        self.network.flush()
+        self.assertEqual([e for e in events if e.get("log_format") == "C: {command}"], [])
+        self.successResultOf(quiet.stop())
+        self.delivery(trace=True)
+        self.enqueue(AUTHOR, ["carol@example.net"])
+        self.network.flush()
+        self.assertIn(
+            "C: RCPT TO:<carol@example.net>",
+            [formatEvent(e) for e in events if e.get("log_format") == "C: {command}"],
+        )
+
 
 class SmarthostAuthTests(DeliveryTestCase):
     """
@@ -1098,7 +1298,6 @@ class SmarthostAuthTests(DeliveryTestCase):
         self.assertEqual(envelope.recipients[0].next_attempt, T0 + FIRST_DELAY)
 
 
-
 class ServerMisbehaviourTests(DeliveryTestCase):
     """
     Servers that do not play by the rules must not lose mail.
@@ -1117,7 +1316,6 @@ class ServerMisbehaviourTests(DeliveryTestCase):
         self.network.flush()
         self.assertEqual(self.states(envelope), {"bob@example.net": PENDING})
         self.assertEqual(envelope.recipients[0].next_attempt, T0 + FIRST_DELAY)
-
 
     def test_5xx_greeting_tries_next_mx(self) -> None:
         """
@@ -1141,4 +1339,3 @@ class ServerMisbehaviourTests(DeliveryTestCase):
         self.network.flush()
         self.assertEqual(backup.transactions(), [(AUTHOR, ["bob@example.net"])])
         self.assertGone(envelope)
-

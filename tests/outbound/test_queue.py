@@ -119,6 +119,16 @@ class RecordingOps(FileOps):
         self._step("fsync-dir", self._rel(path))
         super().fsync_dir(path)
 
+    def append(self, path: str) -> int:
+        self._step("append", self._rel(path))
+        fd = super().append(path)
+        self._paths[fd] = self._rel(path)
+        return fd
+
+    def truncate(self, fd: int, size: int) -> None:
+        self._step("truncate", self._paths[fd])
+        super().truncate(fd, size)
+
 
 class ManualSync:
     """
@@ -415,10 +425,10 @@ class EnqueueTests(QueueTestCase):
         self.assertEqual(self.reload(queue).envelopes(), [envelope])
 
 
-class CrashTests(QueueTestCase):
+class CrashTestCase(QueueTestCase):
     """
-    A crash (the process killed) at any file-system call leaves every
-    message whole or absent, and restart cleans up the rest.
+    A queue whose process is killed at a chosen file-system call, and the
+    queue the restarted process loads.
     """
 
     def crash_and_restart(
@@ -447,6 +457,14 @@ class CrashTests(QueueTestCase):
         self.assertEqual(self.listing("data"), ids)
         self.assertEqual(self.listing("tmp"), [])
         self.assertEqual(self.listing("corrupt"), [])
+        self.assertLessEqual(set(self.listing("journal")), set(ids))
+
+
+class CrashTests(CrashTestCase):
+    """
+    A crash (the process killed) at any file-system call leaves every
+    message whole or absent, and restart cleans up the rest.
+    """
 
     def test_enqueue(self) -> None:
         """
@@ -767,6 +785,404 @@ class OperatorTests(QueueTestCase):
         self.assertEqual(read_queue(self.directory), [first, second])
         other = OutboundQueue(self.directory, clock=self.clock)
         self.assertRaises(QueueLockedError, other.load)
+
+
+class JournalTests(QueueTestCase):
+    """
+    L{OutboundQueue.record}: recipient outcomes are appended to a journal,
+    written for many messages at once, and replayed at load, so a message
+    to n members costs O(n) bytes on disk, not O(n^2).
+    """
+
+    def record(self, queue: OutboundQueue, envelope: Envelope, *indexes: int) -> Deferred[None]:
+        """Record the current state of recipients C{indexes}, and let the write start."""
+        d = queue.record(envelope, [envelope.recipients[i] for i in indexes])
+        self.clock.advance(0)
+        return d
+
+    def deliver(self, envelope: Envelope, index: int, reply: str = "250 2.0.0 Ok") -> None:
+        r = envelope.recipients[index]
+        r.state = DELIVERED if reply.startswith("2") else FAILED
+        r.attempts += 1
+        r.last_reply = reply
+
+    def journal(self, qid: str) -> bytes:
+        with open(os.path.join(self.directory, "journal", qid), "rb") as f:
+            return f.read()
+
+    def test_durable_and_replayed(self) -> None:
+        """
+        A recorded outcome survives a restart, and the envelope file itself
+        is not rewritten for it.
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org", "b@example.org")
+        env_file = os.path.join(self.directory, "env", envelope.id + ".json")
+        with open(env_file, "rb") as f:
+            before = f.read()
+        self.deliver(envelope, 1, "250 2.0.0 Ok: queued as 4Xyz")
+        self.successResultOf(self.record(queue, envelope, 1))
+        with open(env_file, "rb") as f:
+            self.assertEqual(f.read(), before)
+        again = self.reload(queue).get(envelope.id)
+        assert again is not None
+        self.assertEqual(again.recipients, envelope.recipients)
+        self.assertEqual(again.recipients[1].last_reply, "250 2.0.0 Ok: queued as 4Xyz")
+        self.assertEqual(again.recipients[0].state, PENDING)
+
+    def test_fields_round_trip(self) -> None:
+        """
+        Every recorded field survives a restart exactly: replies with quotes,
+        backslashes and non-ASCII text (even undecodable bytes kept as
+        surrogates), fractional times, each state.
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, *[f"m{n}@example.org" for n in range(4)])
+        replies = ['550 5.1.1 "x\\y" unknown', "451 4.2.0 Postfach voll: Jörg", "250 ok \udcff", ""]
+        for r, state, reply in zip(
+            envelope.recipients, (FAILED, PENDING, DELIVERED, EXPIRED), replies, strict=True
+        ):
+            r.state, r.last_reply, r.attempts, r.next_attempt = state, reply, 7, 1.7e9 + 0.125
+        self.successResultOf(self.record(queue, envelope, 0, 1, 2, 3))
+        loaded = self.reload(queue).get(envelope.id)
+        assert loaded is not None
+        self.assertEqual(loaded.recipients, envelope.recipients)
+
+    def test_group_commit(self) -> None:
+        """
+        Records of several messages made in one reactor turn are written by
+        one job: each journal written and fsynced once, the new journals'
+        directory fsynced once; nobody hears before that job is done, and
+        records made meanwhile wait for the next job.
+        """
+        sync = ManualSync()
+        ops = RecordingOps(self.directory)
+        queue = self.make_queue(sync=sync, ops=ops)
+        first = queue.enqueue("", ["a@example.org", "b@example.org"], MESSAGE)
+        second = queue.enqueue("", ["c@example.org"], MESSAGE)
+        sync.finish_all()
+        e1, e2 = self.successResultOf(first), self.successResultOf(second)
+        del ops.calls[:]
+        self.deliver(e1, 0)
+        self.deliver(e1, 1)
+        self.deliver(e2, 0)
+        waiting = [queue.record(e1, [e1.recipients[0]]), queue.record(e1, [e1.recipients[1]])]
+        waiting.append(queue.record(e2, e2.recipients))
+        self.assertEqual(sync.jobs, [])
+        self.clock.advance(0)
+        self.assertEqual(len(sync.jobs), 1)
+        for d in waiting:
+            self.assertNoResult(d)
+        sync.finish()
+        for d in waiting:
+            self.successResultOf(d)
+        self.assertEqual(
+            ops.calls,
+            [
+                ("append", f"journal/{e1.id}"),
+                ("write", f"journal/{e1.id}"),
+                ("append", f"journal/{e2.id}"),
+                ("write", f"journal/{e2.id}"),
+                ("fsync", f"journal/{e1.id}"),
+                ("fsync", f"journal/{e2.id}"),
+                ("fsync-dir", "journal"),
+            ],
+        )
+        del ops.calls[:]
+        later = self.record(queue, e1, 0)
+        self.assertEqual(len(sync.jobs), 1)
+        sync.finish()
+        self.successResultOf(later)
+        # The journal exists now: no open, no directory fsync.
+        self.assertEqual(ops.calls, [("write", f"journal/{e1.id}"), ("fsync", f"journal/{e1.id}")])
+        self.assertEqual({r.state for r in read_queue(self.directory)[0].recipients}, {DELIVERED})
+
+    def test_linear_bytes(self) -> None:
+        """
+        Recording each of 1,000 recipients on its own writes about 100 bytes
+        per recipient in all (rewriting the envelope each time wrote 100 MB).
+        """
+
+        class Counting(FileOps):
+            written = 0
+
+            def write(self, fd: int, data: bytes) -> None:
+                Counting.written += len(data)
+                super().write(fd, data)
+
+        queue = self.make_queue(ops=Counting())
+        envelope = self.enqueue(queue, *[f"member{n}@example.org" for n in range(1000)])
+        Counting.written = 0
+        for n in range(1000):
+            self.deliver(envelope, n)
+            self.successResultOf(self.record(queue, envelope, n))
+        self.assertLess(Counting.written, 100 * 1000)
+        loaded = self.reload(queue).get(envelope.id)
+        assert loaded is not None
+        self.assertEqual({r.state for r in loaded.recipients}, {DELIVERED})
+
+    def test_compaction(self) -> None:
+        """
+        Once retries make a journal longer than two records per recipient
+        (plus a margin), the envelope is rewritten with the current state and
+        the journal emptied; nothing is lost across a restart.
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org")
+        r = envelope.recipients[0]
+        for attempt in range(1, 40):
+            r.attempts = attempt
+            r.last_reply = f"451 4.3.0 attempt {attempt}"
+            self.successResultOf(self.record(queue, envelope, 0))
+        self.assertLess(len(self.journal(envelope.id).splitlines()), 34)
+        loaded = self.reload(queue).get(envelope.id)
+        assert loaded is not None
+        self.assertEqual((loaded.recipients[0].attempts, loaded.recipients[0].state), (39, PENDING))
+
+    def test_torn_tail(self) -> None:
+        """
+        A record cut short by a crash (no line end) is ignored at load and cut
+        off the journal, so the next record starts on a line of its own and
+        survives the next restart.
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org", "b@example.org")
+        self.deliver(envelope, 0)
+        self.successResultOf(self.record(queue, envelope, 0))
+        whole = self.journal(envelope.id)
+        with open(os.path.join(self.directory, "journal", envelope.id), "ab") as f:
+            f.write(b'[2,1,"delivered",1,12')
+        again = self.reload(queue)
+        loaded = again.get(envelope.id)
+        assert loaded is not None
+        self.assertEqual([r.state for r in loaded.recipients], [DELIVERED, PENDING])
+        self.assertEqual(self.journal(envelope.id), whole)
+        self.deliver(loaded, 1, "550 5.1.1 No such user")
+        self.successResultOf(self.record(again, loaded, 1))
+        final = self.reload(again).get(envelope.id)
+        assert final is not None
+        self.assertEqual([r.state for r in final.recipients], [DELIVERED, FAILED])
+
+    def test_orphan_journal_removed(self) -> None:
+        """
+        A journal whose envelope is gone (a removal cut short) is removed at
+        load; it does not bring the message back.
+        """
+        queue = self.make_queue()
+        orphan = os.path.join(self.directory, "journal", "0000000000000001-abcdef01")
+        with open(orphan, "wb") as f:
+            f.write(b'[1,0,"delivered",1,0,""]\n')
+        again = self.reload(queue)
+        self.assertEqual(again.envelopes(), [])
+        self.assertEqual(self.listing("journal"), [])
+
+    def test_failed_write_rewrites(self) -> None:
+        """
+        A journal write that fails (EIO) fails the record with C{OSError};
+        the journal may end in a torn line, so the next record rewrites the
+        whole envelope and empties the journal, and both outcomes survive.
+        """
+        ops = RecordingOps(self.directory)
+        queue = self.make_queue(ops=ops)
+        envelope = self.enqueue(queue, "a@example.org", "b@example.org")
+        self.deliver(envelope, 0)
+        ops.fail = f"fsync journal/{envelope.id}"
+        self.failureResultOf(self.record(queue, envelope, 0), OSError)
+        ops.fail = ""
+        del ops.calls[:]
+        self.deliver(envelope, 1)
+        self.successResultOf(self.record(queue, envelope, 1))
+        self.assertIn(("rename", f"tmp/{envelope.id}.env -> env/{envelope.id}.json"), ops.calls)
+        self.assertIn(("truncate", f"journal/{envelope.id}"), ops.calls)
+        self.assertEqual(self.journal(envelope.id), b"")
+        loaded = self.reload(queue).get(envelope.id)
+        assert loaded is not None
+        self.assertEqual({r.state for r in loaded.recipients}, {DELIVERED})
+
+    def test_read_queue(self) -> None:
+        """A listing of the directory (another process) shows recorded outcomes."""
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org", "b@example.org")
+        self.deliver(envelope, 1)
+        self.successResultOf(self.record(queue, envelope, 1))
+        [listed] = read_queue(self.directory)
+        self.assertEqual([r.state for r in listed.recipients], [PENDING, DELIVERED])
+
+    def test_refused(self) -> None:
+        """
+        A copy of the envelope, a recipient that is not the envelope's, or a
+        message deleted meanwhile is refused, and nothing is written.
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org")
+        copy = attrs.evolve(envelope, recipients=[attrs.evolve(envelope.recipients[0])])
+        self.failureResultOf(self.record(queue, copy, 0), ValueError)
+        stranger = RecipientState("a@example.org", DELIVERED)
+        self.failureResultOf(self.clocked(queue.record(envelope, [stranger])), ValueError)
+        self.successResultOf(queue.delete(envelope.id))
+        self.failureResultOf(self.record(queue, envelope, 0), NoSuchMessageError)
+        self.assertEqual(self.listing("journal"), [])
+
+    def test_removed_while_waiting(self) -> None:
+        """
+        A record still waiting when its message is deleted fails with
+        L{NoSuchMessageError}, and leaves no journal behind.
+        """
+        sync = ManualSync()
+        queue = self.make_queue(sync=sync)
+        d = queue.enqueue("", ["a@example.org"], MESSAGE)
+        sync.finish()
+        envelope = self.successResultOf(d)
+        recorded = queue.record(envelope, envelope.recipients)
+        deleted = queue.delete(envelope.id)
+        sync.finish_all()
+        self.clock.advance(0)
+        sync.finish_all()
+        self.successResultOf(deleted)
+        self.failureResultOf(recorded, NoSuchMessageError)
+        self.assertEqual(self.listing("journal"), [])
+
+    def test_remove_takes_the_journal(self) -> None:
+        """
+        Removing a message closes and unlinks its journal after the envelope
+        (whose absence is what makes the message gone).
+        """
+        ops = RecordingOps(self.directory)
+        queue = self.make_queue(ops=ops)
+        envelope = self.enqueue(queue)
+        self.deliver(envelope, 0)
+        self.successResultOf(self.record(queue, envelope, 0))
+        del ops.calls[:]
+        self.successResultOf(queue.remove(envelope.id))
+        self.assertEqual(
+            ops.calls,
+            expected(
+                [
+                    ("close", "journal/{id}"),
+                    ("unlink", "env/{id}.json"),
+                    ("fsync-dir", "env"),
+                    ("unlink", "journal/{id}"),
+                    ("unlink", "data/{id}"),
+                    ("fsync-dir", "data"),
+                ],
+                envelope.id,
+            ),
+        )
+        self.assertEqual(self.listing("journal"), [])
+
+    def clocked(self, d: Deferred[None]) -> Deferred[None]:
+        self.clock.advance(0)
+        return d
+
+
+class JournalCrashTests(CrashTestCase):
+    """
+    A crash at any file-system call of a record, of an envelope rewrite
+    over a journal, or of a removal with a journal.
+    """
+
+    def test_record(self) -> None:
+        """
+        Killed at each step of a first record (open, write, fsync, directory
+        fsync), the restarted queue has the old state or the new one; the
+        caller never heard of success, so the recipient is sent again at
+        worst (at least once, never lost).
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org", "b@example.org")
+        self.successResultOf(queue.close())
+        states = []
+        for step in range(1, 5):
+            with self.subTest(step=step):
+                recorded: list[Deferred[None]] = []
+
+                def deliver(q: OutboundQueue, recorded: list[Deferred[None]] = recorded) -> None:
+                    e = q.get(envelope.id)
+                    assert e is not None
+                    e.recipients[1].state = DELIVERED
+                    recorded.append(q.record(e, [e.recipients[1]]))
+                    self.clock.advance(0)
+
+                restarted = self.crash_and_restart(deliver, step)
+                self.failureResultOf(recorded[0], Crash)
+                self.assert_clean(restarted)
+                loaded = restarted.get(envelope.id)
+                assert loaded is not None
+                self.assertEqual(loaded.recipients[0].state, PENDING)
+                states.append(loaded.recipients[1].state)
+                self.successResultOf(restarted.close())
+                for name in self.listing("journal"):
+                    os.unlink(os.path.join(self.directory, "journal", name))
+        # A killed process's writes are in the page cache: once written, kept.
+        self.assertEqual(states, [PENDING, PENDING, DELIVERED, DELIVERED])
+
+    def test_rewrite_over_journal(self) -> None:
+        """
+        Killed at each step of rewriting an envelope that has a journal, the
+        restarted queue has the old state (envelope and journal) or the new
+        one; records the new envelope already includes are never replayed
+        over it, even when the journal could not be emptied (a delivered
+        recipient must not become pending again: it would get a second copy).
+        """
+        states = []
+        for step in range(1, 10):
+            with self.subTest(step=step):
+                queue = self.make_queue()
+                envelope = self.enqueue(queue)
+                r = envelope.recipients[0]
+                r.attempts, r.last_reply = 1, "451 4.3.0 Try later"
+                d = queue.record(envelope, [r])
+                self.clock.advance(0)
+                self.successResultOf(d)
+                self.successResultOf(queue.close())
+
+                def deliver(q: OutboundQueue, qid: str = envelope.id) -> None:
+                    e = q.get(qid)
+                    assert e is not None
+                    e.recipients[0].state = DELIVERED
+                    e.recipients[0].attempts = 2
+                    self.failureResultOf(q.update(e), Crash)
+
+                restarted = self.crash_and_restart(deliver, step)
+                self.assert_clean(restarted)
+                loaded = restarted.get(envelope.id)
+                assert loaded is not None
+                states.append((loaded.recipients[0].state, loaded.recipients[0].attempts))
+                self.successResultOf(restarted.delete(envelope.id))
+                self.successResultOf(restarted.close())
+        # Before the rename: the old envelope and its journal; after: the new
+        # envelope, whatever became of the journal.
+        self.assertEqual(states, [(PENDING, 1)] * 5 + [(DELIVERED, 2)] * 4)
+
+    def test_remove_with_journal(self) -> None:
+        """
+        Killed at each step of removing a message that has a journal, the
+        restarted queue has it whole or not at all, and no journal is left
+        without its envelope.
+        """
+        outcomes = []
+        for step in range(1, 6):
+            with self.subTest(step=step):
+                queue = self.make_queue()
+                envelope = self.enqueue(queue)
+                envelope.recipients[0].state = DELIVERED
+                d = queue.record(envelope, envelope.recipients)
+                self.clock.advance(0)
+                self.successResultOf(d)
+                self.successResultOf(queue.close())
+
+                def remove(q: OutboundQueue, qid: str = envelope.id) -> None:
+                    self.failureResultOf(q.remove(qid), Crash)
+
+                restarted = self.crash_and_restart(remove, step)
+                self.assert_clean(restarted)
+                outcomes.append(len(restarted.envelopes()))
+                for left in restarted.envelopes():
+                    self.assertEqual(left.recipients[0].state, DELIVERED)
+                    self.successResultOf(restarted.delete(left.id))
+                self.successResultOf(restarted.close())
+        # Killed before the envelope's unlink: still queued; after it: gone.
+        self.assertEqual(outcomes, [1, 0, 0, 0, 0])
 
 
 class ScheduleTests(QueueTestCase):
