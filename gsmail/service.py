@@ -27,7 +27,7 @@ from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import Spool, unknown_dir
+from gsmail.inbound.spool import Spool, SpoolFiles, unknown_dir
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
 from gsmail.outbound.mx import MXResolver, parse_relayhost
@@ -148,14 +148,26 @@ class GsmailService(MultiService):
         self.smtp_factory: InboundFactory | None = None
         self.lmtp_factory: InboundFactory | None = None
         self.listeners: dict[str, Any] = {}
+        # One set of reusable spool files for every listener.
+        self.spool_files = SpoolFiles(config.spool_dir)
         if config.smtp_endpoint:
             self.smtp_factory = InboundFactory(
-                self.core, settings, reactor, lmtp=False, spool_dir=config.spool_dir
+                self.core,
+                settings,
+                reactor,
+                lmtp=False,
+                spool_dir=config.spool_dir,
+                spool_files=self.spool_files,
             )
             self._listen("smtp", config.smtp_endpoint, self.smtp_factory)
         if config.lmtp_endpoint:
             self.lmtp_factory = InboundFactory(
-                self.core, settings, reactor, lmtp=True, spool_dir=config.spool_dir
+                self.core,
+                settings,
+                reactor,
+                lmtp=True,
+                spool_dir=config.spool_dir,
+                spool_files=self.spool_files,
             )
             self._listen("lmtp", config.lmtp_endpoint, self.lmtp_factory)
         self.queue: OutboundQueue | None = None
@@ -217,6 +229,7 @@ class GsmailService(MultiService):
             trusted_networks=parse_networks(config.submission_networks),
             checker=checker,
             spool_dir=config.spool_dir,
+            spool_files=self.spool_files,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
         # Listens in startService, after the queue is loaded (gsmail-queue).
@@ -329,6 +342,7 @@ class GsmailService(MultiService):
             await self.queue.close()
         await self.ledger.close()
         self._ledger_sync.stop()
+        self.spool_files.close()
         await self.client.close()
         if self.queue is not None:
             # client.Resolver re-reads resolv.conf every minute: stop that timer.

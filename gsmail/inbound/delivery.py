@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind, route_recipient
 from gsmail.inbound.protocol import Envelope, Session
-from gsmail.inbound.spool import SpooledMessage, keep_copy, remove
+from gsmail.inbound.spool import SpooledMessage, keep_copy, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.status import GroupServerError, Reply
@@ -254,7 +254,7 @@ class DeliveryCore:
             if not answered.called:
                 answered.callback(replies)
             try:
-                remove(message.path)
+                release(message)
             except OSError as e:
                 log.warn(
                     "Could not remove the spool file {path}: {error}", path=e.filename, error=e

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import Address, AddressError, Route, parse_parameters, parse_path
-from gsmail.inbound.spool import Spool, SpooledMessage
+from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles
 from gsmail.status import Reply
 
 __all__ = [
@@ -574,7 +574,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._reply(Reply(421, "4.5.0", "Improper use of pipelining; closing connection"))
                 self._close()
             return
-        self._data = _DataState(Spool(self.factory.spool_dir))
+        self._data = _DataState(Spool(self.factory.spool_dir, files=self.factory.spool_files))
         self.data_started(self._data.spool)
         self._reply(status.START_DATA)
 
@@ -692,6 +692,9 @@ class InboundFactory(Factory):
     """
     Builds L{SMTPServer} or L{LMTPServer} connections over one delivery core.
 
+    @ivar spool_dir: where message data is spooled (C{""}: the temp dir).
+    @ivar spool_files: reusable spool files (see L{SpoolFiles}) to take
+        instead of making a file per message, or C{None}.
     @ivar connections: the number of open connections.
     """
 
@@ -705,12 +708,14 @@ class InboundFactory(Factory):
         *,
         lmtp: bool = False,
         spool_dir: str = "",
+        spool_files: SpoolFiles | None = None,
     ) -> None:
         self.core = core
         self.settings = settings
         self.clock = clock
         self.protocol = LMTPServer if lmtp else SMTPServer  # type: ignore[assignment]
         self.spool_dir = spool_dir
+        self.spool_files = spool_files
         self.connections = 0
 
 

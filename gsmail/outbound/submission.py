@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
-from gsmail.inbound.spool import Spool, SpooledMessage, remove
+from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles, release
 from gsmail.status import Reply
 
 __all__ = [
@@ -156,7 +156,7 @@ class SubmissionCore:
             ] * count
 
         def cleanup(result: list[Reply]) -> list[Reply]:
-            remove(message.path)
+            release(message)
             return result
 
         return d.addCallbacks(queued, failed).addCallback(cleanup)
@@ -351,8 +351,9 @@ class SubmissionFactory(InboundFactory):
         checker: PasswordChecker | None = None,
         auth_without_tls: bool = False,
         spool_dir: str = "",
+        spool_files: SpoolFiles | None = None,
     ) -> None:
-        super().__init__(core, settings, clock, spool_dir=spool_dir)
+        super().__init__(core, settings, clock, spool_dir=spool_dir, spool_files=spool_files)
         self.protocol = SubmissionServer  # type: ignore[assignment]
         self.trusted_networks = tuple(trusted_networks)
         self.checker = checker

@@ -16,7 +16,15 @@ from email.policy import compat32
 from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.inbound import spool as spool_module
-from gsmail.inbound.spool import MEMORY_COPY, WRITE_CHUNK, Spool, _message_id
+from gsmail.inbound.spool import (
+    MEMORY_COPY,
+    WRITE_CHUNK,
+    Spool,
+    SpooledMessage,
+    SpoolFiles,
+    _message_id,
+    release,
+)
 
 
 def reference_message_id(header: bytes) -> str | None:
@@ -136,4 +144,77 @@ class SpoolTests(SynchronousTestCase):
         """A discarded message leaves nothing in the spool directory."""
         spool = self.spool([b"Subject: x\n\nbody\n"])
         spool.discard()
+        self.assertEqual(os.listdir(self.directory), [])
+
+
+class SpoolFilesTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.files = SpoolFiles(self.directory, keep=2)
+        self.addCleanup(self.files.close)
+
+    def receive(self, body: bytes) -> SpooledMessage:
+        spool = Spool(files=self.files)
+        spool.write(body)
+        return spool.finish()
+
+    def test_reused_empty(self) -> None:
+        """
+        A released file is used again for the next message, which finds it
+        holding only its own bytes, however long the one before was.
+        """
+        first = self.receive(b"Subject: long\n\n" + b"x" * 100_000 + b"\n")
+        release(first)
+        self.assertEqual(os.path.getsize(first.path), 0)
+        second = self.receive(b"Subject: short\n\nhi\n")
+        self.assertEqual(second.path, first.path)
+        with open(second.path, "rb") as f:
+            self.assertEqual(f.read(), b"Subject: short\n\nhi\n")
+        self.assertEqual(second.data, b"Subject: short\n\nhi\n")
+
+    def test_concurrent_messages_get_their_own_files(self) -> None:
+        """Messages being received at the same time never share a file."""
+        spools = [Spool(files=self.files) for _ in range(4)]
+        self.assertEqual(len({s.path for s in spools}), 4)
+        for n, spool in enumerate(spools):
+            spool.write(b"Subject: %d\n\nbody\n" % n)
+        messages = [s.finish() for s in spools]
+        for n, message in enumerate(messages):
+            with open(message.path, "rb") as f:
+                self.assertEqual(f.read(), b"Subject: %d\n\nbody\n" % n)
+            release(message)
+        # Two kept (keep=2), two removed.
+        self.assertEqual(self.files.free, 2)
+        self.assertEqual(len(os.listdir(self.directory)), 2)
+
+    def test_removed_by_hand(self) -> None:
+        """A kept file someone removed is not used again: a new one is made."""
+        first = self.receive(b"Subject: a\n\nbody\n")
+        release(first)
+        os.unlink(first.path)
+        second = self.receive(b"Subject: b\n\nbody\n")
+        self.assertNotEqual(second.path, first.path)
+        with open(second.path, "rb") as f:
+            self.assertEqual(f.read(), b"Subject: b\n\nbody\n")
+
+    def test_discard(self) -> None:
+        """A discarded message's file is kept, empty, for the next one."""
+        spool = Spool(files=self.files)
+        spool.write(b"Subject: x\n\npart")
+        spool.discard()
+        self.assertEqual(self.files.free, 1)
+        self.assertEqual(os.path.getsize(spool.path), 0)
+
+    def test_close(self) -> None:
+        """
+        Closing removes the kept files, and a file released after it is
+        removed too: nothing is left in the spool directory.
+        """
+        kept = self.receive(b"Subject: a\n\nbody\n")
+        release(kept)
+        still_taken = self.receive(b"Subject: b\n\nbody\n")
+        self.files.close()
+        self.assertEqual(os.listdir(self.directory), [os.path.basename(still_taken.path)])
+        release(still_taken)
         self.assertEqual(os.listdir(self.directory), [])
