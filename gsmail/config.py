@@ -150,6 +150,7 @@ class GsmailConfig:
     destination_concurrency: int = 4
     batch_size: int = 50
     relayhost_xverp: bool = False
+    smtp_trace: bool = False
     # -- from GroupServer's [smtp-NAME] section (gs.email's options) ------------
     smtp_username: str = ""
     smtp_password: str = attrs.field(default="", repr=False)
@@ -784,6 +785,7 @@ class _Reader:
             "destination_concurrency": self.integer(section, "destination_concurrency", 1),
             "batch_size": self.integer(section, "batch_size", 1),
             "relayhost_xverp": self.boolean(section, "relayhost_xverp"),
+            "smtp_trace": self.boolean(section, "smtp_trace"),
         }
         if values["relayhost"]:
             from gsmail.outbound.mx import parse_relayhost

@@ -216,6 +216,7 @@ class GsmailService(MultiService):
             lifetime=config.queue_lifetime,
             local_domains=config.domains,
             local_delivery=self._deliver_locally,
+            trace=config.smtp_trace,
             mx_port=config.mx_port,
             pass_xverp=config.relayhost_xverp,
         )
