@@ -149,10 +149,11 @@ class MultipartBody:
     request has a C{Content-Length} and is never chunked. The spool file is
     read in chunks of C{chunk_size} bytes, one per cooperator step; the
     file is opened on the first step and closed when the body is complete,
-    fails, or is stopped. A message of at most C{chunk_size} bytes whose
-    bytes the spool kept in memory (C{message.data}) is written at once. Reading a chunk of an already-written spool file is
-    quick enough for the reactor thread; memory stays at a few chunks
-    whatever the message size.
+    fails, or is stopped. Reading a chunk of an already-written spool file
+    is quick enough for the reactor thread; memory stays at a few chunks
+    whatever the message size. A message of at most C{chunk_size} bytes
+    whose bytes the spool kept in memory (C{message.data}) is written in
+    one go.
 
     @ivar boundary: the multipart boundary: C{gsmail-} and 32 random hex
         digits. Delimiter lines start with C{--}, which never occurs in
@@ -623,7 +624,6 @@ class GroupServerClient:
             agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
                 reactor, _Endpoints(reactor, policy, connect_timeout), pool=pool
             )
-            http_client = HTTPClient(agent)
             self._pool = pool
             # Requests go to the Agent itself: treq's per-request URL parsing,
             # cookie and content-decoding wrappers cost a fifth of a post's
@@ -915,6 +915,7 @@ class GroupServerClient:
                 b"POST", self._page_uris[page], headers, body
             )
         else:
+            assert self._http is not None
             response = await self._http.request(
                 "POST",
                 self.url + PAGES[page],
