@@ -2,7 +2,8 @@
 """
 The HTTP client that speaks to GroupServer: the four pages of
 C{shared/groupserver-protocol.md} (group-exists, add-email, relay, bounce),
-each an HTTP C{POST} of C{multipart/form-data} made with treq.
+each an HTTP C{POST} of C{multipart/form-data} made with twisted.web's
+C{Agent} (or an injected treq C{HTTPClient}, e.g. C{StubTreq} in tests).
 
 Messages are not read into memory: L{MultipartBody} streams the whole
 request body, base64-encoding the spool file on the fly in chunks, with an
@@ -26,7 +27,6 @@ from urllib.parse import urlsplit, urlunsplit
 from hyperlink import EncodedURL
 from OpenSSL import SSL
 from service_identity import VerificationError
-from treq.client import HTTPClient
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -77,6 +77,7 @@ from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.status import GroupServerError
 
 if TYPE_CHECKING:
+    from treq.client import HTTPClient
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
 __all__ = [

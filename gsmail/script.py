@@ -40,7 +40,7 @@ busy with the same message in another process for too long (C{4.4.5},
 
 Start-up cost matters (one process per message): this module imports only
 the standard library; gsmail's modules come after the command line is
-parsed, and Twisted's reactor and treq only once the message is read and
+parsed, and Twisted's reactor and web client only once the message is read and
 routed, so that bad input is answered without them.
 """
 
