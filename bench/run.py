@@ -686,6 +686,22 @@ def outbound_run(
     return result
 
 
+def _outbound_rows(runs: dict[str, list[Run]]) -> list[str]:
+    """One table row per sender, with its ratio against gsmail's median."""
+    rows = []
+    ours = median([r.msgs_per_s for r in runs.get("gsmail", [])])
+    for kind, rs in runs.items():
+        tput = median([r.msgs_per_s for r in rs])
+        ratio = ours / tput if tput == tput and tput else float("nan")
+        notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
+        rows.append(
+            f"| {OUT_LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
+            f"{fmt(median([r.ack_p50 for r in rs]))} | {fmt(max(r.rss_mib for r in rs))} | "
+            f"{fmt(median([r.cpu_ms_per_msg for r in rs]), 3)} | {notes} |"
+        )
+    return rows
+
+
 def outbound_table(count: int, runs: dict[str, list[Run]]) -> str:
     lines = [
         f"#### Case 5: outbound, one post to {count:,} members, one VERP transaction each, "
@@ -695,16 +711,7 @@ def outbound_table(count: int, runs: dict[str, list[Run]]) -> str:
         "peak RSS MiB | CPU ms/recipient | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    ours = median([r.msgs_per_s for r in runs.get("gsmail", [])])
-    for kind, rs in runs.items():
-        tput = median([r.msgs_per_s for r in rs])
-        ratio = ours / tput if tput == tput and tput else float("nan")
-        notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
-        lines.append(
-            f"| {OUT_LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
-            f"{fmt(median([r.ack_p50 for r in rs]))} | {fmt(max(r.rss_mib for r in rs))} | "
-            f"{fmt(median([r.cpu_ms_per_msg for r in rs]), 3)} | {notes} |"
-        )
+    lines += _outbound_rows(runs)
     return "\n".join(lines)
 
 
@@ -717,16 +724,7 @@ def posts_table(posts: int, per_post: int, runs: dict[str, list[Run]]) -> str:
         "peak RSS MiB | CPU ms/recipient | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    ours = median([r.msgs_per_s for r in runs.get("gsmail", [])])
-    for kind, rs in runs.items():
-        tput = median([r.msgs_per_s for r in rs])
-        ratio = ours / tput if tput == tput and tput else float("nan")
-        notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
-        lines.append(
-            f"| {OUT_LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
-            f"{fmt(median([r.ack_p50 for r in rs]))} | {fmt(max(r.rss_mib for r in rs))} | "
-            f"{fmt(median([r.cpu_ms_per_msg for r in rs]), 3)} | {notes} |"
-        )
+    lines += _outbound_rows(runs)
     lines += [
         "",
         "No gsmail row with `relayhost_xverp = true`: smtp-sink does not advertise XVERP "
