@@ -78,21 +78,60 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (and its reaped children), in seconds."""
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: fields[0] is field 3 (state)."""
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state): utime is field 14, stime 15, cutime 16, cstime 17.
-    return sum(int(x) for x in fields[11:15]) / _CLK_TCK
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below C{pid} (gsmail's inbound workers), by their parent ids."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                parents.setdefault(int(_stat_fields(int(name))[1]), []).append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """
+    utime + stime of a process, its reaped children (cutime + cstime) and its
+    live descendants, in seconds: all the CPU a server with worker processes
+    used.
+    """
+    # utime is field 14, stime 15, cutime 16, cstime 17.
+    total = sum(int(x) for x in _stat_fields(pid)[11:15])
+    for child in descendants(pid):
+        try:
+            total += sum(int(x) for x in _stat_fields(child)[11:13])
+        except OSError:
+            continue  # it ended meanwhile: then it is in cutime
+    return total / _CLK_TCK
 
 
 def peak_rss_mib(pid: int) -> float:
-    """VmHWM (peak resident set size) of a process, in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    """
+    VmHWM (peak resident set size) of a process, plus those of its live
+    descendants (an upper bound of their peak together), in MiB.
+    """
+    total = 0.0
+    for each in [pid, *descendants(pid)]:
+        try:
+            with open(f"/proc/{each}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total if total else float("nan")
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
@@ -123,6 +162,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for_log(path: str, needle: str, count: int, timeout: float = 20.0) -> None:
+    """Wait until the file at C{path} has C{count} lines containing C{needle}.
+
+    @raise TimeoutError: it did not within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, errors="replace") as f:
+                if sum(needle in line for line in f) >= count:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: fewer than {count} lines with {needle!r}")
+        time.sleep(0.05)
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:

@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     peak_rss_mib,
     percentile,
     raise_fd_limit,
+    wait_for_log,
     wait_for_port,
 )
 
@@ -60,9 +61,10 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SESSIONS = 20
 #: Targets in table order; the first is what the ratios are taken for.
-TARGETS = ("gsmail", "twisted", "aiosmtpd", "pipe", "smtp2gs", "sink")
+TARGETS = ("gsmail", "gsmail-w2", "twisted", "aiosmtpd", "pipe", "smtp2gs", "sink")
 LABELS = {
     "gsmail": "gsmail (ledger + spool + RCPT lookup)",
+    "gsmail-w2": "gsmail, inbound_workers = 2 (same guarantees)",
     "twisted": "peer: Twisted ESMTP + treq",
     "aiosmtpd": "peer: aiosmtpd + aiohttp",
     "pipe": "peer: process per message (smtp2gs shape)",
@@ -76,6 +78,8 @@ PIPE_MAX_N = 200
 #: Case 4: idle sessions held open, and the servers it runs against.
 IDLE_SESSIONS = 1000
 IDLE_TARGETS = ("gsmail", "twisted", "aiosmtpd")
+#: gsmail with inbound worker processes: the number of workers, by target.
+GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2}
 
 
 def log(message: str) -> None:
@@ -260,7 +264,10 @@ class Target:
         os.makedirs(state)
         argv: list[str]
         env = dict(os.environ)
-        if kind == "gsmail":
+        workers = GSMAIL_WORKERS.get(kind, 0)
+        if kind in GSMAIL_WORKERS:
+            if workers:
+                gsmail_options = [*gsmail_options, f"inbound_workers = {workers}"]
             for sub in ("spool", "ledger"):
                 os.makedirs(os.path.join(state, sub))
             other = free_port()
@@ -340,6 +347,9 @@ class Target:
             wait_for_port(self.port, 30)
             if self.submission_port:
                 wait_for_port(self.submission_port, 30)
+            if workers:
+                # The port listens at once; wait until every worker accepts on it.
+                wait_for_log(os.path.join(state, "gsmail.log"), " accepting", workers, 30)
         except TimeoutError:
             self.process.check_alive()
             raise
@@ -846,7 +856,7 @@ def idle_run(
     another fresh server without idle sessions.
     """
     result = IdleRun()
-    if kind == "gsmail":
+    if kind in GSMAIL_WORKERS:
         # max_connections is per listener; the burst's sessions come on top.
         gsmail_options = [*gsmail_options, f"max_connections = {idle + SESSIONS + 80}"]
     target = Target(kind, False, standin, workdir, run_id + "a", gsmail_options)
@@ -1004,19 +1014,21 @@ def inbound_table(title: str, runs: dict[str, list[Run]]) -> str:
     lines = [
         f"#### {title}",
         "",
-        "| server | msg/s e2e (median) | runs | gsmail ÷ this | ack p50/p99 ms | "
+        "| server | msg/s e2e (median) | runs | gsmail ÷ this | gsmail-w2 ÷ this | ack p50/p99 ms | "
         "e2e p50/p99 ms | light-load e2e p50/p99 ms | peak RSS MiB | CPU ms/msg | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ours = median([r.msgs_per_s for r in runs.get("gsmail", [])])
+    ours_w2 = median([r.msgs_per_s for r in runs.get("gsmail-w2", [])])
     for kind, rs in runs.items():
         tput = median([r.msgs_per_s for r in rs])
         ratio = ours / tput if tput == tput and tput else float("nan")
+        ratio_w2 = ours_w2 / tput if tput == tput and tput else float("nan")
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
         if kind in PIPE_KINDS:
             notes = (f"N ≤ {PIPE_MAX_N}; " + notes).strip("; ")
         lines.append(
-            f"| {LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
+            f"| {LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | {fmt(ratio_w2, 2)}× | "
             f"{fmt(median([r.ack_p50 for r in rs]))} / {fmt(median([r.ack_p99 for r in rs]))} | "
             f"{fmt(median([r.e2e_p50 for r in rs]))} / {fmt(median([r.e2e_p99 for r in rs]))} | "
             f"{fmt(median([r.light_p50 for r in rs]))} / {fmt(median([r.light_p99 for r in rs]))} | "
@@ -1211,7 +1223,7 @@ def main() -> None:
             big: dict[str, list[Run]] = {}
             for rep in range(reps):
                 for kind in targets:
-                    if kind in (*PIPE_KINDS, "sink"):
+                    if kind in (*PIPE_KINDS, "sink", "gsmail-w2"):
                         continue
                     counter += 1
                     run_id = f"r{counter:03d}"

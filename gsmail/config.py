@@ -55,6 +55,8 @@ log = Logger()
 #: to the end of DATA; answering later makes it retry a message gsmail may
 #: already have posted. Ten seconds of margin for the network and the queue.
 MAX_REPLY_DEADLINE: Final = 590.0
+#: The most inbound worker processes C{inbound_workers} may ask for.
+MAX_INBOUND_WORKERS: Final = 64
 
 #: The smallest C{max_line_length}: RFC 5321 §4.5.3.1.6 lets a text line be
 #: 1000 octets including CRLF, so a receiver must take at least that.
@@ -117,6 +119,8 @@ class GsmailConfig:
     domains: tuple[str, ...] = ()
     tls_certificate: str = ""
     tls_key: str = ""
+    # 0: the main process accepts inbound sessions; N: N worker processes do
+    inbound_workers: int = 0
     # -- limits ----------------------------------------------------------------
     max_size: int = 200 * 1024 * 1024
     max_recipients: int = 100
@@ -672,6 +676,17 @@ class _Reader:
             raise self.error(section, option, f"must be at least {minimum}{why}, got {value!r}")
         return number
 
+    def inbound_workers(self, section: str) -> int:
+        """C{inbound_workers}: 0 (the main process) up to L{MAX_INBOUND_WORKERS}."""
+        count = self.integer(section, "inbound_workers", 0)
+        if count > MAX_INBOUND_WORKERS:
+            raise self.error(
+                section,
+                "inbound_workers",
+                f"must be at most {MAX_INBOUND_WORKERS} (one per core is enough), got {count}",
+            )
+        return count
+
     def size(self, section: str, option: str) -> int:
         """
         A size written in MiB (fractions allowed), returned in bytes.
@@ -865,6 +880,7 @@ class _Reader:
             domains=self.domains(section),
             tls_certificate=tls_certificate,
             tls_key=tls_key,
+            inbound_workers=self.inbound_workers(section),
             max_size=self.size(section, "max_size"),
             max_recipients=self.integer(section, "max_recipients", 1),
             max_connections=self.integer(section, "max_connections", 1),

@@ -75,44 +75,27 @@ def load_tls(config: GsmailConfig) -> Any:
         ) from None
 
 
-class GsmailService(MultiService):
+class InboundParts:
     """
-    The inbound mail service: ESMTP and/or LMTP listeners over one delivery
-    core, the GroupServer client, the post ledger, and (for C{url =
-    embedded}) the GroupServer stand-in.
+    The inbound delivery side of one process: the post ledger (with its
+    fsync thread), the GroupServer client, the L{DeliveryCore}, the server
+    settings and the reusable spool files. The main process has one; so does
+    each inbound worker process (L{gsmail.workers}), all sharing the ledger
+    file, which is safe for several processes (L{gsmail.ledger}).
 
-    @ivar core: the L{DeliveryCore}.
-    @ivar client: the L{GroupServerClient}.
-    @ivar ledger: the L{PostLedger}.
-    @ivar standin: the embedded stand-in, or C{None}.
+    @param url: GroupServer's base URL (the configuration's, or the embedded
+        stand-in's once it listens).
+    @raise ConfigError: the TLS files cannot be loaded.
     """
 
-    def __init__(self, config: GsmailConfig, reactor: Any) -> None:
-        super().__init__()
+    def __init__(self, config: GsmailConfig, reactor: Any, url: str) -> None:
         self.config = config
-        self.reactor = reactor
-        blocking = _thread_runner(reactor)
         # The ledger's fsyncs get a thread of their own: cheaper per job, and
         # never queued behind a long copy in the pool.
-        self._ledger_sync = SerialThread(reactor, "gsmail-ledger")
+        self.ledger_sync = SerialThread(reactor, "gsmail-ledger")
         self.ledger = PostLedger(
-            config.ledger_path, ttl=config.ledger_ttl, clock=reactor, sync=self._ledger_sync
+            config.ledger_path, ttl=config.ledger_ttl, clock=reactor, sync=self.ledger_sync
         )
-        self.standin: Any = None
-        self._standin_port: Any = None
-        url = config.url
-        if url == "embedded":
-            from gsmail.standin import make_demo_standin
-
-            self.standin = make_demo_standin(
-                config.standin_dir,
-                config.token,
-                config.domains,
-                config.standin_groups,
-                clock=reactor,
-                reactor=reactor,
-            )
-            url = "http://127.0.0.1:0"  # set once the stand-in listens
         self.client = GroupServerClient(
             reactor,
             url,
@@ -134,9 +117,9 @@ class GsmailService(MultiService):
             group_cache_ttl=config.group_cache_ttl,
             group_negative_cache_ttl=config.group_negative_cache_ttl,
             unknown_dir=unknown_dir(config.ledger_path),
-            blocking=blocking,
+            blocking=_thread_runner(reactor),
         )
-        settings = ServerSettings(
+        self.settings = ServerSettings(
             hostname=config.hostname,
             max_size=config.max_size,
             max_recipients=config.max_recipients,
@@ -145,31 +128,109 @@ class GsmailService(MultiService):
             max_connections=config.max_connections,
             tls=load_tls(config),
         )
+        # One set of reusable spool files for every listener of the process.
+        self.spool_files = SpoolFiles(config.spool_dir)
+        self._reactor = reactor
+
+    def factory(self, lmtp: bool) -> InboundFactory:
+        """A new ESMTP (C{lmtp=False}) or LMTP listener factory over this core."""
+        return InboundFactory(
+            self.core,
+            self.settings,
+            self._reactor,
+            lmtp=lmtp,
+            spool_dir=self.config.spool_dir,
+            spool_files=self.spool_files,
+        )
+
+    def open(self) -> None:
+        """Make the state directories and load the ledger (blocking: before mail arrives)."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.config.ledger_path)), exist_ok=True)
+        if self.config.spool_dir:
+            os.makedirs(self.config.spool_dir, exist_ok=True)
+        self.ledger.open()
+
+    async def wait_idle(self) -> None:
+        """
+        Let running deliveries finish, so nothing is posted without its
+        ledger record; give up after C{reply_deadline} seconds (logged).
+        """
+        idle = self.core.when_idle()
+        idle.addTimeout(self.config.reply_deadline, self._reactor)
+        try:
+            await idle
+        except Exception:
+            log.warn("Stopped with deliveries still running")
+
+    async def close(self) -> None:
+        """Close the ledger (after its last fsync), the spool files and the client."""
+        await self.ledger.close()
+        self.ledger_sync.stop()
+        self.spool_files.close()
+        await self.client.close()
+
+
+class GsmailService(MultiService):
+    """
+    The mail service: ESMTP and/or LMTP listeners over one delivery core,
+    the GroupServer client, the post ledger, the outbound side when a
+    submission listener is configured, and (for C{url = embedded}) the
+    GroupServer stand-in.
+
+    With C{inbound_workers = N} (N > 0) the main process still binds the
+    inbound listeners (before twistd drops privileges) but does not accept
+    on them: N worker processes (L{gsmail.workers.InboundWorkers}) inherit
+    the listening sockets and serve every inbound session, each with its own
+    reactor and L{InboundParts}, so inbound mail uses more than one core.
+
+    @ivar core: the main process's L{DeliveryCore} (also used for local
+        delivery of outbound mail to this site's domains).
+    @ivar client: the L{GroupServerClient}.
+    @ivar ledger: the L{PostLedger}.
+    @ivar standin: the embedded stand-in, or C{None}.
+    @ivar workers: the L{gsmail.workers.InboundWorkers}, or C{None}.
+    """
+
+    def __init__(self, config: GsmailConfig, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        blocking = _thread_runner(reactor)
+        self.standin: Any = None
+        self._standin_port: Any = None
+        url = config.url
+        if url == "embedded":
+            from gsmail.standin import make_demo_standin
+
+            self.standin = make_demo_standin(
+                config.standin_dir,
+                config.token,
+                config.domains,
+                config.standin_groups,
+                clock=reactor,
+                reactor=reactor,
+            )
+            url = "http://127.0.0.1:0"  # set once the stand-in listens
+        self.inbound = InboundParts(config, reactor, url)
+        self.ledger = self.inbound.ledger
+        self.client = self.inbound.client
+        self.core = self.inbound.core
+        self.spool_files = self.inbound.spool_files
+        settings = self.inbound.settings
         self.smtp_factory: InboundFactory | None = None
         self.lmtp_factory: InboundFactory | None = None
         self.listeners: dict[str, Any] = {}
-        # One set of reusable spool files for every listener.
-        self.spool_files = SpoolFiles(config.spool_dir)
         if config.smtp_endpoint:
-            self.smtp_factory = InboundFactory(
-                self.core,
-                settings,
-                reactor,
-                lmtp=False,
-                spool_dir=config.spool_dir,
-                spool_files=self.spool_files,
-            )
+            self.smtp_factory = self.inbound.factory(lmtp=False)
             self._listen("smtp", config.smtp_endpoint, self.smtp_factory)
         if config.lmtp_endpoint:
-            self.lmtp_factory = InboundFactory(
-                self.core,
-                settings,
-                reactor,
-                lmtp=True,
-                spool_dir=config.spool_dir,
-                spool_files=self.spool_files,
-            )
+            self.lmtp_factory = self.inbound.factory(lmtp=True)
             self._listen("lmtp", config.lmtp_endpoint, self.lmtp_factory)
+        self.workers: Any = None
+        if config.inbound_workers:
+            from gsmail.workers import InboundWorkers
+
+            self.workers = InboundWorkers(config, reactor)
         self.queue: OutboundQueue | None = None
         self.outbound: OutboundDelivery | None = None
         if config.submission_endpoint:
@@ -282,15 +343,14 @@ class GsmailService(MultiService):
         # After twistd -u dropped privileges (so the files belong to the
         # run-as user), and before the reactor runs: the ledger is loaded
         # before the first message can arrive.
-        os.makedirs(os.path.dirname(os.path.abspath(self.config.ledger_path)), exist_ok=True)
-        if self.config.spool_dir:
-            os.makedirs(self.config.spool_dir, exist_ok=True)
-        self.ledger.open()
+        self.inbound.open()
         if self.queue is not None:
             self.queue.load()
         if self.standin is not None:
             self._start_standin()
         super().startService()
+        if self.workers is not None:
+            self._start_workers()
         if self.queue is not None and self.outbound is not None:
             if self.config.queuepath and os.path.isdir(self.config.queuepath):
                 self.queue.import_zope_sendmail(self.config.queuepath, xverp=True).addCallbacks(
@@ -328,23 +388,32 @@ class GsmailService(MultiService):
         """The listening port of the C{"smtp"} or C{"lmtp"} listener (after start)."""
         return self.listeners[name]._waitingForPort.result
 
+    def _start_workers(self) -> None:
+        """
+        Hand the inbound listening sockets to the worker processes: this
+        process stops accepting on them (the sockets stay open, so a
+        connection that arrives while a worker restarts waits in the
+        backlog instead of being refused).
+        """
+        sockets = {}
+        for name in ("smtp", "lmtp"):
+            if name in self.listeners:
+                port = self.port(name)
+                port.stopReading()
+                sockets[name] = port
+        self.workers.start(sockets, self.client.url)
+
     async def _stop(self) -> None:
+        if self.workers is not None:
+            # Workers first: they stop accepting and finish their deliveries.
+            await self.workers.stop()
         await super().stopService()  # listeners stop accepting
-        # Let running deliveries finish so nothing is posted without its ledger record.
-        idle = self.core.when_idle()
-        idle.addTimeout(self.config.reply_deadline, self.reactor)
-        try:
-            await idle
-        except Exception:
-            log.warn("Stopped with deliveries still running")
+        await self.inbound.wait_idle()
         if self.outbound is not None:
             await self.outbound.stop()
         if self.queue is not None:
             await self.queue.close()
-        await self.ledger.close()
-        self._ledger_sync.stop()
-        self.spool_files.close()
-        await self.client.close()
+        await self.inbound.close()
         if self.queue is not None:
             # client.Resolver re-reads resolv.conf every minute: stop that timer.
             parse_call = getattr(self._dns, "_parseCall", None)

@@ -466,6 +466,16 @@ class OptionTests(ConfigFileTestCase):
             (1, 1, 50, 1000),
         )
 
+    def test_inbound_workers(self) -> None:
+        """
+        C{inbound_workers} is 0 (the main process accepts) unless set, and
+        takes 0 to 64.
+        """
+        self.assertEqual(self.load().inbound_workers, 0)
+        for value in ("0", "2", "64"):
+            with self.subTest(value=value):
+                self.assertEqual(self.load({"inbound_workers": value}).inbound_workers, int(value))
+
     def test_time_source(self) -> None:
         """
         C{time_source} is C{server} or C{message}, in any case.
@@ -956,6 +966,19 @@ class ErrorTests(ConfigFileTestCase):
             "must be at least 1000 (RFC 5321 section 4.5.3.1.6), got '999'",
         )
         self.assertGsmailError({"max_line_length": "many"}, "max_line_length", "got 'many'")
+
+    def test_inbound_workers(self) -> None:
+        """
+        C{inbound_workers} refuses negative numbers, fractions and more than
+        64 processes.
+        """
+        for value, problem in (
+            ("-1", "must be at least 0, got '-1'"),
+            ("2.5", "expected a whole number, got '2.5'"),
+            ("65", "must be at most 64 (one per core is enough), got 65"),
+        ):
+            with self.subTest(value=value):
+                self.assertGsmailError({"inbound_workers": value}, "inbound_workers", problem)
 
     def test_time_source(self) -> None:
         """

@@ -233,6 +233,30 @@ def release(message: SpooledMessage) -> None:
         remove(message.path)
 
 
+def remove_process_files(directory: str, pid: int) -> int:
+    """
+    Remove the spool files a dead process left in C{directory} (an inbound
+    worker that crashed: its messages were never acknowledged, so the
+    senders still hold them). Blocking, one C{listdir}.
+
+    @param directory: the spool directory (C{""}: the system temp dir).
+    @param pid: the dead process's id.
+    @return: how many files were removed.
+    """
+    directory = directory or tempfile.gettempdir()
+    prefix = f"gsmail-{pid}-"
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".eml"):
+            remove(os.path.join(directory, name))
+            removed += 1
+    return removed
+
+
 def unknown_dir(ledger_path: str) -> str:
     """
     Where copies of messages whose post had an unknown outcome are kept:

@@ -1,0 +1,353 @@
+"""
+Unit tests for the inbound worker supervision in L{gsmail.workers}: the setup
+handed to a worker, the log relay, restarts with back-off and stopping, with
+a fake process transport and a memory clock (the real processes are in
+tests.integration.test_workers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from typing import Any
+
+import attrs
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, Logger, LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from gsmail.workers import (
+    STABLE_AFTER,
+    STOP_GRACE,
+    InboundWorkers,
+    WorkerSetup,
+    _EventLines,
+    _ParentWatch,
+    read_setup,
+    write_setup,
+)
+from tests.util import TOKEN, make_config
+
+
+class FakeTransport:
+    """What a spawned process looks like to its protocol."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written = b""
+        self.stdin_closed = False
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class FakeWorkers(InboundWorkers):
+    """L{InboundWorkers} whose processes are L{FakeTransport}s."""
+
+    def __init__(self, test: SynchronousTestCase, count: int = 2) -> None:
+        self.clock = Clock()
+        self.events: list[LogEvent] = []
+        self.spawned: list[FakeTransport] = []
+        config = make_config(test.mktemp(), inbound_workers=count, reply_deadline=100.0)
+        super().__init__(config, self.clock, publisher=self.events.append)
+
+    def spawn(self, protocol: Any) -> Any:
+        transport = FakeTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append(transport)
+        return transport
+
+
+class FakePort:
+    """A listening port as L{InboundWorkers.start} reads it."""
+
+    def __init__(self, fd: int, family: int = 2) -> None:
+        self._fd = fd
+        self.socket = attrs.make_class("S", {"family": attrs.field(default=family)})()
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def started(test: SynchronousTestCase, count: int = 2) -> FakeWorkers:
+    workers = FakeWorkers(test, count)
+    workers.start({"smtp": FakePort(7), "lmtp": FakePort(8)}, "http://127.0.0.1:8080")
+    return workers
+
+
+class SetupTests(SynchronousTestCase):
+    """What a worker is told on its standard input."""
+
+    def test_round_trip(self) -> None:
+        """A setup written for a worker reads back equal, token included."""
+        workers = started(self)
+        setup = read_setup(io.BytesIO(workers.spawned[1].written))
+        self.assertEqual(setup.number, 2)
+        self.assertEqual(setup.config.token, TOKEN)
+        self.assertEqual(setup.config.url, "http://127.0.0.1:8080")
+        self.assertEqual(setup.listeners, (("lmtp", 3, 2), ("smtp", 4, 2)))
+
+    def test_listening_sockets_are_descriptors_3_and_4(self) -> None:
+        """The listening sockets are mapped to the worker's descriptors 3 and 4."""
+        workers = started(self)
+        self.assertEqual(workers._child_fds, {0: "w", 1: "r", 2: "r", 3: 8, 4: 7})
+
+    def test_cut_short(self) -> None:
+        """A setup cut short, or missing, is refused with EOFError."""
+        data = write_setup(WorkerSetup(make_config(self.mktemp()), 1, ()))
+        for cut in (b"", data[:5], data[:-1]):
+            with self.subTest(length=len(cut)):
+                self.assertRaises(EOFError, read_setup, io.BytesIO(cut))
+
+    def test_not_a_setup(self) -> None:
+        """Anything but a L{WorkerSetup} is refused with ValueError."""
+        data = pickle.dumps({"config": None})
+        stream = io.BytesIO(len(data).to_bytes(8, "big") + data)
+        self.assertRaises(ValueError, read_setup, stream)
+
+
+class RelayTests(SynchronousTestCase):
+    """A worker's log lines reach the main process's observers."""
+
+    def line(self, event: LogEvent) -> bytes:
+        out = io.BytesIO()
+        _EventLines(out)(event)
+        return out.getvalue()
+
+    def test_rendered_in_the_worker(self) -> None:
+        """
+        An event is rendered by the worker (format specs kept) and re-emitted
+        with the worker's number in its system.
+        """
+        workers = started(self)
+        line = self.line(
+            {
+                "log_format": "answered {status} in {elapsed:.3f} s",
+                "status": 200,
+                "elapsed": 0.123456,
+                "log_level": LogLevel.warn,
+                "log_namespace": "gsmail.groupserver",
+                "log_time": 1700000000.5,
+            }
+        )
+        workers.slots[1].outReceived(line)
+        [event] = workers.events
+        self.assertEqual(formatEvent(event), "answered 200 in 0.123 s")
+        self.assertEqual(event["log_system"], "inbound-2 gsmail.groupserver#warn")
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["log_time"], 1700000000.5)
+        self.assertEqual(event["gsmail_worker"], 2)
+
+    def test_braces_and_failures(self) -> None:
+        """Braces in the text survive, and a failure's traceback follows its text."""
+        workers = started(self)
+        try:
+            raise ValueError("boom {x}")
+        except ValueError:
+            failure = Failure()
+        line = self.line(
+            {
+                "log_format": "it broke: {what}",
+                "what": "{not a field}",
+                "log_failure": failure,
+                "log_level": LogLevel.critical,
+                "log_system": "InboundFactory,3,127.0.0.1",
+                "log_time": 1.0,
+            }
+        )
+        workers.slots[0].outReceived(line)
+        [event] = workers.events
+        text = formatEvent(event)
+        self.assertTrue(text.startswith("it broke: {not a field}\nTraceback"), text)
+        self.assertIn("ValueError: boom {x}", text)
+        self.assertEqual(event["log_system"], "inbound-1 InboundFactory,3,127.0.0.1")
+
+    def test_lines_in_pieces(self) -> None:
+        """Lines split across reads, or several in one read, are relayed whole and in order."""
+        workers = started(self)
+        data = b"".join(
+            self.line({"log_format": f"event {n}", "log_level": LogLevel.info, "log_time": 1.0})
+            for n in range(3)
+        )
+        slot = workers.slots[0]
+        for piece in (data[:10], data[10:50], data[50:]):
+            slot.outReceived(piece)
+        self.assertEqual(
+            [formatEvent(e) for e in workers.events], ["event 0", "event 1", "event 2"]
+        )
+
+    def test_garbage_logged_once(self) -> None:
+        """A line that is not an event is logged as an error, quoted, and not relayed."""
+        workers = started(self)
+        with capturedLogs() as logged:
+            workers.slots[0].outReceived(b"Traceback: not json\n[1, 2]\n")
+        self.assertEqual(workers.events, [])
+        texts = [formatEvent(e) for e in logged]
+        self.assertEqual(len(texts), 2, texts)
+        self.assertIn("b'Traceback: not json'", texts[0])
+
+    def test_ready(self) -> None:
+        """The ready line is not an event: it fires L{InboundWorkers.when_ready} once all are ready."""
+        workers = started(self)
+        ready = workers.when_ready()
+        workers.slots[0].outReceived(b'{"ready": true}\n')
+        self.assertNoResult(ready)
+        workers.slots[1].outReceived(b'{"ready": true}\n')
+        self.successResultOf(ready)
+        self.assertEqual(workers.events, [])
+
+    def test_standard_error(self) -> None:
+        """Standard error (a crash) is logged line by line as errors, the last line at exit."""
+        workers = started(self)
+        slot = workers.slots[0]
+        with capturedLogs() as logged:
+            slot.errReceived(b"Traceback (most recent call last):\n  File")
+            slot.errReceived(b' "x.py"\nMemoryError')
+            workers.running = False
+            slot.processEnded(Failure(ProcessDone(0)))
+        texts = [formatEvent(e) for e in logged if e.get("log_level") == LogLevel.error]
+        self.assertEqual(
+            texts,
+            [
+                "Inbound worker 1: Traceback (most recent call last):",
+                'Inbound worker 1:   File "x.py"',
+                "Inbound worker 1: MemoryError",
+            ],
+        )
+
+    def test_token_on_standard_input_only(self) -> None:
+        """The worker command line and environment do not carry the token (it goes on stdin)."""
+        workers = started(self)
+        self.assertNotIn(TOKEN, " ".join(workers.argv))
+        self.assertIn(TOKEN.encode(), workers.spawned[0].written)
+
+
+class RestartTests(SynchronousTestCase):
+    """A worker that exits while gsmail runs is started again."""
+
+    def test_backoff(self) -> None:
+        """
+        A worker that keeps dying young is restarted after 0.5, 1, 2, ... up
+        to 30 seconds; one that ran a minute is restarted at once.
+        """
+        workers = started(self, count=1)
+        slot = workers.slots[0]
+        delays = []
+        for _ in range(8):
+            with capturedLogs():
+                slot.processEnded(Failure(ProcessTerminated(signal=9)))
+            [call] = workers.clock.getDelayedCalls()
+            delays.append(call.getTime() - workers.clock.seconds())
+            workers.clock.advance(delays[-1])
+        self.assertEqual(delays, [0.5, 1, 2, 4, 8, 16, 30, 30])
+        self.assertEqual(len(workers.spawned), 9)
+        workers.clock.advance(STABLE_AFTER)
+        with capturedLogs() as logged:
+            slot.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        [call] = workers.clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), workers.clock.seconds())
+        [text] = [formatEvent(e) for e in logged]
+        self.assertEqual(
+            text,
+            f"Inbound worker 1 (pid 1008) exited with status 1 after {STABLE_AFTER:.1f} s; "
+            "starting it again in 0 s",
+        )
+
+    def test_killed_logged(self) -> None:
+        """The log says how the worker ended."""
+        workers = started(self, count=1)
+        with capturedLogs() as logged:
+            workers.slots[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertIn("(pid 1000) was killed by signal 9 after 0.0 s", formatEvent(logged[0]))
+        self.assertEqual(workers.pids(), [])
+        workers.clock.advance(0.5)
+        self.assertEqual(workers.pids(), [1001])
+
+    def test_spool_files_of_the_dead_removed(self) -> None:
+        """The spool files a crashed worker left are removed; others' are kept."""
+        workers = started(self, count=1)
+        spool = workers.config.spool_dir
+        os.makedirs(spool)
+        for name in ("gsmail-1000-0.eml", "gsmail-1000-7.eml", "gsmail-10000-1.eml", "x.eml"):
+            with open(os.path.join(spool, name), "w"):
+                pass
+        with capturedLogs():
+            workers.slots[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(sorted(os.listdir(spool)), ["gsmail-10000-1.eml", "x.eml"])
+
+
+class StopTests(SynchronousTestCase):
+    """Stopping the workers."""
+
+    def test_graceful(self) -> None:
+        """Stopping closes each worker's standard input and fires when all have exited."""
+        workers = started(self)
+        done = workers.stop()
+        self.assertEqual([t.stdin_closed for t in workers.spawned], [True, True])
+        self.assertNoResult(done)
+        for slot in workers.slots:
+            slot.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(done)
+        self.assertEqual(workers.clock.getDelayedCalls(), [])
+        self.assertEqual(len(workers.spawned), 2)  # none started again
+
+    def test_killed_after_deadline(self) -> None:
+        """A worker still running reply_deadline + 15 s after the stop is killed."""
+        workers = started(self, count=1)
+        done = workers.stop()
+        workers.clock.advance(100.0 + STOP_GRACE - 0.1)
+        self.assertEqual(workers.spawned[0].signals, [])
+        with capturedLogs() as logged:
+            workers.clock.advance(0.1)
+        self.assertEqual(workers.spawned[0].signals, ["KILL"])
+        self.assertIn("did not stop in time: killed", formatEvent(logged[0]))
+        workers.slots[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(done)
+
+    def test_pending_restart_cancelled(self) -> None:
+        """A restart that was waiting is called off by the stop."""
+        workers = started(self, count=1)
+        with capturedLogs():
+            workers.slots[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(workers.stop())
+        self.assertEqual(workers.clock.getDelayedCalls(), [])
+        self.assertEqual(len(workers.spawned), 1)
+
+
+class WorkerSideTests(SynchronousTestCase):
+    """The worker process's end of the pipes."""
+
+    def test_parent_watch(self) -> None:
+        """Standard input's end (the main process closed it, or died) is noticed."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        closed: list[bool] = []
+        watch = _ParentWatch(read, lambda: closed.append(True))
+        os.write(write, b"ignored")
+        self.assertIsNone(watch.doRead())
+        self.assertIsNone(watch.doRead())  # nothing to read: not an end
+        os.close(write)
+        result = watch.doRead()
+        self.assertIsInstance(result, ConnectionDone)
+        watch.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(closed, [True])
+
+    def test_event_line(self) -> None:
+        """An event becomes one JSON line: time, level, system, text."""
+        out = io.BytesIO()
+        observer = _EventLines(out)
+        Logger(namespace="gsmail.x", observer=observer).info("posted {n:,} bytes", n=12345)
+        [record] = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(record[1:], ["info", "gsmail.x#info", "posted 12,345 bytes"])
+        self.assertIsInstance(record[0], float)
