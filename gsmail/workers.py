@@ -89,10 +89,14 @@ STABLE_AFTER = 60.0
 STOP_GRACE = 15.0
 #: The descriptor of a worker's first inherited listening socket.
 FIRST_LISTENER_FD = 3
+#: Seconds a worker holds info and debug log lines before writing them together.
+LOG_DELAY = 0.1
 #: The longest line a worker may write (bytes); longer output is cut and logged.
 MAX_LINE = 1 << 20
 
 _LENGTH = struct.Struct("!Q")
+#: Log levels a worker relays at once rather than at the end of the reactor turn.
+_URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 
 
 @attrs.frozen
@@ -426,10 +430,20 @@ class _EventLines:
     the failure's traceback after it, if any. Cheaper to make and to read
     than L{twisted.logger.eventAsJSON}, and the text is exactly what a log
     file in this process would show.
+
+    With C{schedule} (the reactor's C{callLater}), lines below warning level
+    are written together at most L{LOG_DELAY} seconds after the first of
+    them: one write, and one wake-up of the main process, for all of them
+    (a wake-up per line cost the main process 0.15 ms of CPU per message).
+    Warnings and errors are written at once, with the lines before them, so
+    a crash cannot swallow them; a worker killed outright loses at most
+    L{LOG_DELAY} seconds of info lines, never a message.
     """
 
-    def __init__(self, out: IO[bytes]) -> None:
+    def __init__(self, out: IO[bytes], schedule: Callable[..., Any] | None = None) -> None:
         self._out = out
+        self._schedule = schedule
+        self._pending: list[bytes] = []
 
     def __call__(self, event: LogEvent) -> None:
         text = formatEvent(event)
@@ -440,15 +454,27 @@ class _EventLines:
         system = event.get("log_system")
         if system is None:
             system = f"{event.get('log_namespace', '-')}#{level.name}"
-        record = [event.get("log_time"), level.name, system, text]
+        line = json.dumps([event.get("log_time"), level.name, system, text]).encode("ascii")
+        self._pending.append(line + b"\n")
+        if self._schedule is None or level in _URGENT:
+            self.flush()
+        elif len(self._pending) == 1:
+            self._schedule(LOG_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Write the lines not written yet."""
+        if not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
         try:
-            self._out.write(json.dumps(record).encode("ascii") + b"\n")
+            self._out.write(data)
             self._out.flush()
         except (OSError, ValueError):
             pass  # the main process is gone: standard input tells us too
 
     def control(self, **fields: Any) -> None:
         """A line for the main process itself, not a log event."""
+        self.flush()
         self._out.write(json.dumps(fields).encode("ascii") + b"\n")
         self._out.flush()
 
@@ -546,7 +572,7 @@ def main() -> None:
 
     # The main process owns the terminal: a hangup is its business.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    observer = _EventLines(out)
+    observer = _EventLines(out, reactor.callLater)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     worker = Worker(setup, reactor)
     try:
@@ -565,6 +591,7 @@ def main() -> None:
         "before", "shutdown", lambda: Deferred.fromCoroutine(worker.stop())
     )
     reactor.run()
+    observer.flush()
 
 
 if __name__ == "__main__":

@@ -351,3 +351,25 @@ class WorkerSideTests(SynchronousTestCase):
         [record] = [json.loads(line) for line in out.getvalue().splitlines()]
         self.assertEqual(record[1:], ["info", "gsmail.x#info", "posted 12,345 bytes"])
         self.assertIsInstance(record[0], float)
+
+    def test_info_lines_batched(self) -> None:
+        """
+        Lines below warning level are written together 0.1 s after the
+        first; a warning is written at once, with what came before it.
+        """
+        out = io.BytesIO()
+        clock = Clock()
+        observer = _EventLines(out, clock.callLater)
+        logger = Logger(namespace="gsmail.x", observer=observer)
+        logger.info("one")
+        logger.debug("two")
+        clock.advance(0.05)
+        self.assertEqual(out.getvalue(), b"")
+        clock.advance(0.05)
+        self.assertEqual([json.loads(x)[3] for x in out.getvalue().splitlines()], ["one", "two"])
+        logger.info("three")
+        logger.warn("four")
+        texts = [json.loads(x)[3] for x in out.getvalue().splitlines()]
+        self.assertEqual(texts, ["one", "two", "three", "four"])
+        clock.advance(1)
+        self.assertEqual(len(out.getvalue().splitlines()), 4)
