@@ -342,6 +342,7 @@ class _Worker(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         pid, self.pid = self.pid, None
+        self.ready = False
         if self._errors.strip():
             self.errReceived(b"\n")
         if self._kill is not None and self._kill.active():

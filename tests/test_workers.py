@@ -265,14 +265,19 @@ class RestartTests(SynchronousTestCase):
         )
 
     def test_killed_logged(self) -> None:
-        """The log says how the worker ended."""
+        """The log says how the worker ended; the slot is not ready until its next process is."""
         workers = started(self, count=1)
+        workers.slots[0].outReceived(b'{"ready": true}\n')
         with capturedLogs() as logged:
             workers.slots[0].processEnded(Failure(ProcessTerminated(signal=9)))
         self.assertIn("(pid 1000) was killed by signal 9 after 0.0 s", formatEvent(logged[0]))
         self.assertEqual(workers.pids(), [])
+        ready = workers.when_ready()
         workers.clock.advance(0.5)
         self.assertEqual(workers.pids(), [1001])
+        self.assertNoResult(ready)  # not until the new process says so
+        workers.slots[0].outReceived(b'{"ready": true}\n')
+        self.successResultOf(ready)
 
     def test_spool_files_of_the_dead_removed(self) -> None:
         """The spool files a crashed worker left are removed; others' are kept."""
