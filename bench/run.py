@@ -588,7 +588,7 @@ def big_run(
 
 OUT_TARGETS = ("gsmail", "postfix", "smtplib", "source")
 OUT_LABELS = {
-    "gsmail": "gsmail (queue fsynced, VERP per recipient, 4 connections)",
+    "gsmail": "gsmail (queue fsynced, VERP per recipient, default limits: ≤ 20 connections)",
     "postfix": "peer: Postfix as XVERP relay",
     "smtplib": "peer: Python smtplib, one connection, VERP sender per transaction",
     "source": "limit: smtp-source, 4 sessions",

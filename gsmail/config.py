@@ -150,8 +150,8 @@ class GsmailConfig:
     mx_port: int = 25
     dns_servers: tuple[str, ...] = ()
     queue_lifetime: float = 5 * 24 * 3600.0
-    outbound_connections: int = 20
-    destination_concurrency: int = 4
+    outbound_connections: int = 100
+    destination_concurrency: int = 20
     batch_size: int = 50
     relayhost_xverp: bool = False
     smtp_trace: bool = False

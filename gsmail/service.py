@@ -238,7 +238,12 @@ class GsmailService(MultiService):
 
     def _make_outbound(self, config: GsmailConfig, settings: ServerSettings, blocking: Any) -> None:
         """The submission listener, the outbound queue and delivery."""
-        self.queue = OutboundQueue(config.queue_dir, clock=self.reactor, sync=blocking)
+        # The journal's group commits (one or more per transaction delivered)
+        # get a thread of their own, as the ledger's fsyncs do.
+        self._journal_sync = SerialThread(self.reactor, "gsmail-journal")
+        self.queue = OutboundQueue(
+            config.queue_dir, clock=self.reactor, sync=blocking, journal_sync=self._journal_sync
+        )
         self._dns = _resolver(config.dns_servers, self.reactor)
         relayhost = parse_relayhost(config.relayhost) if config.relayhost else None
         trust_root = None
@@ -413,6 +418,7 @@ class GsmailService(MultiService):
             await self.outbound.stop()
         if self.queue is not None:
             await self.queue.close()
+            self._journal_sync.stop()
         await self.inbound.close()
         if self.queue is not None:
             # client.Resolver re-reads resolv.conf every minute: stop that timer.

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import Address, AddressError, Route, parse_parameters, parse_path
+from gsmail.eager import write_now
 from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles
 from gsmail.status import Reply
 
@@ -209,7 +210,13 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _reply(self, reply: Reply) -> None:
         if not self._closing:
-            self.transport.write(reply.encode())
+            if self._buffer.find(b"\n") < 0:
+                # A client waiting for this reply gets it now, in one send(2)
+                # (L{write_now}); replies to pipelined commands still
+                # buffered here go out together with the last one.
+                write_now(self.transport, reply.encode())
+            else:
+                self.transport.write(reply.encode())
 
     # -- input -------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:

@@ -61,6 +61,7 @@ from zope.interface import implementer
 
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
+from gsmail.eager import write_now
 from gsmail.status import Reply
 
 __all__ = [
@@ -165,6 +166,10 @@ class Transaction:
         it in memory (a small message sent to many recipients in turn);
         C{data_path} is then not read. A connection encodes a given bytes
         object once and reuses the result for the transactions that follow.
+    @ivar checked: the caller vouches that C{sender} and C{recipients} are
+        mailboxes (it parsed them with L{gsmail.addresses.parse_mailbox}),
+        so L{SMTPConnection.send} does not parse them again; the parameters
+        and the size are checked either way.
     """
 
     sender: str
@@ -174,6 +179,7 @@ class Transaction:
     params: dict[str, str | None] = attrs.field(factory=dict)
     wire_size: int | None = None
     data: bytes | None = attrs.field(default=None, repr=False)
+    checked: bool = False
 
 
 @attrs.frozen
@@ -295,6 +301,13 @@ def _to_reply(code: int, lines: tuple[str, ...]) -> Reply:
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: +|\Z)")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: Single-line replies already parsed, by their bytes: a server says the same
+#: C{250 2.1.5 Ok} to every RCPT of every transaction (L{_RawReply} is
+#: immutable). Lines of up to L{_KNOWN_LINE_LENGTH} bytes; emptied when it
+#: holds L{_KNOWN_LINES_MAX} (replies naming a queue id never repeat).
+_known_lines: dict[bytes, _RawReply] = {}
+_KNOWN_LINES_MAX: Final = 1024
+_KNOWN_LINE_LENGTH: Final = 200
 
 
 class ReplyParser:
@@ -335,6 +348,10 @@ class ReplyParser:
                 replies.append(reply)
 
     def _line(self, line: bytes) -> _RawReply | None:
+        if self._code is None:
+            known = _known_lines.get(line)
+            if known is not None:
+                return known
         head, sep = line[:3], line[3:4]
         if not (head.isdigit() and head[:1] in b"2345" and sep in (b"", b" ", b"-")):
             raise _protocol_error(f"malformed reply line {line[:40]!r}")
@@ -348,6 +365,10 @@ class ReplyParser:
         if sep == b"-":
             return None
         reply = _RawReply(code, tuple(self._lines))
+        if len(self._lines) == 1 and len(line) <= _KNOWN_LINE_LENGTH:
+            if len(_known_lines) >= _KNOWN_LINES_MAX:
+                _known_lines.clear()
+            _known_lines[line] = reply
         self._lines = []
         self._code = None
         return reply
@@ -528,6 +549,12 @@ class _ClientProtocol(Protocol):
     timeouts, the data producer and connection loss. The session logic is
     in L{SMTPConnection}.
 
+    Waiting for a reply is bounded by one timer per connection, armed at
+    the first wait and left running: each L{read} only moves a deadline, and
+    the timer, when it fires, either re-arms itself for the time left or
+    fails the connection. (A timer set and cancelled per reply cost more
+    than parsing the reply.)
+
     @ivar outstanding: replies expected for the commands written so far; a
         reply beyond them is unsolicited (a server closing with 421).
     @ivar after_data: the final dot was written and its reply has not come.
@@ -542,7 +569,12 @@ class _ClientProtocol(Protocol):
         self.trace = trace
         self._parser = ReplyParser()
         self._replies: deque[_RawReply] = deque()
-        self._waiter: tuple[Deferred[_RawReply], IDelayedCall] | None = None
+        self._waiter: Deferred[_RawReply] | None = None
+        # What the waiter waits for, until when (clock seconds), and the
+        # connection's one timer (None when not armed).
+        self._what = ""
+        self._deadline = 0.0
+        self._timer: IDelayedCall | None = None
         self.outstanding = 1  # the greeting
         self.after_data = False
         self.error: SMTPClientError | None = None
@@ -606,10 +638,9 @@ class _ClientProtocol(Protocol):
             # the message (or is confused). Stop sending; the caller decides.
             self.sender.abort(_EarlyReply(reply))
             return
-        if self._waiter is not None:
-            d, timer = self._waiter
-            self._waiter = None
-            timer.cancel()
+        d = self._waiter
+        if d is not None:
+            self._waiter = None  # the timer stays: see L{_check_deadline}
             d.callback(reply)
         else:
             self._replies.append(reply)
@@ -617,6 +648,10 @@ class _ClientProtocol(Protocol):
     def take(self) -> _RawReply | None:
         """The next reply if it has arrived, else C{None} (then use L{read})."""
         return self._replies.popleft() if self._replies else None
+
+    def unread(self, reply: _RawReply) -> None:
+        """Put back a reply L{take} gave, to be the next again."""
+        self._replies.appendleft(reply)
 
     def read(self, timeout: float, what: str) -> Deferred[_RawReply]:
         """The next reply, or L{SMTPClientError} after C{timeout} seconds."""
@@ -629,9 +664,32 @@ class _ClientProtocol(Protocol):
             d.errback(self.error)
             return d
         assert self._waiter is None, "one reply at a time"
-        timer = self.clock.callLater(timeout, self.timed_out, what)
-        self._waiter = (d, timer)
+        self._waiter = d
+        self._what = what
+        self._deadline = self.clock.seconds() + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(timeout, self._check_deadline)
+        elif timer.getTime() > self._deadline:
+            timer.reset(timeout)  # a shorter limit than the last one
         return d
+
+    def _check_deadline(self) -> None:
+        """The timer: fail the wait if its deadline passed, else wait on."""
+        self._timer = None
+        if self._waiter is None:
+            return  # nothing waits (an idle connection): re-armed by read()
+        left = self._deadline - self.clock.seconds()
+        if left > 0:
+            self._timer = self.clock.callLater(left, self._check_deadline)
+        else:
+            self.timed_out(self._what)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
 
     # -- writing -------------------------------------------------------------
     def start_tls(self, context: IOpenSSLClientConnectionCreator) -> None:
@@ -653,7 +711,7 @@ class _ClientProtocol(Protocol):
             ):
                 log.debug("C: {command}", command=text)
         self.outstanding += len(lines)
-        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
 
     def send_data(self, sender: _DataSender, replies: int) -> None:
         """Stream the message; C{replies} replies are expected after the dot."""
@@ -673,7 +731,7 @@ class _ClientProtocol(Protocol):
         self.after_data = True
         if commands:
             wire += b"".join(line + b"\r\n" for line in commands)
-        self.transport.write(wire)
+        write_now(self.transport, wire)
 
     # -- failure -------------------------------------------------------------
     def timed_out(self, what: str) -> None:
@@ -691,11 +749,9 @@ class _ClientProtocol(Protocol):
         """Mark the connection unusable and wake whoever waits."""
         if self.error is None:
             self.error = error
+        self._stop_timer()  # no reply is read after this
         if self._waiter is not None:
-            d, timer = self._waiter
-            self._waiter = None
-            if timer.active():
-                timer.cancel()
+            d, self._waiter = self._waiter, None
             d.errback(self.error)
         if self.sender is not None:
             self.sender.abort(self.error)
@@ -794,6 +850,20 @@ class SMTPConnection:
 
     async def _read(self, timeout: float, what: str) -> Reply:
         return (await self._read_raw(timeout, what)).to_reply()
+
+    def _take(self) -> Reply | None:
+        """
+        The next reply if it has already arrived (pipelined replies mostly
+        have), without a coroutine or a Deferred; else C{None}: use L{_read}.
+        A 421 is left for L{_read} to fail the session with.
+        """
+        raw = self._protocol.take()
+        if raw is None:
+            return None
+        if raw.code == 421:
+            self._protocol.unread(raw)
+            return None
+        return raw.to_reply()
 
     async def _command(
         self, line: bytes, timeout: float, what: str, shown: str | None = None
@@ -1095,7 +1165,7 @@ class SMTPConnection:
             commands.pop(0)
         if not pipelining:
             self._protocol.send_lines([commands[0]])
-        mail_reply = await self._read(t.mail, "the MAIL reply")
+        mail_reply = self._take() or await self._read(t.mail, "the MAIL reply")
         results: dict[str, Reply] = {}
         accepted: list[str] = []
         if not pipelining and not mail_reply.is_success:
@@ -1103,12 +1173,12 @@ class SMTPConnection:
         for i, rcpt in enumerate(recipients):
             if not pipelining:
                 self._protocol.send_lines([commands[1 + i]])
-            reply = await self._read(t.rcpt, "a RCPT reply")
+            reply = self._take() or await self._read(t.rcpt, "a RCPT reply")
             results[rcpt] = reply
             if reply.is_success:
                 accepted.append(rcpt)
         if pipelining:
-            data_reply = await self._read(t.data_init, "the DATA reply")
+            data_reply = self._take() or await self._read(t.data_init, "the DATA reply")
         elif accepted:
             data_reply = await self._command(b"DATA", t.data_init, "the DATA reply")
         else:
@@ -1431,6 +1501,7 @@ def _wire_size_estimate(transaction: Transaction) -> int:
 
 
 _KNOWN_PARAMS: Final = frozenset({"BODY", "SMTPUTF8", "XVERP", "RET", "ENVID"})
+_PARAM_VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
 
 
 def _check_transaction(transaction: Transaction, recipients: list[str]) -> None:
@@ -1439,12 +1510,15 @@ def _check_transaction(transaction: Transaction, recipients: list[str]) -> None:
         raise ValueError("a transaction needs at least one recipient")
     if transaction.data is not None and len(transaction.data) != transaction.size:
         raise ValueError(f"data has {len(transaction.data)} bytes, not {transaction.size}")
-    unknown = set(transaction.params) - _KNOWN_PARAMS
-    if unknown:
-        raise ValueError(f"unknown MAIL parameters: {sorted(unknown)}")
-    for value in transaction.params.values():
-        if value is not None and not re.fullmatch(r"[\x21-\x3c\x3e-\x7e]+", value):
-            raise ValueError(f"bad MAIL parameter value {value!r}")
+    if transaction.params:
+        unknown = set(transaction.params) - _KNOWN_PARAMS
+        if unknown:
+            raise ValueError(f"unknown MAIL parameters: {sorted(unknown)}")
+        for value in transaction.params.values():
+            if value is not None and not _PARAM_VALUE.fullmatch(value):
+                raise ValueError(f"bad MAIL parameter value {value!r}")
+    if transaction.checked:
+        return
     addresses = recipients if transaction.sender == "" else [transaction.sender, *recipients]
     for address in addresses:
         try:

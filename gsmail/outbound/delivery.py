@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from gsmail import status
-from gsmail.addresses import Address, AddressError, encode_xverp, parse_mailbox
+from gsmail.addresses import MAX_LOCAL_PART, Address, AddressError, encode_xverp, parse_mailbox
 from gsmail.outbound import backoff, dsn
 from gsmail.outbound.client import (
     CHUNK_SIZE,
@@ -69,6 +69,11 @@ LOG_DELAY = 1.0
 LOG_BATCH = 1000
 #: Small messages kept in memory while they are delivered (oldest dropped).
 _MESSAGES_KEPT = 16
+#: Seconds a connection with nothing left to send stays open for more mail
+#: to its destination (Postfix's C{smtp_connection_cache_time_limit} is 2 s):
+#: a post submitted in batches of 50 goes out over the same connections
+#: instead of new ones (connect, greeting, EHLO, QUIT) for every batch.
+CONNECTION_CACHE_TIME = 2.0
 
 LocalDelivery = Callable[[str, str, str], Deferred[Reply]]
 """Delivers (sender, recipient, message path) to this site's own inbound side."""
@@ -96,6 +101,12 @@ def _parsed(address: str) -> Address:
     @raise AddressError: it does not parse (not remembered).
     """
     return parse_mailbox(address)
+
+
+@functools.lru_cache(maxsize=64)
+def _reply_line(reply: Reply) -> str:
+    """A recipient's C{last_reply} for C{reply}, e.g. C{"250 2.0.0 Ok"} (the same for many)."""
+    return f"{reply.code} {reply.status_line()}"
 
 
 def _is_ip(text: str) -> bool:
@@ -195,6 +206,8 @@ class _Job:
     xverp: bool = False
     #: Its transaction, once made (L{OutboundDelivery._transaction}).
     transaction: Transaction | None = None
+    #: The sender and recipients are known to be mailboxes (L{Transaction.checked}).
+    checked: bool = False
 
 
 class OutboundDelivery:
@@ -215,6 +228,11 @@ class OutboundDelivery:
         XVERP gets one transaction per recipient anyway.
     @param trace: log every SMTP command and reply (debug level); off by
         default, since the trace costs more than the delivery.
+    @param connection_cache_time: seconds a connection with no more jobs
+        waits for new ones to its destination before it says QUIT (0: at
+        once). A waiting connection gives way at once to another
+        destination that needs its slot of C{max_connections}, and is
+        closed by L{when_idle} and L{stop}.
 
     Each recipient's outcome is logged as one line (C{<queue id> to
     <recipient> via <host>: <reply> (<state>)}). A failure or deferral, or a
@@ -237,8 +255,8 @@ class OutboundDelivery:
         mx_tls: TLSPolicy = MX_TLS,
         auth: tuple[str, str] | None = None,
         batch_size: int = BATCH_SIZE,
-        max_connections: int = 20,
-        max_per_destination: int = 4,
+        max_connections: int = 100,
+        max_per_destination: int = 20,
         lifetime: float = backoff.LIFETIME,
         timeouts: Timeouts | None = None,
         local_domains: tuple[str, ...] = (),
@@ -248,6 +266,7 @@ class OutboundDelivery:
         mx_port: int = 25,
         pass_xverp: bool = False,
         trace: bool = False,
+        connection_cache_time: float = CONNECTION_CACHE_TIME,
     ) -> None:
         if relayhost is None and mx is None:
             raise ValueError("either a relayhost or an MX resolver is needed")
@@ -271,10 +290,14 @@ class OutboundDelivery:
         self.mx_port = mx_port
         self.pass_xverp = pass_xverp
         self.trace = trace
+        self.connection_cache_time = connection_cache_time
         self._connections = DeferredSemaphore(max_connections)
         self._per_destination = max_per_destination
         self._jobs: dict[str, deque[_Job]] = defaultdict(deque)
         self._workers: dict[str, int] = defaultdict(int)
+        # Workers whose connection waits for more jobs (L{_park}), per
+        # destination: what wakes each (True: jobs came) and its time limit.
+        self._parked: dict[str, list[tuple[Deferred[bool], IDelayedCall]]] = {}
         self._in_flight: set[tuple[str, str]] = set()
         self._removing: set[str] = set()
         self._timer: IDelayedCall | None = None
@@ -290,6 +313,9 @@ class OutboundDelivery:
         self._outcomes = _Outcomes()
         self._log_timer: IDelayedCall | None = None
         self._messages: dict[str, bytes] = {}
+        # Per message being delivered: its data path and MAIL parameters
+        # (without and with XVERP), for L{_transaction}.
+        self._made: dict[str, tuple[str, dict[str, str | None], dict[str, str | None]]] = {}
         queue.watch(self._queued)
         #: Counters for tests and metrics.
         self.transactions = 0
@@ -304,7 +330,10 @@ class OutboundDelivery:
         self.kick()
 
     def stop(self) -> Deferred[None]:
-        """Stop scheduling; fires when running transactions are over."""
+        """
+        Stop scheduling; fires when running transactions are over and every
+        connection is closed.
+        """
         self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -313,11 +342,16 @@ class OutboundDelivery:
         return self.when_idle()
 
     def when_idle(self) -> Deferred[None]:
-        """Fires when no transaction is running."""
+        """
+        Fires when no transaction is running and no connection is open:
+        connections waiting for more mail (C{connection_cache_time}) are
+        closed now, with QUIT.
+        """
         if not self._in_flight and not any(self._workers.values()):
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._idle.append(d)
+        self._check_idle()
         return d
 
     def kick(self) -> None:
@@ -348,6 +382,7 @@ class OutboundDelivery:
         self._waiting.discard(queue_id)
         self._next_at.pop(queue_id, None)
         self._messages.pop(queue_id, None)
+        self._made.pop(queue_id, None)
 
     def _schedule(self) -> None:
         if not self._running:
@@ -389,6 +424,7 @@ class OutboundDelivery:
         envelopes.sort(key=lambda e: (e.created, e.id))
         for envelope in envelopes:
             self._look(envelope, now)
+        self._wake_parked()
         self._schedule()
 
     def _look(self, envelope: Envelope, now: float) -> None:
@@ -430,17 +466,14 @@ class OutboundDelivery:
         """
         verp = envelope.xverp and bool(envelope.sender)
         if verp and not (self.pass_xverp and self.relayhost is not None):
-            return [_Job(envelope, [r], self._verp_sender(envelope.sender, r.address)) for r in due]
+            return [self._verp_job(envelope, r) for r in due]
         by_destination: dict[str, list[RecipientState]] = defaultdict(list)
         for r in due:
             by_destination[self._destination(r.address)].append(r)
         jobs = []
         for destination, group in by_destination.items():
             if verp and destination == "local:":
-                jobs += [
-                    _Job(envelope, [r], self._verp_sender(envelope.sender, r.address))
-                    for r in group
-                ]
+                jobs += [self._verp_job(envelope, r) for r in group]
                 continue
             for i in range(0, len(group), self.batch_size):
                 jobs.append(_Job(envelope, group[i : i + self.batch_size], envelope.sender, verp))
@@ -454,6 +487,29 @@ class OutboundDelivery:
         except AddressError:
             return sender
 
+    @staticmethod
+    def _verp_job(envelope: Envelope, r: RecipientState) -> _Job:
+        """
+        The job of one recipient with its own VERP sender, made from the
+        parsed addresses: when both parse and the VERP local part is a
+        dot-string of at most 64 octets, the client need not parse them
+        again (L{Transaction.checked}).
+        """
+        try:
+            group, member = _parsed(envelope.sender), parse_mailbox(r.address)
+        except AddressError:
+            return _Job(envelope, [r], envelope.sender)
+        verp = encode_xverp(group, member)
+        # Quoted local parts and address literals are the only non-atext
+        # parts a parsed mailbox can have.
+        checked = (
+            not group.local.startswith('"')
+            and not member.local.startswith('"')
+            and not member.domain.startswith("[")
+            and len(verp.local.encode()) <= MAX_LOCAL_PART
+        )
+        return _Job(envelope, [r], str(verp), checked=checked)
+
     def _destination(self, address: str) -> str:
         domain = address.rpartition("@")[2].lower()
         if domain in self.local_domains and self.local_delivery is not None:
@@ -466,12 +522,67 @@ class OutboundDelivery:
         for r in job.recipients:
             self._in_flight.add((job.envelope.id, r.address))
         destination = self._destination(job.recipients[0].address)
-        self._jobs[destination].append(job)
-        if self._workers[destination] < self._per_destination:
+        jobs = self._jobs[destination]
+        jobs.append(job)
+        # Connections waiting for mail to this destination take the first
+        # jobs (L{_wake_parked}); new ones only for the jobs beyond those.
+        waiting = len(self._parked.get(destination, ()))
+        if len(jobs) > waiting and self._workers[destination] < self._per_destination:
             self._workers[destination] += 1
+            if self._connections.tokens == 0:
+                # Every connection slot is taken: one kept waiting for
+                # another destination gives way.
+                for other in list(self._parked):
+                    if other != destination:
+                        self._unpark(other, False)
+                        break
             Deferred.fromCoroutine(self._worker(destination)).addErrback(
                 lambda f: log.failure("Delivery worker failed", f)
             )
+
+    # -- connections waiting for more mail --------------------------------
+    async def _park(self, destination: str) -> bool:
+        """
+        Wait, with an open connection and nothing to send, for more jobs to
+        C{destination}: C{True} when some came, C{False} when the
+        connection should close (its time is up, a worker of another
+        destination needs the slot, L{when_idle} or L{stop}).
+        """
+        if (
+            self.connection_cache_time <= 0
+            or not self._running
+            or self._idle
+            or self._connections.waiting
+        ):
+            return False
+        d: Deferred[bool] = Deferred()
+        timer = self.reactor.callLater(
+            self.connection_cache_time, self._unpark, destination, False, d
+        )
+        self._parked.setdefault(destination, []).append((d, timer))
+        self._check_idle()  # nothing may be running now: log the outcomes
+        return await d
+
+    def _unpark(self, destination: str, more: bool, which: Deferred[bool] | None = None) -> None:
+        """Wake one waiting connection of C{destination} (C{which}, or the oldest)."""
+        parked = self._parked.get(destination, [])
+        index = next((i for i, (d, _) in enumerate(parked) if which in (None, d)), None)
+        if index is None:
+            return  # woken meanwhile
+        d, timer = parked.pop(index)
+        if not parked:
+            del self._parked[destination]
+        if timer.active():
+            timer.cancel()
+        d.callback(more)
+
+    def _wake_parked(self) -> None:
+        """Give the jobs just queued to the connections waiting for them."""
+        for destination in list(self._parked):
+            for _ in range(len(self._jobs.get(destination, ()))):
+                if destination not in self._parked:
+                    break
+                self._unpark(destination, True)
 
     # -- workers -----------------------------------------------------------
     async def _worker(self, destination: str) -> None:
@@ -546,6 +657,8 @@ class OutboundDelivery:
                         job, held = held, None
                     elif jobs:
                         job = jobs.popleft()
+                    elif await self._park(destination) and jobs and conn.usable:
+                        job = jobs.popleft()
                     else:
                         break
                     if jobs and self._pipelinable(conn, job) and self._pipelinable(conn, jobs[0]):
@@ -611,23 +724,30 @@ class OutboundDelivery:
         if job.transaction is not None:
             return job.transaction
         envelope = job.envelope
-        params: dict[str, str | None] = {}
-        if envelope.params.get("BODY") == "8BITMIME":
-            params["BODY"] = "8BITMIME"
-        if "SMTPUTF8" in envelope.params:
-            params["SMTPUTF8"] = None
-        for key in ("RET", "ENVID"):
-            if key in envelope.params:
-                params[key] = envelope.params[key]
-        if job.xverp:
-            params["XVERP"] = None
+        made = self._made.get(envelope.id)
+        if made is None:
+            # What every transaction of this message shares (read-only).
+            params: dict[str, str | None] = {}
+            if envelope.params.get("BODY") == "8BITMIME":
+                params["BODY"] = "8BITMIME"
+            if "SMTPUTF8" in envelope.params:
+                params["SMTPUTF8"] = None
+            for key in ("RET", "ENVID"):
+                if key in envelope.params:
+                    params[key] = envelope.params[key]
+            made = self._made[envelope.id] = (
+                self.queue.data_path(envelope.id),
+                params,
+                {**params, "XVERP": None},
+            )
         job.transaction = Transaction(
             sender=job.sender,
             recipients=[r.address for r in job.recipients],
-            data_path=self.queue.data_path(envelope.id),
+            data_path=made[0],
             size=envelope.size,
-            params=params,
+            params=made[2] if job.xverp else made[1],
             data=self._message(envelope),
+            checked=job.checked,
         )
         return job.transaction
 
@@ -748,7 +868,7 @@ class OutboundDelivery:
             self._in_flight.discard((envelope.id, r.address))
             reply = replies.get(r.address, status.LOCAL_ERROR)
             r.attempts += 1
-            r.last_reply = f"{reply.code} {reply.status_line()}"
+            r.last_reply = _reply_line(reply)
             if reply.is_success:
                 r.state = DELIVERED
                 self.delivered += 1
@@ -878,9 +998,21 @@ class OutboundDelivery:
         self.kick()
 
     def _check_idle(self) -> None:
-        if self._in_flight or any(self._workers.values()):
+        if self._in_flight:
             return
+        parked = sum(len(p) for p in self._parked.values())
+        if sum(self._workers.values()) > parked:
+            return  # a transaction (or a connection being made) is running
         self._log_outcomes()
+        if not self._idle:
+            return
+        if parked:
+            # Someone waits for idle: close the connections kept open. Each
+            # worker calls this again as it ends.
+            for destination in list(self._parked):
+                while destination in self._parked:
+                    self._unpark(destination, False)
+            return
         waiters, self._idle = self._idle, []
         for d in waiters:
             d.callback(None)

@@ -344,6 +344,7 @@ class OutboundQueue:
         clock: IReactorTime,
         sync: Sync | None = None,
         file_ops: FileOps | None = None,
+        journal_sync: Sync | None = None,
     ) -> None:
         """
         @param directory: the queue directory; L{load} creates it.
@@ -354,6 +355,11 @@ class OutboundQueue:
             C{None} runs it inline, blocking (tests and command-line tools).
         @param file_ops: the file-system calls that change the queue; tests
             pass one that records or fails them. C{None}: the real ones.
+        @param journal_sync: runs the journal appends (the group commits of
+            recipient outcomes, one or more per transaction delivered), one
+            at a time, e.g. a L{gsmail.handoff.SerialThread}: a cheaper
+            hand-off than a thread pool's for this, the busiest job by far.
+            C{None}: C{sync}.
         """
         self.directory = os.path.abspath(directory)
         self._tmp = os.path.join(self.directory, "tmp")
@@ -363,6 +369,7 @@ class OutboundQueue:
         self._journal = os.path.join(self.directory, "journal")
         self._clock = clock
         self._sync: Sync = _run_inline if sync is None else sync
+        self._journal_sync: Sync = self._sync if journal_sync is None else journal_sync
         self._ops = FileOps() if file_ops is None else file_ops
         self._envelopes: dict[str, Envelope] = {}
         self._locks: dict[str, DeferredLock] = {}
@@ -696,10 +703,10 @@ class OutboundQueue:
         self._last_id_us = us
         return f"{us:016x}-{secrets.token_hex(4)}"
 
-    async def _run(self, job: Callable[[], None]) -> None:
+    async def _run(self, job: Callable[[], None], sync: Sync | None = None) -> None:
         self._busy += 1
         try:
-            await maybeDeferred(self._sync, job)
+            await maybeDeferred(sync or self._sync, job)
         finally:
             self._busy -= 1
             self._check_idle()
@@ -1038,7 +1045,7 @@ class OutboundQueue:
         error: Failure | None = None
         if qids:
             try:
-                await self._run(job)
+                await self._run(job, self._journal_sync)
             except Exception:
                 error = Failure()
                 for qid in qids:

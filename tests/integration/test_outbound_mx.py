@@ -569,7 +569,6 @@ class MXDeliveryTests(TestCase):
         )
         await wait_until("the message to leave the queue", gone(service, qid))
 
-
     async def test_550_bounces_to_the_verp_address(self) -> None:
         """
         A recipient refused with 550 5.1.1 fails for good after one attempt,
@@ -676,7 +675,6 @@ class MXDeliveryTests(TestCase):
         await wait_until("the delivery to be recorded", gone(service, qid))
 
 
-
 class ServiceLifecycleTests(TestCase):
     """Starting and stopping gsmail with outbound delivery on."""
 
@@ -713,4 +711,3 @@ class ServiceLifecycleTests(TestCase):
         for call in left:
             call.cancel()  # so that the failure is this assertion, not a dirty reactor
         self.assertEqual(described, [])
-

@@ -51,6 +51,7 @@ from gsmail import status
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
 from gsmail.outbound import client
 from gsmail.outbound.client import (
+    DEFAULT_TIMEOUTS,
     SMTPUTF8_UNSUPPORTED,
     ClientTLS,
     DataEncoder,
@@ -267,6 +268,17 @@ class ScriptedTestCase(SynchronousTestCase):
         self.assertFalse(s.transport.connected)
         return self.error(s.connecting)
 
+    def assertIdle(self, s: Script, conn: SMTPConnection) -> None:
+        """
+        Between transactions nothing times out: the connection's one timer
+        may still be armed, but when it fires nothing waits, so the
+        connection stays open and no timer is left.
+        """
+        s.clock.advance(DEFAULT_TIMEOUTS.data_end)
+        self.assertTrue(conn.usable)
+        self.assertFalse(s.transport.disconnected)
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
     def error(self, d: Deferred[Any]) -> SMTPClientError:
         """The L{SMTPClientError} C{d} failed with."""
         error = self.failureResultOf(d, SMTPClientError).value
@@ -312,6 +324,19 @@ class ReplyParserTests(SynchronousTestCase):
         self.assertEqual(a.to_reply(), Reply(250, "", "Ok"))
         self.assertEqual(b.to_reply(), Reply(450, "", "5.1.1 odd"))
         self.assertEqual(c.to_reply(), Reply(220, "", ""))
+
+    def test_repeated_lines(self) -> None:
+        """
+        A reply line seen before parses the same again, alone or as the
+        last line of a multi-line reply, and a known line does not hide a
+        code that differs from the lines before it.
+        """
+        first = ReplyParser().feed(b"250 2.1.5 Ok\r\n251 b\r\n")
+        again = ReplyParser().feed(b"250 2.1.5 Ok\r\n250-first\r\n250 2.1.5 Ok\r\n")
+        self.assertEqual([r.lines for r in first], [("2.1.5 Ok",), ("b",)])
+        self.assertEqual([r.lines for r in again], [("2.1.5 Ok",), ("first", "2.1.5 Ok")])
+        with self.assertRaises(SMTPClientError):
+            ReplyParser().feed(b"250-a\r\n251 b\r\n")
 
     def test_malformed(self) -> None:
         """
@@ -832,7 +857,7 @@ class SendTests(ScriptedTestCase):
                 queued,
             ),
         )
-        self.assertEqual(s.clock.getDelayedCalls(), [])
+        self.assertIdle(s, conn)
 
     def test_one_at_a_time(self) -> None:
         """Without PIPELINING each command waits for the previous reply."""
@@ -1108,6 +1133,21 @@ class SendTests(ScriptedTestCase):
         self.assertEqual(s.sent(), b"")
         self.assertTrue(conn.usable)
 
+    def test_checked_transactions(self) -> None:
+        """
+        A transaction whose caller vouches for its addresses (C{checked},
+        as the outbound delivery does for the VERP senders it makes) is sent
+        without parsing them again; its parameters are still checked.
+        """
+        s, conn = self.open("PIPELINING", "DSN")
+        long_local = "x" * 70 + "@example.org"  # over 64 octets: parse_mailbox refuses it
+        self.failureResultOf(s.send(conn, transaction(self, sender=long_local)), ValueError)
+        bad = transaction(self, sender=long_local, params={"NOTIFY": "NEVER"}, checked=True)
+        self.failureResultOf(s.send(conn, bad), ValueError)
+        self.assertEqual(s.sent(), b"")
+        s.send(conn, transaction(self, sender=long_local, checked=True))
+        self.assertEqual(s.sent().split(b"\r\n")[0], f"MAIL FROM:<{long_local}>".encode())
+
 
 class AnnouncedTransactionTests(ScriptedTestCase):
     """
@@ -1146,7 +1186,7 @@ class AnnouncedTransactionTests(ScriptedTestCase):
             self.successResultOf(d).recipients,
             {"b@example.org": Reply(250, "2.0.0", "second queued")},
         )
-        self.assertEqual(s.clock.getDelayedCalls(), [])
+        self.assertIdle(s, conn)
 
     def test_writes(self) -> None:
         """Two messages, the second announced, take three writes in all."""
@@ -1308,6 +1348,45 @@ class DataTimeoutAndLossTests(ScriptedTestCase):
         s, d = self.start()
         s.reply(b"250 ok\r\n")
         self.assertTimesOut(s, d, 300, after_data=False)
+
+    def test_each_wait_has_its_own_limit(self) -> None:
+        """
+        A reply that comes just in time starts the next wait afresh: the
+        next reply gets its own full limit (300 s for RCPT), counted from
+        then, not from the first wait.
+        """
+        s, d = self.start()
+        s.clock.advance(299)
+        s.reply(b"250 ok\r\n")  # MAIL, one second before its limit
+        self.assertEqual(s.sent(), b"RCPT TO:<a@example.org>\r\n")
+        self.assertTimesOut(s, d, 300, after_data=False)
+
+    def test_shorter_limit_after_longer(self) -> None:
+        """
+        A wait with a shorter limit than the one before it (120 s for the
+        DATA reply after 300 s for RCPT) times out after its own limit.
+        """
+        s, d = self.start()
+        s.reply(b"250 ok\r\n")
+        s.clock.advance(10)
+        s.reply(b"250 ok\r\n")  # RCPT; now DATA, 120 s
+        self.assertEqual(s.sent(), b"RCPT TO:<a@example.org>\r\nDATA\r\n")
+        self.assertTimesOut(s, d, 120, after_data=False)
+
+    def test_idle_between_transactions(self) -> None:
+        """
+        A connection with nothing to wait for is never timed out, however
+        long it stays idle after a transaction, and leaves no timer behind.
+        """
+        s, conn = self.open("PIPELINING")
+        d = s.send(conn, transaction(self, ["a@example.org"]))
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.stream()
+        s.clock.advance(500)
+        s.reply(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).data_reply, Reply(250, "", "queued"))
+        self.assertIdle(s, conn)
+        self.assertIdle(s, conn)
 
     def test_data_init_timeout(self) -> None:
         """No reply to DATA within 120 s."""

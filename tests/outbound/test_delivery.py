@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from gsmail import status
 from gsmail.outbound import backoff
-from gsmail.outbound.delivery import LOG_DELAY, OutboundDelivery
+from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, LOG_DELAY, OutboundDelivery
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
 from gsmail.outbound.mx import MXHost, NoSuchDomainError, RelayHost
 from gsmail.outbound.queue import (
@@ -386,8 +386,23 @@ class DeliveryTestCase(SynchronousTestCase):
         arguments.update(overrides)
         delivery = OutboundDelivery(**arguments)
         delivery.start()
-        self.addCleanup(delivery.stop)
+        self.addCleanup(self.stop, delivery)
         return delivery
+
+    def stop(self, delivery: OutboundDelivery) -> None:
+        """Stop C{delivery}; let the connections it kept open say QUIT."""
+        stopped = delivery.stop()
+        self.network.flush()
+        self.successResultOf(stopped)
+
+    def settle(self) -> None:
+        """
+        Let every conversation go on, then the connections kept open for
+        more mail time out and close (L{CONNECTION_CACHE_TIME}).
+        """
+        self.network.flush()
+        self.clock.advance(CONNECTION_CACHE_TIME)
+        self.network.flush()
 
     def enqueue(self, sender: str, recipients: list[str], *, xverp: bool = False) -> Envelope:
         return self.successResultOf(self.queue.enqueue(sender, recipients, BODY, xverp=xverp))
@@ -534,11 +549,12 @@ class OutcomeTests(DeliveryTestCase):
         """
         delivery = self.delivery()
         envelope = self.enqueue(AUTHOR, ["bob@example.net", "carol@example.com"])
-        self.network.flush()
+        self.settle()
         self.assertEqual([r.state for r in envelope.recipients], [DELIVERED, DELIVERED])
         self.assertGone(envelope)
         self.assertEqual(delivery.delivered, 2)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(+self.network.open, Counter())
 
     def test_permanent_failure_dsn_to_sender(self) -> None:
         """
@@ -629,6 +645,7 @@ class OutcomeTests(DeliveryTestCase):
         self.assertEqual(busy.attempts, 1)
         self.assertIn("451 4.3.0 Try later", busy.last_reply)
         self.assertEqual(self.bounces(self.smarthost), [])
+        self.settle()
         self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [T0 + FIRST_DELAY])
 
     def test_retry_at_the_backoff_time(self) -> None:
@@ -651,6 +668,7 @@ class OutcomeTests(DeliveryTestCase):
             [(AUTHOR, ["good@example.net"]), (AUTHOR, ["busy@example.net"])],
         )
         self.assertGone(envelope)
+        self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_expires_after_lifetime(self) -> None:
@@ -681,6 +699,7 @@ class OutcomeTests(DeliveryTestCase):
         )
         self.assertIn(b"Delivery time expired", bounce.data)
         self.assertGone(envelope)
+        self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_transient_reply_after_lifetime(self) -> None:
@@ -783,6 +802,93 @@ class ConnectionTests(DeliveryTestCase):
         self.network.flush()
         self.assertEqual(self.network.peak_total, 1)
         self.assertEqual(sum(len(m.received) for m in self.network.hosts.values()), 3)
+
+    def test_connection_kept_for_more_mail(self) -> None:
+        """
+        A connection with nothing left to send stays open for
+        C{connection_cache_time}: the next message to its destination goes
+        out over it (no new connection, greeting or EHLO), as each batch of
+        a post submitted in batches does.
+        """
+        delivery = self.delivery()
+        self.enqueue(LIST, ["a@example.org"], xverp=True)
+        self.network.flush()
+        self.assertEqual(self.network.open[SMARTHOST.host], 1)
+        self.clock.advance(CONNECTION_CACHE_TIME - 0.5)
+        self.enqueue(LIST, ["b@example.org"], xverp=True)
+        delivery.kick()
+        self.network.flush()
+        self.assertEqual(
+            [(r.connection, r.recipients) for r in self.smarthost.received],
+            [(1, ["a@example.org"]), (1, ["b@example.org"])],
+        )
+        self.assertEqual(len(self.network.attempts), 1)
+
+    def test_cached_connection_closed_after_its_time(self) -> None:
+        """
+        Once C{connection_cache_time} passes with nothing to send, the
+        connection says QUIT and closes, and no timer is left; the next
+        message opens a new one.
+        """
+        delivery = self.delivery()
+        self.enqueue(AUTHOR, ["a@example.org"])
+        self.network.flush()
+        self.clock.advance(CONNECTION_CACHE_TIME)
+        self.network.flush()
+        self.assertEqual(+self.network.open, Counter())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.enqueue(AUTHOR, ["b@example.org"])
+        delivery.kick()
+        self.network.flush()
+        self.assertEqual([r.connection for r in self.smarthost.received], [1, 2])
+
+    def test_no_connection_cache(self) -> None:
+        """With C{connection_cache_time=0} a connection says QUIT as soon as it is done."""
+        self.delivery(connection_cache_time=0)
+        self.enqueue(AUTHOR, ["a@example.org"])
+        self.network.flush()
+        self.assertEqual(+self.network.open, Counter())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cached_connection_gives_way(self) -> None:
+        """
+        When every connection slot is taken by connections kept open, mail
+        for another destination does not wait for them to time out: one of
+        them closes at once and the new destination gets its slot.
+        """
+        domains: dict[str, list[MXHost] | Exception] = {}
+        for i in range(2):
+            address = f"192.0.2.{10 + i}"
+            self.network.add(address)
+            domains[f"d{i}.example"] = [MXHost(10, f"mx.d{i}.example", (address,))]
+        delivery = self.delivery(relayhost=None, mx=FakeMX(domains), max_connections=1)
+        self.enqueue(AUTHOR, ["a@d0.example"])
+        self.network.flush()
+        self.assertEqual(self.network.open["192.0.2.10"], 1)
+        self.enqueue(AUTHOR, ["b@d1.example"])
+        delivery.kick()
+        self.network.flush()
+        self.assertEqual(
+            self.network.hosts["192.0.2.11"].transactions(), [(AUTHOR, ["b@d1.example"])]
+        )
+        self.assertEqual(self.network.open["192.0.2.10"], 0)
+        self.assertEqual(self.network.peak_total, 1)
+
+    def test_when_idle_closes_cached_connections(self) -> None:
+        """
+        C{when_idle} closes the connections kept open (with QUIT) and fires
+        once they are closed.
+        """
+        delivery = self.delivery()
+        self.enqueue(LIST, [f"m{i}@example.org" for i in range(3)], xverp=True)
+        self.network.flush()
+        self.assertGreater(self.network.open[SMARTHOST.host], 0)
+        idle = delivery.when_idle()
+        self.assertNoResult(idle)
+        self.network.flush()
+        self.assertIsNone(self.successResultOf(idle))
+        self.assertEqual(+self.network.open, Counter())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_next_host_after_refused_connection(self) -> None:
         """
@@ -1025,8 +1131,11 @@ class LifecycleTests(DeliveryTestCase):
         self.enqueue(AUTHOR, ["bob@example.net"])
         self.network.flush()
         self.assertNotEqual(self.clock.getDelayedCalls(), [])
-        self.assertIsNone(self.successResultOf(delivery.stop()))
+        stopped = delivery.stop()
+        self.network.flush()  # the connection kept open says QUIT
+        self.assertIsNone(self.successResultOf(stopped))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(+self.network.open, Counter())
 
     def test_no_busy_loop_during_a_transaction(self) -> None:
         """
@@ -1060,6 +1169,29 @@ class FanOutTests(DeliveryTestCase):
                 lines.append(formatEvent(e))
         return lines
 
+    def test_verp_sender_not_a_mailbox(self) -> None:
+        """
+        A member whose VERP sender would not be a mailbox (a quoted local
+        part) is not sent a broken C{MAIL FROM}: that recipient stays
+        pending; the other members are delivered with their VERP senders.
+        """
+        self.delivery()
+        quoted = '"john doe"@example.org'
+        envelope = self.enqueue(LIST, ["a@example.org", quoted, "b@example.org"], xverp=True)
+        self.network.flush()
+        self.assertEqual(
+            sorted(self.smarthost.transactions()),
+            [
+                ("dev+a=example.org@groups.example.com", ["a@example.org"]),
+                ("dev+b=example.org@groups.example.com", ["b@example.org"]),
+            ],
+        )
+        self.assertEqual(
+            self.states(envelope),
+            {"a@example.org": DELIVERED, quoted: PENDING, "b@example.org": DELIVERED},
+        )
+        self.flushLoggedErrors(ValueError)
+
     def test_outcomes_logged_together(self) -> None:
         """
         Each recipient's outcome has its own log line (queue id, recipient,
@@ -1080,6 +1212,7 @@ class FanOutTests(DeliveryTestCase):
                 for i in range(3)
             ],
         )
+        self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_failure_logged_on_its_own(self) -> None:
@@ -1133,6 +1266,7 @@ class FanOutTests(DeliveryTestCase):
         local.callback(status.BOUNCE_RECORDED)
         self.network.flush()
         self.assertEqual(len(self.logged(events)), 2)
+        self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_next_message_waits_for_the_record(self) -> None:
@@ -1232,7 +1366,7 @@ class FanOutTests(DeliveryTestCase):
         self.enqueue(AUTHOR, ["bob@example.net"])
         self.network.flush()
         self.assertEqual([e for e in events if e.get("log_format") == "C: {command}"], [])
-        self.successResultOf(quiet.stop())
+        self.stop(quiet)
         self.delivery(trace=True)
         self.enqueue(AUTHOR, ["carol@example.net"])
         self.network.flush()

@@ -15,13 +15,14 @@ from collections.abc import Callable
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from gsmail.handoff import SerialThread
 from gsmail.outbound.queue import (
     DELIVERED,
     EXPIRED,
@@ -897,6 +898,38 @@ class JournalTests(QueueTestCase):
         self.assertEqual(ops.calls, [("write", f"journal/{e1.id}"), ("fsync", f"journal/{e1.id}")])
         self.assertEqual({r.state for r in read_queue(self.directory)[0].recipients}, {DELIVERED})
 
+    def test_journal_sync(self) -> None:
+        """
+        With a C{journal_sync} of its own, the journal appends run there and
+        everything else (queueing, rewriting, removing) in C{sync}: a record
+        is durable when its Deferred fires, and the envelope rewrite that
+        follows empties the journal.
+        """
+        sync, journal_sync = ManualSync(), ManualSync()
+        queue = OutboundQueue(
+            self.directory, clock=self.clock, sync=sync, journal_sync=journal_sync
+        )
+        queue.load()
+        d = queue.enqueue("", ["a@example.org", "b@example.org"], MESSAGE)
+        self.assertEqual((len(sync.jobs), journal_sync.jobs), (1, []))
+        sync.finish()
+        envelope = self.successResultOf(d)
+        self.deliver(envelope, 0)
+        recorded = self.record(queue, envelope, 0)
+        self.assertEqual((sync.jobs, len(journal_sync.jobs)), ([], 1))
+        self.assertNoResult(recorded)
+        journal_sync.finish()
+        self.successResultOf(recorded)
+        self.assertEqual(self.journal(envelope.id).count(b"\n"), 1)
+        self.assertEqual(read_queue(self.directory)[0].recipients[0].state, DELIVERED)
+        rewritten = queue.update(envelope)
+        self.assertEqual((len(sync.jobs), journal_sync.jobs), (1, []))
+        sync.finish()
+        self.successResultOf(rewritten)
+        self.assertEqual(self.journal(envelope.id), b"")
+        closed = queue.close()
+        self.successResultOf(closed)
+
     def test_linear_bytes(self) -> None:
         """
         Recording each of 1,000 recipients on its own writes about 100 bytes
@@ -1615,5 +1648,39 @@ class ThreadTests(TestCase):
             await queue.update(envelopes[0])
             await queue.remove(envelopes[0].id)
             self.assertEqual(read_queue(directory), envelopes[1:])
+        finally:
+            await queue.close()
+
+    async def test_serial_thread_for_journals(self) -> None:
+        """
+        With the service's journal hand-off (a L{SerialThread}) beside the
+        thread pool, recorded outcomes are on disk when the Deferreds fire,
+        and the message is removed once done.
+        """
+        directory = self.mktemp()
+
+        def sync(f: Callable[[], None]) -> Deferred[None]:
+            pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+            return deferToThreadPool(reactor, pool, f)  # type: ignore[arg-type]
+
+        journal = SerialThread(reactor, "test-journal")  # type: ignore[arg-type]
+        self.addCleanup(journal.stop)
+        queue = OutboundQueue(
+            directory,
+            clock=reactor,  # type: ignore[arg-type]
+            sync=sync,
+            journal_sync=journal,
+        )
+        queue.load()
+        try:
+            envelope = await queue.enqueue("", [f"m{n}@example.org" for n in range(3)], MESSAGE)
+            for r in envelope.recipients:
+                r.state = DELIVERED
+            await gatherResults([queue.record(envelope, [r]) for r in envelope.recipients])
+            self.assertEqual(
+                [r.state for r in read_queue(directory)[0].recipients], [DELIVERED] * 3
+            )
+            await queue.remove(envelope.id)
+            self.assertEqual(read_queue(directory), [])
         finally:
             await queue.close()

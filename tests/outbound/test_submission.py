@@ -7,18 +7,22 @@ XVERPSMTPMailer does.
 from __future__ import annotations
 
 import os
+import socket
 from base64 import b64encode
 from typing import Any
 
 import attrs
+from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.task import Clock
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.interfaces import IAddress, ITLSTransport
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from gsmail import status
 from gsmail.inbound.protocol import ServerSettings
 from gsmail.outbound.submission import (
     PasswordChecker,
@@ -26,6 +30,8 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+
+reactor: Any = _reactor
 
 
 @attrs.define
@@ -219,3 +225,57 @@ class SubmissionTests(SynchronousTestCase):
             [str(n) for n in parse_networks(["127.0.0.0/8", " ::1 ", ""])],
             ["127.0.0.0/8", "::1/128"],
         )
+
+
+class ReplyTimingTests(TestCase):
+    """
+    Over a real TCP connection: a client that waits for each reply (as
+    smtplib sends RCPT) gets it in the same reactor turn; replies to
+    pipelined commands leave together.
+    """
+
+    async def test_replies(self) -> None:
+        """
+        A lone command's reply is with the client before the reactor turns;
+        the replies to two pipelined commands come after it, together.
+        """
+        spool = self.mktemp()
+        os.makedirs(spool)
+        factory = SubmissionFactory(
+            SubmissionCore(FakeQueue()),
+            ServerSettings(hostname="gsmail.example.com"),
+            reactor,
+            spool_dir=spool,
+        )
+        made: Deferred[Any] = Deferred()
+        build = factory.buildProtocol
+
+        def build_and_keep(addr: IAddress) -> Any:
+            proto = build(addr)
+            made.callback(proto)
+            return proto
+
+        factory.buildProtocol = build_and_keep  # type: ignore[method-assign]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(client.close)
+        proto = await made
+        await deferLater(reactor, 0.01)
+        self.assertTrue(client.recv(1000).startswith(b"220 "))
+
+        def received() -> bytes:
+            try:
+                return client.recv(1000, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return b""
+
+        # As if the reactor had just read them from the socket:
+        proto.dataReceived(b"NOOP\r\n")
+        self.assertEqual(received(), status.OK.encode())
+        proto.dataReceived(b"NOOP\r\nNOOP\r\n")
+        self.assertEqual(received(), b"")
+        await deferLater(reactor, 0.01)
+        self.assertEqual(received(), status.OK.encode() * 2)
+        proto.transport.loseConnection()
+        await deferLater(reactor, 0.01)
