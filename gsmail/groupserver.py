@@ -73,6 +73,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTT
 from zope.interface import implementer
 
 from gsmail import status
+from gsmail.answers import PageResult, PageStatus, read_status
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.status import GroupServerError
 
@@ -116,9 +117,6 @@ _MESSAGE_FIELD: Final = "form.emailMessage"
 # post cost a tenth of its CPU.
 _LOGGED_BY_CALLER: Final = frozenset({"add", "relay"})
 _TIME_SOURCES: Final = frozenset({"server", "message"})
-# A page that re-rendered its form (wrong token, rejected field) still has
-# the token input; GroupServer never answers 401/403.
-_FORM_RERENDERED = re.compile(rb"""name\s*=\s*["']form\.token["']""")
 # Statuses from a reverse proxy that may have handed the request on before it
 # gave up waiting: the post may still be added.
 _PROXY_GAVE_UP: Final = frozenset({502, 504})
@@ -536,16 +534,23 @@ class GroupServerClient:
         (nothing was posted); also a lookup whose answer was lost.
       - L{status.GROUPSERVER_ERROR} (4.5.0): any status but 200 (redirects
         included); the detail names the status.
-      - L{status.GROUPSERVER_BAD_REPLY} (4.5.0): a 200 that is not the
-        expected JSON (lookup), or that re-rendered the page's form (a post
-        with a wrong token or a rejected field: nothing was posted).
+      - L{status.GROUPSERVER_REFUSED} (4.3.5): the page's status message is
+        an error (a wrong token or a field GroupServer would not take):
+        nothing was done; a configuration fault of this site.
+      - L{status.GROUPSERVER_NOT_RUN} (4.5.0): a 200 page without a status
+        message (a login, maintenance or proxy page): nothing was done.
+      - L{status.GROUPSERVER_BAD_REPLY} (4.5.0): a lookup answer that is
+        neither JSON nor a form page, or a status message that is none of
+        GroupServer's (the outcome is then unknown).
       - L{status.GROUPSERVER_TIMEOUT} (4.4.7): no complete answer within
         C{response_timeout}.
       - L{status.OUTCOME_UNKNOWN} (4.4.2): the whole post was sent and the
         connection was lost before the answer came.
       - L{status.LOCAL_ERROR} (4.3.0): the spool file could not be read.
     C{outcome_unknown} is C{True} when an add, relay or bounce may have
-    been acted on (whole request written, no answer seen).
+    been acted on (whole request written, no answer seen or a 502/504 from a
+    proxy). Success is a 200 whose status message says C{Done} (the bounce
+    page: also C{No user found for ...}); see L{gsmail.answers}.
 
     @ivar url: the site URL the page paths are appended to.
     """
@@ -678,8 +683,10 @@ class GroupServerClient:
         @param address: the list address, C{local@domain}.
         @return: a L{GroupInfo}, with C{group_id} C{None} for no group.
             Fails with L{GroupServerError}: 4.4.4 (unreachable, answer lost),
-            4.5.0 (non-200; or a 200 whose body is not a JSON object with a
-            C{groupId}: usually a wrong token), 4.4.7 (timeout).
+            4.5.0 (non-200; a 200 form page without a status message, i.e.
+            a login or maintenance page; a body that is neither JSON with a
+            C{groupId} nor a form page), 4.3.5 (the form again with an
+            error status: a wrong token), 4.4.7 (timeout).
         """
         fields = [
             ("form.email", address),
@@ -698,8 +705,8 @@ class GroupServerClient:
 
         @param time_source: C{"server"} (stamp the post with GroupServer's
             clock) or C{"message"} (its C{Date} header).
-        @return: fires with C{None} on a 200 answer that is not the form
-            again. Fails with L{GroupServerError} (see the class docstring);
+        @return: fires with C{None} on a 200 answer whose status message is
+            C{Done}. Fails with L{GroupServerError} (see the class docstring);
             C{outcome_unknown} is set when the post may have been added.
         @raise ValueError: (in the Deferred) an unknown C{time_source}.
         """
@@ -722,13 +729,15 @@ class GroupServerClient:
         fields = [("form.token", self._token), ("form.actions.relay", "Relay")]
         return Deferred.fromCoroutine(self._big_post("relay", None, fields, message))
 
-    def record_bounce(self, user_email: str, group_email: str) -> Deferred[None]:
+    def record_bounce(self, user_email: str, group_email: str) -> Deferred[bool]:
         """
         Record with the bounce page (C{/gs-group-member-bounce.html}) that
         mail from the group C{group_email} to C{user_email} bounced.
 
-        @return: fires with C{None} on a 200 answer that is not the form
-            again. Fails with L{GroupServerError} like L{add_post}.
+        @return: fires with C{True} when the status message is C{Done}, or
+            C{False} when it is C{No user found for ...} (the page ran; no
+            member has C{user_email}). Fails with L{GroupServerError} like
+            L{add_post}.
         """
         fields = [
             ("form.userEmail", user_email),
@@ -760,8 +769,14 @@ class GroupServerClient:
         try:
             reply = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
+            # The form page: refused (a wrong token), or a page that did not
+            # run the check (login, maintenance).
+            page = read_status(body)
+            if page.result in (PageResult.REFUSED, PageResult.NOT_RUN):
+                raise _page_error("exists", page) from None
             raise GroupServerError(
-                status.GROUPSERVER_BAD_REPLY, "the group-exists page did not answer JSON"
+                status.GROUPSERVER_BAD_REPLY,
+                f"the group-exists page did not answer JSON ({page.describe()})",
             ) from None
         if not isinstance(reply, dict) or "groupId" not in reply:
             raise GroupServerError(
@@ -800,10 +815,14 @@ class GroupServerClient:
                 self._in_flight_posts -= 1
         _check_post_reply(page, code, body)
 
-    async def _bounce(self, fields: list[tuple[str, str]]) -> None:
+    async def _bounce(self, fields: list[tuple[str, str]]) -> bool:
         async with self._other_slots:
             code, body = await self._call("bounce", None, fields, None, idempotent=True, acts=True)
-        _check_post_reply("bounce", code, body)
+        page = _check_post_reply("bounce", code, body)
+        if page.result is PageResult.NO_USER:
+            self.log.info("GroupServer bounce page: {status}", status=page.text)
+            return False
+        return True
 
     async def _call(
         self,
@@ -1018,18 +1037,44 @@ def _status_error(code: int, acts: bool) -> GroupServerError:
     )
 
 
-def _check_post_reply(page: str, code: int, body: bytes) -> None:
+def _check_post_reply(page: str, code: int, body: bytes) -> PageStatus:
     """
-    Raise unless C{code}/C{body} is the success answer of C{page} (add,
-    relay, bounce): 200 and not the page's form again.
+    The status of C{page}'s (add, relay, bounce) answer when it is a success:
+    200 and the status message C{Done} (the bounce page: also C{No user found
+    for ...}).
+
+    @raise GroupServerError: 4.5.0 for another HTTP status (C{outcome_unknown}
+        for a proxy's 502/504) or for a page without a status message
+        (L{status.GROUPSERVER_NOT_RUN}); 4.3.5 for an error status
+        (L{status.GROUPSERVER_REFUSED}); 4.5.0 with C{outcome_unknown} for a
+        status that is none of GroupServer's.
     """
     if code != 200:
         raise _status_error(code, acts=True)
-    if _FORM_RERENDERED.search(body):
-        raise GroupServerError(
-            status.GROUPSERVER_BAD_REPLY,
-            f"the {page} page showed its form again: wrong token or a rejected field",
+    found = read_status(body)
+    if found.result is PageResult.DONE:
+        return found
+    if found.result is PageResult.NO_USER and page == "bounce":
+        return found
+    raise _page_error(page, found)
+
+
+def _page_error(page: str, found: PageStatus) -> GroupServerError:
+    """The error for a 200 page whose status message is not a success."""
+    name = "group-exists" if page == "exists" else page
+    if found.result is PageResult.REFUSED:
+        return GroupServerError(
+            status.GROUPSERVER_REFUSED, f"the {name} page refused it: {found.describe()}"
         )
+    if found.result is PageResult.NOT_RUN:
+        return GroupServerError(
+            status.GROUPSERVER_NOT_RUN, f"the {name} page answered 200 with {found.describe()}"
+        )
+    return GroupServerError(
+        status.GROUPSERVER_BAD_REPLY,
+        f"the {name} page answered an unexpected {found.describe()}",
+        outcome_unknown=page != "exists",
+    )
 
 
 def _without_userinfo(url: str) -> str:

@@ -86,7 +86,10 @@ class IGroupServer(Interface):
         Relay C{message} to a member with the relay page.
         """
 
-    def record_bounce(user_email: str, group_email: str) -> Deferred[None]:
+    def record_bounce(user_email: str, group_email: str) -> Deferred[bool]:
         """
         Record that mail from the group C{group_email} to C{user_email} bounced.
+
+        @return: C{True} when recorded, C{False} when the page ran and no
+            member has C{user_email}.
         """

@@ -21,19 +21,21 @@ L{PostLedger.run} takes a key and the action that posts, and:
 
 Unknown outcomes. When GroupServer received the whole request but no answer
 came back (L{gsmail.status.GroupServerError} with C{outcome_unknown}), the
-group may or may not have the post. Posting again risks a copy sent to every
-member; not posting risks a lost message. gsmail does B{not} post again: the
-first attempt fails with its own error (451 4.4.2, the sender keeps the
-message and retries), the key is remembered as unknown, and every later
-attempt gets L{Outcome.UNKNOWN} without the action running. The caller treats
-that as delivered (2xx, the sender deletes its copy) and keeps its own copy of
-the message for the operator, who can check the group and replay it.
+group may or may not have the post. Nothing is recorded: the failure goes to
+the caller (451, the sender keeps the message and retries) and the retry
+performs the action again. That is safe for adds because GroupServer
+archives a post id once (groupserver-protocol.md, "GroupServer's own
+idempotency"); L{gsmail.posting} says what the other pages do. The ledger's
+part is to keep one message from being in flight twice at once, and to
+answer copies of a message known to be added without another request.
 
 File format, one record per line, ASCII, append-only::
 
     <unix time, seconds, float> <D|U> <key, 64 hex digits>\\n
 
-C{D}: the action succeeded; C{U}: its outcome is unknown. Within the file the
+C{D}: the action succeeded. C{U} ("outcome unknown") was written by earlier
+versions, which did not repeat such a post; it is read and kept until it
+expires, but counts as no record. Within the file the
 last record of a key wins. Reading tolerates an incomplete last line (a crash
 during an append, or an append under way in another process: it is read once
 its LF is there) and garbage lines, which are skipped, counted and logged; no
@@ -116,9 +118,15 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gsmail.status import TOO_BUSY, GroupServerError
+from gsmail.status import LEDGER_UNWRITABLE, TOO_BUSY, GroupServerError
 
-__all__ = ["Outcome", "PostLedger", "LedgerClosedError", "LedgerBusyError"]
+__all__ = [
+    "Outcome",
+    "PostLedger",
+    "LedgerClosedError",
+    "LedgerBusyError",
+    "LedgerUnwritableError",
+]
 
 _T = TypeVar("_T")
 
@@ -154,8 +162,9 @@ class Outcome(enum.Enum):
     #: process or another): the action was not performed again. The caller
     #: answers 2xx.
     DUPLICATE = "duplicate"
-    #: An earlier attempt sent the post and got no answer: the action was not
-    #: performed again. The caller answers 2xx and keeps a copy for the operator.
+    #: The letter C{U} of records written by earlier versions: read, kept
+    #: until they expire, never returned by L{PostLedger.run} (the action is
+    #: performed again, see the module docstring).
     UNKNOWN = "unknown"
 
 
@@ -165,6 +174,19 @@ class LedgerClosedError(RuntimeError):
     L{PostLedger.close} began, or the ledger was closed while the call waited
     for another process. The caller answers 451 4.3.0 (transient).
     """
+
+
+class LedgerUnwritableError(GroupServerError):
+    """
+    The ledger file cannot be written (a full disk, an I/O error): no record
+    can be made durable, so no post is made until one can (each call tries
+    again). The reply is C{451 4.3.0} (L{LEDGER_UNWRITABLE}); the cause is
+    logged once by the ledger when writing starts failing and once when it
+    works again.
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(LEDGER_UNWRITABLE, detail)
 
 
 class LedgerBusyError(GroupServerError):
@@ -245,6 +267,13 @@ class _Observer(Generic[_T]):
             d.errback(self._result)
         else:
             d.callback(self._result)  # type: ignore[arg-type]
+
+
+def _why(exc: BaseException) -> str:
+    """A short description of a write error: C{"No space left on device"}."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 def _current_failure() -> Failure:
@@ -340,6 +369,10 @@ class PostLedger:
         # After a failed write the file may hold a torn record, or (fsync
         # failure on Linux) silently miss records: rewrite it from memory.
         self._needs_rewrite = False
+        # The last write failed (logged once): calls try the file before posting.
+        self._write_failed = False
+        # The file was found removed (warned once until it is there again).
+        self._missing = False
         self._idle: list[Deferred[None]] = []
         self._closed: _Observer[None] = _Observer()
 
@@ -382,6 +415,9 @@ class PostLedger:
         if self._state is not _State.NEW:
             raise RuntimeError("PostLedger.open() called twice")
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        # The claims file is made with the ledger and never removed: without
+        # the ledger beside it, the ledger was removed.
+        existed = os.path.exists(self.path + ".claims") and not os.path.exists(self.path)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         lock_fd = os.open(self.path + ".lock", flags, 0o600)
         self._appender = _Appender(self.path, lock_fd)
@@ -398,6 +434,13 @@ class PostLedger:
             raise
         if loaded.garbage:
             self._log_garbage(loaded.garbage)
+        if existed:
+            self.log.warn(
+                "The post ledger {path} is missing (its .claims file is there): the posts"
+                " it remembered are forgotten; a retried copy of one is added again, and"
+                " GroupServer refuses to archive it twice",
+                path=self.path,
+            )
         if loaded.torn:
             self.log.info(
                 "Ignored an incomplete last record in the post ledger {path}"
@@ -439,31 +482,30 @@ class PostLedger:
         one sharing the file.
 
           1. C{key} remembered as done: L{Outcome.DUPLICATE}, action not called.
-          2. C{key} remembered as unknown: L{Outcome.UNKNOWN}, action not called.
-          3. a call for C{key} in flight in this process: share its outcome
+          2. a call for C{key} in flight in this process: share its outcome
              (the same success or failure); cancelling the returned Deferred
              does not cancel the shared action.
-          4. a call for C{key} in flight in another process: wait for it (up
-             to C{wait_timeout} seconds), then 1, 2, or 5 if it failed.
-          5. otherwise call C{action}; on success record C{key} durably, then
-             fire L{Outcome.DONE}. If the record cannot be written the action
-             still counts as done in memory (a retry in this process is
-             deduplicated, other processes wait for the record) and the call
-             fails with the C{OSError} (451).
-             If the action fails with C{outcome_unknown} (see
-             L{gsmail.status.GroupServerError}), C{key} is recorded as unknown
-             and the action's own failure propagates (also when that record
-             cannot be written: the key stays unknown in memory). Any other failure
-             propagates and nothing is recorded: a later call performs the
-             action.
+          3. a call for C{key} in flight in another process: wait for it (up
+             to C{wait_timeout} seconds), then 1, or 4 if it failed.
+          4. otherwise, if the last write of the file failed, try writing it
+             again first (L{LedgerUnwritableError} if it still fails, and the
+             action is not called); then call C{action}; on success record
+             C{key} durably, then fire L{Outcome.DONE}. If the record cannot
+             be written the action still counts as done in memory (a retry in
+             this process is deduplicated, other processes wait for the
+             record) and the call fails with L{LedgerUnwritableError}.
+             A failure of the action propagates and nothing is recorded,
+             whatever it was (C{outcome_unknown} included): a later call
+             performs the action again.
 
         The records of other processes are read first (a C{stat} and a small
         read, in the calling thread).
 
         @param key: from L{key} (32 bytes).
         @param action: performs the post; fires on success.
-        @return: the L{Outcome}; or the action's failure; or C{OSError} if the
-            file could not be read or the record could not be made durable
+        @return: L{Outcome.DONE} or L{Outcome.DUPLICATE}; or the action's
+            failure; or C{OSError} if the file could not be read (451 4.3.0);
+            or L{LedgerUnwritableError} if a record could not be made durable
             (451 4.3.0); or L{LedgerBusyError} if another process kept the
             key too long (451 4.4.5); or L{LedgerClosedError} if the ledger
             is not open (451 4.3.0).
@@ -489,9 +531,9 @@ class PostLedger:
     def state(self, key: bytes) -> Outcome | None:
         """
         What a call for C{key} would get without calling its action now:
-        L{Outcome.DUPLICATE}, L{Outcome.UNKNOWN}, or C{None} when the key is
-        not remembered (never seen, expired, or still in flight in this
-        process). Reads the records other processes appended first.
+        L{Outcome.DUPLICATE}, or C{None} when the key is not remembered
+        (never seen, expired, recorded as unknown by an earlier version, or
+        still in flight in this process). Reads the records other processes appended first.
 
         @raise OSError: the file could not be read.
         """
@@ -543,7 +585,9 @@ class PostLedger:
                 return None
             self._merge(key, found)
             entry = found
-        return None if entry is None else entry.outcome
+        if entry is None or entry.outcome is not Outcome.DUPLICATE:
+            return None  # U, from an earlier version: perform the action
+        return entry.outcome
 
     def _merge(self, key: bytes, entry: _Entry) -> None:
         """
@@ -585,15 +629,35 @@ class PostLedger:
 
         @raise OSError: the file could not be read.
         """
+        cursor = self._cursor
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return  # not written yet (or removed by hand: keep what we know)
-        cursor = self._cursor
+            if cursor is not None and not self._missing:
+                # Removed by hand: keep what we know, and write it back.
+                self._missing = True
+                self._restore(f"was removed; {len(self)} posts remembered here are written back")
+            return
+        self._missing = False
         if cursor is None or cursor.ident != (st.st_dev, st.st_ino) or st.st_size < cursor.offset:
+            truncated = cursor is not None and cursor.ident == (st.st_dev, st.st_ino)
+            old_size = cursor.offset if cursor is not None else 0
+            before = self._live_keys() if cursor is not None and self._preload else None
             loaded = self._reload()
             if loaded.garbage:
                 self._log_garbage(loaded.garbage)
+            if truncated:
+                self._restore(
+                    f"shrank from {old_size} to {st.st_size} bytes; the posts remembered"
+                    " here are written back"
+                )
+            elif before is not None and loaded.keys is not None:
+                lost = before - loaded.keys - self._held.keys() - self._flights.keys()
+                if lost:
+                    self._restore(
+                        f"was replaced by a file without {len(lost)} posts remembered here;"
+                        " they are written back"
+                    )
         elif st.st_size > cursor.offset:
             read = _read_lines(cursor.fd, cursor.offset, cursor.skipping)
             cursor.offset, cursor.skipping = read.offset, read.skipping
@@ -630,6 +694,7 @@ class PostLedger:
         if self._preload:
             records, garbage = _parse_lines(read.data)
             loaded.garbage += garbage
+            loaded.keys = {key for key, _ in records} | {key for key, _ in extra}
             self._entries = _combine(records + extra, self._entries.items())
             self._expire()
         else:
@@ -640,6 +705,25 @@ class PostLedger:
             for key, entry in extra:
                 self._merge(key, entry)
         return loaded
+
+    def _live_keys(self) -> set[bytes]:
+        """
+        The keys recorded as done that a compaction must keep: not expired,
+        nor about to (a minute's margin for another process's clock).
+        """
+        cutoff = self._clock.seconds() - self._ttl + 60
+        return {
+            k for k, e in self._entries.items() if e.time > cutoff and e.outcome is Outcome.DUPLICATE
+        }
+
+    def _restore(self, what: str) -> None:
+        """
+        The file lost records this process remembers (removed, truncated or
+        replaced by hand): say so once, and rewrite it from memory.
+        """
+        self.log.warn("The post ledger {path} {what}", path=self.path, what=what)
+        self._compact_wanted = True
+        self._start_writing()
 
     def _set_cursor(self, cursor: _Cursor | None) -> None:
         if self._cursor is not None:
@@ -682,26 +766,24 @@ class PostLedger:
         """
         result: Outcome | Failure
         durable = True
+        if self._write_failed:
+            # Make no post whose record could not be kept: try the file first.
+            try:
+                await self._write(b"")
+            except Exception as exc:
+                lock.release()
+                return Failure(LedgerUnwritableError(_why(exc)))  # type: ignore[no-untyped-call]
         try:
             await maybeDeferred(action)
-        except Exception as exc:
+        except Exception:
             result = _current_failure()
-            if getattr(exc, "outcome_unknown", False) is True:
-                self.log.warn(
-                    "Post {ledger_key} may or may not have been added; it will not be posted again",
-                    ledger_key=key.hex(),
-                )
-                try:
-                    await self._write(self._remember(key, Outcome.UNKNOWN))
-                except Exception:
-                    # Already logged by _drain; the caller's error (4.4.2) says
-                    # more than the disk's, and the key stays unknown in memory.
-                    durable = False
         else:
             try:
                 await self._write(self._remember(key, Outcome.DUPLICATE))
-            except Exception:
-                result = _current_failure()
+            except Exception as exc:
+                result = Failure(  # type: ignore[no-untyped-call]
+                    LedgerUnwritableError(f"posted, but {_why(exc)}")
+                )
                 durable = False
             else:
                 result = Outcome.DONE
@@ -828,11 +910,26 @@ class PostLedger:
                         await self._append(b"".join(line for line, _ in batch))
                 except Exception as exc:
                     self._needs_rewrite = True
-                    self._log_write_error(exc)
+                    if not self._write_failed:
+                        # Once per outage, not per message: every call says
+                        # 451 until a write works again.
+                        self._write_failed = True
+                        self.log.error(
+                            "Could not write the post ledger {path}: {error}; no message is"
+                            " posted (451 4.3.0) until it can be written again",
+                            path=self.path,
+                            error=_why(exc),
+                        )
                     failure = _current_failure()
                     for _, d in batch:
                         d.errback(failure)
                 else:
+                    if self._write_failed:
+                        self._write_failed = False
+                        self.log.warn(
+                            "The post ledger {path} can be written again; posting resumes",
+                            path=self.path,
+                        )
                     for _, d in batch:
                         d.callback(None)
                     self._compact_wanted = self._worth_compacting()
@@ -1038,6 +1135,8 @@ class _Loaded:
 
     garbage: int = 0
     torn: bool = False
+    #: The keys of the file's records (with C{preload} only).
+    keys: set[bytes] | None = None
 
 
 @attrs.frozen

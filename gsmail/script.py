@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from gsmail.groupserver import GroupServerClient, IClientReactor
     from gsmail.inbound.spool import SpooledMessage
     from gsmail.interfaces import MessageSource
+    from gsmail.posting import Posting
     from gsmail.status import GroupServerError, Reply
 
     class IPipeReactor(IClientReactor, IReactorThreads):
@@ -631,17 +632,17 @@ async def _deliver(
     reactor: IPipeReactor, client: GroupServerClient, job: Job, ledger_wait: float
 ) -> Reply:
     from gsmail import status
-    from gsmail.addresses import RouteKind
-    from gsmail.ledger import PostLedger
+    from gsmail.addresses import Address, Route, RouteKind
+    from gsmail.posting import plan_posting
 
     source = job.source()
-    identity = job.message.identity
     route = job.route
-    action: Callable[[], Deferred[Any]]
     if route is None or route.kind is RouteKind.GROUP:
         if route is None:
             assert job.options.list_id is not None
-            group_id = job.options.list_id
+            # --list names the group: no address is looked up (nor used).
+            forced = Address(job.options.list_id, "")
+            route = Route(RouteKind.GROUP, forced, group_id=job.options.list_id)
         else:
             recipient = route.recipient
             if not recipient.local.isascii():
@@ -650,41 +651,21 @@ async def _deliver(
             info = await client.lookup_group(str(recipient))
             if not info.group_id:
                 return status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>")
-            group_id = info.group_id
-        time_source = job.options.time_source
-        key = PostLedger.key("post", group_id, identity)
-        action = lambda: client.add_post(group_id, source, time_source)  # noqa: E731
-        done = status.POSTED
-    elif route.kind is RouteKind.RELAY:
-        key = PostLedger.key("relay", str(route.recipient).lower(), identity)
-        action = lambda: client.relay(source)  # noqa: E731
-        done = status.RELAYED
-    else:
-        assert route.kind is RouteKind.BOUNCE
-        assert route.member_address is not None and route.group_address is not None
-        member, group = str(route.member_address), str(route.group_address)
-        key = PostLedger.key("bounce", group.lower(), member.lower(), identity)
-        action = lambda: client.record_bounce(member, group)  # noqa: E731
-        done = status.BOUNCE_RECORDED
+            route = Route(RouteKind.GROUP, recipient, group_id=info.group_id)
+    posting = plan_posting(client, route, source, job.message.digest, job.options.time_source)
     if not job.config.ledger_path:
-        await action()
-        return done
-    return await _through_ledger(reactor, job, key, action, done, ledger_wait)
+        await posting.action()
+        return posting.success
+    return await _through_ledger(reactor, job, posting, ledger_wait)
 
 
 async def _through_ledger(
-    reactor: IPipeReactor,
-    job: Job,
-    key: bytes,
-    action: Callable[[], Deferred[Any]],
-    done: Reply,
-    ledger_wait: float,
+    reactor: IPipeReactor, job: Job, posting: Posting, ledger_wait: float
 ) -> Reply:
     from twisted.internet.threads import deferToThreadPool
 
     from gsmail import status
     from gsmail.ledger import Outcome, PostLedger
-    from gsmail.status import GroupServerError
 
     config = job.config
 
@@ -709,11 +690,7 @@ async def _through_ledger(
             f"Cannot open the post ledger {ledger.path}: {e.strerror or e}"
         )
     try:
-        outcome = await ledger.run(key, action)
-    except GroupServerError as e:
-        if e.outcome_unknown:
-            await _keep_copy(job, key, in_thread)
-        raise
+        outcome = await ledger.run(posting.key, posting.action)
     except OSError as e:
         # Either the ledger could not be read, or the post was made and its
         # record did not reach the disk (the daemon answers 451 too).
@@ -726,35 +703,8 @@ async def _through_ledger(
         except OSError:
             pass  # logged by the ledger; the outcome above stands
     if outcome is Outcome.DONE:
-        return done
-    if outcome is Outcome.UNKNOWN:
-        return status.NOT_REPEATED
+        return posting.success
     return status.ALREADY_DELIVERED
-
-
-async def _keep_copy(
-    job: Job, key: bytes, in_thread: Callable[[Callable[[], None]], Deferred[None]]
-) -> None:
-    """
-    Keep the message whose post had an unknown outcome beside the ledger,
-    in C{unknown/KEY.eml}, where the daemon keeps its copies, for the
-    operator to check against the group. Failing to is logged, not fatal.
-    """
-    from gsmail.inbound.spool import keep_copy, unknown_dir
-
-    directory = unknown_dir(job.config.ledger_path)
-    target = os.path.join(directory, key.hex() + ".eml")
-    source = job.source()
-
-    def copy() -> None:
-        keep_copy(directory, key, source.prefix, source.path)
-
-    try:
-        await in_thread(copy)
-    except OSError:
-        from twisted.logger import Logger
-
-        Logger(namespace="gsmail.script").failure("Could not keep a copy in {path}", path=target)
 
 
 def _failed(error: GroupServerError, job: Job) -> Reply:
@@ -763,12 +713,7 @@ def _failed(error: GroupServerError, job: Job) -> Reply:
 
     reply = error.reply
     text = reply.text
-    if reply == status.OUTCOME_UNKNOWN and not job.config.ledger_path:
-        text = (
-            "Connection to GroupServer lost after the message was sent; it may have been "
-            "posted, and without a post ledger a retry posts it again"
-        )
-    elif reply == status.GROUPSERVER_UNREACHABLE:
+    if reply == status.GROUPSERVER_UNREACHABLE:
         text = f"{text} <{_shown(job.options.url)}>"
     if error.detail:
         text = f"{text} ({error.detail})"

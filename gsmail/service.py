@@ -27,7 +27,7 @@ from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import Spool, SpoolFiles, unknown_dir
+from gsmail.inbound.spool import Spool, SpoolFiles
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
 from gsmail.outbound.mx import MXResolver, parse_relayhost
@@ -116,8 +116,6 @@ class InboundParts:
             reply_deadline=config.reply_deadline,
             group_cache_ttl=config.group_cache_ttl,
             group_negative_cache_ttl=config.group_negative_cache_ttl,
-            unknown_dir=unknown_dir(config.ledger_path),
-            blocking=_thread_runner(reactor),
         )
         self.settings = ServerSettings(
             hostname=config.hostname,

@@ -355,7 +355,6 @@ class _Answer:
     body: bytes
 
 
-_DONE: Final = _Answer(200, b"text/html; charset=utf-8", b"Done")
 _ZOPE_ERROR: Final = _Answer(
     500,
     b"text/html; charset=utf-8",
@@ -366,8 +365,42 @@ _ZOPE_ERROR: Final = _Answer(
 _BAD_REQUEST: Final = _Answer(400, b"text/plain; charset=utf-8", b"Bad Request")
 
 
-def _form_page(page: str, path: bytes, error: str | None = None) -> _Answer:
-    """The page's HTML form, as GroupServer renders it, with an optional error."""
+def _status_div(status: str, error: str | None) -> str:
+    """
+    The status message as C{gs.content.form.base}'s C{statusmessage.pt}
+    renders it: C{alert-error} and the failed widget's label when the form
+    did not validate.
+    """
+    klass = "alert-block alert-error" if error else "alert alert-info"
+    errors = (
+        '  <dl class="dl-horizontal">\n'
+        f'    <dt>Form</dt>\n    <dd class="error">{html.escape(error)}</dd>\n  </dl>\n'
+        if error
+        else ""
+    )
+    return (
+        f'<div id="gs-content-form-base-message" class="{klass}" role="region">\n'
+        '  <button aria-hidden="true" type="button" class="close"'
+        ' data-dismiss="alert">&times;</button>\n'
+        f'  <div class="gs-content-form-base-message-status">{status}</div>'
+        "<!--gs-content-form-base-message-->\n"
+        f"{errors}</div><!--gs-content-form-base-message-->\n"
+    )
+
+
+def _done_page(page: str, path: bytes, status: str = "Done") -> _Answer:
+    """A page whose action ran: the form again, under the status message."""
+    return _form_page(page, path, status=html.escape(status))
+
+
+def _form_page(
+    page: str, path: bytes, error: str | None = None, *, status: str | None = None
+) -> _Answer:
+    """
+    The page's HTML form, as GroupServer renders it: with an error status
+    when C{error} is given, the status C{status} (markup) when given, else
+    no status message (the action did not run).
+    """
     title = _TITLES[page]
     button, label = _BUTTONS[page]
     inputs = []
@@ -376,7 +409,12 @@ def _form_page(page: str, path: bytes, error: str | None = None) -> _Answer:
             inputs.append(f'<textarea name="{field}"></textarea>')
         else:
             inputs.append(f'<input type="text" name="{field}" value="" />')
-    error_html = f'<div class="error">{html.escape(error)}</div>\n' if error else ""
+    if error:
+        error_html = _status_div("<p>There is an error:</p>", error)
+    elif status is not None:
+        error_html = _status_div(status, None)
+    else:
+        error_html = ""
     text = (
         "<!DOCTYPE html>\n"
         f"<html><head><title>{title}</title></head><body>\n<h1>{title}</h1>\n"
@@ -648,13 +686,13 @@ class StandIn:
                 log.info("Stand-in: add-email for unknown group {group_id}", group_id=group_id)
                 return _ZOPE_ERROR
             self._store_post(form, group_id, time_source)
-            return _DONE
+            return _done_page(page, path)
         if page == "relay":
             self._relays.append(self._deliver(form, os.path.join(self._directory, "relays")))
             log.info("Stand-in relayed a message: {size} bytes", size=form.message_size)
-            return _DONE
+            return _done_page(page, path)
         self._record_bounce(fields["form.userEmail"], fields["form.groupEmail"])
-        return _DONE
+        return _done_page(page, path)
 
     def _group_exists(self, email: str) -> _Answer:
         group_id = self._groups.get(email.strip().lower())

@@ -119,9 +119,7 @@ POSTED = Reply(250, "2.0.0", "Added to the group")
 RELAYED = Reply(250, "2.0.0", "Relayed to the member")
 BOUNCE_RECORDED = Reply(250, "2.1.5", "Bounce recorded", EX_OK)
 ALREADY_DELIVERED = Reply(250, "2.0.0", "Already delivered; duplicate not posted again")
-NOT_REPEATED = Reply(
-    250, "2.0.0", "An earlier attempt may already have delivered this message; not repeated"
-)
+BOUNCE_NO_MEMBER = Reply(250, "2.1.5", "Bounce noted; no member has that address", EX_OK)
 
 # -- transient failures (the sender retries) -------------------------------
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle too long; closing connection")
@@ -132,8 +130,16 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing", EX_TEMPFAIL)
 CONFIG_ERROR = Reply(451, "4.3.5", "Error with the configuration file", EX_CONFIG)
 GROUPSERVER_UNREACHABLE = Reply(451, "4.4.4", "Error connecting to GroupServer", EX_PROTOCOL)
-GROUPSERVER_BAD_REPLY = Reply(
-    451, "4.5.0", "Could not decode the reply from GroupServer (check the token?)", EX_PROTOCOL
+GROUPSERVER_BAD_REPLY = Reply(451, "4.5.0", "Could not decode the reply from GroupServer", EX_PROTOCOL)
+# A page's status message said it refused the request (alert-error): a wrong
+# token or a field GroupServer would not take. A fault of this site's
+# configuration, not the sender's: transient (groupserver-protocol.md).
+GROUPSERVER_REFUSED = Reply(
+    451, "4.3.5", "GroupServer refused the request (check the token and its log)", EX_CONFIG
+)
+# A 200 page without a status message: a login, maintenance or proxy page.
+GROUPSERVER_NOT_RUN = Reply(
+    451, "4.5.0", "GroupServer answered without running the page; try again later", EX_PROTOCOL
 )
 GROUPSERVER_ERROR = Reply(451, "4.5.0", "Error communicating with GroupServer", EX_PROTOCOL)
 GROUPSERVER_TIMEOUT = Reply(451, "4.4.7", "GroupServer did not answer in time", EX_TEMPFAIL)
@@ -141,8 +147,11 @@ TOO_BUSY = Reply(451, "4.4.5", "System too busy; try again later", EX_TEMPFAIL)
 OUTCOME_UNKNOWN = Reply(
     451,
     "4.4.2",
-    "Connection to GroupServer lost after the message was sent; it will not be posted twice",
+    "GroupServer's answer was lost after the message was sent; try again later",
     EX_TEMPFAIL,
+)
+LEDGER_UNWRITABLE = Reply(
+    451, "4.3.0", "Cannot record deliveries now (the post ledger cannot be written)", EX_TEMPFAIL
 )
 NO_HOST_IN_URL = Reply(451, "4.5.2", "No host in the GroupServer URL", EX_USAGE)
 
@@ -180,8 +189,9 @@ class GroupServerError(Exception):
     @ivar reply: the L{Reply} for the sender (4.4.4 unreachable, 4.5.0 non-200
         or undecodable reply, 4.4.7 timeout, 4.4.2 outcome unknown).
     @ivar outcome_unknown: C{True} when the whole request reached the network
-        but no answer came back: GroupServer may or may not have acted on it.
-        The ledger must not blindly repeat such a post.
+        but no usable answer came back: GroupServer may or may not have acted
+        on it. Repeating an add is safe (GroupServer archives a post id once);
+        the caller decides for the other pages.
     """
 
     def __init__(self, reply: Reply, detail: str = "", outcome_unknown: bool = False) -> None:

@@ -8,12 +8,10 @@ ledger, so no message is ever posted twice.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Any, cast
+from typing import cast
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -23,9 +21,10 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind, route_recipient
 from gsmail.inbound.protocol import Envelope, Session
-from gsmail.inbound.spool import SpooledMessage, keep_copy, release
+from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
+from gsmail.posting import plan_posting
 from gsmail.status import GroupServerError, Reply
 
 __all__ = ["GroupDirectory", "DeliveryCore", "trace_fields"]
@@ -133,10 +132,6 @@ class DeliveryCore:
     @param reply_deadline: seconds after the final dot by which the sender
         gets an answer; a post still running then is answered C{451 4.4.5}
         and goes on, and the ledger makes the sender's retry safe.
-    @param unknown_dir: where a copy of a message is kept when a post's
-        outcome is unknown, for the operator.
-    @param blocking: runs a blocking callable off the reactor (a thread
-        hand-off), returning a Deferred; C{None} runs it inline (tests).
     """
 
     def __init__(
@@ -152,8 +147,6 @@ class DeliveryCore:
         reply_deadline: float = 540.0,
         group_cache_ttl: float = 300.0,
         group_negative_cache_ttl: float = 60.0,
-        unknown_dir: str = "",
-        blocking: Callable[[Callable[[], None]], Deferred[None]] | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -163,8 +156,6 @@ class DeliveryCore:
         self.relay_prefix = relay_prefix
         self.time_source = time_source
         self.reply_deadline = reply_deadline
-        self.unknown_dir = unknown_dir
-        self._blocking = blocking
         self.directory = GroupDirectory(
             client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
         )
@@ -308,45 +299,28 @@ class DeliveryCore:
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
-        action: Callable[[], Deferred[Any]]
-        if route.kind is RouteKind.GROUP:
-            assert route.group_id is not None
-            group_id = route.group_id
-            key = PostLedger.key("post", group_id, message.identity)
-            action = lambda: self.client.add_post(group_id, source, self.time_source)  # noqa: E731
-            done = status.POSTED
-        elif route.kind is RouteKind.RELAY:
-            key = PostLedger.key("relay", str(route.recipient).lower(), message.identity)
-            action = lambda: self.client.relay(source)  # noqa: E731
-            done = status.RELAYED
-        else:
-            assert route.kind is RouteKind.BOUNCE
-            assert route.member_address is not None and route.group_address is not None
-            member, group = str(route.member_address), str(route.group_address)
-            key = PostLedger.key("bounce", group.lower(), member.lower(), message.identity)
-            action = lambda: self.client.record_bounce(member, group)  # noqa: E731
-            done = status.BOUNCE_RECORDED
+        posting = plan_posting(self.client, route, source, message.digest, self.time_source)
 
         def outcome(result: Outcome) -> Reply:
             log.info(
                 "{kind} for {recipient} ({message_id}): {outcome}",
                 kind=route.kind.value,
                 recipient=str(route.recipient),
-                message_id=message.identity,
+                message_id=message.message_id or "sha256:" + message.digest,
                 outcome=result.value,
                 group_id=route.group_id,
                 session=session.id,
             )
             if result is Outcome.DONE:
-                return done
-            if result is Outcome.UNKNOWN:
-                return status.NOT_REPEATED
+                return posting.success
             return status.ALREADY_DELIVERED
 
-        def failed(failure: Failure) -> Deferred[Reply] | Reply:
+        def failed(failure: Failure) -> Reply:
             reply = status.reply_for_exception(failure.value)
             if isinstance(failure.value, GroupServerError):
-                log.warn(
+                # A refusal is this site's configuration fault: an error.
+                emit = log.error if reply == status.GROUPSERVER_REFUSED else log.warn
+                emit(
                     "{kind} for {recipient} failed: {reply_code} {enhanced_status} {detail}",
                     kind=route.kind.value,
                     recipient=str(route.recipient),
@@ -355,9 +329,8 @@ class DeliveryCore:
                     detail=failure.value.detail,
                     group_id=route.group_id,
                     session=session.id,
+                    outcome_unknown=failure.value.outcome_unknown,
                 )
-                if failure.value.outcome_unknown:
-                    return self._keep_copy(source, key).addBoth(lambda _: reply)
             else:
                 log.failure(
                     "{kind} for {recipient} failed",
@@ -367,27 +340,4 @@ class DeliveryCore:
                 )
             return reply
 
-        return self.ledger.run(key, action).addCallbacks(outcome, failed)
-
-    def _keep_copy(self, source: MessageSource, key: bytes) -> Deferred[None]:
-        """
-        Keep the message whose post had an unknown outcome in C{unknown_dir},
-        named by its ledger key, so the operator can check GroupServer and
-        re-inject it if it is missing.
-        """
-        if not self.unknown_dir:
-            return succeed(None)
-        target = os.path.join(self.unknown_dir, key.hex() + ".eml")
-
-        def copy() -> None:
-            keep_copy(self.unknown_dir, key, source.prefix, source.path)
-
-        d = maybeDeferred(copy) if self._blocking is None else self._blocking(copy)
-
-        def report(result: object) -> None:
-            if isinstance(result, Failure):
-                log.failure("Could not keep a copy in {path}", result, path=target)
-            else:
-                log.warn("Kept a copy of a message with an unknown outcome: {path}", path=target)
-
-        return d.addBoth(report)
+        return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)

@@ -17,7 +17,6 @@ import hashlib
 import itertools
 import os
 import re
-import shutil
 import tempfile
 
 import attrs
@@ -56,7 +55,10 @@ class SpooledMessage:
 
     @property
     def identity(self) -> str:
-        """What the ledger keys this message by: its Message-ID, else its digest."""
+        """
+        How the message is named in logs: its Message-ID, else its digest.
+        (The ledger keys it by its digest alone, L{gsmail.posting}.)
+        """
         if self.message_id:
             return "id:" + self.message_id
         return "sha256:" + self.digest
@@ -255,35 +257,6 @@ def remove_process_files(directory: str, pid: int) -> int:
             remove(os.path.join(directory, name))
             removed += 1
     return removed
-
-
-def unknown_dir(ledger_path: str) -> str:
-    """
-    Where copies of messages whose post had an unknown outcome are kept:
-    C{unknown/} beside the post ledger (the daemon and smtp2gs share it).
-    """
-    return os.path.join(os.path.dirname(os.path.abspath(ledger_path)), "unknown")
-
-
-def keep_copy(directory: str, key: bytes, prefix: bytes, path: str) -> str:
-    """
-    Write C{prefix} followed by the file at C{path} to C{directory/KEYHEX.eml},
-    fsynced, via a temporary file unique to this process. Blocking: run it in
-    a thread.
-
-    @return: the path written.
-    @raise OSError: it could not be written.
-    """
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, key.hex() + ".eml")
-    temporary = f"{target}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as out, open(path, "rb") as data:
-        out.write(prefix)
-        shutil.copyfileobj(data, out, 1024 * 1024)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, target)
-    return target
 
 
 def remove(path: str) -> None:
