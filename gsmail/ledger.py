@@ -373,6 +373,7 @@ class PostLedger:
         self._write_failed = False
         # The file was found removed (warned once until it is there again).
         self._missing = False
+        self._wrote = False  # this process wrote the file
         self._idle: list[Deferred[None]] = []
         self._closed: _Observer[None] = _Observer()
 
@@ -633,7 +634,7 @@ class PostLedger:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            if cursor is not None and not self._missing:
+            if (cursor is not None or self._wrote) and not self._missing:
                 # Removed by hand: keep what we know, and write it back.
                 self._missing = True
                 self._restore(f"was removed; {len(self)} posts remembered here are written back")
@@ -708,10 +709,12 @@ class PostLedger:
 
     def _live_keys(self) -> set[bytes]:
         """
-        The keys recorded as done that a compaction must keep: not expired,
-        nor about to (a minute's margin for another process's clock).
+        The keys recorded as done that any compaction must keep: recorded in
+        the last day (another process may have a shorter C{ttl}), and not
+        about to expire (a minute's margin for another process's clock).
         """
-        cutoff = self._clock.seconds() - self._ttl + 60
+        now = self._clock.seconds()
+        cutoff = max(now - self._ttl + 60, now - 86400)
         return {
             k for k, e in self._entries.items() if e.time > cutoff and e.outcome is Outcome.DUPLICATE
         }
@@ -924,6 +927,7 @@ class PostLedger:
                     for _, d in batch:
                         d.errback(failure)
                 else:
+                    self._wrote = True
                     if self._write_failed:
                         self._write_failed = False
                         self.log.warn(

@@ -48,6 +48,7 @@ from gsmail.groupserver import (
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.standin import StandIn
 from gsmail.status import GroupServerError
+from tests.test_answers import page as answer_page
 
 TOKEN = "s3cret-T0ken-never-logged"
 GROUPS = {"dev@groups.example.com": "dev", "ops@groups.example.com": "ops"}
@@ -484,20 +485,31 @@ class InMemoryClientTests(SynchronousTestCase):
 
     def test_lookup_wrong_token(self) -> None:
         """
-        A wrong token re-renders the page as HTML with status 200: the
-        lookup fails with 4.5.0 "check the token?".
+        A wrong token re-renders the page as HTML with an error status, 200:
+        the lookup fails with 4.3.5 (this site's configuration), naming the
+        page and the status, never the token.
         """
         env = InMemory(self, token="wrong")
         error = self.assertReply(
-            self.lookup(env, "dev@groups.example.com"), status.GROUPSERVER_BAD_REPLY
+            self.lookup(env, "dev@groups.example.com"), status.GROUPSERVER_REFUSED
         )
-        self.assertIn("token", str(error))
+        self.assertIn("group-exists page refused it", str(error))
+        self.assertNotIn("wrong", str(error))
 
     def test_lookup_html_instead_of_json(self) -> None:
-        """An HTML answer to a lookup is 4.5.0 bad reply."""
+        """The form page with an error instead of JSON is a refusal, 4.3.5."""
         env = InMemory(self)
         env.standin.faults.html_instead_of_json = True
-        self.assertReply(self.lookup(env, "dev@groups.example.com"), status.GROUPSERVER_BAD_REPLY)
+        self.assertReply(self.lookup(env, "dev@groups.example.com"), status.GROUPSERVER_REFUSED)
+
+    def test_lookup_login_page(self) -> None:
+        """
+        A 200 page without a status message (a login page) instead of JSON:
+        the check did not run, 4.5.0.
+        """
+        page = b"<html><body><form><input name='__ac_name'/></form></body></html>"
+        env = InMemory(self, _Fixed(200, page))
+        self.assertReply(self.lookup(env, "dev@groups.example.com"), status.GROUPSERVER_NOT_RUN)
 
     def test_lookup_json_without_group_id(self) -> None:
         """A JSON answer without C{groupId} is 4.5.0 bad reply."""
@@ -584,16 +596,61 @@ class InMemoryClientTests(SynchronousTestCase):
         env = InMemory(self)
         d = env.client.record_bounce("alice@example.org", "dev@groups.example.com")
         env.pump()
-        self.assertIsNone(self.successResultOf(d))
+        self.assertIs(self.successResultOf(d), True)
         self.assertEqual(env.standin.bounces(), [("alice@example.org", "dev@groups.example.com")])
 
     def test_bounce_wrong_token(self) -> None:
-        """A bounce with a wrong token is 4.5.0 bad reply and records nothing."""
+        """A bounce with a wrong token is refused, 4.3.5, and records nothing."""
         env = InMemory(self, token="wrong")
         d = env.client.record_bounce("alice@example.org", "dev@groups.example.com")
         env.pump()
-        self.assertReply(d, status.GROUPSERVER_BAD_REPLY)
+        self.assertReply(d, status.GROUPSERVER_REFUSED)
         self.assertEqual(env.standin.bounces(), [])
+
+    def _add(self, env: InMemory) -> Deferred[None]:
+        d = env.client.add_post("dev", write_message(self, b"Subject: hi\n\nbody\n"))
+        env.pump()
+        return d
+
+    def test_done_page_with_form_is_success(self) -> None:
+        """
+        GroupServer shows its form again on success: the status C{Done}
+        decides, not the token's input on the page.
+        """
+        env = InMemory(self, _Fixed(200, answer_page("Done")))
+        self.assertIsNone(self.successResultOf(self._add(env)))
+
+    def test_unexpected_status(self) -> None:
+        """
+        A status message that is none of GroupServer's: 4.5.0, and the add
+        may have happened (the retry is safe: GroupServer archives once).
+        """
+        env = InMemory(self, _Fixed(200, answer_page("Queued for moderation")))
+        error = self.assertReply(self._add(env), status.GROUPSERVER_BAD_REPLY, unknown=True)
+        self.assertIn("Queued for moderation", str(error))
+
+    def test_add_not_run(self) -> None:
+        """A 200 page without a status message: nothing was added, 4.5.0."""
+        env = InMemory(self, _Fixed(200, answer_page(None)))
+        self.assertReply(self._add(env), status.GROUPSERVER_NOT_RUN)
+
+    def test_proxy_gave_up(self) -> None:
+        """A 502 or 504 from a proxy: 4.5.0, and the add may have happened."""
+        for code in (502, 504):
+            env = InMemory(self, _Fixed(code, b"<html>Bad Gateway</html>"))
+            self.assertReply(self._add(env), status.GROUPSERVER_ERROR, unknown=True)
+
+    def test_bounce_no_user(self) -> None:
+        """The bounce page's C{No user found for ...} is a success: False."""
+        env = InMemory(self, _Fixed(200, answer_page("No user found for a@example.org")))
+        d = env.client.record_bounce("a@example.org", "dev@groups.example.com")
+        env.pump()
+        self.assertIs(self.successResultOf(d), False)
+
+    def test_no_user_only_on_the_bounce_page(self) -> None:
+        """C{No user found} from the add page is not a success."""
+        env = InMemory(self, _Fixed(200, answer_page("No user found for a@example.org")))
+        self.assertReply(self._add(env), status.GROUPSERVER_BAD_REPLY, unknown=True)
 
     def test_add_post_not_retried(self) -> None:
         """
@@ -879,22 +936,22 @@ class SocketClientTests(TestCase):
         self.assertEqual(self.standin.bounces(), [("alice@example.org", "dev@groups.example.com")])
 
     async def test_wrong_token_add(self) -> None:
-        """An add with a wrong token fails with 4.5.0 bad reply and stores nothing."""
+        """An add with a wrong token is refused, 4.3.5, and stores nothing."""
         client = self.serve(token="not-the-token")
         await self.assertFails(
             client.add_post("dev", write_message(self, b"Subject: x\n\nhi\n")),
-            status.GROUPSERVER_BAD_REPLY,
+            status.GROUPSERVER_REFUSED,
         )
         self.assertEqual(self.standin.post_records(), [])
 
     async def test_empty_message(self) -> None:
         """
-        An empty message is rejected by the page (form shown again): 4.5.0,
+        An empty message is refused by the page (a required field): 4.3.5,
         nothing stored.
         """
         client = self.serve()
         await self.assertFails(
-            client.add_post("dev", write_message(self, b"")), status.GROUPSERVER_BAD_REPLY
+            client.add_post("dev", write_message(self, b"")), status.GROUPSERVER_REFUSED
         )
         self.assertEqual(self.standin.post_records(), [])
 

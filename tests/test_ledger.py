@@ -14,10 +14,10 @@ from collections.abc import Callable
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from gsmail.ledger import LedgerClosedError, Outcome, PostLedger
+from gsmail.ledger import LedgerClosedError, LedgerUnwritableError, Outcome, PostLedger
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
 
 A = PostLedger.key("group-a", "<1@example.org>")
@@ -219,16 +219,20 @@ class RunTests(LedgerTestCase):
     def test_outcome_unknown(self) -> None:
         """
         When the post was sent but no answer came, the attempt fails with its
-        error, and no later copy is posted: each gets L{Outcome.UNKNOWN}.
+        error and nothing is recorded: the next copy is posted again
+        (GroupServer archives a post id once).
         """
         ledger = self.make_ledger()
         post = Post()
         first = ledger.run(A, post)
         post.deferreds[0].errback(GroupServerError(OUTCOME_UNKNOWN, outcome_unknown=True))
         self.assertEqual(self.failureResultOf(first, GroupServerError).value.reply, OUTCOME_UNKNOWN)
-        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.UNKNOWN)
-        self.assertEqual(post.calls, 1)
-        self.assertEqual(self.lines()[0].split()[1], b"U")
+        self.assertEqual(self.lines(), [])
+        second = ledger.run(A, post)
+        self.assertEqual(post.calls, 2)
+        post.deferreds[1].callback(None)
+        self.assertEqual(self.successResultOf(second), Outcome.DONE)
+        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DUPLICATE)
 
     def test_distinct_keys(self) -> None:
         """
@@ -291,7 +295,8 @@ class DurabilityTests(LedgerTestCase):
 
     def test_restart(self) -> None:
         """
-        After a restart, done and unknown posts are still not posted again.
+        After a restart, done posts are still not posted again; a post whose
+        outcome was unknown is.
         """
         ledger = self.make_ledger()
         self.successResultOf(ledger.run(A, Post(instant=True)))
@@ -304,9 +309,10 @@ class DurabilityTests(LedgerTestCase):
         again = self.make_ledger()
         post = Post(instant=True)
         self.assertEqual(self.successResultOf(again.run(A, post)), Outcome.DUPLICATE)
-        self.assertEqual(self.successResultOf(again.run(B, post)), Outcome.UNKNOWN)
         self.assertEqual(post.calls, 0)
+        self.assertEqual(self.successResultOf(again.run(B, post)), Outcome.DONE)
         self.assertEqual(self.successResultOf(again.run(C, post)), Outcome.DONE)
+        self.assertEqual(post.calls, 2)
 
     def test_expired_forgotten_at_open(self) -> None:
         """
@@ -405,40 +411,39 @@ class DurabilityTests(LedgerTestCase):
 
     def test_fsync_fails(self) -> None:
         """
-        When the record cannot be made durable the caller gets the disk error
-        (it answers 451), but the post is still not made twice in this
-        process, and the next write puts it on disk.
+        When the record cannot be made durable the caller gets
+        L{LedgerUnwritableError} (451 4.3.0), but the post is still not made
+        twice in this process. Until a write works again no post is made;
+        the next call tries the file first, and once it works, posts.
         """
         sync = ManualSync()
         ledger = self.make_ledger(sync=sync)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
         post = Post(instant=True)
         d = ledger.run(A, post)
         sync.break_down()
-        self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+        self.assertEqual(self.failureResultOf(d, LedgerUnwritableError).value.reply.code, 451)
         self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.DUPLICATE)
         self.assertEqual(post.calls, 1)
 
+        # Still failing: refused without a post, and logged once in all.
         d_b = ledger.run(B, post)
-        sync.finish()
+        sync.break_down()
+        self.failureResultOf(d_b, LedgerUnwritableError)
+        self.assertEqual(post.calls, 1)
+        errors = [e for e in events if e.get("log_level") is LogLevel.error]
+        self.assertEqual(len(errors), 1)
+
+        d_b = ledger.run(B, post)
+        self.assertEqual(post.calls, 1)  # the file first
+        sync.finish_all()
         self.assertEqual(self.successResultOf(d_b), Outcome.DONE)
+        self.assertEqual(post.calls, 2)
         self.assertEqual(
             sorted(line.split()[2] for line in self.lines()),
             sorted([A.hex().encode(), B.hex().encode()]),
         )
-
-    def test_unknown_record_fails(self) -> None:
-        """
-        When the record of an unknown outcome cannot be written, the caller
-        still gets GroupServer's error, and the post stays unknown.
-        """
-        sync = ManualSync()
-        ledger = self.make_ledger(sync=sync)
-        post = Post()
-        d = ledger.run(A, post)
-        post.deferreds[0].errback(GroupServerError(OUTCOME_UNKNOWN, outcome_unknown=True))
-        sync.break_down()
-        self.failureResultOf(d, GroupServerError)
-        self.assertEqual(self.successResultOf(ledger.run(A, post)), Outcome.UNKNOWN)
+        self.assertTrue(any("can be written again" in formatEvent(e) for e in events))
 
     def test_close_waits(self) -> None:
         """
@@ -498,8 +503,78 @@ class FileTests(LedgerTestCase):
         """
         A complete last record that lacks only its newline is kept.
         """
-        self.write_file(self.record(A, b"U").rstrip(b"\n"))
-        self.assertEqual(self.make_ledger().state(A), Outcome.UNKNOWN)
+        self.write_file(self.record(A, b"D").rstrip(b"\n"))
+        self.assertEqual(self.make_ledger().state(A), Outcome.DUPLICATE)
+
+    def _warned(self, events: list[dict[str, object]]) -> list[str]:
+        return [formatEvent(e) for e in events if e.get("log_level") is LogLevel.warn]
+
+    def test_removed_while_running(self) -> None:
+        """
+        A ledger file removed by hand while gsmail runs: one warning, and the
+        posts remembered in memory are written back to a new file.
+        """
+        ledger = self.make_ledger()
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        os.unlink(ledger.path)
+        self.assertEqual(ledger.state(A), Outcome.DUPLICATE)
+        self.assertEqual(ledger.state(A), Outcome.DUPLICATE)
+        [warning] = self._warned(events)
+        self.assertIn("was removed", warning)
+        self.assertEqual([line.split()[2] for line in self.lines()], [A.hex().encode()])
+
+    def test_truncated_while_running(self) -> None:
+        """A truncated ledger file: one warning naming the sizes, and it is written back."""
+        ledger = self.make_ledger()
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        self.successResultOf(ledger.run(B, Post(instant=True)))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        os.truncate(ledger.path, 0)
+        self.assertEqual(ledger.state(B), Outcome.DUPLICATE)
+        [warning] = self._warned(events)
+        self.assertIn("shrank from", warning)
+        self.assertEqual(len(self.lines()), 2)
+
+    def test_replaced_while_running(self) -> None:
+        """
+        A ledger file replaced by one that lacks recent records (not a
+        compaction, which keeps them): a warning counting them, written back.
+        """
+        ledger = self.make_ledger()
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        self.successResultOf(ledger.run(B, Post(instant=True)))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        with open(ledger.path + ".new", "wb") as f:
+            f.write(self.lines()[0])
+        os.replace(ledger.path + ".new", ledger.path)
+        self.assertEqual(ledger.state(A), Outcome.DUPLICATE)
+        [warning] = self._warned(events)
+        self.assertIn("without 1 posts", warning)
+        self.assertEqual(len(self.lines()), 2)
+
+    def test_missing_at_open(self) -> None:
+        """A ledger whose file is gone since the last run: a warning at open."""
+        self.make_ledger().close()
+        ledger = self.make_ledger()
+        self.successResultOf(ledger.run(A, Post(instant=True)))
+        self.successResultOf(ledger.close())
+        os.unlink(ledger.path)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        self.make_ledger()
+        [warning] = self._warned(events)
+        self.assertIn("is missing", warning)
+
+    def test_legacy_unknown_record(self) -> None:
+        """
+        A C{U} record written by an earlier version (which did not repeat
+        such posts) counts as no record: the copy is posted.
+        """
+        self.write_file(self.record(A, b"U"))
+        ledger = self.make_ledger()
+        self.assertIsNone(ledger.state(A))
+        self.assertEqual(self.successResultOf(ledger.run(A, Post(instant=True))), Outcome.DONE)
+        self.assertEqual(ledger.state(A), Outcome.DUPLICATE)
 
     def test_garbage(self) -> None:
         """

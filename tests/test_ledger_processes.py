@@ -12,7 +12,6 @@ last test runs real processes.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -28,7 +27,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import gsmail
 from gsmail import status
-from gsmail.ledger import LedgerBusyError, LedgerClosedError, Outcome, PostLedger, _KeyLock
+from gsmail.ledger import (
+    LedgerBusyError,
+    LedgerClosedError,
+    LedgerUnwritableError,
+    Outcome,
+    PostLedger,
+    _KeyLock,
+)
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
 from tests.test_ledger import ManualSync, Post
 
@@ -182,9 +188,9 @@ class SharingTests(SharedFileTestCase):
 
     def test_unknown(self) -> None:
         """
-        When the first process's post had an unknown outcome, neither the copy
-        waiting in the second process nor a later one is posted: both get
-        L{Outcome.UNKNOWN}.
+        When the first process's post had an unknown outcome, the copy
+        waiting in the second process is posted (GroupServer archives a post
+        id once), and later copies are duplicates.
         """
         daemon, pipe = self.pair()
         slow = Post()
@@ -194,9 +200,9 @@ class SharingTests(SharedFileTestCase):
         slow.deferreds[0].errback(GroupServerError(OUTCOME_UNKNOWN, outcome_unknown=True))
         self.failureResultOf(first, GroupServerError)
         self.clock.advance(POLL)
-        self.assertEqual(self.successResultOf(waiting), Outcome.UNKNOWN)
-        self.assertEqual(self.successResultOf(pipe.run(K, post)), Outcome.UNKNOWN)
-        self.assertEqual(post.calls, 0)
+        self.assertEqual(self.successResultOf(waiting), Outcome.DONE)
+        self.assertEqual(self.successResultOf(pipe.run(K, post)), Outcome.DUPLICATE)
+        self.assertEqual(post.calls, 1)
 
     def test_compacted_by_another(self) -> None:
         """
@@ -342,7 +348,7 @@ class WaitingTests(SharedFileTestCase):
         pipe = self.ledger(preload=False)
         first = daemon.run(K, Post(instant=True))
         sync.break_down()
-        self.assertEqual(self.failureResultOf(first, OSError).value.errno, errno.EIO)
+        self.failureResultOf(first, LedgerUnwritableError)
         post = Post(instant=True)
         second = pipe.run(K, post)
         self.clock.advance(POLL)
