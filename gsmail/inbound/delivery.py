@@ -306,7 +306,7 @@ class DeliveryCore:
                 "{kind} for {recipient} ({message_id}): {outcome}",
                 kind=route.kind.value,
                 recipient=str(route.recipient),
-                message_id=message.message_id or "sha256:" + message.digest,
+                message_id=message.identity,
                 outcome=result.value,
                 group_id=route.group_id,
                 session=session.id,

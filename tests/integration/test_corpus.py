@@ -32,8 +32,6 @@ import hashlib
 import os
 import re
 import smtplib
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 import attrs
 from twisted.internet.threads import deferToThread
@@ -61,7 +59,7 @@ class CorpusMessage:
     @ivar name: the file name, for messages.
     @ivar wire: what is sent: CRLF line endings.
     @ivar stored: what the group should get after the trace fields.
-    @ivar identity: what gsmail's ledger knows the message by in a group.
+    @ivar identity: what gsmail's ledger knows the message by in a group (its digest).
     @ivar eight_bit: the file has bytes over 127 (sent with BODY=8BITMIME).
     """
 
@@ -77,12 +75,8 @@ class CorpusMessage:
         stored = re.sub(rb"\r\n|\r", b"\n", raw)
         if not stored.endswith(b"\n"):
             stored += b"\n"  # smtplib ends the data with CRLF
-        header = BytesHeaderParser(policy=compat32).parsebytes(stored)
-        message_id = " ".join(str(header.get("Message-ID", "")).split())
-        if message_id:
-            identity = "Message-ID " + message_id
-        else:
-            identity = "SHA-256 " + hashlib.sha256(stored).hexdigest()
+        # The ledger knows a message by its content, never by its Message-ID.
+        identity = "SHA-256 " + hashlib.sha256(stored).hexdigest()
         return cls(name, wire, stored, identity, any(byte > 127 for byte in raw))
 
 

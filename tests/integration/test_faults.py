@@ -52,18 +52,6 @@ def closed_port() -> int:
     return port
 
 
-def unknown_copies(config: GsmailConfig) -> list[bytes]:
-    """The messages kept in C{unknown/} beside the ledger, for the operator."""
-    directory = os.path.join(os.path.dirname(config.ledger_path), "unknown")
-    if not os.path.isdir(directory):
-        return []
-    copies = []
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), "rb") as f:
-            copies.append(f.read())
-    return copies
-
-
 def maildir_posts(config: GsmailConfig, group_id: str) -> list[bytes]:
     """The posts on disk in the stand-in's Maildir of C{group_id}."""
     new = os.path.join(config.standin_dir, "groups", group_id, "new")
@@ -124,8 +112,8 @@ class GroupServerFaultTests(TestCase):
         """
         The add-email page answers after response_timeout: DATA gets 451 4.4.7
         and the outcome is unknown (GroupServer got the whole post). The
-        stand-in stores it after its delay; the sender's retry after the fault
-        cleared is answered 250 without a second post: exactly one post.
+        stand-in stores it after its delay; the sender's retry adds it again
+        and GroupServer does not archive it twice: exactly one post.
         """
         service, port = self.start(response_timeout=RESPONSE_TIMEOUT)
         service.standin.faults.delay = 1.0
@@ -136,8 +124,8 @@ class GroupServerFaultTests(TestCase):
         await service.standin.when_idle()
         service.standin.faults.reset()
         retry = await self.send(port, message)
-        self.assertDataReply(retry, status.ALREADY_DELIVERED)
-        self.assertEqual(service.standin.requests["add"], 1, "the retry was posted again")
+        self.assertDataReply(retry, status.POSTED)
+        self.assertEqual(service.standin.requests["add"], 2, "the retry was not posted")
         [post] = service.standin.posts("example")
         self.assertEqual(strip_trace(post), as_stored(message))
 
@@ -162,17 +150,17 @@ class GroupServerFaultTests(TestCase):
     async def test_html_instead_of_json(self) -> None:
         """
         The group-exists page answers its HTML form instead of JSON (what a
-        wrong token looks like): RCPT gets 451 4.5.0.
+        wrong token looks like): RCPT gets 451 4.3.5.
         """
         service, port = self.start()
         service.standin.faults.html_instead_of_json = True
         answers = await self.send(port, make_message("html@example.org"))
-        self.assertRcptReply(answers, status.GROUPSERVER_BAD_REPLY)
+        self.assertRcptReply(answers, status.GROUPSERVER_REFUSED)
 
     async def test_wrong_token(self) -> None:
         """
         gsmail's token differs from the site's: GroupServer re-renders the form
-        (status 200, HTML), and RCPT gets 451 4.5.0 "check the token?".
+        with an error status (200, HTML), and RCPT gets 451 4.3.5.
         """
         from twisted.internet import reactor as global_reactor
 
@@ -190,53 +178,41 @@ class GroupServerFaultTests(TestCase):
         self.addCleanup(listening.stopListening)
         _, port = self.start(url=f"http://127.0.0.1:{listening.getHost().port}")
         answers = await self.send(port, make_message("token@example.org"))
-        self.assertRcptReply(answers, status.GROUPSERVER_BAD_REPLY)
+        self.assertRcptReply(answers, status.GROUPSERVER_REFUSED)
         self.assertEqual(standin.requests["exists"], 1)
 
     async def test_drop_after_store(self) -> None:
         """
         GroupServer stores the post and the connection drops before the
-        answer: DATA gets 451 4.4.2 (outcome unknown), a copy is kept in
-        C{unknown/} beside the ledger, and the retry is answered 250 without a
-        second post: exactly one post.
+        answer: DATA gets 451 4.4.2 (outcome unknown); the retry adds it
+        again, GroupServer archives it once: exactly one post, nothing lost.
         """
-        service, port = self.start()
-        service.standin.faults.drop = "after_store"
-        service.standin.faults.pages = frozenset({"add"})
-        message = make_message("drop-after@example.org")
-        first = await self.send(port, message)
-        self.assertDataReply(first, status.OUTCOME_UNKNOWN)
-        service.standin.faults.reset()
-        retry = await self.send(port, message)
-        self.assertDataReply(retry, status.ALREADY_DELIVERED)
-        self.assertEqual(service.standin.requests["add"], 1, "the retry was posted again")
-        [post] = service.standin.posts("example")
-        self.assertEqual(strip_trace(post), as_stored(message))
-        [copy] = unknown_copies(service.config)
-        self.assertEqual(strip_trace(copy), as_stored(message))
+        await self._dropped("after_store", "drop-after@example.org")
 
     async def test_drop_before_store(self) -> None:
         """
-        The connection drops before GroupServer stored the post. gsmail cannot
-        tell this from a drop after storing (GroupServer has no page to ask),
-        and prefers "never twice" to "at least once": DATA gets 451 4.4.2, and
-        the retry is acknowledged with 250 without posting. So the message is
-        NOT in the group, but a copy IS kept in C{unknown/} for the operator
-        to check and re-inject: the documented trade-off.
+        The connection drops before GroupServer stored the post: gsmail
+        cannot tell this from a drop after storing, answers 451 4.4.2 and the
+        retry adds it: the message is in the group once (never lost).
         """
+        await self._dropped("before_store", "drop-before@example.org")
+
+    async def _dropped(self, drop: str, message_id: str) -> None:
         service, port = self.start()
-        service.standin.faults.drop = "before_store"
+        service.standin.faults.drop = drop
         service.standin.faults.pages = frozenset({"add"})
-        message = make_message("drop-before@example.org")
+        message = make_message(message_id)
         first = await self.send(port, message)
         self.assertDataReply(first, status.OUTCOME_UNKNOWN)
         service.standin.faults.reset()
         retry = await self.send(port, message)
-        self.assertDataReply(retry, status.ALREADY_DELIVERED)
-        self.assertEqual(service.standin.requests["add"], 1, "the retry was posted")
-        self.assertEqual(service.standin.posts("example"), [])
-        [copy] = unknown_copies(service.config)
-        self.assertEqual(strip_trace(copy), as_stored(message))
+        self.assertDataReply(retry, status.POSTED)
+        self.assertEqual(service.standin.requests["add"], 2, "the retry was not posted")
+        [post] = service.standin.posts("example")
+        self.assertEqual(strip_trace(post), as_stored(message))
+        again = await self.send(port, message)
+        self.assertDataReply(again, status.ALREADY_DELIVERED)
+        self.assertEqual(service.standin.requests["add"], 2)
 
     async def test_reply_deadline(self) -> None:
         """
