@@ -300,6 +300,16 @@ class SubmissionServer(SMTPServer):
             return
         super().do_MAIL(arg)
 
+    def do_STARTTLS(self, arg: str) -> None:
+        assert self.session is not None
+        before = self.session.tls
+        super().do_STARTTLS(arg)
+        if self.session.tls and not before:
+            # RFC 3207 §4.2: nothing learnt in clear counts after TLS, a
+            # login included; a trusted client stays trusted.
+            self.session.user = None
+            self.authorized = self.trusted
+
     def do_AUTH(self, arg: str) -> None:
         assert self.session is not None
         if self.session.user is not None:

@@ -404,6 +404,20 @@ class SubmissionTests(SynchronousTestCase):
         self.assertIn("AUTH PLAIN LOGIN", offered(out))
         self.assertEqual([o[:9] for o in out[-2:]], ["235 2.7.0", "250 2.1.0"])
 
+    def test_starttls_forgets_login(self) -> None:
+        """
+        A login in clear does not survive STARTTLS (RFC 3207 §4.2): a trusted
+        client that logged in before logs in again over TLS (not 503 "Already
+        authenticated").
+        """
+        proto, t = self.connect("127.0.0.1", tls=True)
+        token = b64encode(b"\0groupserver\0s3cret")
+        proto.dataReceived(b"EHLO x\r\nAUTH PLAIN " + token + b"\r\nSTARTTLS\r\n")
+        proto.dataReceived(b"EHLO x\r\nAUTH PLAIN " + token + b"\r\n")
+        out = lines(t)
+        self.assertEqual(out[-1], "235 2.7.0 Authentication successful")
+        self.assertEqual(proto.session.with_protocol, "ESMTPSA")
+
     def test_force_tls_exempts_unix_socket(self) -> None:
         """A UNIX-socket client never leaves the host: no STARTTLS needed with C{encrypt}."""
         self.tls_level("encrypt")
