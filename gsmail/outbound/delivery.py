@@ -1052,9 +1052,7 @@ class OutboundDelivery:
         verp = envelope.xverp
         until = envelope.created + self.lifetime
         notices = [
-            self._notice(
-                r, _parse_reply(r.last_reply), "", "delayed", will_retry_until=until
-            )
+            self._notice(r, _parse_reply(r.last_reply), "", "delayed", will_retry_until=until)
             for r in envelope.recipients
             if r.state == PENDING and dsn.notify_requests(r.notify, "DELAY", verp=verp)
         ]
