@@ -146,16 +146,20 @@ class GsmailConfig:
     relayhost_password: str = attrs.field(default="", repr=False)
     tls_name: str = ""
     tls_ca: str = ""
-    mx_tls: str = "may"
+    # delivery TLS (Postfix's smtp_tls_security_level): none, may, encrypt
+    smtp_tls_security_level: str = "may"
+    mx_tls: str = ""  # "": as smtp_tls_security_level
     mx_port: int = 25
     dns_servers: tuple[str, ...] = ()
     queue_lifetime: float = 5 * 24 * 3600.0
+    delay_warning_time: float = 4 * 3600.0  # 0: no delay warnings
     outbound_connections: int = 100
     destination_concurrency: int = 20
     batch_size: int = 50
     relayhost_xverp: bool = False
     smtp_trace: bool = False
-    # -- from GroupServer's [smtp-NAME] section (gs.email's options) ------------
+    # -- from GroupServer's [smtp-NAME] section (gs.email's options): they
+    # describe GroupServer's connection to the submission listener ------------
     smtp_username: str = ""
     smtp_password: str = attrs.field(default="", repr=False)
     no_tls: bool = False
@@ -652,6 +656,16 @@ class _Reader:
         except ValueError as error:
             raise self.error(section, option, str(error)) from None
 
+    def duration_or_off(self, section: str, option: str) -> float:
+        """A duration where C{0} means off (as Postfix's C{delay_warning_time})."""
+        value = self.line(section, option)
+        if value is None:
+            return float(_DEFAULTS[option])
+        try:
+            return parse_duration(value)
+        except ValueError as error:
+            raise self.error(section, option, f"{error} (0 turns it off)") from None
+
     def duration(self, section: str, option: str) -> float:
         value = self.line(section, option)
         if value is None:
@@ -775,10 +789,13 @@ class _Reader:
     def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
         """
         The outbound options: from the C{[gsmail-NAME]} section, and gs.email's
-        from the C{[smtp-NAME]} section (C{username}/C{password}: the account
-        GroupServer authenticates with; C{no_tls}, C{force_tls}: the TLS
-        policy for delivery; C{queuepath}: a zope.sendmail queue to import;
-        C{processorthread = False}: queue only, never deliver).
+        from the C{[smtp-NAME]} section, which describe GroupServer's
+        connection to the submission listener (C{username}/C{password}: the
+        account GroupServer authenticates with; C{no_tls}: STARTTLS not
+        offered there; C{force_tls}: required there, so a certificate is
+        needed; C{queuepath}: a zope.sendmail queue to import;
+        C{processorthread = False}: queue only, never deliver). Delivery TLS
+        is C{smtp_tls_security_level} (and C{mx_tls}) of the gsmail section.
         """
         values: dict[str, Any] = {
             "submission_endpoint": self.endpoint(section, "submission_endpoint"),
@@ -792,10 +809,14 @@ class _Reader:
             ).strip(),
             "tls_name": (self.line(section, "tls_name") or "").strip(),
             "tls_ca": self.readable(section, "tls_ca"),
-            "mx_tls": self.text(section, "mx_tls", ("may", "encrypt", "none")),
+            "smtp_tls_security_level": self.text(
+                section, "smtp_tls_security_level", ("none", "may", "encrypt")
+            ),
+            "mx_tls": self.mx_tls(section),
             "mx_port": self.integer(section, "mx_port", 1),
             "dns_servers": self.words(section, "dns_servers"),
             "queue_lifetime": self.duration(section, "queue_lifetime"),
+            "delay_warning_time": self.duration_or_off(section, "delay_warning_time"),
             "outbound_connections": self.integer(section, "outbound_connections", 1),
             "destination_concurrency": self.integer(section, "destination_concurrency", 1),
             "batch_size": self.integer(section, "batch_size", 1),
@@ -826,7 +847,32 @@ class _Reader:
                 values["queuepath"] = self.path_option(smtp, "queuepath")
         if values.get("no_tls") and values.get("force_tls"):
             raise self.error(smtp or section, "force_tls", "contradicts no_tls (set one)")
+        if smtp is not None and values.get("force_tls") and values["submission_endpoint"]:
+            if not self.raw(section, "tls_certificate"):
+                # zope.sendmail refuses to send to a server without STARTTLS.
+                raise self.error(
+                    smtp,
+                    "force_tls",
+                    f"GroupServer then submits only over STARTTLS, but [{section}] has no "
+                    "tls_certificate and tls_key for the submission listener to offer it",
+                )
+            if self.raw(section, "smtp_tls_security_level") is None:
+                log.warn(
+                    "{path}: [{smtp}] force_tls now applies to GroupServer's connection to the "
+                    "submission listener only; gsmail's own delivery uses "
+                    "smtp_tls_security_level = {security_level} ([{section}])",
+                    path=self.path,
+                    smtp=smtp,
+                    section=section,
+                    security_level=values["smtp_tls_security_level"],
+                )
         return values
+
+    def mx_tls(self, section: str) -> str:
+        """C{mx_tls}: C{none}, C{may}, C{encrypt}, or empty (as C{smtp_tls_security_level})."""
+        if not self.raw(section, "mx_tls"):
+            return ""
+        return self.text(section, "mx_tls", ("none", "may", "encrypt"))
 
     def gsmail(self, section: str, instance: str, token: str, relay_prefix: str) -> GsmailConfig:
         """

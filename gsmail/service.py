@@ -8,7 +8,7 @@ gsmail.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import strports
@@ -250,18 +250,18 @@ class GsmailService(MultiService):
                 trust_root = ssl.trustRootFromCertificates(
                     [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())]
                 )
+        # Delivery TLS has options of its own; [smtp-NAME]'s no_tls and
+        # force_tls describe GroupServer's connection to the submission port.
+        level = config.smtp_tls_security_level
         smarthost_tls = TLSPolicy(
-            use=not config.no_tls,
-            require=config.force_tls,
+            use=level != "none",
+            require=level == "encrypt",
             verify=True,
             name=config.tls_name,
             trust_root=trust_root,
         )
-        mx_tls = TLSPolicy(
-            use=config.mx_tls != "none" and not config.no_tls,
-            require=config.mx_tls == "encrypt" or config.force_tls,
-            verify=False,
-        )
+        mx_level = config.mx_tls or level
+        mx_tls = TLSPolicy(use=mx_level != "none", require=mx_level == "encrypt", verify=False)
         auth = None
         if config.relayhost_username:
             auth = (config.relayhost_username, config.relayhost_password)
@@ -283,6 +283,7 @@ class GsmailService(MultiService):
             trace=config.smtp_trace,
             mx_port=config.mx_port,
             pass_xverp=config.relayhost_xverp,
+            delay_warning_time=config.delay_warning_time,
         )
         checker = None
         if config.smtp_username:
@@ -293,6 +294,7 @@ class GsmailService(MultiService):
             self.reactor,
             trusted_networks=parse_networks(config.submission_networks),
             checker=checker,
+            tls_security_level=submission_tls_level(config),
             spool_dir=config.spool_dir,
             spool_files=self.spool_files,
         )
@@ -431,6 +433,18 @@ class GsmailService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
 
+def submission_tls_level(config: GsmailConfig) -> str:
+    """
+    The submission listener's TLS level from GroupServer's C{[smtp-NAME]}
+    options, which describe GroupServer's connection to it: C{no_tls} gives
+    C{"none"} (STARTTLS not offered), C{force_tls} C{"encrypt"} (required),
+    else C{"may"} (offered when C{tls_certificate} is set).
+    """
+    if config.no_tls:
+        return "none"
+    return "encrypt" if config.force_tls else "may"
+
+
 class _KickingQueue:
     """The queue as the submission core sees it: each enqueue wakes delivery."""
 
@@ -446,8 +460,9 @@ class _KickingQueue:
         *,
         xverp: bool = False,
         params: dict[str, str] | None = None,
+        dsn: Sequence[tuple[str, str]] | None = None,
     ) -> Deferred[Any]:
-        d = self._queue.enqueue(sender, recipients, data, xverp=xverp, params=params)
+        d = self._queue.enqueue(sender, recipients, data, xverp=xverp, params=params, dsn=dsn)
 
         def kick(envelope: Any) -> Any:
             self._delivery.kick()

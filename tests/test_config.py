@@ -1052,6 +1052,151 @@ class ErrorTests(ConfigFileTestCase):
                 )
 
 
+class OutboundOptionTests(ConfigFileTestCase):
+    """
+    The outbound options: delivery TLS and delay warnings of the gsmail
+    section, and gs.email's C{[smtp-NAME]} options, which describe
+    GroupServer's connection to the submission listener.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: list[LogEvent] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.cert = os.path.join(self.directory, "cert.pem")
+        for name in ("cert.pem", "key.pem"):
+            with open(os.path.join(self.directory, name), "w") as f:
+                f.write("-----BEGIN NOTHING-----\n")
+
+    def warnings(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e["log_namespace"] == "gsmail.config"]
+
+    def outbound(self, smtp: str = "hostname = localhost", **gsmail: str) -> GsmailConfig:
+        return self.load(
+            {"submission_endpoint": "tcp:2526:interface=127.0.0.1", **gsmail}, smtp=smtp
+        )
+
+    def test_defaults(self) -> None:
+        """
+        Delivery TLS is C{may} for every destination, delay warnings come
+        after 4 hours, and the submission listener's TLS is C{may}.
+        """
+        config = self.outbound()
+        self.assertEqual(
+            (config.smtp_tls_security_level, config.mx_tls, config.delay_warning_time),
+            ("may", "", 4 * 3600.0),
+        )
+        self.assertEqual((config.no_tls, config.force_tls), (False, False))
+
+    def test_delivery_tls(self) -> None:
+        """smtp_tls_security_level and mx_tls take none, may or encrypt, any case."""
+        config = self.outbound(smtp_tls_security_level="ENCRYPT", mx_tls="none")
+        self.assertEqual((config.smtp_tls_security_level, config.mx_tls), ("encrypt", "none"))
+        self.assertEqual(self.outbound(mx_tls="").mx_tls, "")
+
+    def test_delay_warning_time(self) -> None:
+        """A duration; 0 turns delay warnings off."""
+        self.assertEqual(self.outbound(delay_warning_time="2h").delay_warning_time, 7200.0)
+        self.assertEqual(self.outbound(delay_warning_time="0").delay_warning_time, 0.0)
+
+    def test_smtp_section(self) -> None:
+        """
+        gs.email's username, password, no_tls and force_tls are read from
+        the smtp section; the password is not in the configuration's repr.
+        """
+        config = self.outbound(
+            smtp="hostname = localhost\nusername = gs\npassword = s3cret-pw\nno_tls = True"
+        )
+        self.assertEqual((config.smtp_username, config.smtp_password), ("gs", "s3cret-pw"))
+        self.assertTrue(config.no_tls)
+        self.assertNotIn("s3cret-pw", repr(config))
+        self.assertEqual(self.warnings(), [])
+
+    def test_force_tls_with_certificate(self) -> None:
+        """
+        force_tls with a certificate loads; since it no longer encrypts
+        delivery, a warning names smtp_tls_security_level, unless that is set.
+        """
+        config = self.outbound(
+            smtp="hostname = localhost\nforce_tls = True",
+            tls_certificate="cert.pem",
+            tls_key="key.pem",
+        )
+        self.assertTrue(config.force_tls)
+        self.assertEqual(config.smtp_tls_security_level, "may")
+        [warning] = self.warnings()
+        self.assertIn("[smtp-main] force_tls now applies to GroupServer's connection", warning)
+        self.assertIn("smtp_tls_security_level = may", warning)
+        self.events.clear()
+        self.outbound(
+            smtp="hostname = localhost\nforce_tls = True",
+            tls_certificate="cert.pem",
+            tls_key="key.pem",
+            smtp_tls_security_level="encrypt",
+        )
+        self.assertEqual(self.warnings(), [])
+
+    def test_force_tls_without_submission(self) -> None:
+        """Without a submission listener force_tls concerns gsmail not at all."""
+        self.assertTrue(self.load(smtp="force_tls = yes").force_tls)
+
+
+class OutboundErrorTests(ConfigFileTestCase):
+    """Outbound options gsmail cannot use: one line each, naming section and option."""
+
+    assertError = ErrorTests.assertError
+    assertGsmailError = ErrorTests.assertGsmailError
+
+    def test_delivery_tls_level(self) -> None:
+        """Levels other than none, may and encrypt are refused."""
+        for option in ("smtp_tls_security_level", "mx_tls"):
+            with self.subTest(option=option):
+                self.assertGsmailError({option: "verify"}, option, "expected")
+
+    def test_delay_warning_time(self) -> None:
+        """A negative or malformed delay warning time is refused, saying 0 turns it off."""
+        for value in ("-1", "soon"):
+            with self.subTest(value=value):
+                self.assertGsmailError(
+                    {"delay_warning_time": value}, "delay_warning_time", "0 turns it off"
+                )
+
+    def test_force_tls_needs_certificate(self) -> None:
+        """
+        force_tls makes GroupServer (zope.sendmail) refuse a server without
+        STARTTLS: with a submission listener and no certificate that is a
+        start-up error naming [smtp-main] force_tls.
+        """
+        self.assertError(
+            ini({"submission_endpoint": "tcp:2526"}, smtp="force_tls = True"),
+            "smtp-main",
+            "force_tls",
+            "GroupServer then submits only over STARTTLS, but [gsmail-default] has no "
+            "tls_certificate",
+        )
+
+    def test_force_tls_contradicts_no_tls(self) -> None:
+        """Both set: one must go."""
+        self.assertError(
+            ini(smtp="no_tls = True\nforce_tls = True"), "smtp-main", "force_tls", "contradicts"
+        )
+
+    def test_submission_networks(self) -> None:
+        """A network that does not parse is named."""
+        self.assertGsmailError(
+            {"submission_networks": "127.0.0.0/8 localnet"}, "submission_networks", "'localnet'"
+        )
+
+    def test_password_not_shown(self) -> None:
+        """A bad boolean next to the password: the error does not quote the password."""
+        error = self.assertError(
+            ini(smtp="password = s3cret-pw\nno_tls = maybe"), "smtp-main", "no_tls", "maybe"
+        )
+        self.assertNotIn("s3cret-pw", str(error))
+
+
 class DocumentationTests(ConfigFileTestCase):
     """
     The shipped example and reference describe every option gsmail reads.

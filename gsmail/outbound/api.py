@@ -35,7 +35,7 @@ class Mailer:
     def send_email(
         self,
         sender: str,
-        recipients: Iterable[str],
+        recipients: str | Iterable[str],
         message: bytes,
         xverp: bool = False,
     ) -> Deferred[dict[str, bool]]:
@@ -45,13 +45,18 @@ class Mailer:
         @param sender: the envelope sender, e.g. the group's address; with
             C{xverp}, each recipient gets C{group+user=domain@site} as Postfix's
             XVERP makes it.
-        @param recipients: the envelope recipients, C{local@domain}.
+        @param recipients: the envelope recipients, C{local@domain}: a
+            sequence (or any iterable) of addresses, or one address as a
+            C{str}, as gs.email's C{send_email} takes it (never split into
+            characters). Repeats are queued once.
         @param message: the whole message, header and body (LF or CRLF).
         @return: a Deferred firing, once the message is fsynced in the queue,
             with C{{recipient: queued}}: C{False} for an address that does not
             parse (it is not queued). Fails with C{OSError} when the queue
             cannot store it (nothing was queued).
         """
+        if isinstance(recipients, str):
+            recipients = [recipients]
         wanted = list(dict.fromkeys(recipients))
         good = []
         for address in wanted:

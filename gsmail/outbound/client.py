@@ -170,6 +170,11 @@ class Transaction:
         mailboxes (it parsed them with L{gsmail.addresses.parse_mailbox}),
         so L{SMTPConnection.send} does not parse them again; the parameters
         and the size are checked either way.
+    @ivar rcpt_params: per recipient address, the RCPT parameters wanted:
+        C{"NOTIFY"} and C{"ORCPT"} (RFC 3461 §4.1, §4.2, encoded for the
+        wire). Like C{RET} and C{ENVID} they are sent only when the server
+        offers DSN (RFC 3461 §4: else the next hop could not honour them,
+        and this side reports instead).
     """
 
     sender: str
@@ -180,6 +185,7 @@ class Transaction:
     wire_size: int | None = None
     data: bytes | None = attrs.field(default=None, repr=False)
     checked: bool = False
+    rcpt_params: dict[str, dict[str, str]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -1033,7 +1039,10 @@ class SMTPConnection:
         (C{553 5.6.7}, permanent: RFC 6531 §3.2 forbids sending such a
         message to that server, and gsmail does not downgrade). BODY=8BITMIME
         and XVERP are sent only when offered (without 8BITMIME the message
-        is sent as is, as Postfix does by default).
+        is sent as is, as Postfix does by default), and so are the DSN
+        parameters (C{RET}, C{ENVID}; C{NOTIFY}, C{ORCPT} on RCPT): check
+        C{"DSN" in extensions} to know whether this server took over the
+        notices (RFC 3461 §4).
 
         @return: the per-recipient outcome.
         @raise SMTPClientError: the connection failed, timed out, or the
@@ -1212,7 +1221,10 @@ class SMTPConnection:
         """MAIL and the RCPTs of C{transaction}."""
         encoding = "utf-8" if smtputf8 else "ascii"
         commands = [self._mail_command(transaction, smtputf8).encode(encoding)]
-        commands.extend(f"RCPT TO:<{r}>".encode(encoding) for r in recipients)
+        wanted = transaction.rcpt_params if "DSN" in self.extensions else {}
+        for r in recipients:
+            extra = "".join(f" {k}={v}" for k, v in wanted.get(r, {}).items())
+            commands.append(f"RCPT TO:<{r}>{extra}".encode(encoding))
         return commands
 
     def _announce(self, then: Transaction | None) -> list[bytes]:
@@ -1501,6 +1513,7 @@ def _wire_size_estimate(transaction: Transaction) -> int:
 
 
 _KNOWN_PARAMS: Final = frozenset({"BODY", "SMTPUTF8", "XVERP", "RET", "ENVID"})
+_KNOWN_RCPT_PARAMS: Final = frozenset({"NOTIFY", "ORCPT"})
 _PARAM_VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
 
 
@@ -1517,6 +1530,13 @@ def _check_transaction(transaction: Transaction, recipients: list[str]) -> None:
         for value in transaction.params.values():
             if value is not None and not _PARAM_VALUE.fullmatch(value):
                 raise ValueError(f"bad MAIL parameter value {value!r}")
+    for rcpt_params in transaction.rcpt_params.values():
+        unknown = set(rcpt_params) - _KNOWN_RCPT_PARAMS
+        if unknown:
+            raise ValueError(f"unknown RCPT parameters: {sorted(unknown)}")
+        for value in rcpt_params.values():
+            if not _PARAM_VALUE.fullmatch(value):
+                raise ValueError(f"bad RCPT parameter value {value!r}")
     if transaction.checked:
         return
     addresses = recipients if transaction.sender == "" else [transaction.sender, *recipients]

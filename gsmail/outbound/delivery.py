@@ -5,8 +5,22 @@ the due recipients of the outbound queue, groups them into transactions
 (one per recipient with VERP, else batches), opens a bounded number of
 connections per destination (a smarthost, or each domain's MX hosts in
 order), records each recipient's outcome durably, retries transient
-failures with backoff until the queue lifetime ends, and sends an RFC 3464
-DSN for recipients that failed for good.
+failures with backoff until the queue lifetime ends, and sends the RFC 3464
+DSNs a submitter asked for with RFC 3461's C{NOTIFY} (by default: failures,
+and one delay warning per message after C{delay_warning_time}), passing
+C{NOTIFY}, C{ORCPT}, C{ENVID} and C{RET} on to a next hop that offers DSN.
+
+Which notices go out, as Postfix does (RFC 3461 §4.1, §6.2):
+  - C{failed}: when C{NOTIFY} has C{FAILURE} or is absent; never for
+    C{NEVER}, never to the null sender;
+  - C{delayed}: once per message, when it is C{delay_warning_time} old and
+    recipients whose C{NOTIFY} has C{DELAY} (or is absent) are still
+    pending; an absent C{NOTIFY} on mail with a VERP sender per recipient
+    means C{FAILURE} only (L{gsmail.outbound.dsn.VERP_DEFAULT_NOTIFY});
+  - C{delivered} / C{relayed}: only for C{NOTIFY=SUCCESS}, when the
+    recipient was delivered into this site's groups, or accepted by a next
+    hop that does not offer DSN (one that does was given C{NOTIFY} and
+    reports itself).
 
 At-least-once window: a recipient is marked delivered only after the remote
 server's 2xx reply has been recorded in the queue (fsynced). A crash between
@@ -21,6 +35,7 @@ from __future__ import annotations
 import functools
 import heapq
 import ipaddress
+import re
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +90,8 @@ _MESSAGES_KEPT = 16
 #: instead of new ones (connect, greeting, EHLO, QUIT) for every batch.
 CONNECTION_CACHE_TIME = 2.0
 
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
+
 LocalDelivery = Callable[[str, str, str], Deferred[Reply]]
 """Delivers (sender, recipient, message path) to this site's own inbound side."""
 
@@ -107,6 +124,33 @@ def _parsed(address: str) -> Address:
 def _reply_line(reply: Reply) -> str:
     """A recipient's C{last_reply} for C{reply}, e.g. C{"250 2.0.0 Ok"} (the same for many)."""
     return f"{reply.code} {reply.status_line()}"
+
+
+def _parse_reply(line: str) -> Reply | None:
+    """
+    A recipient's C{last_reply} (C{"451 4.3.0 Try later"}) as a L{Reply},
+    for the status of a delay warning; C{None} when there is none.
+    """
+    code, _, rest = line.partition(" ")
+    if len(code) != 3 or not code.isdigit():
+        return None
+    enhanced, _, text = rest.partition(" ")
+    if not _ENHANCED.match(enhanced):
+        enhanced, text = "", rest
+    return Reply(int(code), enhanced, text)
+
+
+def _envelope_id(envelope: Envelope) -> str:
+    """
+    The C{ENVID} of C{envelope}, decoded from xtext for
+    C{Original-Envelope-Id} (RFC 3464 §2.2.1); C{""} when there is none. One
+    kept by an older version without the check is shown as received.
+    """
+    envid = envelope.params.get("ENVID", "")
+    try:
+        return dsn.xtext_decode(envid)
+    except ValueError:
+        return envid
 
 
 def _is_ip(text: str) -> bool:
@@ -228,6 +272,9 @@ class OutboundDelivery:
         XVERP gets one transaction per recipient anyway.
     @param trace: log every SMTP command and reply (debug level); off by
         default, since the trace costs more than the delivery.
+    @param delay_warning_time: seconds after its arrival at which a message
+        with recipients still pending gets one delay warning (RFC 3464
+        C{Action: delayed}), as Postfix's C{delay_warning_time}; 0: never.
     @param connection_cache_time: seconds a connection with no more jobs
         waits for new ones to its destination before it says QUIT (0: at
         once). A waiting connection gives way at once to another
@@ -267,6 +314,7 @@ class OutboundDelivery:
         pass_xverp: bool = False,
         trace: bool = False,
         connection_cache_time: float = CONNECTION_CACHE_TIME,
+        delay_warning_time: float = backoff.DELAY_WARNING_AFTER,
     ) -> None:
         if relayhost is None and mx is None:
             raise ValueError("either a relayhost or an MX resolver is needed")
@@ -291,6 +339,7 @@ class OutboundDelivery:
         self.pass_xverp = pass_xverp
         self.trace = trace
         self.connection_cache_time = connection_cache_time
+        self.delay_warning_time = delay_warning_time
         self._connections = DeferredSemaphore(max_connections)
         self._per_destination = max_per_destination
         self._jobs: dict[str, deque[_Job]] = defaultdict(deque)
@@ -445,14 +494,20 @@ class OutboundDelivery:
                     due.append(r)
                 elif later is None or r.next_attempt < later:
                     later = r.next_attempt
+        warn_at = self._delay_warning_at(envelope)
+        if warn_at is not None and warn_at > now and (later is None or warn_at < later):
+            later = warn_at
         if later is None:
             self._waiting.discard(envelope.id)
         else:
             self._waiting.add(envelope.id)
             self._wake_at(envelope.id, later)
+        expired = backoff.expired(envelope.created, now, self.lifetime)
+        if warn_at is not None and warn_at <= now and not expired:
+            self._warn_delayed(envelope)
         if not due:
             return
-        if backoff.expired(envelope.created, now, self.lifetime):
+        if expired:
             self._expire(envelope, due)
             return
         for job in self._jobs_for(envelope, due):
@@ -740,6 +795,14 @@ class OutboundDelivery:
                 params,
                 {**params, "XVERP": None},
             )
+        rcpt_params: dict[str, dict[str, str]] = {}
+        for r in job.recipients:
+            if r.notify or r.orcpt:
+                wanted = rcpt_params[r.address] = {}
+                if r.notify:
+                    wanted["NOTIFY"] = r.notify
+                if r.orcpt:
+                    wanted["ORCPT"] = dsn.orcpt_parameter(r.orcpt)
         job.transaction = Transaction(
             sender=job.sender,
             recipients=[r.address for r in job.recipients],
@@ -748,6 +811,7 @@ class OutboundDelivery:
             params=made[2] if job.xverp else made[1],
             data=self._message(envelope),
             checked=job.checked,
+            rcpt_params=rcpt_params,
         )
         return job.transaction
 
@@ -820,6 +884,8 @@ class OutboundDelivery:
                 )
         else:
             replies = result.recipients
+        # A next hop that offers DSN was given NOTIFY and reports itself.
+        reports = "DSN" in conn.extensions
         if not last and not after_data:
             again = [
                 r for r in job.recipients if replies.get(r.address, status.LOCAL_ERROR).is_transient
@@ -827,7 +893,12 @@ class OutboundDelivery:
             if again:
                 done = [r for r in job.recipients if r not in again]
                 if done:
-                    await self._record(_Job(envelope, done, job.sender, job.xverp), replies, remote)
+                    await self._record(
+                        _Job(envelope, done, job.sender, job.xverp),
+                        replies,
+                        remote,
+                        next_hop_reports=reports,
+                    )
                 reply = replies.get(again[0].address, status.LOCAL_ERROR)
                 log.info(
                     "{queue_id}: {reply} from {remote}; trying the next host",
@@ -836,7 +907,7 @@ class OutboundDelivery:
                     remote=remote,
                 )
                 return _Job(envelope, again, job.sender, job.xverp), reply
-        await self._record(job, replies, remote)
+        await self._record(job, replies, remote, next_hop_reports=reports)
         return None
 
     async def _deliver_locally(self, job: _Job) -> None:
@@ -850,7 +921,7 @@ class OutboundDelivery:
             except Exception:
                 log.failure("Local delivery of {queue_id} failed", queue_id=job.envelope.id)
                 replies[r.address] = status.LOCAL_ERROR
-        await self._record(job, replies, self.hostname)
+        await self._record(job, replies, self.hostname, final=True)
 
     def _fail_all(self, jobs: deque[_Job], reply: Reply) -> None:
         while jobs:
@@ -860,10 +931,28 @@ class OutboundDelivery:
             ).addErrback(lambda f: log.failure("Recording a failure failed", f))
 
     # -- outcomes ------------------------------------------------------------
-    async def _record(self, job: _Job, replies: dict[str, Reply], remote: str) -> None:
+    async def _record(
+        self,
+        job: _Job,
+        replies: dict[str, Reply],
+        remote: str,
+        *,
+        next_hop_reports: bool = False,
+        final: bool = False,
+    ) -> None:
+        """
+        Record the outcome of C{job}'s recipients and send the notices
+        their C{NOTIFY} asks for.
+
+        @param next_hop_reports: the next hop offers DSN, so it was given
+            the DSN parameters and a success is not reported here.
+        @param final: delivered into this site's groups (C{Action:
+            delivered}) rather than relayed (C{Action: relayed}).
+        """
         envelope = job.envelope
         now = self.reactor.seconds()
-        failed: list[dsn.FailedRecipient] = []
+        verp = envelope.xverp and bool(envelope.sender)
+        notices: list[dsn.FailedRecipient] = []
         for r in job.recipients:
             self._in_flight.discard((envelope.id, r.address))
             reply = replies.get(r.address, status.LOCAL_ERROR)
@@ -872,12 +961,17 @@ class OutboundDelivery:
             if reply.is_success:
                 r.state = DELIVERED
                 self.delivered += 1
+                if r.notify and (final or not next_hop_reports) and "SUCCESS" in r.notify:
+                    action = "delivered" if final else "relayed"
+                    notices.append(self._notice(r, reply, remote, action))
             elif reply.is_permanent:
                 r.state = FAILED
-                failed.append(dsn.FailedRecipient(r.address, reply, remote or None))
+                if dsn.notify_requests(r.notify, "FAILURE", verp=verp):
+                    notices.append(self._notice(r, reply, remote, "failed"))
             elif backoff.expired(envelope.created, now, self.lifetime):
                 r.state = EXPIRED
-                failed.append(dsn.FailedRecipient(r.address, reply, remote or None))
+                if dsn.notify_requests(r.notify, "FAILURE", verp=verp):
+                    notices.append(self._notice(r, reply, remote, "failed"))
             else:
                 r.state = PENDING
                 if self._random is None:
@@ -892,26 +986,99 @@ class OutboundDelivery:
                 self._note(outcome)
             else:
                 _log_outcome(outcome)  # rare, and what an operator looks for
-        await self._finish(envelope, job.sender, failed, job.recipients)
+        await self._finish(envelope, job.sender, notices, job.recipients)
+
+    @staticmethod
+    def _notice(
+        r: RecipientState, reply: Reply | None, remote: str, action: str, **more: Any
+    ) -> dsn.FailedRecipient:
+        """One recipient's block of a DSN, with its C{ORCPT} (RFC 3461 §4.2)."""
+        return dsn.FailedRecipient(
+            r.address,
+            reply,
+            remote or None,
+            action=action,
+            original_recipient=r.orcpt or None,
+            **more,
+        )
 
     def _expire(self, envelope: Envelope, due: list[RecipientState]) -> None:
-        failed = []
+        verp = envelope.xverp and bool(envelope.sender)
+        notices = []
         for r in due:
             r.state = EXPIRED
             reply = Reply(
                 451, "4.4.7", f"Delivery time expired; last: {r.last_reply or 'no attempt'}"
             )
-            failed.append(dsn.FailedRecipient(r.address, reply, None))
+            if dsn.notify_requests(r.notify, "FAILURE", verp=verp):
+                notices.append(self._notice(r, reply, "", "failed"))
         sender = envelope.sender
-        Deferred.fromCoroutine(self._finish(envelope, sender, failed, due)).addErrback(
+        Deferred.fromCoroutine(self._finish(envelope, sender, notices, due)).addErrback(
             lambda f: log.failure("Expiring {queue_id} failed", f, queue_id=envelope.id)
         )
+
+    # -- delay warnings ------------------------------------------------------
+    def _delay_warning_at(self, envelope: Envelope) -> float | None:
+        """
+        When C{envelope}'s delay warning is due (seconds since the epoch), or
+        C{None} when it gets none: warnings are off, it had one, its sender
+        takes no DSN (the null sender), the queue lifetime ends first, or no
+        pending recipient asks for one (C{NOTIFY} without C{DELAY}, or mail
+        with VERP senders and no C{NOTIFY}).
+        """
+        if self.delay_warning_time <= 0 or envelope.delay_warned or not envelope.sender:
+            return None
+        if self.delay_warning_time >= self.lifetime:
+            return None
+        verp = envelope.xverp
+        if not any(
+            r.state == PENDING and dsn.notify_requests(r.notify, "DELAY", verp=verp)
+            for r in envelope.recipients
+        ):
+            return None
+        if not dsn.should_send_dsn(envelope.sender):
+            return None
+        return envelope.created + self.delay_warning_time
+
+    def _warn_delayed(self, envelope: Envelope) -> None:
+        """
+        Queue the delay warning (RFC 3464 C{Action: delayed}, status 4.x.x
+        from the last reply, C{Will-Retry-Until} the end of the queue
+        lifetime) for the recipients of C{envelope} still pending that ask
+        for one, and record that it was sent. Once per message: the flag is
+        set first, so a failure to queue the warning is logged, not retried.
+        """
+        envelope.delay_warned = True
+        verp = envelope.xverp
+        until = envelope.created + self.lifetime
+        notices = [
+            self._notice(r, _parse_reply(r.last_reply), "", "delayed", will_retry_until=until)
+            for r in envelope.recipients
+            if r.state == PENDING and dsn.notify_requests(r.notify, "DELAY", verp=verp)
+        ]
+        log.info(
+            "{queue_id}: delay warning for {count} recipients still pending",
+            queue_id=envelope.id,
+            count=len(notices),
+        )
+        Deferred.fromCoroutine(self._send_warning(envelope, notices)).addErrback(
+            lambda f: log.failure("Delay warning for {queue_id} failed", f, queue_id=envelope.id)
+        )
+
+    async def _send_warning(self, envelope: Envelope, notices: list[dsn.FailedRecipient]) -> None:
+        await self._send_dsn(envelope, envelope.sender, notices)
+        try:
+            # After the warning is queued: a crash between the two sends it
+            # again (at least once), never not at all.
+            await self.queue.update(envelope)
+        except NoSuchMessageError:
+            pass  # delivered or deleted meanwhile
 
     async def _finish(
         self,
         envelope: Envelope,
         sender: str,
-        failed: list[dsn.FailedRecipient],
+        notices: list[dsn.FailedRecipient],
         recipients: list[RecipientState],
     ) -> None:
         """
@@ -919,8 +1086,8 @@ class OutboundDelivery:
         remove the message when it is done.
         """
         try:
-            if failed:
-                await self._send_dsn(envelope, sender, failed)
+            if notices:
+                await self._send_dsn(envelope, sender, notices)
             # The records of every job that finishes meanwhile, of any
             # message, share one write (the queue's group commit).
             await self.queue.record(envelope, recipients)
@@ -962,33 +1129,40 @@ class OutboundDelivery:
             log.info("{outcomes}", outcomes=outcomes)
 
     async def _send_dsn(
-        self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
+        self, envelope: Envelope, sender: str, notices: list[dsn.FailedRecipient]
     ) -> None:
         """
-        Queue a DSN (null sender) to C{sender}: with VERP, one per failed
-        recipient to its own VERP address, so each bounce comes back to
-        GroupServer's bounce page for that member.
+        Queue DSNs (null sender) to C{sender}: with VERP, one per recipient
+        to its own VERP address, so each bounce comes back to GroupServer's
+        bounce page for that member; else one per kind (failures, delays,
+        successes: separate reports, as Postfix sends them).
         """
         if envelope.xverp and envelope.sender:
-            for failure in failed:
-                verp = self._verp_sender(envelope.sender, failure.address)
-                await self._send_one_dsn(envelope, verp, [failure])
-        else:
-            await self._send_one_dsn(envelope, sender, failed)
+            for notice in notices:
+                verp = self._verp_sender(envelope.sender, notice.address)
+                await self._send_one_dsn(envelope, verp, [notice])
+            return
+        kinds: dict[str, list[dsn.FailedRecipient]] = {}
+        for notice in notices:
+            kind = "success" if notice.action in ("delivered", "relayed") else notice.action
+            kinds.setdefault(kind, []).append(notice)
+        for group in kinds.values():
+            await self._send_one_dsn(envelope, sender, group)
 
     async def _send_one_dsn(
-        self, envelope: Envelope, sender: str, failed: list[dsn.FailedRecipient]
+        self, envelope: Envelope, sender: str, notices: list[dsn.FailedRecipient]
     ) -> None:
         if not dsn.should_send_dsn(sender):
             return
         message = dsn.build_dsn(
             reporting_mta=self.hostname,
             original_sender=sender,
-            recipients=failed,
+            recipients=notices,
             original_path=self.queue.data_path(envelope.id),
             arrival=envelope.created,
             now=self.reactor.seconds(),
             return_content="full" if envelope.params.get("RET") == "FULL" else "headers",
+            envelope_id=_envelope_id(envelope),
         )
         try:
             await self.queue.enqueue("", [sender], message)

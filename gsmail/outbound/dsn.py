@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.outbound.test_dsn -*-
 """
 Delivery status notifications: building the RFC 3464 report gsmail sends to
-a message's envelope sender when delivery failed (or is late), deciding
-whether to send one at all, and reading one back.
+a message's envelope sender when delivery failed, is late or (when asked
+for) succeeded, deciding whether to send one at all, reading one back, and
+the RFC 3461 parameters that ask for them (C{NOTIFY}, C{ORCPT}, C{ENVID},
+and their C{xtext} encoding).
 
 For GroupServer the envelope sender of each copy is its XVERP address
 (C{group+member=domain@site}), so a DSN goes back to gsmail's own inbound
@@ -43,6 +45,15 @@ __all__ = [
     "build_dsn",
     "should_send_dsn",
     "parse_dsn",
+    "parse_notify",
+    "notify_requests",
+    "parse_orcpt",
+    "orcpt_parameter",
+    "parse_envid",
+    "xtext_decode",
+    "xtext_encode",
+    "DEFAULT_NOTIFY",
+    "VERP_DEFAULT_NOTIFY",
     "MAX_RETURNED_HEADERS",
     "MAX_RETURNED_MESSAGE",
 ]
@@ -58,6 +69,26 @@ _MAX_VALUE: Final = 900
 _FOLD_AT: Final = 76
 
 _STATUS: Final = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
+
+#: The actions a report may give a recipient (RFC 3464 §2.3.3).
+_ACTIONS: Final = ("failed", "delayed", "delivered", "relayed")
+
+#: What a recipient without a C{NOTIFY} parameter gets: RFC 3461 §4.1 leaves
+#: the default (FAILURE, or FAILURE and DELAY) to the MTA; gsmail warns of
+#: delays as well, as Postfix does once C{delay_warning_time} is set.
+DEFAULT_NOTIFY: Final = frozenset({"FAILURE", "DELAY"})
+#: The default for mail gsmail sends with a VERP sender per recipient
+#: (GroupServer's posts): every notice to such an address reaches a bounce
+#: processor (GroupServer's bounce page), which counts it as a bounce, so
+#: only failures are reported unless C{NOTIFY} asks for more.
+VERP_DEFAULT_NOTIFY: Final = frozenset({"FAILURE"})
+_NOTIFY_ORDER: Final = ("SUCCESS", "FAILURE", "DELAY")
+#: RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT values (characters).
+MAX_ENVID: Final = 100
+MAX_ORCPT: Final = 500
+_HEXCHAR: Final = re.compile(r"\+([0-9A-Fa-f]{2})")
+_XTEXT: Final = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*\Z")
+_ADDR_TYPE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
 _MESSAGE_ID: Final = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+>\Z")
 
 
@@ -74,24 +105,26 @@ class FailedRecipient:
     @ivar remote_mta: the host name of the server that sent C{reply}, or
         C{None} when the reply is gsmail's own or there was none. Decides the
         diagnostic type: C{smtp} for a remote reply, C{X-gsmail} otherwise.
-    @ivar action: C{"failed"} (RFC 3464 §2.3.3: given up) or C{"delayed"}
-        (still being retried).
+    @ivar action: RFC 3464 §2.3.3: C{"failed"} (given up), C{"delayed"}
+        (still being retried), C{"delivered"} (delivered into this site's
+        own groups) or C{"relayed"} (accepted by a next hop that does not
+        offer DSN, so no further notice will come; RFC 3461 §6.2.1 (d)).
+        The class name is older than the success actions.
     @ivar diagnostic: what went wrong when there is no reply, e.g.
         C{"connect to mx.example.org[192.0.2.1]:25: Connection refused"}.
     @ivar last_attempt: when delivery was last tried (POSIX seconds), for
         C{Last-Attempt-Date}; omitted when C{None}.
     @ivar will_retry_until: for C{delayed}, when the queue gives up (POSIX
         seconds), for C{Will-Retry-Until}.
-    @ivar original_recipient: the C{ORCPT} parameter as received (C{rfc822;
-        addr}), for C{Original-Recipient} (RFC 3461 §4.2).
+    @ivar original_recipient: the C{ORCPT} parameter, decoded (L{parse_orcpt}:
+        C{rfc822;addr}), for C{Original-Recipient} (RFC 3461 §4.2, RFC 3464
+        §2.3.1).
     """
 
     address: str
     reply: Reply | None
     remote_mta: str | None
-    action: str = attrs.field(
-        default="failed", validator=attrs.validators.in_(("failed", "delayed"))
-    )
+    action: str = attrs.field(default="failed", validator=attrs.validators.in_(_ACTIONS))
     diagnostic: str = ""
     last_attempt: float | None = None
     will_retry_until: float | None = None
@@ -145,6 +178,138 @@ def should_send_dsn(original_sender: str) -> bool:
     return address.local.strip('"').lower() != "mailer-daemon"
 
 
+# -- the RFC 3461 parameters ----------------------------------------------------
+
+
+def xtext_decode(text: str) -> str:
+    """
+    Undo RFC 3461 §4 C{xtext}: C{+XX} (two hex digits) is the octet XX; any
+    other character from C{!} to C{~} but C{+} and C{=} stands for itself.
+    Lowercase hex digits are taken too (be liberal).
+
+    @param text: the parameter value as received.
+    @return: the decoded text (octets above 127 are refused, so it is ASCII).
+    @raise ValueError: not xtext (a space, C{=}, a control or non-ASCII
+        character, a C{+} without two hex digits, or an encoded octet above
+        127); the submission port answers C{501 5.5.4}.
+    """
+    if not _XTEXT.match(text):
+        raise ValueError("not xtext (RFC 3461 section 4)")
+    decoded = _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
+    if not decoded.isascii():
+        raise ValueError("xtext must encode US-ASCII")
+    return decoded
+
+
+def xtext_encode(text: str) -> str:
+    """
+    RFC 3461 §4 C{xtext}: C{+}, C{=}, space, controls and non-ASCII as
+    C{+XX} (UTF-8 octets for non-ASCII), the rest as is.
+    """
+    return "".join(
+        c if "\x21" <= c <= "\x7e" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
+        for c in text
+    )
+
+
+def _printable(text: str) -> bool:
+    """Printable US-ASCII, space included (RFC 3461 §4.2, §4.4)."""
+    return all(" " <= c <= "~" for c in text)
+
+
+def parse_notify(value: str | None) -> str:
+    """
+    Check and normalise a C{NOTIFY} value (RFC 3461 §4.1): C{NEVER} alone,
+    or one or more of C{SUCCESS}, C{FAILURE}, C{DELAY}, any case.
+
+    @return: C{"NEVER"} or the words in the order C{SUCCESS,FAILURE,DELAY},
+        e.g. C{"FAILURE,DELAY"}.
+    @raise ValueError: missing, empty, unknown or repeated words, or NEVER
+        with others; the submission port answers C{501 5.5.4}.
+    """
+    words = (value or "").upper().split(",")
+    chosen = set(words)
+    if (
+        not value
+        or len(chosen) != len(words)
+        or not chosen <= {"NEVER", *_NOTIFY_ORDER}
+        or ("NEVER" in chosen and len(chosen) > 1)
+    ):
+        raise ValueError("NOTIFY takes NEVER, or SUCCESS, FAILURE and DELAY (RFC 3461 section 4.1)")
+    return "NEVER" if "NEVER" in chosen else ",".join(w for w in _NOTIFY_ORDER if w in chosen)
+
+
+def notify_requests(notify: str, kind: str, *, verp: bool = False) -> bool:
+    """
+    Whether a recipient's C{NOTIFY} asks for a notice of C{kind}.
+
+    @param notify: as L{parse_notify} returns it; C{""} when the client gave
+        none: then L{DEFAULT_NOTIFY}, or L{VERP_DEFAULT_NOTIFY} for mail
+        delivered with a VERP sender per recipient.
+    @param kind: C{"SUCCESS"}, C{"FAILURE"} or C{"DELAY"}.
+    @param verp: the message goes out with a VERP sender per recipient.
+    """
+    if not notify:
+        return kind in (VERP_DEFAULT_NOTIFY if verp else DEFAULT_NOTIFY)
+    return kind in notify.split(",")
+
+
+def parse_orcpt(value: str | None) -> str:
+    """
+    Check and decode an C{ORCPT} value (RFC 3461 §4.2): C{addr-type;xtext},
+    at most 500 characters. The C{utf-8} type (RFC 6533 §3) holds
+    C{\\x{HEX}} escapes (and, with SMTPUTF8, UTF-8 itself); every other
+    type is xtext and must decode to printable US-ASCII.
+
+    @return: C{type;address}, the type lowercased and the address decoded,
+        e.g. C{rfc822;a+b@example.org} for C{rfc822;a+2Bb@example.org}.
+    @raise ValueError: malformed; the submission port answers C{501 5.5.4}.
+    """
+    kind, semicolon, text = (value or "").partition(";")
+    if not value or not semicolon or not text or not _ADDR_TYPE.match(kind):
+        raise ValueError("ORCPT takes addr-type;xtext (RFC 3461 section 4.2)")
+    if len(value) > MAX_ORCPT:
+        raise ValueError(f"ORCPT is longer than {MAX_ORCPT} characters (RFC 3461 section 4.2)")
+    kind = kind.lower()
+    if kind == "utf-8":
+        if any(c in "+=" or not c.isprintable() or c.isspace() for c in text):
+            raise ValueError("bad utf-8-addr-xtext in ORCPT (RFC 6533 section 3)")
+        address = _EMBEDDED.sub(lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), text)
+    else:
+        address = xtext_decode(text)
+    if not address or not address.isprintable() or address != address.strip():
+        raise ValueError("ORCPT must decode to printable characters (RFC 3461 section 4.2)")
+    return f"{kind};{address}"
+
+
+def orcpt_parameter(orcpt: str) -> str:
+    """
+    The C{ORCPT} value to pass on to a next hop that offers DSN (RFC 3461
+    §4.2), encoded again from L{parse_orcpt}'s form: xtext, or
+    C{utf-8-addr-xtext} for the C{utf-8} type.
+    """
+    kind, _, address = orcpt.partition(";")
+    return f"{kind};{_xtext(address) if kind == 'utf-8' else xtext_encode(address)}"
+
+
+def parse_envid(value: str | None) -> str:
+    """
+    Check an C{ENVID} value (RFC 3461 §4.4): xtext of at most 100
+    characters that decodes to printable US-ASCII.
+
+    @return: the value as received (still xtext: it is passed on as is, and
+        decoded with L{xtext_decode} for C{Original-Envelope-Id}).
+    @raise ValueError: malformed; the submission port answers C{501 5.5.4}.
+    """
+    if not value:
+        raise ValueError("ENVID needs a value (RFC 3461 section 4.4)")
+    if len(value) > MAX_ENVID:
+        raise ValueError(f"ENVID is longer than {MAX_ENVID} characters (RFC 3461 section 4.4)")
+    if not _printable(xtext_decode(value)):
+        raise ValueError("ENVID must decode to printable US-ASCII (RFC 3461 section 4.4)")
+    return value
+
+
 # -- building -----------------------------------------------------------------
 
 
@@ -176,6 +341,21 @@ def _typed_address(address: str) -> str:
     return f"utf-8; {_xtext(address)}"
 
 
+def _original_recipient(value: str) -> str:
+    """
+    The C{Original-Recipient} value (RFC 3464 §2.3.1) for an C{ORCPT} in
+    L{parse_orcpt}'s form: C{type;address}, the C{utf-8} type in its 7-bit
+    C{utf-8-addr-xtext} form (RFC 6533 §3); a bare address is C{rfc822}.
+    """
+    original = _clean(value)
+    kind, semicolon, address = original.partition(";")
+    if not semicolon:
+        return _typed_address(original)
+    if kind.strip().lower() == "utf-8" and not address.isascii():
+        return f"utf-8;{_xtext(address)}"
+    return original
+
+
 def _field(name: str, value: str) -> str:
     """C{Name: value}, ASCII, folded at spaces near 76 columns (RFC 5322 §2.2.3)."""
     words = _cut(_ascii(value)).split(" ")
@@ -200,9 +380,15 @@ def _status(recipient: FailedRecipient) -> str:
     The RFC 3463 status: the reply's enhanced code (or its class with
     C{.0.0} when the server gave none); C{5.4.7} for a recipient given up
     after only transient replies or none (delivery time expired);
-    C{4.4.7} for a delay with no reply.
+    C{4.4.7} for a delay with no reply; C{2.0.0} (or the reply's 2.x.x)
+    for a success.
     """
     reply = recipient.reply
+    if recipient.action in ("delivered", "relayed"):
+        # RFC 3464 §2.3.4: a success is 2.x.x; the reply's own code if it has one.
+        if reply is not None and reply.enhanced.startswith("2") and _STATUS.match(reply.enhanced):
+            return reply.enhanced
+        return "2.0.0"
     if reply is None:
         return "5.4.7" if recipient.action == "failed" else "4.4.7"
     code = reply.enhanced if _STATUS.match(reply.enhanced) else f"{str(reply.code)[:1]}.0.0"
@@ -237,6 +423,11 @@ def _explanation(recipient: FailedRecipient, status: str, arrival: float, now: f
         said = f"{_clean(recipient.remote_mta)} said: {text}" if recipient.remote_mta else text
     elif recipient.diagnostic:
         said = _cut(_clean(recipient.diagnostic))
+    if recipient.action == "delivered":
+        return f"<{address}>: delivered" + (f"; {said}" if said else "")
+    if recipient.action == "relayed":
+        out = f"<{address}>: relayed to a mail system that does not report on delivery"
+        return out + (f"; {said}" if said else "")
     if recipient.action == "delayed":
         out = f"<{address}>: not delivered yet"
         if recipient.will_retry_until is not None:
@@ -281,6 +472,19 @@ def _human_part(
             "The mail system is still trying; you do not need to send it again.",
             "",
             *(f"{p}\n" for p in delayed),
+        ]
+    succeeded = [
+        _explanation(r, s, arrival, now)
+        for r, s in zip(recipients, statuses, strict=True)
+        if r.action in ("delivered", "relayed")
+    ]
+    if succeeded:
+        lines += [
+            "Your message was delivered to the recipients below, as you asked to be told.",
+            "A relayed message may still fail later; then you will hear from the system",
+            "that has it now.",
+            "",
+            *(f"{p}\n" for p in succeeded),
         ]
     lines.append(content_note)
     if postmaster:
@@ -383,8 +587,9 @@ def build_dsn(
     the null sender C{<>} to C{original_sender}.
 
     Headers: C{From: MAILER-DAEMON@reporting_mta}, C{To: original_sender},
-    C{Subject: Undelivered Mail Returned to Sender} (or C{Delayed Mail (still
-    being retried)} when every recipient is C{delayed}), C{Auto-Submitted:
+    C{Subject: Undelivered Mail Returned to Sender} when a recipient
+    C{failed}, else C{Delayed Mail (still being retried)} when one is
+    C{delayed}, else C{Successful Mail Delivery Report}, C{Auto-Submitted:
     auto-replied} (RFC 3834 §5), C{Date}, C{Message-ID}, and C{In-Reply-To}
     / C{References} when the original had a Message-ID.
 
@@ -400,8 +605,9 @@ def build_dsn(
          C{Last-Attempt-Date}, C{Will-Retry-Until};
       3. the original's header section as C{text/rfc822-headers} (at most
          C{header_limit} bytes, cut at a line end), or the whole message as
-         C{message/rfc822} when C{return_content == "full"} and it is no
-         larger than C{full_limit} (else its headers). Non-ASCII headers use
+         C{message/rfc822} when C{return_content == "full"}, a recipient
+         C{failed} (RFC 3461 §4.3: RET=FULL is for failure reports) and it is
+         no larger than C{full_limit} (else its headers). Non-ASCII headers use
          C{message/global-headers} / C{message/global} (RFC 6533 §6).
 
     The result is 7-bit unless the returned original has 8-bit bytes (then
@@ -420,8 +626,10 @@ def build_dsn(
     @param now: the time of the report (POSIX seconds), from the clock.
     @param postmaster: an address named in the human part for help.
     @param return_content: C{"headers"} (C{RET=HDRS}, the default) or
-        C{"full"} (C{RET=FULL}, RFC 3461 §4.3).
-    @param envelope_id: the C{ENVID} given at submission, if any.
+        C{"full"} (C{RET=FULL}, RFC 3461 §4.3; failure reports only).
+    @param envelope_id: the C{ENVID} given at submission, if any, decoded
+        from xtext (L{xtext_decode}), for C{Original-Envelope-Id} (RFC 3464
+        §2.2.1).
     @return: the message, LF line endings.
     @raise ValueError: no recipients, or a bad C{return_content}.
     """
@@ -432,6 +640,10 @@ def build_dsn(
     mta = _ascii(reporting_mta) or "localhost"
     statuses = [_status(r) for r in recipients]
 
+    if not any(r.action == "failed" for r in recipients):
+        # RFC 3461 §4.3: RET=FULL asks for the content with a failure
+        # report; delay and success reports carry the headers.
+        return_content = "headers"
     third, original_headers, content_note = _original_part(
         original_path, return_content, header_limit, full_limit
     )
@@ -456,9 +668,8 @@ def build_dsn(
     for recipient, status in zip(recipients, statuses, strict=True):
         report += "\n"
         if recipient.original_recipient:
-            original = _clean(recipient.original_recipient)
             report += _field(
-                "Original-Recipient", original if ";" in original else _typed_address(original)
+                "Original-Recipient", _original_recipient(recipient.original_recipient)
             )
         report += _field("Final-Recipient", _typed_address(recipient.address))
         report += _field("Action", recipient.action)
@@ -482,12 +693,13 @@ def build_dsn(
     while any(boundary.encode() in part for part in parts):
         boundary = f"gsmail-{secrets.token_hex(12)}"  # pragma: no cover - 96 random bits
 
-    all_delayed = all(r.action == "delayed" for r in recipients)
-    subject = (
-        "Delayed Mail (still being retried)"
-        if all_delayed
-        else "Undelivered Mail Returned to Sender"
-    )
+    actions = {r.action for r in recipients}
+    if "failed" in actions:
+        subject = "Undelivered Mail Returned to Sender"
+    elif "delayed" in actions:
+        subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Successful Mail Delivery Report"  # Postfix's words
     sender = _clean(original_sender)
     if sender.startswith("<") and sender.endswith(">"):
         sender = sender[1:-1]

@@ -21,6 +21,13 @@ wrong size, or that does not parse) is corrupt: logged and moved to
 C{corrupt/}. A message is held by a field of its envelope, not a marker file,
 so one file holds the whole truth about it.
 
+The envelope format grows compatibly: fields added later (a recipient's
+C{notify} and C{orcpt}, the message's C{delay_warned}) are written only when
+set and read with their defaults when absent, so envelopes of older versions
+load unchanged (their DSN parameters, which were kept among the MAIL
+parameters as C{NOTIFY:<address>}, are taken from there), and older
+versions, which ignore fields they do not know, load the new ones.
+
 Durability (L{OutboundQueue.enqueue}, before the submission listener says 250):
 
   1. create C{tmp/<id>.data} with C{O_EXCL}, write, C{fsync} it, close;
@@ -92,6 +99,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gsmail.outbound.dsn import parse_notify, parse_orcpt
+
 __all__ = [
     "DELIVERED",
     "EXPIRED",
@@ -104,6 +113,7 @@ __all__ = [
     "OutboundQueue",
     "QueueClosedError",
     "QueueLockedError",
+    "RecipientDSN",
     "RecipientState",
     "read_queue",
 ]
@@ -139,6 +149,9 @@ _ZOPE_FROM: Final = b"X-Zope-From: "
 _ZOPE_TO: Final = b"X-Zope-To: "
 
 Sync = Callable[[Callable[[], None]], Deferred[None]]
+#: Per recipient, in order: its C{NOTIFY} (normalised) and C{ORCPT} (decoded)
+#: parameters, C{""} when not given (L{OutboundQueue.enqueue}'s C{dsn}).
+RecipientDSN = tuple[str, str]
 
 
 @attrs.define
@@ -153,6 +166,12 @@ class RecipientState:
     @ivar next_attempt: when to try next, in seconds since the epoch.
     @ivar last_reply: the last reply or error, e.g. C{"451 4.4.1 No answer"},
         for the DSN and the queue listing.
+    @ivar notify: the C{NOTIFY} parameter it was submitted with (RFC 3461
+        §4.1), normalised (L{gsmail.outbound.dsn.parse_notify}: C{"NEVER"},
+        C{"SUCCESS,FAILURE"}, ...), or C{""} when none was given.
+    @ivar orcpt: its C{ORCPT} parameter (RFC 3461 §4.2), decoded
+        (L{gsmail.outbound.dsn.parse_orcpt}: C{"rfc822;a@example.org"}), or
+        C{""}.
     """
 
     address: str
@@ -160,6 +179,8 @@ class RecipientState:
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str = ""
+    notify: str = ""
+    orcpt: str = ""
 
 
 @attrs.define
@@ -180,10 +201,14 @@ class Envelope:
     @ivar size: the length of the message in bytes.
     @ivar dsn_sent: a DSN about its failed recipients has been queued.
     @ivar params: MAIL FROM parameters to keep, e.g. C{{"BODY": "8BITMIME",
-        "SMTPUTF8": ""}}.
+        "SMTPUTF8": ""}}; the DSN ones (RFC 3461) are C{"RET"} (C{FULL} or
+        C{HDRS}) and C{"ENVID"} (as received: xtext).
     @ivar origin: where it came from when not submitted over SMTP, e.g.
         C{"zope.sendmail:<file name>"} for an imported zope.sendmail file
         (lets a re-run of the import see it was already done); else C{""}.
+    @ivar delay_warned: the delay warning (RFC 3464 C{Action: delayed}) for
+        its recipients still pending at C{delay_warning_time} was queued;
+        none is sent again.
     """
 
     id: str
@@ -196,6 +221,7 @@ class Envelope:
     dsn_sent: bool = False
     params: dict[str, str] = attrs.Factory(dict)
     origin: str = ""
+    delay_warned: bool = False
 
     def pending(self) -> list[RecipientState]:
         """
@@ -522,6 +548,7 @@ class OutboundQueue:
         *,
         xverp: bool = False,
         params: dict[str, str] | None = None,
+        dsn: Sequence[RecipientDSN] | None = None,
     ) -> Deferred[Envelope]:
         """
         Queue a message durably. The returned Deferred fires only once the
@@ -536,13 +563,19 @@ class OutboundQueue:
             Stored exactly as given.
         @param xverp: deliver with a VERP sender per recipient.
         @param params: MAIL FROM parameters to keep (copied).
+        @param dsn: per recipient, in the order of C{recipients}, its
+            C{NOTIFY} and C{ORCPT} parameters (RFC 3461 §4.1, §4.2) as
+            L{gsmail.outbound.dsn.parse_notify} and
+            L{gsmail.outbound.dsn.parse_orcpt} return them, C{""} when not
+            given; C{None}: none for any.
         @return: fires with the new L{Envelope}; fails with C{ValueError}
-            (no recipients, or an address or parameter with CR, LF or NUL:
-            C{501 5.5.4}), C{OSError} (disk: nothing is left queued,
-            C{451 4.3.0}) or L{QueueClosedError} (C{451 4.3.0}).
+            (no recipients, C{dsn} not one pair per recipient, or an address
+            or parameter with CR, LF or NUL: C{501 5.5.4}), C{OSError} (disk:
+            nothing is left queued, C{451 4.3.0}) or L{QueueClosedError}
+            (C{451 4.3.0}).
         """
         return Deferred.fromCoroutine(
-            self._enqueue(sender, recipients, data, 0, xverp=xverp, params=params)
+            self._enqueue(sender, recipients, data, 0, xverp=xverp, params=params, dsn=dsn)
         )
 
     def update(self, envelope: Envelope) -> Deferred[None]:
@@ -731,6 +764,7 @@ class OutboundQueue:
         *,
         xverp: bool,
         params: dict[str, str] | None,
+        dsn: Sequence[RecipientDSN] | None = None,
         origin: str = "",
         after_durable: Callable[[], None] | None = None,
     ) -> Envelope:
@@ -748,12 +782,25 @@ class OutboundQueue:
                 key + value
             ):
                 raise ValueError("MAIL parameters must be text without CR, LF or NUL")
+        pairs: Sequence[RecipientDSN] = [("", "")] * len(recipients) if dsn is None else dsn
+        if len(pairs) != len(recipients):
+            raise ValueError("dsn must give one (NOTIFY, ORCPT) pair per recipient")
+        for pair in pairs:
+            if not (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and all(isinstance(v, str) and not _FORBIDDEN.search(v) for v in pair)
+            ):
+                raise ValueError("NOTIFY and ORCPT must be text without CR, LF or NUL")
         now = self._clock.seconds()
         qid = self._new_id(now)
         envelope = Envelope(
             id=qid,
             sender=sender,
-            recipients=[RecipientState(a, PENDING, next_attempt=now) for a in recipients],
+            recipients=[
+                RecipientState(a, PENDING, next_attempt=now, notify=n, orcpt=o)
+                for a, (n, o) in zip(recipients, pairs, strict=True)
+            ],
             xverp=xverp,
             created=now,
             params=params,
@@ -1489,20 +1536,58 @@ def _encode(envelope: Envelope, journal_seq: int = 0) -> bytes:
         "dsn_sent": envelope.dsn_sent,
         "params": envelope.params,
         "origin": envelope.origin,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state,
-                "attempts": r.attempts,
-                "next_attempt": r.next_attempt,
-                "last_reply": r.last_reply,
-            }
-            for r in envelope.recipients
-        ],
+        "recipients": [_encode_recipient(r) for r in envelope.recipients],
     }
+    # Written only when set: envelopes without DSN requests stay as they
+    # were, and any reader ignores fields it does not know.
+    if envelope.delay_warned:
+        obj["delay_warned"] = True
     # ASCII only (non-ASCII as \\u escapes): addresses decoded with
     # surrogateescape survive the round trip.
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+def _encode_recipient(r: RecipientState) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "address": r.address,
+        "state": r.state,
+        "attempts": r.attempts,
+        "next_attempt": r.next_attempt,
+        "last_reply": r.last_reply,
+    }
+    if r.notify:
+        item["notify"] = r.notify
+    if r.orcpt:
+        item["orcpt"] = r.orcpt
+    return item
+
+
+def _optional(obj: dict[str, Any], name: str, kind: type[Any], default: Any) -> Any:
+    """C{obj[name]} checked as L{_get} does, or C{default} when absent (older envelopes)."""
+    return _get(obj, name, kind) if name in obj else default
+
+
+def _legacy_dsn(params: dict[str, str], address: str) -> tuple[str, str]:
+    """
+    NOTIFY and ORCPT of a recipient from an envelope written before they had
+    fields of their own: the submission listener then kept them among the
+    MAIL parameters, as C{"NOTIFY:<address>"} and C{"ORCPT:<address>"}, as
+    received. Values that do not parse are dropped (the defaults apply).
+    """
+    notify = orcpt = ""
+    raw = params.get(f"NOTIFY:{address}")
+    if raw is not None:
+        try:
+            notify = parse_notify(raw)
+        except ValueError:
+            pass
+    raw = params.get(f"ORCPT:{address}")
+    if raw is not None:
+        try:
+            orcpt = parse_orcpt(raw)
+        except ValueError:
+            pass
+    return notify, orcpt
 
 
 def _read_envelope(path: str, qid: str) -> tuple[Envelope, int]:
@@ -1527,6 +1612,7 @@ def _read_envelope(path: str, qid: str) -> tuple[Envelope, int]:
     params = _get(obj, "params", dict)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in params.items()):
         raise ValueError("params must map text to text")
+    legacy = any(k.startswith(("NOTIFY:", "ORCPT:")) for k in params)
     recipients = []
     for item in _get(obj, "recipients", list):
         if not isinstance(item, dict):
@@ -1534,13 +1620,21 @@ def _read_envelope(path: str, qid: str) -> tuple[Envelope, int]:
         state = _get(item, "state", str)
         if state not in _STATES:
             raise ValueError(f"unknown recipient state {state!r}")
+        address = _get(item, "address", str)
+        if "notify" in item or "orcpt" in item:
+            notify = _optional(item, "notify", str, "")
+            orcpt = _optional(item, "orcpt", str, "")
+        else:
+            notify, orcpt = _legacy_dsn(params, address) if legacy else ("", "")
         recipients.append(
             RecipientState(
-                address=_get(item, "address", str),
+                address=address,
                 state=state,
                 attempts=_get(item, "attempts", int),
                 next_attempt=_get(item, "next_attempt", float),
                 last_reply=_get(item, "last_reply", str),
+                notify=notify,
+                orcpt=orcpt,
             )
         )
     if not recipients:
@@ -1557,6 +1651,7 @@ def _read_envelope(path: str, qid: str) -> tuple[Envelope, int]:
         dsn_sent=_get(obj, "dsn_sent", bool),
         params=params,
         origin=_get(obj, "origin", str),
+        delay_warned=_optional(obj, "delay_warned", bool, False),
     )
     return envelope, seq
 

@@ -1,11 +1,28 @@
 # -*- test-case-name: tests.outbound.test_submission -*-
 """
-The submission listener: where GroupServer (gs.email's XVERPSMTPMailer) and
-local applications hand over mail for delivery. It is not for the internet:
-it accepts clients from configured networks (loopback and UNIX sockets by
-default) or after AUTH over TLS, takes Postfix's C{XVERP} MAIL parameter and
-the DSN parameters (RFC 3461), and replies 250 only once the message and its
+The submission listener: where GroupServer (gs.email's XVERPSMTPMailer, a
+zope.sendmail C{SMTPMailer}) and local applications hand over mail for
+delivery. It is not for the internet: it accepts clients from its trusted
+networks (Postfix's C{mynetworks}: loopback by default; UNIX-socket clients
+always) or after AUTH, takes Postfix's C{XVERP} MAIL parameter and the DSN
+parameters (RFC 3461), and replies 250 only once the message and its
 envelope are fsynced in the outbound queue.
+
+Who may do what (the C{[smtp-NAME]} options describe GroupServer's side of
+this connection, so they shape this listener and nothing else):
+
+  - AUTH PLAIN/LOGIN (RFC 4954) is offered once a password is configured:
+    over plain TCP to trusted clients (zope.sendmail calls C{login()} on
+    whatever connection it has, and smtplib's C{login()} needs C{AUTH} in
+    the EHLO reply), and to everyone else only after STARTTLS
+    (C{538 5.7.11} before), as Postfix's C{smtpd_tls_auth_only} does;
+  - the TLS level (Postfix's C{smtpd_tls_security_level}): C{may} offers
+    STARTTLS when a certificate is configured; C{none} (C{no_tls}) never
+    offers it, as GroupServer would not use it; C{encrypt} (C{force_tls})
+    requires it of every TCP client, trusted ones included, before MAIL
+    (C{530 5.7.0 Must issue a STARTTLS command first}, RFC 3207 §4) and
+    AUTH, since that is what C{force_tls} says of the connection; clients on
+    a UNIX socket never leave the host and are exempt.
 """
 
 from __future__ import annotations
@@ -13,7 +30,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from base64 import b64decode, b64encode
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
@@ -27,9 +44,11 @@ from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
 from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles, release
+from gsmail.outbound import dsn
 from gsmail.status import Reply
 
 __all__ = [
+    "TLS_LEVELS",
     "SubmissionServer",
     "SubmissionFactory",
     "SubmissionCore",
@@ -49,8 +68,11 @@ AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognised authentication mechanism")
 CLIENT_NOT_AUTHORIZED = Reply(
     554, "5.7.1", "Client not authorized to submit mail; authenticate first"
 )
+#: RFC 3207 §4, Postfix's words, for C{tls_security_level = "encrypt"}.
+STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 
-_NOTIFY = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+#: The submission listener's TLS levels (Postfix's C{smtpd_tls_security_level}).
+TLS_LEVELS = ("none", "may", "encrypt")
 
 
 def parse_networks(
@@ -95,6 +117,7 @@ class IQueue(Protocol):
         *,
         xverp: bool = False,
         params: dict[str, str] | None = None,
+        dsn: Sequence[tuple[str, str]] | None = None,
     ) -> Deferred[Any]:
         """Store the message durably; fire with its envelope (which has an C{id})."""
 
@@ -121,15 +144,23 @@ class SubmissionCore:
         Queue the message with its envelope; one C{250 2.0.0 Queued as ID}
         per recipient once it is fsynced, else C{451 4.3.0} (the client keeps
         the message). The spool file is removed either way.
+
+        The DSN parameters (RFC 3461) go with it: C{RET} and C{ENVID} among
+        the MAIL parameters, each recipient's C{NOTIFY} (normalised) and
+        C{ORCPT} (xtext-decoded) in its own state.
         """
         params: dict[str, str] = {k: v or "" for k, v in envelope.params.items() if k != "XVERP"}
         if envelope.body == "8BITMIME":
             params["BODY"] = "8BITMIME"
         if envelope.smtputf8:
             params["SMTPUTF8"] = ""
+        dsn_params: list[tuple[str, str]] = []
         for route in envelope.recipients:
-            for key, value in route.params:
-                params[f"{key}:{route.recipient}"] = value or ""
+            given = dict(route.params)
+            # Checked by rcpt_parameters already.
+            notify = dsn.parse_notify(given["NOTIFY"]) if "NOTIFY" in given else ""
+            orcpt = dsn.parse_orcpt(given["ORCPT"]) if "ORCPT" in given else ""
+            dsn_params.append((notify, orcpt))
         count = len(envelope.recipients)
         d = self.queue.enqueue(
             str(envelope.sender) if envelope.sender else "",
@@ -137,6 +168,7 @@ class SubmissionCore:
             message.path,
             xverp="XVERP" in envelope.params,
             params=params,
+            dsn=dsn_params if any(n or o for n, o in dsn_params) else None,
         )
 
         def queued(entry: Any) -> list[Reply]:
@@ -165,31 +197,49 @@ class SubmissionCore:
 class SubmissionServer(SMTPServer):
     """
     ESMTP for submission: the inbound protocol plus client authorization,
-    AUTH PLAIN/LOGIN over TLS (RFC 4954), XVERP and DSN parameters.
+    AUTH PLAIN/LOGIN (RFC 4954; over plain TCP for trusted clients only),
+    the TLS level, XVERP and the DSN parameters (RFC 3461). See the module
+    docstring for who may do what.
+
+    @ivar trusted: the client is in the trusted networks or on a UNIX socket.
+    @ivar authorized: it may submit: trusted, or authenticated.
     """
 
     factory: SubmissionFactory
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.authorized = self._trusted_peer()
-
-    def _trusted_peer(self) -> bool:
         peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        if not isinstance(host, str):
-            return True  # a UNIX socket: its file mode decides who may connect
+        # A UNIX socket: its file mode decides who may connect.
+        self.local_socket = not isinstance(getattr(peer, "host", None), str)
+        self.trusted = self.local_socket or self._trusted_peer(peer.host)
+        self.authorized = self.trusted
+
+    def _trusted_peer(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
         return any(address in network for network in self.factory.trusted_networks)
 
-    def _auth_available(self) -> bool:
+    def _tls_required(self) -> bool:
+        """C{encrypt} and no TLS yet on a TCP connection: MAIL and AUTH must wait."""
         assert self.session is not None
-        return self.factory.checker is not None and (
-            self.session.tls or self.factory.auth_without_tls
+        return (
+            self.factory.tls_security_level == "encrypt"
+            and not self.session.tls
+            and not self.local_socket
         )
+
+    def _auth_available(self) -> bool:
+        """AUTH now: a password is set, and TLS is on or the client is trusted."""
+        assert self.session is not None
+        if self.factory.checker is None or self._tls_required():
+            return False
+        return self.session.tls or self.trusted
+
+    def _can_start_tls(self) -> bool:
+        return self.factory.tls_security_level != "none" and super()._can_start_tls()
 
     def _ehlo_lines(self) -> list[str]:
         lines = super()._ehlo_lines()
@@ -212,32 +262,53 @@ class SubmissionServer(SMTPServer):
             envelope.params["RET"] = value.upper()
             return None
         if key == "ENVID":
-            if not value:
-                return status.SYNTAX_ERROR.with_text("ENVID needs a value")
-            envelope.params["ENVID"] = value
+            try:
+                envelope.params["ENVID"] = dsn.parse_envid(value)
+            except ValueError as e:
+                return status.SYNTAX_ERROR.with_text(f"Bad ENVID parameter: {e}")
             return None
         if key == "AUTH":
             return None  # RFC 4954 §5: the submitter's identity, informational
         return super().mail_parameter(envelope, key, value)
 
     def rcpt_parameters(self, params: dict[str, str | None]) -> Reply | None:
+        """
+        Check the RCPT parameters: C{NOTIFY} (RFC 3461 §4.1) and C{ORCPT}
+        (§4.2, xtext).
+
+        @return: C{None} when accepted, else C{501 5.5.4} for a bad value or
+            C{555 5.5.4} for another parameter.
+        """
         for key, value in params.items():
-            if key == "NOTIFY":
-                words = set((value or "").upper().split(","))
-                if not words <= _NOTIFY or ("NEVER" in words and len(words) > 1):
-                    return status.SYNTAX_ERROR.with_text("Bad NOTIFY parameter (RFC 3461 §4.1)")
-            elif key == "ORCPT":
-                if not value or ";" not in value:
-                    return status.SYNTAX_ERROR.with_text("Bad ORCPT parameter (RFC 3461 §4.2)")
-            else:
-                return status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}")
+            try:
+                if key == "NOTIFY":
+                    dsn.parse_notify(value)
+                elif key == "ORCPT":
+                    dsn.parse_orcpt(value)
+                else:
+                    return status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}")
+            except ValueError as e:
+                return status.SYNTAX_ERROR.with_text(f"Bad {key} parameter: {e}")
         return None
 
     def do_MAIL(self, arg: str) -> None:
+        if self._tls_required():
+            self._error(STARTTLS_FIRST)
+            return
         if not self.authorized:
             self._error(CLIENT_NOT_AUTHORIZED)
             return
         super().do_MAIL(arg)
+
+    def do_STARTTLS(self, arg: str) -> None:
+        assert self.session is not None
+        before = self.session.tls
+        super().do_STARTTLS(arg)
+        if self.session.tls and not before:
+            # RFC 3207 §4.2: nothing learnt in clear counts after TLS, a
+            # login included; a trusted client stays trusted.
+            self.session.user = None
+            self.authorized = self.trusted
 
     def do_AUTH(self, arg: str) -> None:
         assert self.session is not None
@@ -332,10 +403,17 @@ class SubmissionFactory(InboundFactory):
     """
     Builds L{SubmissionServer} connections.
 
-    @param trusted_networks: client networks that may submit without AUTH.
-    @param checker: the AUTH account, or C{None}: no AUTH offered.
-    @param auth_without_tls: offer AUTH on plaintext connections too (for a
-        listener on loopback only).
+    @param trusted_networks: client networks that may submit without AUTH,
+        and authenticate over plain TCP (Postfix's C{mynetworks}); clients
+        on a UNIX socket are always trusted.
+    @param checker: the AUTH account, or C{None}: no AUTH offered
+        (C{503 5.5.1}).
+    @param tls_security_level: C{"may"}: STARTTLS offered when
+        C{settings.tls} is set; C{"none"}: never offered (gs.email's
+        C{no_tls}); C{"encrypt"}: required of TCP clients before MAIL
+        (C{530 5.7.0}) and AUTH (C{538 5.7.11}) (gs.email's C{force_tls}).
+    @raise ValueError: an unknown C{tls_security_level}, or C{"encrypt"}
+        without C{settings.tls}.
     """
 
     def __init__(
@@ -349,12 +427,16 @@ class SubmissionFactory(InboundFactory):
             ipaddress.ip_network("::1/128"),
         ),
         checker: PasswordChecker | None = None,
-        auth_without_tls: bool = False,
+        tls_security_level: str = "may",
         spool_dir: str = "",
         spool_files: SpoolFiles | None = None,
     ) -> None:
+        if tls_security_level not in TLS_LEVELS:
+            raise ValueError(f"tls_security_level must be one of {TLS_LEVELS}")
+        if tls_security_level == "encrypt" and settings.tls is None:
+            raise ValueError("tls_security_level 'encrypt' needs a TLS certificate (settings.tls)")
         super().__init__(core, settings, clock, spool_dir=spool_dir, spool_files=spool_files)
         self.protocol = SubmissionServer  # type: ignore[assignment]
         self.trusted_networks = tuple(trusted_networks)
         self.checker = checker
-        self.auth_without_tls = auth_without_tls
+        self.tls_security_level = tls_security_level

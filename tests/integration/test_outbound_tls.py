@@ -4,13 +4,16 @@ TLS towards a smarthost, end to end: gsmail's service relays submitted mail
 to C{relayhost = [127.0.0.1]:PORT}, a receiving server (gsmail's inbound
 protocol with a recording core) whose certificate a test CA signed. The
 certificate is verified against C{tls_ca} and the name C{tls_name}; a wrong
-name, or C{force_tls} against a server without STARTTLS, keeps the message
-queued (transient), never sends it in clear and never bounces it.
+name, or C{smtp_tls_security_level = encrypt} against a server without
+STARTTLS, keeps the message queued (transient), never sends it in clear and
+never bounces it. GroupServer's C{no_tls}/C{force_tls} (C{[smtp-NAME]})
+shape the submission listener only and leave delivery TLS alone.
 """
 
 from __future__ import annotations
 
 import os
+import smtplib
 from typing import Any
 
 from twisted.internet import reactor
@@ -19,6 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.outbound.queue import PENDING
 from gsmail.service import GsmailService
+from tests.integration.test_clients import make_certificate
 from tests.integration.test_outbound_mx import (
     SENDER,
     CountingFactory,
@@ -112,13 +116,51 @@ class SmarthostTLSTests(TestCase):
         self.assertEqual(factory.offered, 1)
         self.assertEqual((core.received, core.rcpt_calls), ([], 0))
 
-    async def test_force_tls_without_starttls_stays_queued(self) -> None:
+    async def test_encrypt_without_starttls_stays_queued(self) -> None:
         """
-        With C{force_tls} (from C{[smtp-*]}), a smarthost that does not offer
-        STARTTLS gets nothing: the message stays queued with 4.7.4.
+        With C{smtp_tls_security_level = encrypt}, a smarthost that does not
+        offer STARTTLS gets nothing: the message stays queued with 4.7.4.
         """
         core, factory, relay_port = self.listen(tls=False)
-        service, port = self.start(relay_port, tls_name=NAME, force_tls=True)
+        service, port = self.start(relay_port, tls_name=NAME, smtp_tls_security_level="encrypt")
         await self.stays_queued(service, port, "4.7.4")
         self.assertEqual(factory.offered, 1)
         self.assertEqual((core.received, core.rcpt_calls), ([], 0))
+
+    async def test_no_tls_leaves_delivery_tls_on(self) -> None:
+        """
+        GroupServer's C{no_tls} (its own connection never uses STARTTLS) does
+        not switch gsmail's delivery TLS off: the smarthost still gets the
+        message over verified TLS.
+        """
+        core, _, relay_port = self.listen(tls=True)
+        service, port = self.start(relay_port, tls_name=NAME, no_tls=True)
+        qid = await deferToThread(submit, port, SENDER, ["member@far.test"], message("no_tls"))
+        await wait_until("the relay to take the message", gone(service, qid))
+        [got] = core.received
+        self.assertTrue(got.tls)
+
+    async def test_force_tls_does_not_force_delivery_tls(self) -> None:
+        """
+        GroupServer's C{force_tls} makes the submission listener require
+        STARTTLS (530 5.7.0 before it), but does not force gsmail's delivery:
+        a smarthost without STARTTLS gets the message (level C{may}).
+        """
+        core, _, relay_port = self.listen(tls=False)
+        cert, key, _ = make_certificate(os.path.abspath(self.mktemp()))
+        service, port = self.start(relay_port, force_tls=True, tls_certificate=cert, tls_key=key)
+
+        def send() -> tuple[int, str]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+                s.ehlo("gs.example.com")
+                refused = s.mail(SENDER)
+                s.starttls()  # as zope.sendmail: no certificate check
+                s.ehlo("gs.example.com")
+                s.sendmail(SENDER, ["member@far.test"], message("force_tls"))
+                return refused[0], refused[1].decode()
+
+        code, text = await deferToThread(send)
+        self.assertEqual((code, text), (530, "5.7.0 Must issue a STARTTLS command first"))
+        await wait_until("the relay to take the message", lambda: bool(core.received))
+        [got] = core.received
+        self.assertFalse(got.tls)

@@ -68,3 +68,39 @@ class SendEmailTests(SynchronousTestCase):
         self.assertEqual(result, {"bad": False})
         self.assertEqual(self.queue.envelopes(), [])
         self.assertEqual(self.delivery.kicks, 0)
+
+    def test_one_address_as_a_string(self) -> None:
+        """
+        One recipient given as a string, as gs.email's send_email allows, is
+        one address: queued as it is, not as one recipient per character.
+        """
+        result = self.successResultOf(
+            self.mailer.send_email("dev@groups.example.com", "alice@example.org", b"x\n")
+        )
+        self.assertEqual(result, {"alice@example.org": True})
+        [envelope] = self.queue.envelopes()
+        self.assertEqual([r.address for r in envelope.recipients], ["alice@example.org"])
+        self.assertEqual(self.delivery.kicks, 1)
+
+    def test_bad_address_as_a_string(self) -> None:
+        """A single string that is not an address is reported False, nothing queued."""
+        result = self.successResultOf(
+            self.mailer.send_email("dev@groups.example.com", "not an address", b"x\n")
+        )
+        self.assertEqual(result, {"not an address": False})
+        self.assertEqual(self.queue.envelopes(), [])
+
+    def test_any_iterable(self) -> None:
+        """A tuple or a generator of addresses works as a list does; repeats go once."""
+        result = self.successResultOf(
+            self.mailer.send_email(
+                "dev@groups.example.com",
+                (a for a in ("a@example.org", "b@example.org", "a@example.org")),
+                b"x\n",
+            )
+        )
+        self.assertEqual(result, {"a@example.org": True, "b@example.org": True})
+        [envelope] = self.queue.envelopes()
+        self.assertEqual(
+            [r.address for r in envelope.recipients], ["a@example.org", "b@example.org"]
+        )

@@ -1079,6 +1079,38 @@ class SendTests(ScriptedTestCase):
         s.send(conn, transaction(self, params={"BODY": "8BITMIME", "XVERP": None, "RET": "FULL"}))
         self.assertTrue(s.sent().startswith(b"MAIL FROM:<list@groups.example.com>\r\n"))
 
+    def test_rcpt_parameters_offered(self) -> None:
+        """
+        NOTIFY and ORCPT go on each recipient's RCPT when the server offers
+        DSN (RFC 3461 §4); a recipient without them gets a bare RCPT.
+        """
+        s, conn = self.open("PIPELINING", "DSN")
+        s.send(
+            conn,
+            transaction(
+                self,
+                ["a@example.org", "b@example.org"],
+                rcpt_params={
+                    "a@example.org": {"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;a+2Bx@ex.org"}
+                },
+            ),
+        )
+        self.assertEqual(
+            s.sent(),
+            b"MAIL FROM:<list@groups.example.com>\r\n"
+            b"RCPT TO:<a@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2Bx@ex.org\r\n"
+            b"RCPT TO:<b@example.org>\r\nDATA\r\n",
+        )
+
+    def test_rcpt_parameters_not_offered(self) -> None:
+        """Without DSN at the server, RCPT carries no NOTIFY or ORCPT."""
+        s, conn = self.open("PIPELINING")
+        s.send(conn, transaction(self, rcpt_params={"a@example.org": {"NOTIFY": "NEVER"}}))
+        self.assertEqual(
+            s.sent(),
+            b"MAIL FROM:<list@groups.example.com>\r\nRCPT TO:<a@example.org>\r\nDATA\r\n",
+        )
+
     def test_size_estimate(self) -> None:
         """Without the exact wire size, SIZE over-estimates the LF file's size a little."""
         s, conn = self.open("SIZE")
@@ -1128,6 +1160,8 @@ class SendTests(ScriptedTestCase):
             transaction(self, []),
             transaction(self, params={"NOTIFY": "NEVER"}),
             transaction(self, params={"ENVID": "a b"}),
+            transaction(self, rcpt_params={"a@example.org": {"RET": "FULL"}}),
+            transaction(self, rcpt_params={"a@example.org": {"NOTIFY": "NEVER\r\nDATA"}}),
         ]:
             self.failureResultOf(s.send(conn, txn), ValueError)
         self.assertEqual(s.sent(), b"")

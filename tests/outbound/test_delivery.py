@@ -102,6 +102,8 @@ class Received:
     params: list[str]
     recipients: list[str]
     data: bytes
+    #: The parameters of each accepted RCPT (e.g. C{"NOTIFY=NEVER"}), in order.
+    rcpt_params: list[str] = attrs.Factory(list)
 
 
 class FakeMTA:
@@ -154,6 +156,7 @@ class _MTAProtocol(LineReceiver):
         self.sender: str | None = None
         self.params: list[str] = []
         self.recipients: list[str] = []
+        self.rcpt_params: list[str] = []
 
     def reply(self, line: str) -> None:
         self.sendLine(line.encode())
@@ -180,10 +183,12 @@ class _MTAProtocol(LineReceiver):
             self.params = params.split()
             self.reply("250 2.1.0 Ok")
         elif verb == "RCPT":
-            address = text[len("RCPT TO:") :].strip("<>")
+            path, _, params = text[len("RCPT TO:") :].partition(" ")
+            address = path.strip("<>")
             answer = self.mta.replies.get(address, "250 2.1.5 Ok")
             if answer.startswith("2"):
                 self.recipients.append(address)
+                self.rcpt_params.append(params)
             self.reply(answer)
         elif verb == "DATA":
             if self.sender is None or not self.recipients:
@@ -220,7 +225,7 @@ class _MTAProtocol(LineReceiver):
             return
         assert self.sender is not None
         self.mta.received.append(
-            Received(self.serial, self.sender, self.params, self.recipients, data)
+            Received(self.serial, self.sender, self.params, self.recipients, data, self.rcpt_params)
         )
         self.reply(self.mta.data_reply)
         self._reset()
@@ -1473,3 +1478,295 @@ class ServerMisbehaviourTests(DeliveryTestCase):
         self.network.flush()
         self.assertEqual(backup.transactions(), [(AUTHOR, ["bob@example.net"])])
         self.assertGone(envelope)
+
+
+class DSNTests(DeliveryTestCase):
+    """
+    The notices a submitter asked for with RFC 3461's NOTIFY, their
+    ORCPT/ENVID/RET, and passing those on to a next hop that offers DSN.
+    """
+
+    def enqueue_dsn(
+        self,
+        sender: str,
+        recipients: list[str],
+        dsn: list[tuple[str, str]],
+        params: dict[str, str] | None = None,
+        *,
+        xverp: bool = False,
+    ) -> Envelope:
+        return self.successResultOf(
+            self.queue.enqueue(sender, recipients, BODY, xverp=xverp, params=params, dsn=dsn)
+        )
+
+    def test_never(self) -> None:
+        """NOTIFY=NEVER: a recipient that fails for good gets no DSN; the message leaves."""
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        envelope = self.enqueue_dsn(AUTHOR, ["bad@example.net"], [("NEVER", "")])
+        self.delivery()
+        self.settle()
+        self.assertEqual(envelope.recipients[0].state, FAILED)
+        self.assertEqual(self.bounces(self.smarthost), [])
+        self.assertGone(envelope)
+
+    def test_success_only(self) -> None:
+        """NOTIFY=SUCCESS without FAILURE: no failure report either."""
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        self.enqueue_dsn(AUTHOR, ["bad@example.net"], [("SUCCESS", "")])
+        self.delivery()
+        self.settle()
+        self.assertEqual(self.bounces(self.smarthost), [])
+
+    def test_failure_report_fields(self) -> None:
+        """
+        A failure report echoes ENVID (decoded: Original-Envelope-Id) and
+        the recipient's ORCPT (Original-Recipient), RFC 3464 §2.2.1, §2.3.1;
+        a recipient with NOTIFY=NEVER in the same transaction is left out.
+        """
+        self.smarthost.data_reply = "554 5.6.0 Content rejected"
+        self.enqueue_dsn(
+            AUTHOR,
+            ["a@example.net", "b@example.net"],
+            [("FAILURE", "rfc822;a+old@example.net"), ("NEVER", "")],
+            {"ENVID": "QQ+2B314"},
+        )
+        self.delivery()
+        self.settle()
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(parse_dsn(bounce.data), [DSNRecipient("a@example.net", "failed", "5.6.0")])
+        self.assertIn(b"Original-Envelope-Id: QQ+314\r\n", bounce.data)
+        self.assertIn(b"Original-Recipient: rfc822;a+old@example.net\r\n", bounce.data)
+
+    def test_ret_full_and_hdrs(self) -> None:
+        """RET=FULL returns the whole message with a failure report, RET=HDRS its headers."""
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        delivery = self.delivery()
+        for ret in ("FULL", "HDRS"):
+            self.enqueue_dsn(AUTHOR, ["bad@example.net"], [("", "")], {"RET": ret})
+            delivery.kick()
+            self.settle()
+        full, headers = self.bounces(self.smarthost)
+        self.assertIn(b"Content-Type: message/rfc822", full.data)
+        self.assertIn(b"Hello, group.", full.data)
+        self.assertIn(b"Content-Type: text/rfc822-headers", headers.data)
+        self.assertNotIn(b"Hello, group.", headers.data)
+
+    def test_success_relayed_to_server_without_dsn(self) -> None:
+        """
+        NOTIFY=SUCCESS and a next hop that does not offer DSN: gsmail sends
+        the report itself, C{Action: relayed} (RFC 3461 §6.2.1), with the
+        recipient's ORCPT; no NOTIFY goes to that server.
+        """
+        envelope = self.enqueue_dsn(
+            AUTHOR,
+            ["a@example.net", "b@example.net"],
+            [("SUCCESS,FAILURE", "rfc822;a@example.net"), ("", "")],
+            {"ENVID": "env-1"},
+        )
+        self.delivery()
+        self.settle()
+        [post, report] = self.smarthost.received
+        self.assertEqual(post.rcpt_params, ["", ""])
+        self.assertEqual((report.sender, report.recipients), ("", [AUTHOR]))
+        self.assertEqual(
+            parse_dsn(report.data), [DSNRecipient("a@example.net", "relayed", "2.0.0")]
+        )
+        self.assertIn(b"Subject: Successful Mail Delivery Report", report.data)
+        self.assertIn(b"Original-Envelope-Id: env-1", report.data)
+        self.assertIn(b"Original-Recipient: rfc822;a@example.net", report.data)
+        self.assertGone(envelope)
+
+    def test_passed_on_to_server_with_dsn(self) -> None:
+        """
+        A next hop that offers DSN gets RET and ENVID on MAIL and NOTIFY
+        and ORCPT (xtext again) on RCPT, and reports itself: gsmail sends
+        no success report (RFC 3461 §4).
+        """
+        self.smarthost.extensions.append("DSN")
+        self.enqueue_dsn(
+            AUTHOR,
+            ["a@example.net", "b@example.net"],
+            [("SUCCESS,FAILURE", "rfc822;a+old@example.net"), ("", "")],
+            {"ENVID": "QQ+2B314", "RET": "HDRS"},
+        )
+        self.delivery()
+        self.settle()
+        [post] = self.smarthost.received
+        self.assertEqual(post.params, ["RET=HDRS", "ENVID=QQ+2B314"])
+        self.assertEqual(
+            post.rcpt_params, ["NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;a+2Bold@example.net", ""]
+        )
+
+    def test_failure_at_server_with_dsn_reported(self) -> None:
+        """A next hop with DSN that refuses a recipient at RCPT: the report is still gsmail's."""
+        self.smarthost.extensions.append("DSN")
+        self.smarthost.replies["bad@example.net"] = "550 5.1.1 No such user"
+        self.enqueue_dsn(AUTHOR, ["bad@example.net"], [("FAILURE", "")])
+        self.delivery()
+        self.settle()
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(
+            parse_dsn(bounce.data), [DSNRecipient("bad@example.net", "failed", "5.1.1")]
+        )
+
+    def test_success_delivered_locally(self) -> None:
+        """Delivered into the site's own groups with NOTIFY=SUCCESS: C{Action: delivered}."""
+        self.local_reply = status.POSTED
+        self.delivery(local_domains=(SITE,), local_delivery=self.deliver_locally)
+        self.enqueue_dsn(AUTHOR, ["dev@groups.example.com"], [("SUCCESS", "")])
+        self.settle()
+        [report] = self.bounces(self.smarthost)
+        self.assertEqual(report.recipients, [AUTHOR])
+        self.assertEqual(
+            parse_dsn(report.data), [DSNRecipient("dev@groups.example.com", "delivered", "2.0.0")]
+        )
+
+
+#: The delay warning time used below: 4 hours, as the default.
+WARN = 4 * 3600.0
+
+
+class DelayWarningTests(DeliveryTestCase):
+    """
+    One delay warning (RFC 3464 C{Action: delayed}) per message after
+    C{delay_warning_time}, for its recipients still pending, on the injected
+    clock.
+    """
+
+    def run_until(self, seconds: float, step: float = 300.0) -> None:
+        """Let C{seconds} of the clock pass, in steps, delivering as it goes."""
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            self.network.flush()
+
+    def warnings(self, mta: FakeMTA) -> list[Received]:
+        return [r for r in self.bounces(mta) if b"Action: delayed" in r.data]
+
+    def test_once_after_the_time(self) -> None:
+        """
+        A recipient still failing transiently at 4 h: its sender gets exactly
+        one warning, with the last reply's status and Will-Retry-Until, only
+        for the pending recipient; none before 4 h, none again later, and
+        none when the recipient is finally delivered.
+        """
+        self.smarthost.replies["busy@example.net"] = "452 4.2.2 Mailbox full"
+        envelope = self.enqueue(AUTHOR, ["busy@example.net", "good@example.net"])
+        self.delivery(delay_warning_time=WARN)
+        self.network.flush()
+        self.run_until(WARN - 1)
+        self.assertEqual(self.bounces(self.smarthost), [])
+        self.run_until(1)
+        [warning] = self.bounces(self.smarthost)
+        self.assertEqual((warning.sender, warning.recipients), ("", [AUTHOR]))
+        self.assertEqual(
+            parse_dsn(warning.data), [DSNRecipient("busy@example.net", "delayed", "4.2.2")]
+        )
+        self.assertIn(b"Subject: Delayed Mail (still being retried)", warning.data)
+        self.assertIn(b"Will-Retry-Until: ", warning.data)
+        self.assertIn(b"Content-Type: text/rfc822-headers", warning.data)
+        self.assertTrue(envelope.delay_warned)
+        self.assertTrue(read_queue(self.queue_dir)[0].delay_warned, "flag not on disk")
+        self.run_until(8 * 3600, step=1800)
+        self.assertEqual(len(self.bounces(self.smarthost)), 1)
+        del self.smarthost.replies["busy@example.net"]
+        self.run_until(3600, step=600)
+        self.assertGone(envelope)
+        self.assertEqual(len(self.bounces(self.smarthost)), 1)
+
+    def test_woken_for_the_warning(self) -> None:
+        """
+        The warning needs no other event: a recipient whose next retry is
+        after the warning time is warned at the warning time itself.
+        """
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.enqueue(AUTHOR, ["busy@example.net"])
+        delivery = self.delivery(delay_warning_time=100)
+        self.network.flush()  # first attempt fails; next try at T0 + FIRST_DELAY
+        self.assertGreater(FIRST_DELAY, 100)
+        self.assertIn(T0 + 100, [c.getTime() for c in self.clock.getDelayedCalls()])
+        self.clock.advance(100)
+        self.network.flush()
+        self.assertEqual(len(self.warnings(self.smarthost)), 1)
+        self.assertEqual(delivery.transactions, 2)  # the post, then the warning
+
+    def test_not_again_after_restart(self) -> None:
+        """The flag is durable: a restarted queue and delivery do not warn again."""
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.enqueue(AUTHOR, ["busy@example.net"])
+        delivery = self.delivery(delay_warning_time=WARN)
+        self.run_until(WARN)
+        self.assertEqual(len(self.warnings(self.smarthost)), 1)
+        self.stop(delivery)
+        self.successResultOf(self.queue.close())
+        self.queue = OutboundQueue(self.queue_dir, clock=self.clock)
+        self.queue.load()
+        self.addCleanup(self.queue.close)
+        self.delivery(delay_warning_time=WARN)
+        self.run_until(3600)
+        self.assertEqual(len(self.warnings(self.smarthost)), 1)
+
+    def test_not_for_null_sender(self) -> None:
+        """A bounce (null sender) that is delayed gets no warning."""
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.enqueue("", ["busy@example.net"])
+        self.delivery(delay_warning_time=WARN)
+        self.run_until(WARN + 600)
+        self.assertEqual(self.bounces(self.smarthost), [])
+
+    def test_not_when_notify_excludes_delay(self) -> None:
+        """NOTIFY=FAILURE (or NEVER) leaves DELAY out: no warning."""
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.successResultOf(
+            self.queue.enqueue(
+                AUTHOR,
+                ["busy@example.net", "busy@example.net"],
+                BODY,
+                dsn=[("FAILURE", ""), ("NEVER", "")],
+            )
+        )
+        self.delivery(delay_warning_time=WARN)
+        self.run_until(WARN + 600)
+        self.assertEqual(self.bounces(self.smarthost), [])
+
+    def test_off(self) -> None:
+        """C{delay_warning_time = 0}: no warnings at all."""
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.enqueue(AUTHOR, ["busy@example.net"])
+        self.delivery(delay_warning_time=0)
+        self.run_until(WARN + 600)
+        self.assertEqual(self.bounces(self.smarthost), [])
+
+    def test_verp_only_when_asked(self) -> None:
+        """
+        GroupServer's VERP mail without NOTIFY gets no warning (each would
+        reach the bounce page as a bounce); a member whose NOTIFY asks for
+        DELAY gets one, to that member's own VERP address.
+        """
+        self.smarthost.replies["a@example.net"] = "451 4.3.0 Try later"
+        self.smarthost.replies["b@example.net"] = "451 4.3.0 Try later"
+        self.delivery(
+            delay_warning_time=WARN, local_domains=(SITE,), local_delivery=self.deliver_locally
+        )
+        self.successResultOf(
+            self.queue.enqueue(
+                LIST,
+                ["a@example.net", "b@example.net"],
+                BODY,
+                xverp=True,
+                dsn=[("", ""), ("FAILURE,DELAY", "")],
+            )
+        )
+        self.run_until(WARN + 600)
+        [(sender, recipient, message)] = self.local
+        self.assertEqual((sender, recipient), ("", "dev+b=example.net@groups.example.com"))
+        self.assertEqual(parse_dsn(message), [DSNRecipient("b@example.net", "delayed", "4.3.0")])
+
+    def test_not_after_the_lifetime(self) -> None:
+        """A queue lifetime shorter than the warning time: the expiry DSN only."""
+        self.smarthost.replies["busy@example.net"] = "451 4.3.0 Try later"
+        self.enqueue(AUTHOR, ["busy@example.net"])
+        self.delivery(delay_warning_time=WARN, lifetime=3600)
+        self.run_until(WARN + 600)
+        [bounce] = self.bounces(self.smarthost)
+        self.assertEqual(parse_dsn(bounce.data)[0].action, "failed")

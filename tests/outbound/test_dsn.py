@@ -20,8 +20,15 @@ from gsmail.outbound.dsn import (
     DSNRecipient,
     FailedRecipient,
     build_dsn,
+    notify_requests,
+    orcpt_parameter,
     parse_dsn,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
     should_send_dsn,
+    xtext_decode,
+    xtext_encode,
 )
 from gsmail.outbound.mx import NullMXError
 from gsmail.status import Reply
@@ -467,6 +474,95 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(blocks[1]["Original-Recipient"], "rfc822;A@Example.org")
         self.assertEqual(blocks[2]["Original-Recipient"], "rfc822; b@example.org")
 
+    def test_original_recipient_utf8(self) -> None:
+        """
+        A C{utf-8} ORCPT with a non-ASCII address is written in its 7-bit
+        utf-8-addr-xtext form (RFC 6533 §3), so the report stays ASCII.
+        """
+        raw = self.build(
+            [
+                FailedRecipient(
+                    "a@example.org",
+                    USER_UNKNOWN,
+                    "mx",
+                    original_recipient="utf-8;jürgen@example.de",
+                )
+            ]
+        )
+        self.assertTrue(raw.isascii())
+        fields = report_blocks(parse(raw))[1]
+        self.assertEqual(fields["Original-Recipient"], "utf-8;j\\x{FC}rgen@example.de")
+
+    def test_success_relayed(self) -> None:
+        """
+        A success report (NOTIFY=SUCCESS, relayed to a next hop without
+        DSN): its own subject, C{Action: relayed}, a 2.x.x status, the
+        server that took it, and the headers only even with RET=FULL
+        (RFC 3461 §4.3: full content is for failure reports).
+        """
+        raw = self.build(
+            [
+                FailedRecipient(
+                    "a@example.org",
+                    Reply(250, "2.0.0", "Ok: queued as 4711"),
+                    "mx.example.org",
+                    action="relayed",
+                    original_recipient="rfc822;a@example.org",
+                )
+            ],
+            return_content="full",
+            envelope_id="QQ314159",
+        )
+        message = parse(raw)
+        self.assertEqual(message["Subject"], "Successful Mail Delivery Report")
+        blocks = report_blocks(message)
+        self.assertEqual(blocks[0]["Original-Envelope-Id"], "QQ314159")
+        self.assertEqual(
+            (blocks[1]["Action"], blocks[1]["Status"], blocks[1]["Remote-MTA"]),
+            ("relayed", "2.0.0", "dns; mx.example.org"),
+        )
+        self.assertEqual(blocks[1]["Original-Recipient"], "rfc822;a@example.org")
+        parts = list(message.iter_parts())
+        self.assertEqual(parts[2].get_content_type(), "text/rfc822-headers")
+        self.assertNotIn(b"Secret body line", raw)
+        self.assertIn("relayed to a mail system", parts[0].get_content())
+        self.assertEqual(parse_dsn(raw), [DSNRecipient("a@example.org", "relayed", "2.0.0")])
+
+    def test_success_delivered(self) -> None:
+        """Delivered into the site's own groups: C{Action: delivered}, the reply's 2.x.x code."""
+        fields = report_blocks(
+            parse(
+                self.build(
+                    [
+                        FailedRecipient(
+                            "dev@groups.example.com",
+                            Reply(250, "2.6.0", "Added to the group"),
+                            MTA,
+                            action="delivered",
+                        )
+                    ]
+                )
+            )
+        )[1]
+        self.assertEqual((fields["Action"], fields["Status"]), ("delivered", "2.6.0"))
+
+    def test_delay_returns_headers_only(self) -> None:
+        """RET=FULL does not return the content with a delay warning."""
+        raw = self.build(
+            [FailedRecipient("a@example.org", None, None, action="delayed")],
+            return_content="full",
+        )
+        self.assertEqual(list(parse(raw).iter_parts())[2].get_content_type(), "text/rfc822-headers")
+        self.assertNotIn(b"Secret body line", raw)
+
+    def test_headers_only_return(self) -> None:
+        """RET=HDRS (the default): a failure report carries the header section, not the body."""
+        raw = self.build([FailedRecipient("a@example.org", USER_UNKNOWN, "mx")])
+        part = list(parse(raw).iter_parts())[2]
+        self.assertEqual(part.get_content_type(), "text/rfc822-headers")
+        self.assertNotIn(b"Secret body line", raw)
+        self.assertIn(b"Subject: Minutes of the meeting", raw)
+
     def test_postmaster_named(self) -> None:
         """A configured postmaster address is offered for help."""
         message = parse(
@@ -492,7 +588,7 @@ class BuildTests(SynchronousTestCase):
             [FailedRecipient("a@example.org", USER_UNKNOWN, "mx")],
             return_content="body",
         )
-        self.assertRaises(ValueError, FailedRecipient, "a@example.org", None, None, "delivered")
+        self.assertRaises(ValueError, FailedRecipient, "a@example.org", None, None, "bounced")
 
 
 class ShouldSendTests(SynchronousTestCase):
@@ -684,3 +780,80 @@ class ParseTests(SynchronousTestCase):
             b"Action: FAILED\nStatus: bounced\n--b--\n"
         )
         self.assertEqual(parse_dsn(raw), [DSNRecipient("a@b.example", "failed", "")])
+
+
+class ParameterTests(SynchronousTestCase):
+    """The RFC 3461 parameters: NOTIFY, ORCPT, ENVID and their xtext."""
+
+    def test_xtext(self) -> None:
+        """
+        xtext (RFC 3461 §4): +XX is an octet, '+' and '=' and anything
+        outside '!'..'~' must be encoded; decoding refuses the malformed.
+        """
+        self.assertEqual(xtext_decode("a+2Bb+3Dc"), "a+b=c")
+        self.assertEqual(xtext_decode("a+2bb"), "a+b")  # lowercase taken
+        self.assertEqual(xtext_decode(""), "")
+        for bad in ("a=b", "a b", "a+2", "a+ZZ", "a+C3+A4", "ä"):
+            with self.subTest(bad=bad):
+                self.assertRaises(ValueError, xtext_decode, bad)
+        self.assertEqual(xtext_encode("a+b=c d"), "a+2Bb+3Dc+20d")
+        for text in ("x@example.org", "a+b=c@example.org", "!~*"):
+            self.assertEqual(xtext_decode(xtext_encode(text)), text)
+
+    def test_notify(self) -> None:
+        """NOTIFY is normalised to SUCCESS,FAILURE,DELAY order, or NEVER alone."""
+        self.assertEqual(parse_notify("delay,failure"), "FAILURE,DELAY")
+        self.assertEqual(parse_notify("SUCCESS"), "SUCCESS")
+        self.assertEqual(parse_notify("never"), "NEVER")
+        for bad in (None, "", "NEVER,SUCCESS", "SOMETIMES", "FAILURE,FAILURE", "FAILURE,"):
+            with self.subTest(bad=bad):
+                self.assertRaises(ValueError, parse_notify, bad)
+
+    def test_notify_requests(self) -> None:
+        """
+        Without NOTIFY, failures and delays are reported (delays not for
+        VERP mail); NEVER gets nothing; SUCCESS only when asked.
+        """
+        self.assertTrue(notify_requests("", "FAILURE"))
+        self.assertTrue(notify_requests("", "DELAY"))
+        self.assertFalse(notify_requests("", "SUCCESS"))
+        self.assertTrue(notify_requests("", "FAILURE", verp=True))
+        self.assertFalse(notify_requests("", "DELAY", verp=True))
+        self.assertTrue(notify_requests("DELAY", "DELAY", verp=True))
+        for kind in ("SUCCESS", "FAILURE", "DELAY"):
+            self.assertFalse(notify_requests("NEVER", kind))
+        self.assertTrue(notify_requests("SUCCESS,FAILURE", "SUCCESS"))
+        self.assertFalse(notify_requests("SUCCESS,FAILURE", "DELAY"))
+
+    def test_orcpt(self) -> None:
+        """
+        ORCPT is addr-type;xtext, decoded, the type lowercased; the utf-8
+        type's \\x{HEX} escapes are decoded too; passing it on encodes it again.
+        """
+        self.assertEqual(parse_orcpt("RFC822;a+2Bb@example.org"), "rfc822;a+b@example.org")
+        self.assertEqual(parse_orcpt("utf-8;j\\x{FC}rgen@example.de"), "utf-8;jürgen@example.de")
+        self.assertEqual(parse_orcpt("utf-8;jürgen@example.de"), "utf-8;jürgen@example.de")
+        self.assertEqual(orcpt_parameter("rfc822;a+b@example.org"), "rfc822;a+2Bb@example.org")
+        self.assertEqual(
+            orcpt_parameter("utf-8;jürgen@example.de"), "utf-8;j\\x{FC}rgen@example.de"
+        )
+        for bad in (
+            None,
+            "a@example.org",
+            "rfc822;",
+            ";a@example.org",
+            "rfc(822);a@example.org",
+            "rfc822;a+0Db@example.org",
+            "rfc822;" + "x" * 500,
+            "utf-8;a=b@example.org",
+        ):
+            with self.subTest(bad=bad):
+                self.assertRaises(ValueError, parse_orcpt, bad)
+
+    def test_envid(self) -> None:
+        """ENVID: xtext of at most 100 characters, printable once decoded; kept as given."""
+        self.assertEqual(parse_envid("QQ+2B314"), "QQ+2B314")
+        self.assertEqual(parse_envid("x" * 100), "x" * 100)
+        for bad in (None, "", "x" * 101, "a=b", "a+0Ab"):
+            with self.subTest(bad=bad):
+                self.assertRaises(ValueError, parse_envid, bad)

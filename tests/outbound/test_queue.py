@@ -426,6 +426,116 @@ class EnqueueTests(QueueTestCase):
         self.assertEqual(self.reload(queue).envelopes(), [envelope])
 
 
+class DSNFieldTests(QueueTestCase):
+    """
+    The RFC 3461 data of a message (per recipient NOTIFY and ORCPT, the
+    delay-warning flag) is stored compatibly: old envelopes load, and
+    envelopes without it are written as before.
+    """
+
+    def test_round_trip(self) -> None:
+        """NOTIFY, ORCPT and the delay-warning flag survive a restart."""
+        queue = self.make_queue()
+        envelope = self.enqueue(
+            queue,
+            "a@example.org",
+            "b@example.org",
+            "c@example.org",
+            params={"RET": "HDRS", "ENVID": "QQ+2B314"},
+            dsn=[("SUCCESS,FAILURE", "rfc822;a+x@example.org"), ("NEVER", ""), ("", "")],
+        )
+        self.assertEqual(
+            [(r.notify, r.orcpt) for r in envelope.recipients],
+            [("SUCCESS,FAILURE", "rfc822;a+x@example.org"), ("NEVER", ""), ("", "")],
+        )
+        envelope.delay_warned = True
+        self.successResultOf(queue.update(envelope))
+        [loaded] = self.reload(queue).envelopes()
+        self.assertEqual(loaded, envelope)
+        self.assertTrue(loaded.delay_warned)
+
+    def test_written_only_when_set(self) -> None:
+        """
+        An envelope without DSN data has no new fields on disk, so older
+        versions read it as they always did; one with it names them.
+        """
+        queue = self.make_queue()
+        plain = self.enqueue(queue, "a@example.org")
+        asked = self.enqueue(queue, "a@example.org", dsn=[("DELAY", "")])
+
+        def stored(envelope: Envelope) -> dict[str, object]:
+            with open(os.path.join(self.directory, "env", envelope.id + ".json"), "rb") as f:
+                obj: dict[str, object] = json.load(f)
+            return obj
+
+        self.assertEqual(
+            sorted(stored(plain)["recipients"][0]),  # type: ignore[index]
+            ["address", "attempts", "last_reply", "next_attempt", "state"],
+        )
+        self.assertNotIn("delay_warned", stored(plain))
+        self.assertEqual(stored(asked)["recipients"][0]["notify"], "DELAY")  # type: ignore[index]
+
+    def test_old_envelope_loads(self) -> None:
+        """
+        An envelope written before these fields existed loads with the
+        defaults; the NOTIFY and ORCPT it kept among the MAIL parameters
+        (C{NOTIFY:<address>}, as received) become the recipients' own.
+        """
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org", "b@example.org")
+        self.successResultOf(queue.close())
+        path = os.path.join(self.directory, "env", envelope.id + ".json")
+        with open(path, "rb") as f:
+            obj = json.load(f)
+        obj["params"] = {
+            "ENVID": "abc",
+            "NOTIFY:a@example.org": "delay,failure",
+            "ORCPT:a@example.org": "rfc822;a+2Bold@example.org",
+            "NOTIFY:b@example.org": "bogus",
+        }
+        with open(path, "w") as f:
+            json.dump(obj, f)
+        [loaded] = self.make_queue().envelopes()
+        self.assertEqual(
+            [(r.notify, r.orcpt) for r in loaded.recipients],
+            [("FAILURE,DELAY", "rfc822;a+old@example.org"), ("", "")],
+        )
+        self.assertFalse(loaded.delay_warned)
+
+    def test_invalid_dsn_fields(self) -> None:
+        """A wrongly typed new field makes the envelope corrupt, as any other field does."""
+        queue = self.make_queue()
+        envelope = self.enqueue(queue, "a@example.org", dsn=[("DELAY", "")])
+        self.successResultOf(queue.close())
+        path = os.path.join(self.directory, "env", envelope.id + ".json")
+        with open(path, "rb") as f:
+            obj = json.load(f)
+        obj["recipients"][0]["notify"] = 7
+        with open(path, "w") as f:
+            json.dump(obj, f)
+        self.assertEqual(self.make_queue().envelopes(), [])
+        self.assertEqual(
+            self.listing("corrupt"), [envelope.id + ".json", envelope.id + ".json.data"]
+        )
+        self.flushLoggedErrors()
+
+    def test_refused(self) -> None:
+        """C{dsn} must give one pair per recipient, without CR, LF or NUL; nothing is written."""
+        queue = self.make_queue()
+        for dsn in ([], [("", ""), ("", "")], [("FAILURE\r\nDATA", "")], [("x",)]):
+            with self.subTest(dsn=dsn):
+                d = queue.enqueue("", ["a@example.org"], MESSAGE, dsn=dsn)  # type: ignore[arg-type]
+                self.failureResultOf(d, ValueError)
+        self.assertEqual((self.listing("data"), self.listing("env")), ([], []))
+
+    def test_fsync_order_unchanged(self) -> None:
+        """With DSN data the enqueue makes the same file-system calls, in the same order."""
+        ops = RecordingOps(self.directory)
+        queue = self.make_queue(ops=ops)
+        envelope = self.enqueue(queue, "a@example.org", dsn=[("SUCCESS", "rfc822;a@example.org")])
+        self.assertEqual(ops.calls, expected(ENQUEUE_CALLS, envelope.id))
+
+
 class CrashTestCase(QueueTestCase):
     """
     A queue whose process is killed at a chosen file-system call, and the

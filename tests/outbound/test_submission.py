@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from base64 import b64encode
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -42,6 +43,7 @@ class Queued:
     data: bytes
     xverp: bool
     params: dict[str, str]
+    dsn: list[tuple[str, str]] | None
 
 
 class FakeQueue:
@@ -59,13 +61,20 @@ class FakeQueue:
         *,
         xverp: bool = False,
         params: dict[str, str] | None = None,
+        dsn: Sequence[tuple[str, str]] | None = None,
     ) -> Deferred[Any]:
         if self.error is not None:
             return fail(self.error)
         assert isinstance(data, str)
         with open(data, "rb") as f:
             entry = Queued(
-                f"q{len(self.entries) + 1}", sender, recipients, f.read(), xverp, params or {}
+                f"q{len(self.entries) + 1}",
+                sender,
+                recipients,
+                f.read(),
+                xverp,
+                params or {},
+                None if dsn is None else list(dsn),
             )
         self.entries.append(entry)
         return succeed(entry)
@@ -79,6 +88,11 @@ class TLSStringTransport(StringTransport):
 
 def lines(t: StringTransport) -> list[str]:
     return t.value().decode().split("\r\n")[:-1]
+
+
+def offered(out: list[str]) -> set[str]:
+    """The keywords of the EHLO reply lines in C{out} ("250-X" and "250 X")."""
+    return {line[4:] for line in out if line[:4] in ("250-", "250 ")}
 
 
 class SubmissionTests(SynchronousTestCase):
@@ -119,8 +133,8 @@ class SubmissionTests(SynchronousTestCase):
         )
         proto.dataReceived(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
         out = lines(t)
-        self.assertIn("250-XVERP", out)
-        self.assertIn("250-DSN", out)
+        self.assertIn("XVERP", offered(out))
+        self.assertIn("DSN", offered(out))
         self.assertEqual(out[-1], "250 2.0.0 Queued as q1")
         [entry] = self.queue.entries
         self.assertTrue(entry.xverp)
@@ -135,7 +149,7 @@ class SubmissionTests(SynchronousTestCase):
         proto, t = self.connect("192.0.2.7")
         proto.dataReceived(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\n")
         self.assertEqual(lines(t)[-1][:9], "554 5.7.1")
-        self.assertNotIn("250-AUTH PLAIN LOGIN", lines(t))
+        self.assertNotIn("AUTH PLAIN LOGIN", offered(lines(t)))
 
     def test_unix_socket_trusted(self) -> None:
         """A UNIX socket client is trusted (the socket's file mode decides)."""
@@ -179,7 +193,7 @@ class SubmissionTests(SynchronousTestCase):
         """AUTH is neither offered nor accepted before TLS (538 5.7.11)."""
         proto, t = self.connect("192.0.2.7", tls=True)
         proto.dataReceived(b"EHLO x\r\nAUTH PLAIN " + b64encode(b"\0groupserver\0s3cret") + b"\r\n")
-        self.assertNotIn("250-AUTH PLAIN LOGIN", lines(t))
+        self.assertNotIn("AUTH PLAIN LOGIN", offered(lines(t)))
         self.assertEqual(lines(t)[-1][:10], "538 5.7.11")
 
     def test_auth_cancelled(self) -> None:
@@ -188,24 +202,86 @@ class SubmissionTests(SynchronousTestCase):
         self.assertEqual([o[:9] for o in out], ["334 ", "501 5.0.0"])
 
     def test_dsn_parameters(self) -> None:
-        """RET/ENVID and NOTIFY/ORCPT are accepted and kept; bad ones refused."""
+        """
+        RET/ENVID and NOTIFY/ORCPT are accepted and kept: RET and ENVID
+        (still xtext) with the message, NOTIFY normalised and ORCPT decoded
+        per recipient, in RCPT order; bad ones refused.
+        """
         proto, t = self.connect()
         proto.dataReceived(
-            b"EHLO x\r\nMAIL FROM:<a@example.org> RET=HDRS ENVID=abc BODY=8BITMIME\r\n"
-            b"RCPT TO:<b@example.org> NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@example.org\r\n"
-            b"RCPT TO:<c@example.org> NOTIFY=NEVER,SUCCESS\r\nDATA\r\nx: y\r\n\r\nz\r\n.\r\n"
+            b"EHLO x\r\nMAIL FROM:<a@example.org> RET=hdrs ENVID=QQ+2B314 BODY=8BITMIME\r\n"
+            b"RCPT TO:<b@example.org> NOTIFY=delay,Failure ORCPT=rfc822;b+2Bx@example.org\r\n"
+            b"RCPT TO:<c@example.org> NOTIFY=NEVER,SUCCESS\r\n"
+            b"RCPT TO:<d@example.org>\r\n"
+            b"RCPT TO:<e@example.org> NOTIFY=NEVER\r\n"
+            b"DATA\r\nx: y\r\n\r\nz\r\n.\r\n"
         )
         out = lines(t)
         self.assertEqual(
-            [o[:9] for o in out[-5:]],
-            ["250 2.1.0", "250 2.1.5", "501 5.5.4", "354 End d", "250 2.0.0"],
-        )
+            [o[:9] for o in out[-7:]],
+            ["250 2.1.0", "250 2.1.5", "501 5.5.4", "250 2.1.5", "250 2.1.5", "354 End d",
+             "250 2.0.0"],
+        )  # fmt: skip
         [entry] = self.queue.entries
         self.assertEqual(entry.params["RET"], "HDRS")
-        self.assertEqual(entry.params["ENVID"], "abc")
+        self.assertEqual(entry.params["ENVID"], "QQ+2B314")
         self.assertEqual(entry.params["BODY"], "8BITMIME")
-        self.assertEqual(entry.params["NOTIFY:b@example.org"], "FAILURE,DELAY")
+        self.assertEqual(entry.recipients, ["b@example.org", "d@example.org", "e@example.org"])
+        self.assertEqual(
+            entry.dsn,
+            [("FAILURE,DELAY", "rfc822;b+x@example.org"), ("", ""), ("NEVER", "")],
+        )
+        self.assertEqual([k for k in entry.params if ":" in k], [])
         self.assertFalse(entry.xverp)
+
+    def test_no_dsn_parameters(self) -> None:
+        """Without NOTIFY or ORCPT the queue is given no per-recipient DSN data."""
+        proto, t = self.connect()
+        proto.dataReceived(
+            b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            b"x: y\r\n\r\nz\r\n.\r\n"
+        )
+        self.assertEqual(lines(t)[-1][:9], "250 2.0.0")
+        self.assertIsNone(self.queue.entries[0].dsn)
+
+    def test_bad_dsn_parameters(self) -> None:
+        """
+        Malformed DSN parameters are refused with 501 5.5.4 (RFC 3461 §4),
+        an unknown RCPT parameter with 555 5.5.4; nothing is queued.
+        """
+        bad_mail = [
+            b"ENVID=a=b",  # '=' is not xchar
+            b"ENVID=a+0Db",  # decodes to a control character
+            b"ENVID=a+4",  # a '+' without two hex digits
+            b"ENVID=" + b"x" * 101,
+            b"RET=BODY",
+        ]
+        bad_rcpt = [
+            b"NOTIFY=SOMETIMES",
+            b"NOTIFY=NEVER,DELAY",
+            b"NOTIFY=FAILURE,FAILURE",
+            b"ORCPT=b@example.org",
+            b"ORCPT=rfc822;",
+            b"ORCPT=rfc822;b+0Ax@example.org",
+            b"ORCPT=rfc822;" + b"x" * 500,
+            b"ORCPT=rfc(822);b@example.org",
+        ]
+        for param in bad_mail:
+            proto, t = self.connect()
+            proto.dataReceived(b"EHLO x\r\nMAIL FROM:<a@example.org> " + param + b"\r\n")
+            self.assertEqual(lines(t)[-1][:9], "501 5.5.4", param)
+        for param in bad_rcpt:
+            proto, t = self.connect()
+            proto.dataReceived(
+                b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org> " + param + b"\r\n"
+            )
+            self.assertEqual(lines(t)[-1][:9], "501 5.5.4", param)
+        proto, t = self.connect()
+        proto.dataReceived(
+            b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org> FOO=1\r\n"
+        )
+        self.assertEqual(lines(t)[-1][:9], "555 5.5.4")
+        self.assertEqual(self.queue.entries, [])
 
     def test_queue_failure_is_transient(self) -> None:
         """If the queue cannot store the message, the client gets 451 4.3.0 and keeps it."""
@@ -218,6 +294,166 @@ class SubmissionTests(SynchronousTestCase):
         self.assertEqual(lines(t)[-1][:9], "451 4.3.0")
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertEqual(os.listdir(self.factory.spool_dir), [])
+
+    def test_auth_over_plain_from_trusted_client(self) -> None:
+        """
+        A trusted client (127.0.0.1, in the default networks) is offered
+        AUTH without TLS, since zope.sendmail calls login() whenever a user
+        name is set and smtplib needs AUTH in the EHLO reply; the right
+        password is 235, a wrong one 535.
+        """
+        proto, t = self.connect("127.0.0.1")
+        token = b64encode(b"\0groupserver\0s3cret")
+        proto.dataReceived(b"EHLO gs\r\nAUTH PLAIN " + token + b"\r\n")
+        out = lines(t)
+        self.assertIn("AUTH PLAIN LOGIN", offered(out))
+        self.assertEqual(out[-1], "235 2.7.0 Authentication successful")
+        proto, t = self.connect("127.0.0.1")
+        proto.dataReceived(b"EHLO gs\r\nAUTH PLAIN " + b64encode(b"\0groupserver\0no") + b"\r\n")
+        self.assertEqual(lines(t)[-1][:9], "535 5.7.8")
+
+    def test_auth_over_plain_on_unix_socket(self) -> None:
+        """A UNIX-socket client is trusted: AUTH LOGIN works without TLS."""
+        transport = StringTransport(peerAddress=UNIXAddress(None))
+        proto = self.factory.buildProtocol(UNIXAddress(None))
+        proto.makeConnection(transport)
+        proto.dataReceived(
+            b"EHLO x\r\nAUTH LOGIN\r\n"
+            + b64encode(b"groupserver")
+            + b"\r\n"
+            + b64encode(b"s3cret")
+            + b"\r\n"
+        )
+        self.assertEqual(lines(transport)[-1], "235 2.7.0 Authentication successful")
+
+    def test_foreign_client_auth_offered_after_tls(self) -> None:
+        """Outside the trusted networks AUTH appears in the EHLO reply only after STARTTLS."""
+        proto, t = self.connect("192.0.2.7", tls=True)
+        proto.dataReceived(b"EHLO x\r\n")
+        self.assertNotIn("AUTH PLAIN LOGIN", offered(lines(t)))
+        self.assertIn("STARTTLS", offered(lines(t)))
+        proto.dataReceived(b"STARTTLS\r\n")
+        t.clear()
+        proto.dataReceived(b"EHLO x\r\n")
+        self.assertIn("AUTH PLAIN LOGIN", offered(lines(t)))
+        self.assertNotIn("STARTTLS", offered(lines(t)))
+
+    def test_trusted_networks_option(self) -> None:
+        """
+        With other trusted networks, 127.0.0.1 is a foreign client: no AUTH
+        in clear (538 5.7.11), no MAIL without AUTH (554 5.7.1); a client of
+        the given network is trusted.
+        """
+        self.factory.trusted_networks = parse_networks(["192.0.2.0/24"])
+        proto, t = self.connect("127.0.0.1")
+        proto.dataReceived(
+            b"EHLO x\r\nAUTH PLAIN "
+            + b64encode(b"\0groupserver\0s3cret")
+            + b"\r\nMAIL FROM:<a@example.org>\r\n"
+        )
+        self.assertEqual([o[:10] for o in lines(t)[-2:]], ["538 5.7.11", "554 5.7.1 "])
+        proto, t = self.connect("192.0.2.200")
+        proto.dataReceived(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(lines(t)[-1], "250 2.1.0 Sender ok")
+
+    def tls_level(self, level: str) -> None:
+        """Make the listener's TLS level C{level}."""
+        self.factory.tls_security_level = level
+
+    def test_no_tls_offers_no_starttls(self) -> None:
+        """
+        C{no_tls} (level C{none}): STARTTLS is neither offered nor accepted
+        (454 4.7.0), and a trusted client still authenticates in clear.
+        """
+        self.tls_level("none")
+        proto, t = self.connect("127.0.0.1", tls=True)
+        proto.dataReceived(
+            b"EHLO x\r\nSTARTTLS\r\nAUTH PLAIN "
+            + b64encode(b"\0groupserver\0s3cret")
+            + b"\r\nMAIL FROM:<a@example.org>\r\n"
+        )
+        out = lines(t)
+        self.assertNotIn("STARTTLS", offered(out))
+        self.assertEqual([o[:9] for o in out[-3:]], ["454 4.7.0", "235 2.7.0", "250 2.1.0"])
+
+    def test_force_tls_requires_starttls(self) -> None:
+        """
+        C{force_tls} (level C{encrypt}): even a trusted TCP client gets
+        530 5.7.0 for MAIL and 538 5.7.11 for AUTH before STARTTLS, and AUTH
+        is not offered; after STARTTLS both work.
+        """
+        self.tls_level("encrypt")
+        proto, t = self.connect("127.0.0.1", tls=True)
+        proto.dataReceived(
+            b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nAUTH PLAIN "
+            + b64encode(b"\0groupserver\0s3cret")
+            + b"\r\n"
+        )
+        out = lines(t)
+        self.assertEqual(out[-2], "530 5.7.0 Must issue a STARTTLS command first")
+        self.assertEqual(out[-1][:10], "538 5.7.11")
+        self.assertNotIn("AUTH PLAIN LOGIN", offered(out))
+        proto.dataReceived(b"STARTTLS\r\n")
+        t.clear()
+        proto.dataReceived(
+            b"EHLO x\r\nAUTH PLAIN "
+            + b64encode(b"\0groupserver\0s3cret")
+            + b"\r\nMAIL FROM:<a@example.org>\r\n"
+        )
+        out = lines(t)
+        self.assertIn("AUTH PLAIN LOGIN", offered(out))
+        self.assertEqual([o[:9] for o in out[-2:]], ["235 2.7.0", "250 2.1.0"])
+
+    def test_starttls_forgets_login(self) -> None:
+        """
+        A login in clear does not survive STARTTLS (RFC 3207 §4.2): a trusted
+        client that logged in before logs in again over TLS (not 503 "Already
+        authenticated").
+        """
+        proto, t = self.connect("127.0.0.1", tls=True)
+        token = b64encode(b"\0groupserver\0s3cret")
+        proto.dataReceived(b"EHLO x\r\nAUTH PLAIN " + token + b"\r\nSTARTTLS\r\n")
+        proto.dataReceived(b"EHLO x\r\nAUTH PLAIN " + token + b"\r\n")
+        out = lines(t)
+        self.assertEqual(out[-1], "235 2.7.0 Authentication successful")
+        self.assertEqual(proto.session.with_protocol, "ESMTPSA")
+
+    def test_force_tls_exempts_unix_socket(self) -> None:
+        """A UNIX-socket client never leaves the host: no STARTTLS needed with C{encrypt}."""
+        self.tls_level("encrypt")
+        transport = StringTransport(peerAddress=UNIXAddress(None))
+        proto = self.factory.buildProtocol(UNIXAddress(None))
+        proto.makeConnection(transport)
+        proto.dataReceived(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(lines(transport)[-1], "250 2.1.0 Sender ok")
+
+    def test_tls_level_checked(self) -> None:
+        """An unknown level, or C{encrypt} without a certificate, is refused at once."""
+        core = SubmissionCore(self.queue)
+        self.assertRaises(
+            ValueError,
+            SubmissionFactory,
+            core,
+            ServerSettings(hostname="h", tls=object()),
+            self.clock,
+            tls_security_level="optional",
+        )
+        self.assertRaises(
+            ValueError,
+            SubmissionFactory,
+            core,
+            ServerSettings(hostname="h"),
+            self.clock,
+            tls_security_level="encrypt",
+        )
+
+    def test_no_auth_without_account(self) -> None:
+        """Without a user name AUTH is not offered at all (503 5.5.1), even to trusted clients."""
+        self.factory.checker = None
+        proto, t = self.connect("127.0.0.1")
+        proto.dataReceived(b"EHLO x\r\nAUTH PLAIN AGEAYg==\r\n")
+        self.assertNotIn("AUTH PLAIN LOGIN", offered(lines(t)))
+        self.assertEqual(lines(t)[-1][:9], "503 5.5.1")
 
     def test_parse_networks(self) -> None:
         """Networks parse, with hosts widened to their network."""
