@@ -449,6 +449,8 @@ def die_with_parent(signal_number: int = signal.SIGTERM) -> bool:
     successor needs. Elsewhere, or when the call fails, nothing happens and
     standard input's end is the only signal.
 
+    @param signal_number: the signal to get (default SIGTERM, which the
+        reactor turns into a clean stop).
     @return: C{True} when the kernel took it.
     """
     if not sys.platform.startswith("linux"):
@@ -466,6 +468,10 @@ def parent_alive(setup: WorkerSetup) -> bool:
     parent. It may have died before L{die_with_parent} was called, and then
     no signal comes: the setup it wrote is still in the pipe, but the
     worker was handed to another parent (init or a subreaper).
+
+    @param setup: the worker's setup (L{WorkerSetup.parent}: the main
+        process's pid, C{0} for "do not check").
+    @return: C{False} when the worker must exit at once.
     """
     return not setup.parent or os.getppid() == setup.parent
 

@@ -89,9 +89,12 @@ class GroupDirectory:
     def find(self, address: Address) -> Deferred[Lookup]:
         """
         The group with list address C{address}, and whether the answer came
-        from the cache (see L{Lookup}).
+        from the cache (see L{Lookup}): L{DeliveryCore.check_recipient}
+        answers a cached "no such group" C{450 4.1.1}, a fresh one C{550 5.1.1}.
 
-        @raise GroupServerError: (in the Deferred) GroupServer could not answer.
+        @return: fires with a L{Lookup}.
+        @raise GroupServerError: (in the Deferred) GroupServer could not answer
+            (not cached: the next lookup asks again).
         """
         key = str(address).lower()
         hit = self._cache.get(key)

@@ -21,8 +21,8 @@ How it stays safe:
   - STARTTLS throws away anything the client sent after it in plaintext and
     forgets HELO and the transaction (RFC 3207 §4.2).
   - A full or failing spool disk is C{452 4.3.1}: at MAIL when the free
-    space is below the declared SIZE (or nil), at DATA when no spool file can
-    be made, and after the final dot (one reply per LMTP recipient) when a
+    space is below the declared SIZE (or there is none), at DATA when no
+    spool file can be made, and after the final dot (one reply per LMTP recipient) when a
     write failed; the rest of that message is read and dropped, and the
     session goes on.
 """
