@@ -27,7 +27,7 @@ from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import Spool, SpoolFiles
+from gsmail.inbound.spool import Spool, SpoolAlarm, SpoolFiles
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
 from gsmail.outbound.mx import MXResolver, parse_relayhost
@@ -128,6 +128,8 @@ class InboundParts:
         )
         # One set of reusable spool files for every listener of the process.
         self.spool_files = SpoolFiles(config.spool_dir)
+        # And one log of spool faults (disk full), so a burst is logged once.
+        self.spool_alarm = SpoolAlarm("spooling", reactor)
         self._reactor = reactor
 
     def factory(self, lmtp: bool) -> InboundFactory:
@@ -139,6 +141,7 @@ class InboundParts:
             lmtp=lmtp,
             spool_dir=self.config.spool_dir,
             spool_files=self.spool_files,
+            spool_alarm=self.spool_alarm,
         )
 
     def open(self) -> None:
@@ -289,7 +292,9 @@ class GsmailService(MultiService):
         if config.smtp_username:
             checker = PasswordChecker(config.smtp_username, config.smtp_password)
         self.submission_factory = SubmissionFactory(
-            SubmissionCore(_KickingQueue(self.queue, self.outbound)),
+            SubmissionCore(
+                _KickingQueue(self.queue, self.outbound), SpoolAlarm("queueing", self.reactor)
+            ),
             settings,
             self.reactor,
             trusted_networks=parse_networks(config.submission_networks),
@@ -297,6 +302,7 @@ class GsmailService(MultiService):
             tls_security_level=submission_tls_level(config),
             spool_dir=config.spool_dir,
             spool_files=self.spool_files,
+            spool_alarm=self.inbound.spool_alarm,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
         # Listens in startService, after the queue is loaded (gsmail-queue).

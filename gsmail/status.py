@@ -127,6 +127,12 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections; try again late
 SHUTTING_DOWN = Reply(421, "4.3.2", "Shutting down; try again later")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+#: The spool or queue disk is full or failing (RFC 5321 §4.2.3 452, RFC 3463
+#: §3.4 X.3.1 "mail system full"); Postfix's wording.
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage", EX_TEMPFAIL)
+#: "No such group" from the negative cache, not from GroupServer just now: the
+#: group may have been created since, so the sender retries (RFC 3463 X.1.1).
+NO_SUCH_GROUP_CACHED = Reply(450, "4.1.1", "No such group when last asked; try again later")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing", EX_TEMPFAIL)
 CONFIG_ERROR = Reply(451, "4.3.5", "Error with the configuration file", EX_CONFIG)
 GROUPSERVER_UNREACHABLE = Reply(451, "4.4.4", "Error connecting to GroupServer", EX_PROTOCOL)

@@ -33,8 +33,18 @@ The main process supervises:
     (their messages were not acknowledged: the senders still have them).
     Connections that arrive meanwhile wait in the socket's backlog; none is
     refused.
-  - B{Parent gone.} A worker stops when its standard input closes, so
-    workers do not outlive a main process that was killed.
+  - B{Parent gone.} A worker must not outlive a main process that was
+    killed (SIGKILL, the OOM killer): it would keep the inherited listening
+    sockets, and the restarted gsmail could not bind them ("Address already
+    in use"). Two independent signals stop it: on Linux the kernel sends it
+    SIGTERM when the main process dies (C{prctl(PR_SET_PDEATHSIG)}, set first
+    thing in the worker, then C{getppid()} is checked against the main
+    process's pid to close the race with a death before the call), and its
+    standard input ends. Either way the worker stops accepting at once
+    (which frees the port), finishes its running deliveries and exits.
+    PR_SET_PDEATHSIG fires when the I{thread} that started the worker ends,
+    not the process: workers are spawned from the reactor thread, which
+    lives as long as the main process; never spawn them from a pool thread.
   - B{Stopping.} L{InboundWorkers.stop} closes each worker's standard input:
     the worker stops accepting, lets its running deliveries finish (up to
     C{reply_deadline}, as the main process does), closes its ledger after
@@ -48,6 +58,7 @@ remembered), and its own group cache.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pickle
@@ -94,6 +105,9 @@ LOG_DELAY = 0.1
 #: The longest line a worker may write (bytes); longer output is cut and logged.
 MAX_LINE = 1 << 20
 
+#: prctl(2)'s option for the signal sent when the parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+
 _LENGTH = struct.Struct("!Q")
 #: Log levels a worker relays at once rather than at the end of the reactor turn.
 _URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
@@ -110,11 +124,13 @@ class WorkerSetup:
         restarts).
     @ivar listeners: C{(name, descriptor, address family)} for each
         inherited listening socket; name C{"smtp"} or C{"lmtp"}.
+    @ivar parent: the main process's pid (C{0}: not checked).
     """
 
     config: GsmailConfig
     number: int
     listeners: tuple[tuple[str, int, int], ...]
+    parent: int = 0
 
 
 def write_setup(setup: WorkerSetup) -> bytes:
@@ -208,7 +224,9 @@ class InboundWorkers:
 
     def setup(self, number: int) -> WorkerSetup:
         """The setup of worker C{number}."""
-        return WorkerSetup(attrs.evolve(self.config, url=self._url), number, self._listeners)
+        return WorkerSetup(
+            attrs.evolve(self.config, url=self._url), number, self._listeners, os.getpid()
+        )
 
     def spawn(self, protocol: ProcessProtocol) -> Any:
         """Start one worker process for C{protocol}; return its transport."""
@@ -423,6 +441,41 @@ def _how(reason: Failure) -> str:
 # -- the worker process --------------------------------------------------------
 
 
+def die_with_parent(signal_number: int = signal.SIGTERM) -> bool:
+    """
+    Ask Linux to send this process C{signal_number} when its parent dies
+    (C{prctl(PR_SET_PDEATHSIG)}, prctl(2)). Blocking, one system call; call
+    it first thing in a child, before it holds anything its parent's
+    successor needs. Elsewhere, or when the call fails, nothing happens and
+    standard input's end is the only signal.
+
+    @param signal_number: the signal to get (default SIGTERM, which the
+        reactor turns into a clean stop).
+    @return: C{True} when the kernel took it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def parent_alive(setup: WorkerSetup) -> bool:
+    """
+    Whether the main process that wrote C{setup} is still this process's
+    parent. It may have died before L{die_with_parent} was called, and then
+    no signal comes: the setup it wrote is still in the pipe, but the
+    worker was handed to another parent (init or a subreaper).
+
+    @param setup: the worker's setup (L{WorkerSetup.parent}: the main
+        process's pid, C{0} for "do not check").
+    @return: C{False} when the worker must exit at once.
+    """
+    return not setup.parent or os.getppid() == setup.parent
+
+
 @implementer(ILogObserver)
 class _EventLines:
     """
@@ -560,8 +613,14 @@ def adopt(reactor: Any, fd: int, family: int, factory: Any) -> Any:
 def main() -> None:
     """
     C{python -m gsmail.workers}: one inbound worker, started by the main
-    process (see the module docstring); not for running by hand.
+    process (see the module docstring); not for running by hand. Exits 2
+    without a setup, 3 when the main process is already gone, 1 when the
+    worker cannot start.
     """
+    # First: the main process's death stops us from here on (SIGTERM's
+    # default action until the reactor installs its handler, which stops
+    # the reactor: no more accepting, running deliveries finish).
+    die_with_parent(signal.SIGTERM)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to standard error, logged as errors, not into the events
     try:
@@ -569,6 +628,9 @@ def main() -> None:
     except (EOFError, ValueError) as e:
         sys.stderr.write(f"gsmail worker: {e}\n")
         raise SystemExit(2) from None
+    if not parent_alive(setup):
+        sys.stderr.write("gsmail worker: the main process is gone\n")
+        raise SystemExit(3)
     from twisted.internet import reactor
 
     # The main process owns the terminal: a hangup is its business.

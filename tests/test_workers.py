@@ -11,6 +11,10 @@ import io
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
 
 import attrs
@@ -18,7 +22,7 @@ from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminate
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, Logger, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gsmail.workers import (
     STABLE_AFTER,
@@ -27,9 +31,11 @@ from gsmail.workers import (
     WorkerSetup,
     _EventLines,
     _ParentWatch,
+    parent_alive,
     read_setup,
     write_setup,
 )
+from tests.integration.test_large import ROOT
 from tests.util import TOKEN, make_config
 
 
@@ -378,3 +384,89 @@ class WorkerSideTests(SynchronousTestCase):
         self.assertEqual(texts, ["one", "two", "three", "four"])
         clock.advance(1)
         self.assertEqual(len(out.getvalue().splitlines()), 4)
+
+
+#: A process that starts a child which asks to die with its parent
+#: (L{die_with_parent}), prints the child's pid, and waits to be killed.
+_PARENT_SCRIPT = """
+import subprocess, sys
+child = subprocess.Popen(
+    [sys.executable, "-c",
+     "import sys, time; from gsmail.workers import die_with_parent;"
+     " ok = die_with_parent(); print(int(ok), flush=True); time.sleep(60)"],
+    stdout=subprocess.PIPE,
+)
+print(child.pid, child.stdout.readline().decode().strip(), flush=True)
+sys.stdin.read()
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class ParentDeathTests(SynchronousTestCase):
+    """A worker does not outlive the main process (real processes, Linux)."""
+
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("PR_SET_PDEATHSIG is Linux's")
+
+    def test_setup_names_the_parent(self) -> None:
+        """The setup carries the main process's pid; the check compares it with getppid()."""
+        workers = started(self)
+        setup = read_setup(io.BytesIO(workers.spawned[0].written))
+        self.assertEqual(setup.parent, os.getpid())
+        self.assertTrue(parent_alive(attrs.evolve(setup, parent=os.getppid())))
+        self.assertFalse(parent_alive(attrs.evolve(setup, parent=os.getpid())))
+        self.assertTrue(parent_alive(attrs.evolve(setup, parent=0)))
+
+    def test_child_dies_with_parent(self) -> None:
+        """
+        A process that called L{die_with_parent} gets SIGTERM and ends
+        within a few seconds of its parent being killed with SIGKILL,
+        though nothing else tells it.
+        """
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", _PARENT_SCRIPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        assert parent.stdout is not None and parent.stdin is not None
+        self.addCleanup(parent.stdin.close)
+        self.addCleanup(parent.stdout.close)
+        child_pid, took = (int(w) for w in parent.stdout.readline().split())
+        self.addCleanup(lambda: _running(child_pid) and os.kill(child_pid, signal.SIGKILL))
+        self.assertEqual(took, 1)
+        self.assertTrue(_running(child_pid))
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while _running(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertFalse(_running(child_pid), "the child outlived its parent")
+
+    def test_parent_gone_before_the_check(self) -> None:
+        """
+        A worker whose setup names a main process that is no longer its
+        parent (it died before PR_SET_PDEATHSIG was set) exits at once,
+        status 3, before it touches a listening socket.
+        """
+        setup = WorkerSetup(make_config(self.mktemp()), 1, (), parent=os.getpid() + 1)
+        result = subprocess.run(
+            [sys.executable, "-m", "gsmail.workers"],
+            input=write_setup(setup),
+            capture_output=True,
+            timeout=30,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            check=False,
+        )
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertIn(b"the main process is gone", result.stderr)

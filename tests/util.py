@@ -10,7 +10,7 @@ import shutil
 from typing import Any
 
 import attrs
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from gsmail.config import GsmailConfig
 from gsmail.service import GsmailService, makeService
@@ -79,3 +79,51 @@ def start_service(test: TestCase, config: GsmailConfig, reactor: Any = None) -> 
 def port_of(service: GsmailService, name: str) -> int:
     """The TCP port the C{"smtp"} or C{"lmtp"} listener got."""
     return int(service.port(name).getHost().port)
+
+
+def open_descriptors() -> int:
+    """How many file descriptors this process has open now (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+class DiskFaults:
+    """
+    Injects storage faults into the system calls of L{gsmail.inbound.spool}
+    (patched for the test's duration): set C{write_error},
+    C{create_error} or C{truncate_error} to an C{errno} value to make
+    write(2), the creation of a spool file or ftruncate(2) fail with it;
+    C{max_write} makes write(2) store at most that many bytes per call, as
+    on a nearly full disk.
+
+    @ivar writes: write(2) calls attempted.
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        from gsmail.inbound import spool
+
+        self.write_error: int | None = None
+        self.create_error: int | None = None
+        self.truncate_error: int | None = None
+        self.max_write: int | None = None
+        self.writes = 0
+        test.patch(spool, "_write", self._write)
+        test.patch(spool, "_open", self._open)
+        test.patch(spool, "_ftruncate", self._ftruncate)
+
+    def _write(self, fd: int, data: memoryview) -> int:
+        self.writes += 1
+        if self.write_error is not None:
+            raise OSError(self.write_error, os.strerror(self.write_error))
+        if self.max_write is not None:
+            data = data[: self.max_write]
+        return os.write(fd, data)
+
+    def _open(self, path: str, flags: int, mode: int) -> int:
+        if self.create_error is not None:
+            raise OSError(self.create_error, os.strerror(self.create_error), path)
+        return os.open(path, flags, mode)
+
+    def _ftruncate(self, fd: int, length: int) -> None:
+        if self.truncate_error is not None:
+            raise OSError(self.truncate_error, os.strerror(self.truncate_error))
+        os.ftruncate(fd, length)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import cast
 
+import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -27,9 +28,23 @@ from gsmail.ledger import Outcome, PostLedger
 from gsmail.posting import plan_posting
 from gsmail.status import GroupServerError, Reply
 
-__all__ = ["GroupDirectory", "DeliveryCore", "trace_fields"]
+__all__ = ["GroupDirectory", "Lookup", "DeliveryCore", "trace_fields"]
 
 log = Logger()
+
+
+@attrs.frozen
+class Lookup:
+    """
+    A group lookup's answer and where it came from.
+
+    @ivar info: the group (C{group_id} C{None}: no group has the address).
+    @ivar cached: C{True} when it came from the cache, C{False} when
+        GroupServer gave it for this lookup (or for one it joined).
+    """
+
+    info: GroupInfo
+    cached: bool
 
 
 class GroupDirectory:
@@ -37,8 +52,11 @@ class GroupDirectory:
     GroupServer's group-exists page behind a cache: answers are kept
     C{ttl} seconds when a group was found and C{negative_ttl} seconds when
     none was; failures are not cached. Concurrent lookups of one address share
-    one request.
+    one request. So GroupServer is asked at most once per address per TTL,
+    however often a sender probes it.
 
+    @param ttl: seconds a found group is remembered.
+    @param negative_ttl: seconds "no such group" is remembered.
     @param max_entries: cached addresses at most; the oldest go first.
     """
 
@@ -65,34 +83,47 @@ class GroupDirectory:
 
         @raise GroupServerError: (in the Deferred) GroupServer could not answer.
         """
+        return self.find(address).addCallback(lambda found: found.info)
+
+    def find(self, address: Address) -> Deferred[Lookup]:
+        """
+        The group with list address C{address}, and whether the answer came
+        from the cache (see L{Lookup}): L{DeliveryCore.check_recipient}
+        answers a cached "no such group" C{450 4.1.1}, a fresh one C{550 5.1.1}.
+
+        @return: fires with a L{Lookup}.
+        @raise GroupServerError: (in the Deferred) GroupServer could not answer
+            (not cached: the next lookup asks again).
+        """
         key = str(address).lower()
         hit = self._cache.get(key)
         now = self._clock.seconds()
         if hit is not None:
             if hit[0] > now:
-                return succeed(hit[1])
+                return succeed(Lookup(hit[1], cached=True))
             del self._cache[key]
         waiter: Deferred[GroupInfo] = Deferred()
+        answer = waiter.addCallback(Lookup, cached=False)
         waiters = self._in_flight.get(key)
         if waiters is not None:
             waiters.append(waiter)
-            return waiter
+            return answer
+        # Registered first: the client may answer at once.
         self._in_flight[key] = [waiter]
+        maybeDeferred(self._client.lookup_group, str(address)).addBoth(self._answered, key)
+        return answer
 
-        def fan_out(result: GroupInfo | Failure) -> None:
-            if isinstance(result, GroupInfo):
-                ttl = self._ttl if result.group_id else self._negative_ttl
-                self._cache[key] = (self._clock.seconds() + ttl, result)
-                while len(self._cache) > self._max:
-                    self._cache.popitem(last=False)
-            for w in self._in_flight.pop(key):
-                if isinstance(result, Failure):
-                    w.errback(result)
-                else:
-                    w.callback(result)
-
-        maybeDeferred(self._client.lookup_group, str(address)).addBoth(fan_out)
-        return waiter
+    def _answered(self, result: GroupInfo | Failure, key: str) -> None:
+        if isinstance(result, GroupInfo):
+            ttl = self._ttl if result.group_id else self._negative_ttl
+            self._cache[key] = (self._clock.seconds() + ttl, result)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        for w in self._in_flight.pop(key):
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
 
 
 def trace_fields(
@@ -172,8 +203,11 @@ class DeliveryCore:
 
         @return: the reply and, when accepted, the L{Route}. Replies:
             C{550 5.7.1} not our domain; C{250 2.1.5} relay or bounce
-            address; C{250 2.1.5} a group; C{550 5.1.1} no such group;
-            C{451 4.4.4}/C{451 4.5.0} GroupServer could not answer.
+            address; C{250 2.1.5} a group; C{550 5.1.1} no such group, as
+            GroupServer said just now; C{450 4.1.1} no such group as the
+            cache remembers it (the group may exist by now: the sender
+            retries, and by then the cache has expired); C{451 4.4.4}/
+            C{451 4.5.0} GroupServer could not answer.
         """
         route = route_recipient(recipient, self.domains, self.relay_prefix)
         if route.kind is RouteKind.REJECT_RELAY:
@@ -193,8 +227,18 @@ class DeliveryCore:
             # looks like a wrong token, 4.5.0, retried for days).
             return succeed((status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>"), None))
 
-        def found(info: GroupInfo) -> tuple[Reply, Route | None]:
+        def found(lookup: Lookup) -> tuple[Reply, Route | None]:
+            info = lookup.info
             if not info.group_id:
+                if lookup.cached:
+                    # Never a permanent refusal from memory (a group made
+                    # since would bounce); the cache still spares GroupServer.
+                    return (
+                        status.NO_SUCH_GROUP_CACHED.with_text(
+                            f"No such group <{recipient}> when last asked; try again later"
+                        ),
+                        None,
+                    )
                 return (status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>"), None)
             return (
                 status.RECIPIENT_OK,
@@ -217,7 +261,7 @@ class DeliveryCore:
                 )
             return (reply, None)
 
-        return self.directory.lookup(recipient).addCallbacks(found, failed)
+        return self.directory.find(recipient).addCallbacks(found, failed)
 
     # -- after the final dot -------------------------------------------------
     def deliver(

@@ -20,11 +20,18 @@ How it stays safe:
     long it is: an overlong line only marks the message as failed.
   - STARTTLS throws away anything the client sent after it in plaintext and
     forgets HELO and the transaction (RFC 3207 §4.2).
+  - A full or failing spool disk is C{452 4.3.1}: at MAIL when the free
+    space is below the declared SIZE (or there is none), at DATA when no
+    spool file can be made, and after the final dot (one reply per LMTP recipient) when a
+    write failed; the rest of that message is read and dropped, and the
+    session goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import secrets
+import tempfile
 from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -40,7 +47,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import Address, AddressError, Route, parse_parameters, parse_path
 from gsmail.eager import write_now
-from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles
+from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, free_space
 from gsmail.status import Reply
 
 __all__ = [
@@ -362,7 +369,12 @@ class SMTPServer(Protocol, TimeoutMixin):
         if chunk[:1] == b".":
             chunk = chunk[1:]
         chunk = chunk.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
-        data.spool.write(chunk)
+        try:
+            data.spool.write(chunk)
+        except OSError as e:
+            # The spool has given its file back; the rest of the message
+            # is read and dropped (error set), and answered after the dot.
+            data.error = self.factory.spool_alarm.failed(e, self.factory.spool_directory)
 
     def _end_of_data(self) -> None:
         data = self._data
@@ -376,15 +388,15 @@ class SMTPServer(Protocol, TimeoutMixin):
             error = status.EMPTY_MESSAGE
         if error is not None:
             data.spool.discard()
-            self.log.info(
-                "Message from {peer} refused: {reply_code} {enhanced_status}",
-                peer=self.session.peer,
-                reply_code=error.code,
-                enhanced_status=error.enhanced,
-            )
-            self._data_replies([error] * len(recipients))
+            self._refused(error, len(recipients))
             return
-        message = data.spool.finish()
+        try:
+            message = data.spool.finish()
+        except OSError as e:
+            error = self.factory.spool_alarm.failed(e, self.factory.spool_directory)
+            self._refused(error, len(recipients))
+            return
+        self.factory.spool_alarm.succeeded()
         self.setTimeout(None)  # the delivery has its own deadline
         count = len(recipients)
         d = self.factory.core.deliver(self.session, envelope, message)
@@ -392,6 +404,17 @@ class SMTPServer(Protocol, TimeoutMixin):
         d.addCallback(self._data_replies)
         d.addBoth(self._after_delivery)
         self._wait_for(d)
+
+    def _refused(self, error: Reply, count: int) -> None:
+        """Refuse the message after the final dot: one reply, or C{count} on LMTP."""
+        assert self.session is not None
+        self.log.info(
+            "Message from {peer} refused: {reply_code} {enhanced_status}",
+            peer=self.session.peer,
+            reply_code=error.code,
+            enhanced_status=error.enhanced,
+        )
+        self._data_replies([error] * count)
 
     def _delivery_failed(self, failure: Failure, count: int) -> list[Reply]:
         # The core maps every fault to a reply; this is the safety net, and it
@@ -486,8 +509,26 @@ class SMTPServer(Protocol, TimeoutMixin):
         if sender is not None and not sender.is_ascii and not envelope.smtputf8:
             self._error(status.SMTPUTF8_REQUIRED)
             return
+        refusal = self._check_free_space(envelope.declared_size)
+        if refusal is not None:
+            self._reply(refusal)
+            return
         self.envelope = envelope
         self._reply(status.SENDER_OK)
+
+    def _check_free_space(self, declared_size: int | None) -> Reply | None:
+        """
+        Postfix's C{queue_minfree} idea at MAIL time, for one C{statvfs(2)}:
+        C{452 4.3.1} (RFC 1870 §6.2, RFC 3463 X.3.1) when the spool's file
+        system has less room than the declared SIZE, or none at all; else
+        C{None}. A message that passes may still fail while it is written
+        (answered after the final dot).
+        """
+        free = free_space(self.factory.spool_directory)
+        if free is None or free >= max(declared_size or 0, 1):
+            return None
+        error = OSError(errno.ENOSPC, f"{free} bytes free, {declared_size or 0} declared")
+        return self.factory.spool_alarm.failed(error, self.factory.spool_directory)
 
     def mail_parameter(self, envelope: Envelope, key: str, value: str | None) -> Reply | None:
         """
@@ -575,15 +616,34 @@ class SMTPServer(Protocol, TimeoutMixin):
         if not self.envelope.recipients:
             self._reply(status.NO_VALID_RECIPIENTS)
             self.envelope = None
-            if self._buffer:
-                # The client sent its message without waiting for 354 (RFC 2920
-                # §3.1 forbids it): its lines must not run as commands.
-                self._reply(Reply(421, "4.5.0", "Improper use of pipelining; closing connection"))
-                self._close()
+            self._refuse_pipelined_data()
             return
-        self._data = _DataState(Spool(self.factory.spool_dir, files=self.factory.spool_files))
-        self.data_started(self._data.spool)
+        try:
+            spool = Spool(self.factory.spool_dir, files=self.factory.spool_files)
+        except OSError as e:
+            # No 354, so no message follows (RFC 5321 §4.1.1.4); the
+            # transaction ends and the session goes on.
+            self.envelope = None
+            self._reply(self.factory.spool_alarm.failed(e, self.factory.spool_directory))
+            self._refuse_pipelined_data()
+            return
+        self._data = _DataState(spool)
+        try:
+            self.data_started(spool)
+        except OSError as e:
+            self._reset_transaction()
+            self._reply(self.factory.spool_alarm.failed(e, self.factory.spool_directory))
+            self._refuse_pipelined_data()
+            return
         self._reply(status.START_DATA)
+
+    def _refuse_pipelined_data(self) -> None:
+        """After a refused DATA: close if the client sent its message anyway."""
+        if self._buffer:
+            # The client sent its message without waiting for 354 (RFC 2920
+            # §3.1 forbids it): its lines must not run as commands.
+            self._reply(Reply(421, "4.5.0", "Improper use of pipelining; closing connection"))
+            self._close()
 
     def data_started(self, spool: Spool) -> None:
         """
@@ -702,6 +762,8 @@ class InboundFactory(Factory):
     @ivar spool_dir: where message data is spooled (C{""}: the temp dir).
     @ivar spool_files: reusable spool files (see L{SpoolFiles}) to take
         instead of making a file per message, or C{None}.
+    @ivar spool_alarm: logs spooling faults once per burst; share one
+        between the listeners of a process.
     @ivar connections: the number of open connections.
     """
 
@@ -716,6 +778,7 @@ class InboundFactory(Factory):
         lmtp: bool = False,
         spool_dir: str = "",
         spool_files: SpoolFiles | None = None,
+        spool_alarm: SpoolAlarm | None = None,
     ) -> None:
         self.core = core
         self.settings = settings
@@ -723,7 +786,15 @@ class InboundFactory(Factory):
         self.protocol = LMTPServer if lmtp else SMTPServer  # type: ignore[assignment]
         self.spool_dir = spool_dir
         self.spool_files = spool_files
+        self.spool_alarm = spool_alarm or SpoolAlarm("spooling", clock)
         self.connections = 0
+
+    @property
+    def spool_directory(self) -> str:
+        """The directory spool files are made in."""
+        if self.spool_files is not None:
+            return self.spool_files.directory
+        return self.spool_dir or tempfile.gettempdir()
 
 
 def _describe_peer(transport: Any) -> str:

@@ -9,19 +9,42 @@ SHA-256 digest of the stored bytes identifies a message that has none.
 Nothing here is fsynced: an inbound message is only acknowledged after
 GroupServer has it, so the spool file never holds the only copy of a message
 that got a 2xx reply.
+
+A full or failing disk (C{ENOSPC}, C{EDQUOT}, C{EIO}) while spooling is a
+transient fault: a L{Spool} that cannot write gives its file back at once
+(nothing leaks, however many messages fail), the listener answers
+C{452 4.3.1} (L{storage_reply}) and L{SpoolAlarm} logs the burst once. The
+next message simply tries again, so service resumes when space returns.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
 import re
 import tempfile
+from collections.abc import Callable
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-__all__ = ["Spool", "SpoolFiles", "SpooledMessage", "release"]
+from gsmail import status
+from gsmail.status import Reply
+
+__all__ = [
+    "Spool",
+    "SpoolFiles",
+    "SpooledMessage",
+    "SpoolAlarm",
+    "release",
+    "storage_reply",
+    "free_space",
+]
+
+log = Logger()
 
 #: The header section kept in memory to find the Message-ID, in bytes.
 MAX_HEADER_BYTES = 256 * 1024
@@ -30,6 +53,122 @@ WRITE_CHUNK = 256 * 1024
 #: Messages up to this size (bytes) are also kept in memory, so posting them
 #: does not read the file back.
 MEMORY_COPY = 64 * 1024
+#: C{errno} values that mean the storage cannot take the message now: disk
+#: full, quota exceeded, I/O error. Answered C{452 4.3.1}.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+#: Names tried before L{_create} gives up (each taken by an earlier process).
+CREATE_ATTEMPTS = 1000
+
+# The system calls that touch spool files, as module names so tests can
+# inject failures (trial's C{patch}).
+_write: Callable[[int, memoryview], int] = os.write
+_ftruncate: Callable[[int, int], None] = os.ftruncate
+_open: Callable[[str, int, int], int] = os.open
+
+
+def storage_reply(error: BaseException) -> Reply:
+    """
+    The reply for a fault while spooling or queueing a message.
+
+    @param error: what was raised.
+    @return: C{452 4.3.1 Insufficient system storage} (RFC 5321 §4.2.3,
+        RFC 3463 §3.4 "mail system full"; Postfix's wording) for an
+        C{OSError} in L{STORAGE_ERRNOS}, else C{451 4.3.0 Local error in
+        processing}. Both transient: the sender keeps the message.
+    """
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        return status.INSUFFICIENT_STORAGE
+    return status.LOCAL_ERROR
+
+
+def free_space(directory: str) -> int | None:
+    """
+    Bytes this process may still write in C{directory}'s file system
+    (C{statvfs(2)}: the blocks left for unprivileged users, or all free
+    blocks for root). One system call, no I/O on a local file system.
+
+    @param directory: a directory (C{""}: the system temp dir).
+    @return: the free bytes, or C{None} when they cannot be known.
+    """
+    try:
+        st = os.statvfs(directory or tempfile.gettempdir())
+    except OSError:
+        return None
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return int(blocks * st.f_frsize)
+
+
+class SpoolAlarm:
+    """
+    Logs spooling (or queueing) faults once per burst: the first fault after
+    a success is an error with its cause, later ones are only counted (and
+    recalled every C{remind} seconds while the burst lasts), and the first
+    success after them says how many messages were refused. A disk that
+    fills logs three lines, not a traceback per message.
+
+    @param what: what failed, for the log (C{"spooling"}, C{"queueing"}).
+    @param clock: for the reminders; C{None}: no reminders.
+    @param remind: seconds between reminders of a running burst.
+    """
+
+    def __init__(
+        self, what: str = "spooling", clock: IReactorTime | None = None, remind: float = 300.0
+    ) -> None:
+        self.what = what
+        self._clock = clock
+        self._remind = remind
+        #: Faults in the running burst (0: none).
+        self.failures = 0
+        self._last_logged = 0.0
+
+    def failed(self, error: BaseException, where: str) -> Reply:
+        """
+        Count a fault, log it if it starts a burst.
+
+        @param error: the exception (an C{OSError}, usually).
+        @param where: the directory or file, for the log.
+        @return: the reply for it (L{storage_reply}).
+        """
+        reply = storage_reply(error)
+        now = self._clock.seconds() if self._clock is not None else 0.0
+        self.failures += 1
+        if self.failures == 1:
+            self._last_logged = now
+            log.error(
+                "{what} failed in {where}: {error}; answering {reply_code} {enhanced_status} "
+                "until it works again",
+                what=self.what.capitalize(),
+                where=where,
+                error=_describe(error),
+                reply_code=reply.code,
+                enhanced_status=reply.enhanced,
+            )
+        elif self._clock is not None and now - self._last_logged >= self._remind:
+            self._last_logged = now
+            log.error(
+                "{what} still failing in {where}: {error} ({count} messages refused so far)",
+                what=self.what.capitalize(),
+                where=where,
+                error=_describe(error),
+                count=self.failures,
+            )
+        return reply
+
+    def succeeded(self) -> None:
+        """A message was stored: end the burst, if any, with one line."""
+        if self.failures:
+            log.info(
+                "{what} works again ({count} messages were refused meanwhile)",
+                what=self.what.capitalize(),
+                count=self.failures,
+            )
+            self.failures = 0
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        return f"{errno.errorcode.get(error.errno, error.errno)} ({error.strerror})"
+    return f"{error.__class__.__name__}: {error}"
 
 
 @attrs.frozen
@@ -69,9 +208,16 @@ class Spool:
     One message being received. Call L{write} with data (LF line endings),
     then L{finish}, or L{discard} on any failure.
 
+    When L{write} or L{finish} raises C{OSError} (disk full, quota, I/O
+    error), the spool has already discarded itself: its descriptor is closed
+    (or its file handed back to its L{SpoolFiles}, emptied) and its file
+    removed; L{discard} after that does nothing.
+
     @param directory: where the file is made (C{""}: the system temp dir).
     @param files: reuse a file of this L{SpoolFiles} instead (C{directory}
         is then not used).
+    @raise OSError: no spool file could be made (C{ENOSPC}, C{EMFILE}, ...);
+        nothing is left open.
     """
 
     def __init__(self, directory: str = "", files: SpoolFiles | None = None) -> None:
@@ -80,7 +226,9 @@ class Spool:
         else:
             fd, self.path = _create(directory or tempfile.gettempdir())
         self._files = files
-        self._file = os.fdopen(fd, "wb", buffering=0, closefd=files is None)
+        # A descriptor of a SpoolFiles stays open for the next message.
+        self._fd: int | None = fd if files is None else None
+        self._out = fd
         self._small: bytes | None = None
         self._pending: list[bytes] = []
         self._pending_len = 0
@@ -88,12 +236,18 @@ class Spool:
         self.size = 0
         self._header = bytearray()
         self._header_done = False
-        self._closed = False
+        self._finished = False
+        self._discarded = False
 
     def write(self, data: bytes) -> None:
         """
         Append C{data}, message bytes with LF line endings.
+
+        @raise OSError: the data could not be written; the spool is discarded.
+        @raise ValueError: the spool was finished or discarded.
         """
+        if self._finished or self._discarded:
+            raise ValueError("the spool file is closed")
         if not data:
             return
         self.size += len(data)
@@ -123,18 +277,28 @@ class Spool:
             self._pending.clear()
             self._pending_len = 0
             self._digest.update(chunk)
-            self._file.write(chunk)
+            try:
+                _write_all(self._out, chunk)
+            except OSError:
+                self.discard()
+                raise
             if last and len(chunk) == self.size <= MEMORY_COPY:
                 self._small = chunk
 
     def finish(self) -> SpooledMessage:
         """
         Close the file and describe it. The caller owns the file from here
-        (remove it with L{remove}).
+        (give it back with L{release}).
+
+        @raise OSError: the last data could not be written; the spool is
+            discarded.
+        @raise ValueError: the spool was finished or discarded.
         """
+        if self._finished or self._discarded:
+            raise ValueError("the spool file is closed")
         self._flush(last=True)
-        self._file.close()
-        self._closed = True
+        self._finished = True
+        self._close()
         return SpooledMessage(
             path=self.path,
             size=self.size,
@@ -145,15 +309,48 @@ class Spool:
         )
 
     def discard(self) -> None:
-        """Drop the data and remove the file (or give it back)."""
-        if not self._closed:
-            self._pending.clear()
-            self._file.close()
-            self._closed = True
-        if self._files is not None:
-            self._files.release(self.path)
-        else:
-            remove(self.path)
+        """
+        Drop the data and remove the file (or give it back). Does nothing
+        after L{finish} (the message owns the file then) or a first
+        L{discard}; never raises (a file that cannot be removed is logged).
+        """
+        if self._finished or self._discarded:
+            return
+        self._discarded = True
+        self._pending.clear()
+        self._pending_len = 0
+        self._close()
+        try:
+            if self._files is not None:
+                self._files.release(self.path)
+            else:
+                remove(self.path)
+        except OSError as e:
+            log.warn("Could not remove the spool file {path}: {error}", path=self.path, error=e)
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # Linux frees the descriptor even when close(2) fails
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """
+    Write all of C{data} to C{fd}: write(2) may store only part of it (a
+    file system that is nearly full), and the rest must not be dropped.
+
+    @raise OSError: a write failed (C{ENOSPC} once nothing more fits).
+    """
+    view = memoryview(data)
+    # Bounded: every pass writes at least one byte or raises.
+    while view:
+        written = _write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "write(2) stored nothing")
+        view = view[written:]
 
 
 class SpoolFiles:
@@ -189,10 +386,14 @@ class SpoolFiles:
         """
         while self._free:
             fd, path = self._free.pop()
-            if os.fstat(fd).st_nlink:  # not removed by hand meanwhile
+            try:
+                linked = os.fstat(fd).st_nlink  # 0: removed by hand meanwhile
+            except OSError:
+                linked = 0
+            if linked:
                 self._taken[path] = fd
                 return fd, path
-            os.close(fd)
+            _close_quietly(fd)
         fd, path = _create(self.directory)
         self._taken[path] = fd
         return fd, path
@@ -200,7 +401,11 @@ class SpoolFiles:
     def release(self, path: str) -> None:
         """
         The message in C{path} is done with: keep the file, emptied, for the
-        next one, or remove it (too many kept, closed, not one of ours).
+        next one, or remove it (too many kept, closed, not one of ours, or
+        it could not be emptied). Its descriptor is closed or kept, never
+        leaked.
+
+        @raise OSError: the file could not be removed.
         """
         fd = self._taken.pop(path, None)
         if fd is None:
@@ -208,14 +413,14 @@ class SpoolFiles:
             return
         if len(self._free) < self._keep:
             try:
-                os.ftruncate(fd, 0)
+                _ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)
             except OSError:
                 pass
             else:
                 self._free.append((fd, path))
                 return
-        os.close(fd)
+        _close_quietly(fd)
         remove(path)
 
     def close(self) -> None:
@@ -223,12 +428,26 @@ class SpoolFiles:
         self._keep = 0
         free, self._free = self._free, []
         for fd, path in free:
-            os.close(fd)
-            remove(path)
+            _close_quietly(fd)
+            try:
+                remove(path)
+            except OSError as e:
+                log.warn("Could not remove the spool file {path}: {error}", path=path, error=e)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # Linux frees the descriptor even when close(2) fails
 
 
 def release(message: SpooledMessage) -> None:
-    """Give a received message's file back to its L{SpoolFiles}, or remove it."""
+    """
+    Give a received message's file back to its L{SpoolFiles}, or remove it.
+
+    @raise OSError: the file could not be removed.
+    """
     if message.files is not None:
         message.files.release(message.path)
     else:
@@ -304,10 +523,11 @@ def _create(directory: str) -> tuple[int, str]:
     @raise OSError: it could not be created.
     """
     pid = os.getpid()
-    while True:
+    for _ in range(CREATE_ATTEMPTS):
         path = os.path.join(directory, f"gsmail-{pid}-{next(_counter)}.eml")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             continue
         return fd, path
+    raise FileExistsError(errno.EEXIST, f"{CREATE_ATTEMPTS} spool file names taken", directory)

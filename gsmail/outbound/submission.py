@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
-from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles, release
+from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, release
 from gsmail.outbound import dsn
 from gsmail.status import Reply
 
@@ -126,10 +126,14 @@ class SubmissionCore:
     """
     The delivery core of the submission listener: every recipient is
     accepted (the client is authorized), and the message is queued.
+
+    @param alarm: logs queue write faults once per burst (default: its own,
+        without reminders).
     """
 
-    def __init__(self, queue: IQueue) -> None:
+    def __init__(self, queue: IQueue, alarm: SpoolAlarm | None = None) -> None:
         self.queue = queue
+        self.alarm = alarm or SpoolAlarm("queueing")
 
     def check_recipient(
         self, session: Session, recipient: Address
@@ -142,8 +146,10 @@ class SubmissionCore:
     ) -> Deferred[list[Reply]]:
         """
         Queue the message with its envelope; one C{250 2.0.0 Queued as ID}
-        per recipient once it is fsynced, else C{451 4.3.0} (the client keeps
-        the message). The spool file is removed either way.
+        per recipient once it is fsynced. Else (the client keeps the
+        message): C{452 4.3.1} when the queue's disk is full or failing
+        (C{ENOSPC}, C{EDQUOT}, C{EIO}; logged once per burst), C{451 4.3.0}
+        for any other fault. The spool file is removed either way.
 
         The DSN parameters (RFC 3461) go with it: C{RET} and C{ENVID} among
         the MAIL parameters, each recipient's C{NOTIFY} (normalised) and
@@ -172,6 +178,7 @@ class SubmissionCore:
         )
 
         def queued(entry: Any) -> list[Reply]:
+            self.alarm.succeeded()
             log.info(
                 "Queued {queue_id} from <{sender}> for {count} recipients (session {session})",
                 queue_id=entry.id,
@@ -182,13 +189,21 @@ class SubmissionCore:
             return [status.OK.with_text(f"Queued as {entry.id}")] * count
 
         def failed(failure: Failure) -> list[Reply]:
+            if isinstance(failure.value, OSError):
+                return [self.alarm.failed(failure.value, "the outbound queue")] * count
             log.failure("Could not queue a message", failure)
             return [
                 status.LOCAL_ERROR.with_text("Could not queue the message; try again later")
             ] * count
 
         def cleanup(result: list[Reply]) -> list[Reply]:
-            release(message)
+            try:
+                release(message)
+            except OSError as e:
+                # Never turn a 250 into a failure: the message is queued.
+                log.warn(
+                    "Could not remove the spool file {path}: {error}", path=message.path, error=e
+                )
             return result
 
         return d.addCallbacks(queued, failed).addCallback(cleanup)
@@ -430,12 +445,20 @@ class SubmissionFactory(InboundFactory):
         tls_security_level: str = "may",
         spool_dir: str = "",
         spool_files: SpoolFiles | None = None,
+        spool_alarm: SpoolAlarm | None = None,
     ) -> None:
         if tls_security_level not in TLS_LEVELS:
             raise ValueError(f"tls_security_level must be one of {TLS_LEVELS}")
         if tls_security_level == "encrypt" and settings.tls is None:
             raise ValueError("tls_security_level 'encrypt' needs a TLS certificate (settings.tls)")
-        super().__init__(core, settings, clock, spool_dir=spool_dir, spool_files=spool_files)
+        super().__init__(
+            core,
+            settings,
+            clock,
+            spool_dir=spool_dir,
+            spool_files=spool_files,
+            spool_alarm=spool_alarm,
+        )
         self.protocol = SubmissionServer  # type: ignore[assignment]
         self.trusted_networks = tuple(trusted_networks)
         self.checker = checker

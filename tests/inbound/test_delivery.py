@@ -10,6 +10,7 @@ import os
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -211,6 +212,127 @@ class RecipientTests(CoreTestsMixin, SynchronousTestCase):
         pending[0].callback(GroupInfo("dev@groups.example.com", "dev", "site"))
         for d in ds:
             self.assertEqual(self.successResultOf(d).group_id, "dev")
+
+
+class NegativeCacheTests(CoreTestsMixin, SynchronousTestCase):
+    """
+    "No such group" is cached (one GroupServer lookup per address per
+    C{group_negative_cache_ttl}), but only GroupServer's answer of the
+    moment is a permanent 550: an answer from the cache is 450 4.1.1, so a
+    group created meanwhile never has its mail bounced.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_700_000_000)
+        self.core = self.make_core(clock=self.clock, group_negative_cache_ttl=60.0)
+
+    def code(self, address: str) -> str:
+        reply, _ = self.rcpt(address)
+        return f"{reply.code} {reply.enhanced}"
+
+    def test_fresh_answer_is_permanent(self) -> None:
+        """GroupServer says no group has the address: 550 5.1.1, as before."""
+        reply, route = self.rcpt("nobody@groups.example.com")
+        self.assertEqual(
+            (reply.code, reply.enhanced, reply.text, route),
+            (550, "5.1.1", "No such group <nobody@groups.example.com>", None),
+        )
+        self.assertEqual(self.gs.lookups, ["nobody@groups.example.com"])
+
+    def test_cached_answer_is_transient(self) -> None:
+        """
+        The same address again within the TTL: 450 4.1.1 from the cache,
+        GroupServer not asked; after the TTL GroupServer is asked again
+        and its answer is 550 again.
+        """
+        self.assertEqual(self.code("nobody@groups.example.com"), "550 5.1.1")
+        self.clock.advance(59)
+        reply, route = self.rcpt("NOBODY@groups.example.com")
+        self.assertEqual(
+            (reply.code, reply.enhanced, reply.text, route),
+            (
+                450,
+                "4.1.1",
+                "No such group <NOBODY@groups.example.com> when last asked; try again later",
+                None,
+            ),
+        )
+        self.assertTrue(reply.is_transient)
+        self.assertEqual(len(self.gs.lookups), 1)
+        self.clock.advance(2)
+        self.assertEqual(self.code("nobody@groups.example.com"), "550 5.1.1")
+        self.assertEqual(len(self.gs.lookups), 2)
+
+    def test_group_created_while_cached(self) -> None:
+        """
+        A group created while "no such group" is cached for its address:
+        its mail gets 450 (the sender keeps it), never 550, and once the
+        TTL is over the retry is accepted and posted.
+        """
+        self.assertEqual(self.code("new@groups.example.com"), "550 5.1.1")
+        self.gs.groups["new@groups.example.com"] = "new"
+        for _ in range(5):
+            self.clock.advance(10)
+            self.assertEqual(self.code("new@groups.example.com"), "450 4.1.1")
+        self.clock.advance(11)
+        reply, route = self.rcpt("new@groups.example.com")
+        self.assertEqual(reply, status.RECIPIENT_OK)
+        assert route is not None
+        envelope = Envelope(sender=Address("alice", "example.org"), recipients=[route])
+        message = self.message(b"Message-ID: <n@example.org>\n\nhello\n")
+        replies = self.successResultOf(self.core.deliver(self.session, envelope, message))
+        self.assertEqual(replies, [status.POSTED])
+        self.assertEqual([p[0] for p in self.gs.posts], ["new"])
+
+    def test_probing_stays_cheap(self) -> None:
+        """
+        A flood of RCPTs for one unknown address costs one lookup per TTL;
+        each new address costs one lookup and gets 550.
+        """
+        codes = []
+        for _ in range(100):
+            codes.append(self.code("probe@groups.example.com"))
+            self.clock.advance(0.5)
+        self.assertEqual(codes, ["550 5.1.1"] + ["450 4.1.1"] * 99)
+        self.assertEqual(len(self.gs.lookups), 1)
+        fresh = [self.code(f"probe{n}@groups.example.com") for n in range(20)]
+        self.assertEqual(fresh, ["550 5.1.1"] * 20)
+        self.assertEqual(len(self.gs.lookups), 21)
+
+    def test_joined_lookup_is_fresh(self) -> None:
+        """
+        RCPTs that wait for one lookup in flight all get GroupServer's
+        answer of the moment: 550 each, one request.
+        """
+        pending: list[Deferred[GroupInfo]] = []
+        self.gs.lookup_group = lambda a: pending.append(Deferred()) or pending[-1]  # type: ignore[method-assign]
+        ds = [
+            self.core.check_recipient(self.session, Address("nobody", "groups.example.com"))
+            for _ in range(3)
+        ]
+        self.assertEqual(len(pending), 1)
+        pending[0].callback(GroupInfo("nobody@groups.example.com", None, None))
+        self.assertEqual([self.successResultOf(d)[0].code for d in ds], [550, 550, 550])
+
+    def test_found_group_cached(self) -> None:
+        """A group found is remembered (one lookup) and accepted from the cache."""
+        self.assertEqual(self.code("dev@groups.example.com"), "250 2.1.5")
+        self.clock.advance(299)
+        self.assertEqual(self.code("dev@groups.example.com"), "250 2.1.5")
+        self.assertEqual(len(self.gs.lookups), 1)
+
+    def test_directory_says_where_answers_came_from(self) -> None:
+        """L{GroupDirectory.find} marks cached answers; L{GroupDirectory.lookup} is unchanged."""
+        directory = GroupDirectory(self.gs, self.clock, negative_ttl=5.0)
+        address = Address("nobody", "groups.example.com")
+        first = self.successResultOf(directory.find(address))
+        second = self.successResultOf(directory.find(address))
+        self.assertEqual((first.cached, second.cached), (False, True))
+        self.assertIsNone(self.successResultOf(directory.lookup(address)).group_id)
+        self.clock.advance(5)
+        self.assertFalse(self.successResultOf(directory.find(address)).cached)
 
 
 class TraceFieldTests(SynchronousTestCase):

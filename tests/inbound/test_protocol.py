@@ -5,21 +5,28 @@ L{StringTransport} with a fake delivery core.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+from typing import Any
 
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
+from gsmail.inbound import protocol as protocol_module
+from gsmail.inbound import spool as spool_module
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import SpooledMessage
+from gsmail.inbound.spool import SpooledMessage, SpoolFiles
 from gsmail.status import Reply
+from tests.util import DiskFaults, open_descriptors
 
 
 class FakeCore:
@@ -562,3 +569,232 @@ class LMTPServerTests(ServerTestsMixin, SynchronousTestCase):
                 "221 2.0.0",
             ],
         )
+
+
+class StorageFaultTestsMixin:
+    """
+    A full or failing spool disk, injected (L{DiskFaults}): what the client
+    sees, what is left open or on disk, and that the session and the next
+    message go on.
+    """
+
+    lmtp = False
+    hello = b"EHLO client.example.org\r\n"
+    #: Bytes of message data, enough for several writes of the spool.
+    BIG = 3 * 256 * 1024
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.core = FakeCore()
+        self.directory = self.mktemp()  # type: ignore[attr-defined]
+        os.makedirs(self.directory)
+        self.files = SpoolFiles(self.directory, keep=4)
+        self.addCleanup(self.files.close)  # type: ignore[attr-defined]
+        self.factory = InboundFactory(
+            self.core,
+            ServerSettings(hostname="mx.example.com", max_size=10 * 1024 * 1024),
+            self.clock,
+            lmtp=self.lmtp,
+            spool_files=self.files,
+        )
+        self.disk = DiskFaults(self)  # type: ignore[arg-type]
+        self.events: list[LogEvent] = []
+        self.patch(spool_module, "log", Logger(observer=self.events.append))  # type: ignore[attr-defined]
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 2525))
+        t = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 2525))
+        proto.makeConnection(t)
+        proto.dataReceived(self.hello)
+        t.clear()
+        return proto, t
+
+    def envelope(self, recipients: int = 1) -> bytes:
+        rcpts = b"".join(b"RCPT TO:<g%d@example.com>\r\n" % i for i in range(recipients))
+        return b"MAIL FROM:<a@example.org>\r\n" + rcpts + b"RCPT TO:<x@other.org>\r\nDATA\r\n"
+
+    def body(self, size: int) -> bytes:
+        line = b"0123456789" * 9 + b"\r\n"
+        return b"Subject: big\r\n\r\n" + line * (size // len(line))
+
+    def errors(self) -> list[LogEvent]:
+        return [e for e in self.events if e["log_level"] is LogLevel.error]
+
+    def test_write_fails_mid_data(self) -> None:
+        """
+        The disk fills while a large message streams in: the rest of DATA
+        is read but neither written nor kept in memory, the client gets
+        C{452 4.3.1 Insufficient system storage} after the final dot (one
+        reply, or one per accepted LMTP recipient), nothing is delivered,
+        the spool file is back in the pool, emptied, and the session goes
+        on (RSET, NOOP).
+        """
+        proto, t = self.connect()
+        proto.dataReceived(self.envelope(2))
+        t.clear()
+        self.disk.write_error = errno.ENOSPC
+        body = self.body(self.BIG)
+        for offset in range(0, len(body), 65536):
+            proto.dataReceived(body[offset : offset + 65536])
+            self.assertLess(len(proto._buffer), 65536 + 100)
+        writes = self.disk.writes
+        self.assertEqual(writes, 1)  # one failed write, then nothing
+        self.assertEqual(t.value(), b"")
+        proto.dataReceived(b".\r\nRSET\r\nNOOP\r\n")
+        expected = ["452 4.3.1 Insufficient system storage"] * (2 if self.lmtp else 1)
+        self.assertEqual(replies(t), expected + ["250 2.0.0 Ok", "250 2.0.0 Ok"])
+        self.assertEqual(self.disk.writes, writes)
+        self.assertEqual(self.core.deliveries, [])
+        self.assertEqual(self.files.free, 1)
+        [name] = os.listdir(self.directory)
+        self.assertEqual(os.path.getsize(os.path.join(self.directory, name)), 0)
+
+    def test_finish_fails(self) -> None:
+        """
+        A small message whose one write (after the dot) fails: 452 4.3.1
+        per recipient, and a QUIT pipelined after the dot still gets its
+        221 after them (the LMTP client is not desynchronised).
+        """
+        proto, t = self.connect()
+        self.disk.write_error = errno.EDQUOT
+        proto.dataReceived(self.envelope(3) + b"Subject: s\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        got = codes(t)
+        self.assertEqual(got[:4], ["250 2.1.0", "250 2.1.5", "250 2.1.5", "250 2.1.5"])
+        self.assertEqual(got[5:], ["354"] + ["452 4.3.1"] * (3 if self.lmtp else 1) + ["221 2.0.0"])
+        self.assertEqual(self.core.deliveries, [])
+
+    def test_no_spool_file(self) -> None:
+        """
+        No spool file can be made: DATA itself gets one 452 4.3.1 (no 354,
+        so no message follows, RFC 2033 §4.2 too), the transaction is over,
+        and the next one works once space is back.
+        """
+        self.files.close()  # no kept file: DATA must make one
+        self.files = SpoolFiles(self.directory)
+        self.factory.spool_files = self.files
+        proto, t = self.connect()
+        self.disk.create_error = errno.ENOSPC
+        proto.dataReceived(self.envelope(2))
+        proto.dataReceived(b"RCPT TO:<g@example.com>\r\n")
+        self.assertEqual(codes(t)[-2:], ["452 4.3.1", "503 5.5.1"])
+        self.assertFalse(t.disconnecting)
+        self.disk.create_error = None
+        t.clear()
+        proto.dataReceived(self.envelope(2) + b"Subject: s\r\n\r\nback\r\n.\r\n")
+        n = 2 if self.lmtp else 1
+        self.assertEqual(codes(t)[-n - 1 :], ["354"] + ["250 2.0.0"] * n)
+        self.assertEqual(self.core.deliveries[0][2], b"Subject: s\n\nback\n")
+
+    def test_data_pipelined_after_failed_data(self) -> None:
+        """
+        A client that sent its message without waiting for 354 (RFC 2920
+        §3.1) gets 421 after the 452: its message text never runs as commands.
+        """
+        proto, t = self.connect()
+        self.files.close()
+        self.disk.create_error = errno.ENOSPC
+        proto.dataReceived(self.envelope(1) + b"MAIL FROM:<evil@example.org>\r\n.\r\n")
+        self.assertEqual(codes(t)[-2:], ["452 4.3.1", "421 4.5.0"])
+        self.assertTrue(t.disconnecting)
+
+    def test_space_returns(self) -> None:
+        """
+        After messages refused for a full disk, the next message once space
+        is back is delivered whole, on the same connection, with no restart.
+        """
+        proto, t = self.connect()
+        self.disk.write_error = errno.ENOSPC
+        for _ in range(3):
+            proto.dataReceived(self.envelope(1) + self.body(self.BIG) + b".\r\n")
+        self.disk.write_error = None
+        body = self.body(self.BIG)
+        proto.dataReceived(self.envelope(1) + body + b".\r\n")
+        self.assertEqual(codes(t)[-1], "250 2.0.0")
+        [(_, _, data)] = self.core.deliveries
+        self.assertEqual(data, body.replace(b"\r\n", b"\n"))
+
+    def test_nothing_leaks(self) -> None:
+        """
+        Fifty failing messages (writes failing mid-message, at the dot,
+        files that cannot be made or emptied, connections dropped after the
+        fault) leave as many descriptors open as before and at most the
+        kept, empty files in the spool directory; the fault is logged once,
+        without a traceback, and its end once.
+        """
+        before = open_descriptors()
+        for n in range(50):
+            proto, t = self.connect()
+            kind = n % 5
+            if kind == 0:
+                self.disk.write_error = errno.ENOSPC
+                proto.dataReceived(self.envelope(2) + self.body(self.BIG) + b".\r\n")
+            elif kind == 1:
+                self.disk.write_error = errno.EIO
+                proto.dataReceived(self.envelope(2) + b"s: x\r\n\r\nbody\r\n.\r\n")
+            elif kind == 2:
+                self.files.close()
+                self.disk.create_error = errno.ENOSPC
+                proto.dataReceived(self.envelope(2))
+            elif kind == 3:
+                self.disk.write_error = errno.ENOSPC
+                self.disk.truncate_error = errno.EIO
+                proto.dataReceived(self.envelope(2) + self.body(self.BIG) + b".\r\n")
+            else:
+                self.disk.write_error = errno.ENOSPC
+                proto.dataReceived(self.envelope(2) + self.body(self.BIG))
+                proto.connectionLost(None)
+            self.assertNotIn("250 2.0.0", codes(t))
+            if kind != 4:
+                self.assertIn("452 4.3.1", codes(t))
+            self.disk.write_error = self.disk.create_error = self.disk.truncate_error = None
+            self.files = SpoolFiles(self.directory, keep=4) if kind == 2 else self.files
+            self.factory.spool_files = self.files
+        self.assertEqual(self.core.deliveries, [])
+        self.assertLessEqual(open_descriptors(), before + self.files.free)
+        names = os.listdir(self.directory)
+        self.assertLessEqual(len(names), self.files.free)
+        for name in names:
+            self.assertEqual(os.path.getsize(os.path.join(self.directory, name)), 0)
+        self.assertEqual(len(self.errors()), 1)
+        self.assertNotIn("log_failure", self.errors()[0])
+        proto, t = self.connect()
+        proto.dataReceived(self.envelope(1) + b"s: x\r\n\r\nok\r\n.\r\n")
+        self.assertEqual(codes(t)[-1], "250 2.0.0")
+        self.assertEqual(
+            [formatEvent(e) for e in self.events if e["log_level"] is LogLevel.info],
+            ["Spooling works again (50 messages were refused meanwhile)"],
+        )
+
+    def test_mail_checks_free_space(self) -> None:
+        """
+        At MAIL, a spool file system with less room than the declared SIZE,
+        or none, gets 452 4.3.1 (RFC 1870 §6.2) before any data is sent;
+        with room, MAIL is accepted.
+        """
+        free = [10_000]
+        self.patch(protocol_module, "free_space", lambda directory: free[0])  # type: ignore[attr-defined]
+        proto, t = self.connect()
+        proto.dataReceived(
+            b"MAIL FROM:<a@example.org> SIZE=20000\r\nMAIL FROM:<a@example.org> SIZE=5000\r\nRSET\r\n"
+        )
+        self.assertEqual(codes(t), ["452 4.3.1", "250 2.1.0", "250 2.0.0"])
+        free[0] = 0
+        t.clear()
+        proto.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(replies(t), ["452 4.3.1 Insufficient system storage"])
+        free[0] = 1 << 30
+        t.clear()
+        proto.dataReceived(b"MAIL FROM:<a@example.org>\r\n")
+        self.assertEqual(codes(t), ["250 2.1.0"])
+        self.assertEqual(len(self.errors()), 1)
+
+
+class SMTPStorageFaultTests(StorageFaultTestsMixin, SynchronousTestCase):
+    """A full disk over ESMTP."""
+
+
+class LMTPStorageFaultTests(StorageFaultTestsMixin, SynchronousTestCase):
+    """A full disk over LMTP: one reply per accepted recipient."""
+
+    lmtp = True
+    hello = b"LHLO client.example.org\r\n"

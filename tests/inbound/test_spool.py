@@ -5,6 +5,7 @@ and the Message-ID the ledger keys a message by.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import itertools
@@ -13,18 +14,25 @@ import sysconfig
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from gsmail import status
 from gsmail.inbound import spool as spool_module
 from gsmail.inbound.spool import (
     MEMORY_COPY,
     WRITE_CHUNK,
     Spool,
+    SpoolAlarm,
     SpooledMessage,
     SpoolFiles,
     _message_id,
+    free_space,
     release,
+    storage_reply,
 )
+from tests.util import DiskFaults, open_descriptors
 
 
 def reference_message_id(header: bytes) -> str | None:
@@ -218,3 +226,186 @@ class SpoolFilesTests(SynchronousTestCase):
         self.assertEqual(os.listdir(self.directory), [os.path.basename(still_taken.path)])
         release(still_taken)
         self.assertEqual(os.listdir(self.directory), [])
+
+
+class StorageFaultTests(SynchronousTestCase):
+    """
+    A full or failing disk while spooling: the error reaches the caller,
+    nothing is left open or on disk, and the next message works.
+    """
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.files = SpoolFiles(self.directory, keep=4)
+        self.addCleanup(self.files.close)
+        self.disk = DiskFaults(self)
+
+    def big(self) -> bytes:
+        return b"Subject: big\n\n" + b"y" * 99 + b"\n" + b"z" * WRITE_CHUNK
+
+    def test_short_writes_completed(self) -> None:
+        """
+        write(2) storing only part of a chunk (a nearly full disk) does not
+        lose the rest: the message on disk is whole.
+        """
+        self.disk.max_write = 1000
+        for files in (None, self.files):
+            spool = Spool(self.directory, files=files)
+            data = self.big() + b"tail\n"
+            spool.write(data)
+            message = spool.finish()
+            with open(message.path, "rb") as f:
+                self.assertEqual(f.read(), data)
+            self.assertEqual(message.digest, hashlib.sha256(data).hexdigest())
+            release(message)
+        self.assertGreater(self.disk.writes, 2 * len(data) // 1000)
+
+    def test_write_fails(self) -> None:
+        """
+        ENOSPC, EDQUOT or EIO while a chunk is written: L{Spool.write}
+        raises it, and the spool has given its file back (emptied, to its
+        L{SpoolFiles}) or removed it; later writes raise C{ValueError}, a
+        discard does nothing.
+        """
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            for files in (None, self.files):
+                before = open_descriptors()
+                spool = Spool(self.directory, files=files)
+                self.disk.write_error = code
+                error = self.assertRaises(OSError, spool.write, self.big())
+                self.assertEqual(error.errno, code)
+                self.disk.write_error = None
+                spool.discard()
+                self.assertRaises(ValueError, spool.write, b"more\n")
+                self.assertRaises(ValueError, spool.finish)
+                if files is None:
+                    self.assertEqual(open_descriptors(), before)
+                    self.assertFalse(os.path.exists(spool.path))
+                else:
+                    self.assertEqual(os.path.getsize(spool.path), 0)
+                    self.assertEqual(self.files.free, 1)
+
+    def test_finish_fails(self) -> None:
+        """
+        The last write, at L{Spool.finish}, failing: C{OSError}, nothing
+        left behind; a message after it (space back) is stored whole.
+        """
+        before = open_descriptors()
+        for _ in range(20):
+            for files in (None, self.files):
+                spool = Spool(self.directory, files=files)
+                spool.write(b"Subject: x\n\nbody\n")
+                self.disk.write_error = errno.ENOSPC
+                self.assertRaises(OSError, spool.finish)
+                self.disk.write_error = None
+        self.assertLessEqual(open_descriptors(), before + 1)  # the one kept file
+        self.assertEqual(self.files.free, 1)
+        self.assertEqual(
+            [os.path.getsize(os.path.join(self.directory, n)) for n in os.listdir(self.directory)],
+            [0],
+        )
+        spool = Spool(files=self.files)
+        spool.write(b"Subject: back\n\nbody\n")
+        message = spool.finish()
+        with open(message.path, "rb") as f:
+            self.assertEqual(f.read(), b"Subject: back\n\nbody\n")
+
+    def test_create_fails(self) -> None:
+        """No spool file can be made: C{OSError} from L{Spool}, nothing open."""
+        before = open_descriptors()
+        self.disk.create_error = errno.ENOSPC
+        for files in (None, self.files):
+            error = self.assertRaises(OSError, Spool, self.directory, files)
+            self.assertEqual(error.errno, errno.ENOSPC)
+        self.assertEqual(open_descriptors(), before)
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_truncate_fails_on_release(self) -> None:
+        """
+        A released file that cannot be emptied (ftruncate fails) is closed
+        and removed, not kept.
+        """
+        before = open_descriptors()
+        spool = Spool(files=self.files)
+        spool.write(b"Subject: x\n\nbody\n")
+        message = spool.finish()
+        self.disk.truncate_error = errno.EIO
+        release(message)
+        self.assertEqual(self.files.free, 0)
+        self.assertEqual(os.listdir(self.directory), [])
+        self.assertEqual(open_descriptors(), before)
+
+    def test_create_bounded(self) -> None:
+        """Making a spool file gives up after L{CREATE_ATTEMPTS} names that are taken."""
+        self.disk.create_error = errno.EEXIST
+        self.assertRaises(FileExistsError, Spool, self.directory)
+
+    def test_storage_reply(self) -> None:
+        """Full or failing disk: 452 4.3.1; another fault: 451 4.3.0."""
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            self.assertEqual(storage_reply(OSError(code, "x")), status.INSUFFICIENT_STORAGE)
+        self.assertEqual(
+            str(status.INSUFFICIENT_STORAGE.encode(), "ascii"),
+            "452 4.3.1 Insufficient system storage\r\n",
+        )
+        self.assertEqual(storage_reply(OSError(errno.EACCES, "x")), status.LOCAL_ERROR)
+        self.assertEqual(storage_reply(RuntimeError()), status.LOCAL_ERROR)
+
+    def test_free_space(self) -> None:
+        """The free bytes of the spool's file system, or C{None} for a missing directory."""
+        free = free_space(self.directory)
+        assert free is not None
+        self.assertGreater(free, 0)
+        self.assertIsNone(free_space(os.path.join(self.directory, "missing")))
+
+
+class SpoolAlarmTests(SynchronousTestCase):
+    """Spooling faults are logged once per burst."""
+
+    def setUp(self) -> None:
+        self.events: list[LogEvent] = []
+        self.patch(spool_module, "log", Logger(observer=self.events.append))
+        self.clock = Clock()
+
+    def texts(self) -> list[tuple[str, str]]:
+        return [(e["log_level"].name, formatEvent(e)) for e in self.events]
+
+    def test_one_line_per_burst(self) -> None:
+        """
+        The first fault is logged as an error naming its cause and the
+        reply; the next 99 are not (but one reminder after C{remind}
+        seconds); the first success ends the burst with one line, and the
+        next fault starts a new burst.
+        """
+        alarm = SpoolAlarm("spooling", self.clock, remind=300)
+        full = OSError(errno.ENOSPC, "No space left on device")
+        for _ in range(100):
+            self.assertEqual(alarm.failed(full, "/var/spool/gsmail"), status.INSUFFICIENT_STORAGE)
+            self.clock.advance(4)
+        self.assertEqual(
+            self.texts(),
+            [
+                (
+                    "error",
+                    "Spooling failed in /var/spool/gsmail: ENOSPC (No space left on device); "
+                    "answering 452 4.3.1 until it works again",
+                ),
+                (
+                    "error",
+                    "Spooling still failing in /var/spool/gsmail: ENOSPC "
+                    "(No space left on device) (76 messages refused so far)",
+                ),
+            ],
+        )
+        alarm.succeeded()
+        alarm.succeeded()
+        self.assertEqual(
+            self.texts()[2:],
+            [("info", "Spooling works again (100 messages were refused meanwhile)")],
+        )
+        self.assertEqual(
+            alarm.failed(OSError(errno.EACCES, "Permission denied"), "d"), status.LOCAL_ERROR
+        )
+        self.assertEqual(len(self.events), 4)
+        self.assertIn("EACCES", self.texts()[3][1])

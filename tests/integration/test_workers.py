@@ -20,6 +20,7 @@ import signal
 import smtplib
 import socket
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from zope.interface import implementer
 
 from gsmail.service import GsmailService
 from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
+from tests.integration.test_large import ROOT, TWISTD, TwistdProcess, free_port
 from tests.util import TOKEN, make_config, port_of, start_service
 
 #: The longest any one wait in these tests lasts (seconds).
@@ -441,3 +443,178 @@ class InboundWorkerTests(TestCase):
         )
         self.assertEqual(answers, [{}] * 6)
         self.assertEqual(len(service.standin.posts("example")), 6)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is C{pid} (Linux /proc; blocking)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie (a dead worker init has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def hold_stdin(main_pid: int, worker_pid: int) -> int:
+    """
+    Open another write end of a worker's standard input pipe (through the
+    main process's descriptor in /proc), as a descriptor leaked into some
+    other process would: the worker then sees no end of input when the
+    main process dies. The caller closes the returned descriptor.
+    """
+    target = os.readlink(f"/proc/{worker_pid}/fd/0")
+    for fd in os.listdir(f"/proc/{main_pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{main_pid}/fd/{fd}") == target:
+                return os.open(f"/proc/{main_pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+    raise AssertionError(f"no write end of worker {worker_pid}'s standard input")
+
+
+class MainProcessKilledTests(TestCase):
+    """
+    The real command, C{twistd -n gsmail} with C{inbound_workers = 2}, killed
+    with SIGKILL: its workers must not keep the port, so gsmail started again
+    at once binds it and delivers.
+    """
+
+    timeout = 180
+    #: How many times the main process is killed and started again.
+    KILLS = 3
+
+    def write_config(self, directory: str, port: int) -> str:
+        path = os.path.join(directory, "gsconfig.ini")
+        with open(path, "w") as f:
+            f.write(
+                f"[webservice-default]\ntoken = {TOKEN}\n"
+                "[gsmail-default]\nurl = embedded\n"
+                f"smtp_endpoint = tcp:{port}:interface=127.0.0.1\n"
+                "inbound_workers = 2\n"
+                "hostname = mx.groups.example.com\ndomains = groups.example.com\n"
+                "standin_groups = example\nledger_path = ledger/posted.log\n"
+                "spool_dir = spool\nstandin_dir = standin\n"
+            )
+        return path
+
+    async def start_gsmail(
+        self, directory: str, config: str, *, ready: bool = True
+    ) -> tuple[Any, Any]:
+        """
+        Run C{twistd -n gsmail}; return its protocol and process once both
+        workers accept (C{ready}), or once both worker processes exist.
+        Fails if it cannot bind the port.
+        """
+        child = TwistdProcess()
+        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+            child,
+            sys.executable,
+            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            path=directory,
+        )
+        main_pid = process.pid
+        seen: set[int] = set()
+
+        async def stop() -> None:
+            seen.update(children(main_pid))
+            if not child.ended.called:
+                process.signalProcess(signal.SIGKILL)
+                await child.ended
+            for pid in seen:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+        self.addCleanup(stop)
+
+        def started() -> bool:
+            if child.ended.called:
+                raise AssertionError(
+                    "gsmail did not start:\n" + child.output.decode(errors="replace")
+                )
+            if ready:
+                return child.output.count(b") accepting") >= 2
+            seen.update(children(main_pid))
+            return len(seen) >= 2
+
+        await eventually(started, "both workers", timeout=30)
+        seen.update(children(main_pid))  # killed by the cleanup if still alive
+        return child, process
+
+    async def kill_main(self, child: Any, process: Any, workers: list[int]) -> None:
+        """SIGKILL the main process; its C{workers} must end within five seconds."""
+        process.signalProcess(signal.SIGKILL)
+        await bounded(child.ended)
+        await eventually(
+            partial(lambda pids: not any(alive(pid) for pid in pids), workers),
+            f"workers {workers} to end after the main process was killed",
+            timeout=5,
+        )
+
+    async def test_sigkill_main_process(self) -> None:
+        """
+        Three times: gsmail runs with two workers and delivers a message;
+        its main process is killed with SIGKILL; both workers are gone
+        within five seconds; gsmail started again at once on the same port
+        binds it ("Address already in use" never appears) and delivers the
+        next message. Then the same with the kill landing while the workers
+        are still starting (holding the inherited sockets, not yet
+        watching their standard input), and once with the workers' standard
+        input held open by another process (no end of input comes: the
+        parent-death signal alone must stop them).
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        port = free_port()
+        config = self.write_config(directory, port)
+        child, process = await self.start_gsmail(directory, config)
+        sent = []
+        for kill in range(self.KILLS):
+            sent.append(f"kill-{kill}@example.org")
+            self.assertEqual(await deferToThread(send, port, sent[-1]), {})
+            workers = children(process.pid)
+            self.assertEqual(len(workers), 2, workers)
+            await self.kill_main(child, process, workers)
+            child, process = await self.start_gsmail(directory, config)
+            self.assertNotIn(b"Address already in use", child.output)
+
+        for _ in range(self.KILLS):
+            await self.kill_main(child, process, children(process.pid))
+            child, process = await self.start_gsmail(directory, config, ready=False)
+            self.assertNotIn(b"Address already in use", child.output)
+        await self.kill_main(child, process, children(process.pid))
+        child, process = await self.start_gsmail(directory, config)
+
+        # Standard input held open elsewhere: only PR_SET_PDEATHSIG tells
+        # the workers their main process died.
+        workers = children(process.pid)
+        for pid in workers:
+            self.addCleanup(os.close, hold_stdin(process.pid, pid))
+        await self.kill_main(child, process, workers)
+        child, process = await self.start_gsmail(directory, config)
+
+        sent.append("last@example.org")
+        self.assertEqual(await deferToThread(send, port, sent[-1]), {})
+        new = os.path.join(directory, "standin", "groups", "example", "new")
+        posted = []
+        for name in os.listdir(new):
+            with open(os.path.join(new, name), "rb") as f:
+                posted.append(f.read())
+        self.assertEqual(sorted(message_ids(posted)), sorted(sent))
+        process.signalProcess(signal.SIGTERM)
+        await bounded(child.ended, 30)

@@ -6,6 +6,7 @@ XVERPSMTPMailer does.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from base64 import b64encode
@@ -20,10 +21,12 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IAddress, ITLSTransport
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from gsmail import status
+from gsmail.inbound import spool as spool_module
 from gsmail.inbound.protocol import ServerSettings
 from gsmail.outbound.submission import (
     PasswordChecker,
@@ -31,6 +34,7 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+from tests.util import DiskFaults, open_descriptors
 
 reactor: Any = _reactor
 
@@ -284,15 +288,17 @@ class SubmissionTests(SynchronousTestCase):
         self.assertEqual(self.queue.entries, [])
 
     def test_queue_failure_is_transient(self) -> None:
-        """If the queue cannot store the message, the client gets 451 4.3.0 and keeps it."""
-        self.queue.error = OSError("disk full")
+        """
+        If the queue cannot store the message (a fault other than a full
+        disk), the client gets 451 4.3.0 and keeps it; the spool file is gone.
+        """
+        self.queue.error = OSError(errno.EACCES, "Permission denied")
         proto, t = self.connect()
         proto.dataReceived(
             b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
             b"x: y\r\n\r\nz\r\n.\r\n"
         )
         self.assertEqual(lines(t)[-1][:9], "451 4.3.0")
-        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.assertEqual(os.listdir(self.factory.spool_dir), [])
 
     def test_auth_over_plain_from_trusted_client(self) -> None:
@@ -454,6 +460,54 @@ class SubmissionTests(SynchronousTestCase):
         proto.dataReceived(b"EHLO x\r\nAUTH PLAIN AGEAYg==\r\n")
         self.assertNotIn("AUTH PLAIN LOGIN", offered(lines(t)))
         self.assertEqual(lines(t)[-1][:9], "503 5.5.1")
+
+    def test_queue_disk_full(self) -> None:
+        """
+        The queue's disk is full (ENOSPC, EDQUOT) or failing (EIO): every
+        submission gets 452 4.3.1 and keeps its message; the fault is logged
+        once for the burst, without a traceback; once the queue works again
+        the next message is queued (250) on the same connection.
+        """
+        events: list[LogEvent] = []
+        self.patch(spool_module, "log", Logger(observer=events.append))
+        proto, t = self.connect()
+        proto.dataReceived(b"EHLO x\r\n")
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EIO) * 3:
+            self.queue.error = OSError(code, os.strerror(code))
+            t.clear()
+            proto.dataReceived(
+                b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+                b"x: y\r\n\r\nz\r\n.\r\n"
+            )
+            self.assertEqual(lines(t)[-1], "452 4.3.1 Insufficient system storage")
+        self.assertEqual(os.listdir(self.factory.spool_dir), [])
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.error])
+        self.queue.error = None
+        t.clear()
+        proto.dataReceived(
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            b"x: y\r\n\r\nback\r\n.\r\n"
+        )
+        self.assertEqual(lines(t)[-1], "250 2.0.0 Queued as q1")
+        self.assertEqual(len(events), 2)
+
+    def test_spool_disk_full(self) -> None:
+        """
+        The spool's disk is full before the message reaches the queue: the
+        client gets 452 4.3.1, nothing is queued, nothing is left open.
+        """
+        disk = DiskFaults(self)
+        before = open_descriptors()
+        proto, t = self.connect()
+        disk.write_error = errno.ENOSPC
+        proto.dataReceived(
+            b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+            b"x: y\r\n\r\nz\r\n.\r\n"
+        )
+        self.assertEqual(lines(t)[-1], "452 4.3.1 Insufficient system storage")
+        self.assertEqual(self.queue.entries, [])
+        self.assertEqual(os.listdir(self.factory.spool_dir), [])
+        self.assertEqual(open_descriptors(), before)
 
     def test_parse_networks(self) -> None:
         """Networks parse, with hosts widened to their network."""
