@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from cryptography import x509
 from OpenSSL import SSL
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     INegotiated,
     IOpenSSLServerConnectionCreator,
@@ -264,7 +264,8 @@ def handshake_failure_reason(reason: Failure | None) -> str:
     A short description of why a TLS handshake ended, for one log line:
     OpenSSL's reason (C{"unsupported protocol"}, C{"no shared cipher"},
     C{"tlsv1 alert unknown ca"}, C{"wrong version number"}), or how the
-    connection ended. Never a traceback.
+    connection ended (C{"connection lost"}, C{"connection closed by the
+    client"}). Never a traceback.
 
     @param reason: the C{connectionLost} reason.
     """
@@ -280,5 +281,8 @@ def handshake_failure_reason(reason: Failure | None) -> str:
         return "TLS error"
     if isinstance(error, ConnectionDone):
         return "connection closed by the client"
+    if isinstance(error, ConnectionLost):
+        # Also an EOF without TLS's close_notify (Twisted's translation).
+        return "connection lost"
     text = str(error).strip().rstrip(".")
     return text or type(error).__name__
