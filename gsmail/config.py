@@ -119,6 +119,7 @@ class GsmailConfig:
     domains: tuple[str, ...] = ()
     tls_certificate: str = ""
     tls_key: str = ""
+    tls_ciphers: str = "intermediate"  # gsmail.tlsconfig.CIPHER_PROFILES
     # 0: the main process accepts inbound sessions; N: N worker processes do
     inbound_workers: int = 0
     # -- limits ----------------------------------------------------------------
@@ -926,6 +927,7 @@ class _Reader:
             domains=self.domains(section),
             tls_certificate=tls_certificate,
             tls_key=tls_key,
+            tls_ciphers=self.text(section, "tls_ciphers", ("intermediate", "compat")),
             inbound_workers=self.inbound_workers(section),
             max_size=self.size(section, "max_size"),
             max_recipients=self.integer(section, "max_recipients", 1),

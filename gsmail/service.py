@@ -11,13 +11,17 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import attrs
+from OpenSSL import SSL
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
@@ -39,6 +43,7 @@ from gsmail.outbound.submission import (
     parse_networks,
 )
 from gsmail.status import Reply
+from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
 
 __all__ = ["makeService", "GsmailService"]
 
@@ -54,25 +59,49 @@ def _thread_runner(reactor: Any) -> Callable[[Callable[[], None]], Deferred[None
     return run
 
 
-def load_tls(config: GsmailConfig) -> Any:
+def load_tls(config: GsmailConfig, profile: str | None = None) -> ServerTLS | None:
     """
-    The server TLS context for STARTTLS, or C{None} when no certificate is
-    configured. The certificate file may hold the chain after the leaf.
+    The server TLS context for STARTTLS (L{gsmail.tlsconfig}), or C{None}
+    when no certificate is configured. The certificate file may hold the
+    chain after the leaf.
 
+    @param profile: the cipher profile; C{None}: the configuration's
+        C{tls_ciphers}.
     @raise ConfigError: the files cannot be read or do not match.
     """
     if not config.tls_certificate:
         return None
     try:
-        with open(config.tls_certificate, "rb") as f:
-            cert_pem = f.read()
-        with open(config.tls_key, "rb") as f:
-            key_pem = f.read()
-        return ssl.PrivateCertificate.loadPEM(key_pem + b"\n" + cert_pem).options()
+        return ServerTLS.from_files(
+            config.tls_certificate, config.tls_key, profile or config.tls_ciphers
+        )
     except Exception as e:
         raise ConfigError(
-            f"{config.path}: [gsmail-*] tls_certificate/tls_key: cannot load: {e.__class__.__name__}"
+            f"{config.path}: [gsmail-*] tls_certificate/tls_key: cannot load: {_why(e)}"
         ) from None
+
+
+def _why(error: Exception) -> str:
+    """
+    A short reason a TLS file or C{ssl:} description cannot be used: OpenSSL's
+    reason, the OS error or our own message (never the files' contents).
+    """
+    if isinstance(error, SSL.Error):
+        reason = handshake_failure_reason(Failure(error))
+    elif isinstance(error, OSError):
+        reason = error.strerror or ""
+    else:
+        reason = str(error) if isinstance(error, ValueError) else ""
+    return f"{error.__class__.__name__} ({reason})" if reason else error.__class__.__name__
+
+
+def _with_tls_profile(
+    config: GsmailConfig, settings: ServerSettings, profile: str
+) -> ServerSettings:
+    """C{settings} with a TLS context of cipher C{profile} (the same object if it has one)."""
+    if settings.tls is None or settings.tls.profile == profile:
+        return settings
+    return attrs.evolve(settings, tls=load_tls(config, profile))
 
 
 class InboundParts:
@@ -295,7 +324,8 @@ class GsmailService(MultiService):
             SubmissionCore(
                 _KickingQueue(self.queue, self.outbound), SpoolAlarm("queueing", self.reactor)
             ),
-            settings,
+            # Submission clients are current MUAs and GroupServer: Mozilla's set.
+            _with_tls_profile(config, settings, "intermediate"),
             self.reactor,
             trusted_networks=parse_networks(config.submission_networks),
             checker=checker,
@@ -345,7 +375,22 @@ class GsmailService(MultiService):
         return result
 
     def _listen(self, name: str, description: str, factory: Any) -> None:
-        svc = strports.service(description, factory, reactor=self.reactor)
+        try:
+            # ssl: listeners get gsmail's TLS context, not Twisted's (gsmail.tlsconfig).
+            endpoint = implicit_tls_endpoint(
+                self.reactor,
+                description,
+                "intermediate" if name == "submission" else self.config.tls_ciphers,
+            )
+        except Exception as e:
+            raise ConfigError(
+                f"{self.config.path}: [gsmail-*] {name}_endpoint: cannot load: {_why(e)}"
+            ) from None
+        if endpoint is None:
+            svc = strports.service(description, factory, reactor=self.reactor)
+        else:
+            svc = StreamServerEndpointService(endpoint, factory)
+            svc._raiseSynchronously = True
         svc.setName(name)
         self.listeners[name] = svc
         svc.setServiceParent(self)

@@ -38,17 +38,19 @@ from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gsmail import status
 from gsmail.addresses import Address, AddressError, Route, parse_parameters, parse_path
 from gsmail.eager import write_now
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, free_space
 from gsmail.status import Reply
+from gsmail.tlsconfig import connection_summary, handshake_failure_reason, is_tls_transport
 
 __all__ = [
     "ServerSettings",
@@ -114,6 +116,8 @@ class Session:
     id: str = attrs.field(factory=lambda: secrets.token_hex(6))
     #: The user name given with AUTH (submission only), or C{None}.
     user: str | None = None
+    #: Once the TLS handshake is done: version and cipher (L{connection_summary}).
+    tls_summary: str | None = None
 
     @property
     def with_protocol(self) -> str:
@@ -155,6 +159,7 @@ class _DataState:
         self.midline = False  # the last bytes consumed ended inside a line
 
 
+@implementer(IHandshakeListener)
 class SMTPServer(Protocol, TimeoutMixin):
     """
     An ESMTP server for one connection (RFC 5321), with PIPELINING (RFC 2920),
@@ -187,7 +192,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         settings = self.factory.settings
         self.callLater = self.factory.clock.callLater  # type: ignore[method-assign, assignment]
         self.session = Session(
-            peer=_describe_peer(self.transport), protocol_name=self.protocol_name
+            peer=_describe_peer(self.transport),
+            protocol_name=self.protocol_name,
+            tls=is_tls_transport(self.transport),  # an implicit-TLS (ssl:) listener
         )
         self.factory.connections += 1
         if self.factory.connections > settings.max_connections:
@@ -198,7 +205,30 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.setTimeout(settings.idle_timeout)
         self.transport.write(f"220 {settings.hostname} {self.protocol_name} gsmail\r\n".encode())
 
+    def handshakeCompleted(self) -> None:
+        assert self.session is not None
+        self.session.tls_summary = connection_summary(self.transport.getHandle())
+        self.log.info(
+            "TLS connection established from {peer}: {tls}",
+            peer=self.session.peer,
+            tls=self.session.tls_summary,
+            session=self.session.id,
+        )
+
+    def _tls_handshaking(self) -> bool:
+        return self.session is not None and self.session.tls and self.session.tls_summary is None
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self._tls_handshaking():
+            # Once, at info, without a traceback: scanners and broken clients are routine.
+            assert self.session is not None
+            self.log.info(
+                "TLS handshake failed from {peer}: {reason}",
+                peer=self.session.peer,
+                # _closing mid-handshake: timeoutConnection aborted it.
+                reason="timed out" if self._closing else handshake_failure_reason(reason),
+                session=self.session.id,
+            )
         self.factory.connections -= 1
         self.setTimeout(None)
         self._closing = True
@@ -207,6 +237,12 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._data = None
 
     def timeoutConnection(self) -> None:
+        if self._tls_handshaking():
+            # Nothing can be said mid-handshake, and a reply queued behind the
+            # handshake would keep the connection open for ever: abort.
+            self._closing = True
+            self.transport.abortConnection()
+            return
         self.log.info("Idle timeout for {peer}", peer=self.session.peer if self.session else "?")
         self._reply(status.IDLE_TIMEOUT)
         self._close()
