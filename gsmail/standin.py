@@ -7,14 +7,16 @@ they receive on disk.
 GroupServer itself (Zope 2, Python 2) cannot run here, so gsmail's tests, its
 demo (C{url = embedded}) and its benchmarks talk to this. What it answers was
 read from GroupServer's sources (C{shared/groupserver-protocol.md}, "What a
-page answers"); the modules cited are C{groupserver/*} repositories:
+page answers"); the modules cited are C{groupserver/*} repositories, with
+C{zopefoundation/zope.formlib} 4.0 (C{src/zope/formlib/form.py}, C{widget.py},
+C{textwidgets.py}) and Zope 2.13's C{ZPublisher/HTTPResponse.py}:
 
   - Each page is a C{zope.formlib} form (C{gs.content.form.base}
     C{form.py}). Its action runs only when the action's button field
     (C{form.actions.NAME}) is in the request's form (query string,
     C{multipart/form-data} or URL-encoded body, as Zope merges them);
-    otherwise the page is its form again, with no status message (L{NOT
-    RUN<gsmail.answers.PageResult.NOT_RUN>}), showing the submitted values.
+    otherwise the page is its form again, with no status message (not run:
+    L{gsmail.answers.PageResult.NOT_RUN}), showing the submitted values.
   - Validation is formlib's (C{zope.formlib} C{form.getWidgetsData}): only
     the fields that are present are checked. An empty field is "Required
     input is missing."; a non-ASCII value in an C{ASCIILine} "Invalid
@@ -26,8 +28,9 @@ page answers"); the modules cited are C{groupserver/*} repositories:
     listing the failed widgets, status 200, and nothing is done.
   - A field that is absent is not checked at all: the action then fails
     with C{KeyError} (Zope answers its error page with status 503 for a
-    C{KeyError}: C{ZPublisher/HTTPResponse.py} C{status_codes}), or, for
-    the token, runs: a request without C{form.token} is not refused.
+    C{KeyError}: C{HTTPResponse.exception} sets the status by the exception
+    class, C{status_codes["keyerror"] = 503}), or, for the token, runs: a
+    request without C{form.token} is not refused.
   - Success: the add-email, relay and bounce pages render their form again
     (reset, empty) under the status C{Done}; the bounce page's status is
     C{No user found for ADDRESS} when no member has the address

@@ -252,11 +252,9 @@ def _layout(
     if utility_links is None:
         came_from = quote(where.path, safe="/")
         utility_links = (
-            '<ul id="utilitylinks"\n    class="dotted-inline-list">\n'
+            '<ul id="utilitylinks" class="dotted-inline-list">\n'
             '  <li id="utilitylinks-log-in">\n'
-            f'    <a id="utilitylinks-log-in-link" href="/login.html?came_from={came_from}"\n'
-            '       class="btn btn-small" data-icon="&#x1f512;"\n'
-            '       title="Log in here">Sign in</a>\n'
+            f'    <a id="utilitylinks-log-in-link" href="/login.html?came_from={came_from}" class="btn btn-small" data-icon="&#x1f512;" title="Log in here">Sign in</a>\n'
             "  </li>\n"
             "  \n"
             "</ul><!--utilitylinks-->"
@@ -288,18 +286,14 @@ def _layout(
         f'    <link rel="home" href="/" title="{_esc(site.name)} Home" />\n'
         f'    <link rel="help" href="/help" title="{_esc(site.name)} Help" />\n'
         f"    {metadata}\n"
-        '    <link rel="icon" type="image/png" sizes="32x32"\n'
-        '          href="/++resource++gs-site-favicon-32.png" />\n'
-        '    <link rel="icon" type="image/png" sizes="16x16"\n'
-        '          href="/++resource++gs-site-favicon-16.png" />\n'
+        '    <link rel="icon" type="image/png" sizes="32x32" href="/++resource++gs-site-favicon-32.png" />\n'
+        '    <link rel="icon" type="image/png" sizes="16x16" href="/++resource++gs-site-favicon-16.png" />\n'
         '    <link rel="apple-touch-icon" href="/++resource++gs-site-touch-icon.png" />\n'
         "\n"
         "    <!-- styling typically covering all sites -->\n"
-        '    <link rel="stylesheet" type="text/css"\n'
-        '          href="/++resource++globalstyle-20160128.css" />\n'
+        '    <link rel="stylesheet" type="text/css" href="/++resource++globalstyle-20160128.css" />\n'
         "    <!-- styling just covering local customisations to sites -->\n"
-        '    <link rel="stylesheet" type="text/css"\n'
-        '          href="/++resource++site-20151027.css" />\n'
+        '    <link rel="stylesheet" type="text/css" href="/++resource++site-20151027.css" />\n'
         "    \n"
         "  </head>\n"
         f'  <body id="{_esc(page_id)}">\n'
@@ -328,22 +322,13 @@ def _layout(
         f"        {footer_html}\n"
         "      </div><!--gs-content-layout-footer-content-->\n"
         "    </div><!--gs-content-layout-footer-->\n"
-        '    <script type="text/javascript"\n'
-        '            src="/++resource++gs-content-js-loader-min-20160125.js"> </script>\n'
-        '    <script type="text/javascript"\n'
-        '            src="/++resource++jquery-1.12.0.min.js"> </script>\n'
-        '    <script type="text/javascript" defer="defer"\n'
-        '            src="/++resource++bootstrap-2.3.2/js/bootstrap.min.js"> </script>\n'
+        '    <script type="text/javascript" src="/++resource++gs-content-js-loader-min-20160125.js"> </script>\n'
+        '    <script type="text/javascript" src="/++resource++jquery-1.12.0.min.js"> </script>\n'
+        '    <script type="text/javascript" defer="defer" src="/++resource++bootstrap-2.3.2/js/bootstrap.min.js"> </script>\n'
         "    \n"
-        '    <script type="text/javascript"\n'
-        '            src="/++resource++gs-content-js-disclosure-min-20160122.js"\n'
-        '            defer="defer"> </script>\n'
-        '    <script type="text/javascript"\n'
-        '            src="/++resource++gs-content-js-required-min-20151106.js"\n'
-        '            defer="defer"> </script>\n'
-        '    <script type="text/javascript"\n'
-        '            src="/++resource++gs-content-js-submit-min-20160125.js"\n'
-        '            defer="defer"> </script>\n'
+        '    <script type="text/javascript" src="/++resource++gs-content-js-disclosure-min-20160122.js" defer="defer"> </script>\n'
+        '    <script type="text/javascript" src="/++resource++gs-content-js-required-min-20151106.js" defer="defer"> </script>\n'
+        '    <script type="text/javascript" src="/++resource++gs-content-js-submit-min-20160125.js" defer="defer"> </script>\n'
         "  </body>\n"
         "</html>\n"
     )
@@ -379,7 +364,9 @@ def status_message(status: str, errors: Sequence[tuple[str, str]] = ()) -> str:
     """
     if not status:
         return ""
-    # tal:attributes adds the class after the tag's own attributes.
+    # tal:attributes adds the class after the tag's own attributes
+    # (zopefoundation/zope.tal talgenerator.py replaceAttrs); ZPT writes each
+    # start tag on one line, its attributes one space apart.
     klass = "alert-block alert-error" if errors else "alert alert-info"
     widget_errors = ""
     if errors:
@@ -391,8 +378,7 @@ def status_message(status: str, errors: Sequence[tuple[str, str]] = ()) -> str:
         widget_errors = f'\n  <dl class="dl-horizontal">\n    {items}\n  </dl>'
     return (
         f'<div id="gs-content-form-base-message" role="region" class="{klass}">\n'
-        '  <button aria-hidden="true" type="button" class="close"\n'
-        '          data-dismiss="alert">&times;</button>\n'
+        '  <button aria-hidden="true" type="button" class="close" data-dismiss="alert">&times;</button>\n'
         f'  <div class="gs-content-form-base-message-status">{status}</div>'
         "<!--gs-content-form-base-message-->\n"
         "  "
@@ -468,8 +454,7 @@ def form_page(
         widgets += _widget(widget, values.get(widget.name), errors.get(widget.name))
     body: list[str | Echo] = [
         f'    <div id="{spec.body_id}">\n'
-        f'      <form id="{spec.form_id}"\n'
-        f'        enctype="multipart/form-data"  method="post" action={quoteattr(where.url)}>\n'
+        f'      <form id="{spec.form_id}" enctype="multipart/form-data" method="post" action={quoteattr(where.url)}>\n'
         f"        <h1>{_esc(spec.label)}</h1>\n"
         "        ",
         *widgets,
@@ -594,33 +579,20 @@ def login_page(site: SiteInfo, where: PageURL) -> Page:
         f'          <input type="hidden" id="came_from" name="came_from" value={came_from} />\n'
         '          <input type="hidden" id="failed" name="failed" value="True"/>\n'
         '          <div id="login-id-widget" class="form-widget required">\n'
-        '            <label class="text"\n'
-        '              title="Enter the email address, or login name, you use with your forums on this site"\n'
-        '              for="login">Email address</label>\n'
-        '            <input id="login"  name="login" class="textType" type="text"\n'
-        '              value="" title="Enter your email address here" />\n'
+        '            <label class="text" title="Enter the email address, or login name, you use with your forums on this site" for="login">Email address</label>\n'
+        '            <input id="login" name="login" class="textType" type="text" value="" title="Enter your email address here" />\n'
         "          </div><!--login-->\n"
-        '          <div id="gs-login-password"\n'
-        '            class="form-widget required">\n'
-        '            <label class="textType"\n'
-        '              title="Enter the password that you use with this site (case-sensitive)"\n'
-        '              for="password">Password</label>\n'
-        '            <input id="password" class="textType"\n'
-        '              type="password" name="password"\n'
-        '              value="" title="Enter your password"/>\n'
+        '          <div id="gs-login-password" class="form-widget required">\n'
+        '            <label class="textType" title="Enter the password that you use with this site (case-sensitive)" for="password">Password</label>\n'
+        '            <input id="password" class="textType" type="password" name="password" value="" title="Enter your password"/>\n'
         "          </div><!--gs-login-password-->\n"
         '          <div id="gs-login-buttons" class="buttons">\n'
-        '            <div id="gs-login-remember-me"\n'
-        '                 class="form-widget not-required">\n'
-        '              <input type="checkbox" title="Remember me"\n'
-        '                     class="checkboxType" value="1"\n'
-        '                     name="__ac_persistent" id="__ac_persistent" />\n'
-        '              <label for="__ac_persistent" class="checkboxLabel"\n'
-        '                     title="Select this if you want to automatically log in next time">Remember me</label>\n'
+        '            <div id="gs-login-remember-me" class="form-widget not-required">\n'
+        '              <input type="checkbox" title="Remember me" class="checkboxType" value="1" name="__ac_persistent" id="__ac_persistent" />\n'
+        '              <label for="__ac_persistent" class="checkboxLabel" title="Select this if you want to automatically log in next time">Remember me</label>\n'
         "            </div><!--gs-login-remember-me-->\n"
         '            <div class="formelementbutton">\n'
-        '              <input class="button" type="submit" name="submit"\n'
-        '                id="loginButton" value="Sign in" />\n'
+        '              <input class="button" type="submit" name="submit" id="loginButton" value="Sign in" />\n'
         "            </div>\n"
         "          </div><!--gs-login-buttons-->\n"
         "        </form><!--login-form-->\n"
