@@ -33,7 +33,6 @@ names) is as GroupServer renders it.
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from urllib.parse import quote
@@ -674,13 +673,3 @@ def proxy_error_page(code: int) -> bytes:
 def page_length(page: Page) -> int:
     """The length in bytes of a page once its L{Echo}s are written."""
     return sum(p.encoded_length() if isinstance(p, Echo) else len(p) for p in page)
-
-
-def page_text(page: Page) -> bytes:
-    """A page without L{Echo}s as one byte string (for tests)."""
-    return b"".join(p for p in page if isinstance(p, bytes))
-
-
-def escape_status(text: str) -> str:
-    """Plain text for a status message, escaped (C{Done} stays C{Done})."""
-    return html.escape(text, quote=False)
