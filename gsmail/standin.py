@@ -734,6 +734,10 @@ class StandIn:
     @ivar faults: the L{Faults} applied to the following requests.
     @ivar requests: requests seen per page (C{"exists"}, C{"add"},
         C{"relay"}, C{"bounce"}), counting every method and outcome.
+    @ivar archive_once: C{True} (GroupServer's behaviour): a post whose post
+        id is already archived in its group is not stored again. C{False}:
+        every add that runs is stored, for loads that send identical
+        messages (Postfix's C{smtp-source} varies neither subject nor body).
     """
 
     def __init__(
@@ -746,6 +750,7 @@ class StandIn:
         site_url: str = "http://groups.example.com",
         site_name: str = "Example Groups",
         members: Iterable[str] | None = None,
+        archive_once: bool = True,
         clock: IReactorTime,
         reactor: IReactorThreads | None = None,
     ) -> None:
@@ -761,6 +766,7 @@ class StandIn:
         @param site_name: the site's name in its pages.
         @param members: the addresses the bounce page knows (see
             L{add_member}); C{None}: every address is a member's.
+        @param archive_once: see L{archive_once}.
         @param clock: schedules L{Faults.delay}, names Maildir files.
         @param reactor: runs body parsing in its thread pool; C{None} parses
             in the reactor thread (for C{StubTreq} tests, where no thread may
@@ -791,6 +797,7 @@ class StandIn:
         self._done_pages: dict[tuple[str, pages.PageURL], _Answer] = {}
         self.faults = Faults()
         self.requests: collections.Counter[str] = collections.Counter()
+        self.archive_once = archive_once
         os.makedirs(os.path.join(self._directory, "tmp"), exist_ok=True)
         _make_maildir(os.path.join(self._directory, "relays"))
         for address, group_id in groups.items():
@@ -1173,7 +1180,7 @@ class StandIn:
         identity = form.identity
         if identity is None:  # the group was added since the body was parsed
             identity = await self._post_id(form.message_path, group_id)
-        archived = self._archived[group_id]
+        archived = self._archived[group_id] if self.archive_once else set()
         if identity.post_id in archived:
             log.info(
                 "Stand-in: post {post_id} for {group_id} has already been archived",

@@ -675,6 +675,13 @@ class ArchiveTests(StubTestBase):
         self.assertEqual(self.standin.posts("dev"), [MESSAGE])
         self.assertEqual(self.standin.add_requests("dev"), 2)
 
+    def test_archive_once_off(self) -> None:
+        """With C{archive_once} false every add is stored (loads of identical messages)."""
+        self.standin.archive_once = False
+        self.post(ADD, add_fields())
+        self.post(ADD, add_fields())
+        self.assertEqual(self.standin.posts("dev"), [MESSAGE, MESSAGE])
+
     def test_forget_archive(self) -> None:
         """After L{StandIn.forget_archive} the same message is archived again."""
         self.post(ADD, add_fields())
