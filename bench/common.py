@@ -30,6 +30,9 @@ def make_message(message_id: str, size: int, to: str = LIST_ADDRESS) -> bytes:
     """
     A message with CRLF line endings and a body of about C{size} bytes
     (76-character lines, as smtp-source sends), no line starting with a dot.
+    The body's first line holds the Message-ID: GroupServer (and the
+    stand-in) archive a message once per post id, which counts the body but
+    not the Message-ID, so messages that differ only there would be one post.
     """
     header = (
         f"From: Bench <{SENDER}>\r\nTo: <{to}>\r\nSubject: bench\r\n"
@@ -37,7 +40,8 @@ def make_message(message_id: str, size: int, to: str = LIST_ADDRESS) -> bytes:
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
     ).encode("ascii")
     lines = max(1, size // (len(_BODY_LINE) + 2))
-    return header + (_BODY_LINE + b"\r\n") * lines
+    first = message_id.encode("ascii")[: len(_BODY_LINE)].ljust(len(_BODY_LINE), b"X")
+    return header + first + b"\r\n" + (_BODY_LINE + b"\r\n") * (lines - 1)
 
 
 def form_body(fields: dict[str, str], message: bytes, boundary: str) -> bytes:
