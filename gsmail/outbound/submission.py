@@ -24,9 +24,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gsmail import status
-from gsmail.addresses import Address, Route, RouteKind
+from gsmail.addresses import Address, Route, RouteKind, is_xtext
+from gsmail.inbound.delivery import received_from
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
 from gsmail.inbound.spool import Spool, SpooledMessage, SpoolFiles, release
+from gsmail.logtext import printable
 from gsmail.status import Reply
 
 __all__ = [
@@ -111,7 +113,12 @@ class SubmissionCore:
     def check_recipient(
         self, session: Session, recipient: Address
     ) -> Deferred[tuple[Reply, Route | None]]:
-        """Accept any recipient for relaying (C{250 2.1.5})."""
+        """
+        Accept any recipient for relaying (C{250 2.1.5}), but not the bare
+        C{postmaster} (C{501 5.1.3}): it names no host to deliver to.
+        """
+        if not recipient.domain:
+            return succeed((status.BAD_RECIPIENT_SYNTAX.with_text("A domain is needed here"), None))
         return succeed((status.RECIPIENT_OK, Route(RouteKind.REMOTE, recipient)))
 
     def deliver(
@@ -143,7 +150,7 @@ class SubmissionCore:
             log.info(
                 "Queued {queue_id} from <{sender}> for {count} recipients (session {session})",
                 queue_id=entry.id,
-                sender=str(envelope.sender or ""),
+                sender=printable(envelope.sender or ""),
                 count=count,
                 session=session.id,
             )
@@ -212,8 +219,9 @@ class SubmissionServer(SMTPServer):
             envelope.params["RET"] = value.upper()
             return None
         if key == "ENVID":
-            if not value:
-                return status.SYNTAX_ERROR.with_text("ENVID needs a value")
+            # RFC 3461 §4.4: xtext, at most 100 characters.
+            if not value or len(value) > 100 or not is_xtext(value):
+                return status.SYNTAX_ERROR.with_text("Bad ENVID parameter (RFC 3461 §4.4)")
             envelope.params["ENVID"] = value
             return None
         if key == "AUTH":
@@ -227,7 +235,15 @@ class SubmissionServer(SMTPServer):
                 if not words <= _NOTIFY or ("NEVER" in words and len(words) > 1):
                     return status.SYNTAX_ERROR.with_text("Bad NOTIFY parameter (RFC 3461 §4.1)")
             elif key == "ORCPT":
-                if not value or ";" not in value:
+                # RFC 3461 §4.2: addr-type ";" xtext, at most 500 characters.
+                addr_type, semicolon, address = (value or "").partition(";")
+                if (
+                    not semicolon
+                    or len(value or "") > 500
+                    or not addr_type
+                    or not address
+                    or not is_xtext(addr_type + address)
+                ):
                     return status.SYNTAX_ERROR.with_text("Bad ORCPT parameter (RFC 3461 §4.2)")
             else:
                 return status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}")
@@ -309,7 +325,7 @@ class SubmissionServer(SMTPServer):
         if self.factory.checker.check(user, password):
             self.session.user = user
             self.authorized = True
-            log.info("{peer} authenticated as {user}", peer=self.session.peer, user=user)
+            log.info("{peer} authenticated as {user}", peer=self.session.peer, user=printable(user))
             self._reply(AUTH_OK)
         else:
             log.warn("Failed AUTH from {peer}", peer=self.session.peer)
@@ -321,7 +337,7 @@ class SubmissionServer(SMTPServer):
         date = format_datetime(datetime.fromtimestamp(self.factory.clock.seconds(), UTC))
         spool.write(
             (
-                f"Received: from {session.helo or 'unknown'} ({session.peer})\n"
+                f"Received: {received_from(session)}\n"
                 f"\tby {self.factory.settings.hostname} (gsmail) with {session.with_protocol}"
                 f" id {session.id}; {date}\n"
             ).encode()
