@@ -106,7 +106,7 @@ def parse_mailbox(text: str) -> Address:
         raise UnsafeAddressError("control or line-breaking character in the address")
     local, sep, domain = text.rpartition("@")
     if not sep or not local or not domain:
-        raise AddressError(f"not local@domain: {text!r}")
+        raise AddressError(f"not local@domain: {text[:100]!r}")
     if len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError("local part longer than 64 octets")
     if len(domain.encode()) > MAX_DOMAIN:

@@ -347,7 +347,7 @@ class DeliveryCore:
                 "{kind} for {recipient} ({message_id}): {outcome}",
                 kind=route.kind.value,
                 recipient=printable(route.recipient),
-                message_id=printable(message.message_id or "sha256:" + message.digest),
+                message_id=printable(message.identity),
                 outcome=result.value,
                 group_id=route.group_id,
                 session=session.id,
