@@ -235,7 +235,13 @@ class GsmailService(MultiService):
         self.outbound: OutboundDelivery | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
-        elif config.postmaster_address:
+        if config.postmaster_address and config.inbound_workers:
+            log.warn(
+                "inbound_workers is set: the worker processes have no outbound queue and keep"
+                " postmaster mail in {path} instead of forwarding it to postmaster_address",
+                path=config.postmaster_maildir,
+            )
+        elif config.postmaster_address and not config.submission_endpoint:
             log.warn(
                 "postmaster_address is set but submission_endpoint is not (no outbound"
                 " queue): postmaster mail is kept in {path}",
