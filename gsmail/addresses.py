@@ -9,6 +9,7 @@ for a recipient, all pure functions.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 
 import attrs
@@ -16,10 +17,15 @@ import attrs
 __all__ = [
     "Address",
     "AddressError",
+    "UnsafeAddressError",
+    "ParameterError",
     "Route",
     "RouteKind",
     "parse_path",
     "parse_parameters",
+    "parse_number",
+    "is_helo_name",
+    "is_xtext",
     "decode_xverp",
     "encode_xverp",
     "route_recipient",
@@ -38,6 +44,25 @@ class AddressError(ValueError):
     """
 
 
+class UnsafeAddressError(AddressError):
+    """
+    An address holds a character that must never reach a header field: a
+    control character (C0, C1, DEL), a line or paragraph separator
+    (U+0085, U+2028, U+2029) or another unprintable one. RFC 6531 lets an
+    address carry UTF-8, but the address goes into C{Return-Path},
+    C{Received} and C{X-Original-To} as it is, so such an address is
+    refused rather than encoded. Maps to C{553 5.1.7} (sender) or
+    C{553 5.1.3} (recipient).
+    """
+
+
+class ParameterError(AddressError):
+    """
+    A malformed ESMTP parameter (RFC 5321 §4.1.2 C{Mail-parameters},
+    C{Rcpt-parameters}). Maps to C{501 5.5.4}.
+    """
+
+
 @attrs.frozen
 class Address:
     """
@@ -49,7 +74,8 @@ class Address:
     domain: str
 
     def __str__(self) -> str:
-        return f"{self.local}@{self.domain}"
+        # No domain: the bare C{postmaster} of RFC 5321 §4.1.1.3.
+        return f"{self.local}@{self.domain}" if self.domain else self.local
 
     @property
     def is_ascii(self) -> bool:
@@ -68,13 +94,19 @@ _SOURCE_ROUTE = re.compile(r"@[^:,]+(?:,@[^:,]+)*:")
 
 def parse_mailbox(text: str) -> Address:
     """
-    Parse a mailbox C{local@domain} (RFC 5321 §4.1.2 C{Mailbox}).
+    Parse a mailbox C{local@domain} (RFC 5321 §4.1.2 C{Mailbox}). A
+    trailing dot, or several, is refused like any empty label: RFC 5321's
+    C{Domain} has none, and C{groups.example.com.} is not one of the
+    site's domains.
 
+    @raise UnsafeAddressError: an unprintable character (see there).
     @raise AddressError: not a mailbox.
     """
+    if not text.isprintable():
+        raise UnsafeAddressError("control or line-breaking character in the address")
     local, sep, domain = text.rpartition("@")
     if not sep or not local or not domain:
-        raise AddressError(f"not local@domain: {text!r}")
+        raise AddressError(f"not local@domain: {text[:100]!r}")
     if len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError("local part longer than 64 octets")
     if len(domain.encode()) > MAX_DOMAIN:
@@ -82,21 +114,26 @@ def parse_mailbox(text: str) -> Address:
     if not (_DOT_STRING.match(local) or _QUOTED_STRING.match(local)):
         raise AddressError(f"bad local part: {local!r}")
     if not _ADDRESS_LITERAL.match(domain):
-        labels = domain.rstrip(".").split(".")
-        if not all(_LABEL.match(label) for label in labels):
+        if not all(_LABEL.match(label) for label in domain.split(".")):
             raise AddressError(f"bad domain: {domain!r}")
-    return Address(local, domain.rstrip(".").lower())
+    return Address(local, domain.lower())
 
 
-def parse_path(text: str, *, allow_null: bool) -> tuple[Address | None, str]:
+def parse_path(
+    text: str, *, allow_null: bool, allow_postmaster: bool = False
+) -> tuple[Address | None, str]:
     """
     Parse the start of a C{MAIL FROM:} or C{RCPT TO:} argument: a path in
     angle brackets, then the parameters.
 
     @param text: what follows C{FROM:} or C{TO:}, e.g. C{"<a@b.example> SIZE=10"}.
     @param allow_null: accept C{<>}, the null reverse-path (MAIL FROM only).
+    @param allow_postmaster: accept C{<postmaster>} without a domain, in any
+        case (RCPT TO only, RFC 5321 §4.1.1.3); it gives an L{Address}
+        with an empty domain.
     @return: the address (C{None} for C{<>}) and the rest of the line (the
         parameters, unparsed).
+    @raise UnsafeAddressError: the path holds an unprintable character.
     @raise AddressError: no well-formed path.
     """
     text = text.lstrip(" ")
@@ -105,6 +142,8 @@ def parse_path(text: str, *, allow_null: bool) -> tuple[Address | None, str]:
         bare, _, rest = text.partition(" ")
         if not bare:
             raise AddressError("no path")
+        if allow_postmaster and bare.lower() == "postmaster":
+            return Address(bare, ""), rest
         return parse_mailbox(bare), rest
     end = _find_path_end(text)
     inner = text[1:end]
@@ -113,6 +152,8 @@ def parse_path(text: str, *, allow_null: bool) -> tuple[Address | None, str]:
         raise AddressError("junk after the path")
     if len(inner.encode()) > MAX_PATH:
         raise AddressError("path longer than 256 octets")
+    if not inner.isprintable():
+        raise UnsafeAddressError("control or line-breaking character in the path")
     # A source route (@a,@b:user@c) is accepted and ignored (RFC 5321 §4.1.2, C.).
     m = _SOURCE_ROUTE.match(inner)
     if m:
@@ -121,6 +162,8 @@ def parse_path(text: str, *, allow_null: bool) -> tuple[Address | None, str]:
         if not allow_null:
             raise AddressError("null path not allowed here")
         return None, rest.strip(" ")
+    if allow_postmaster and inner.lower() == "postmaster":
+        return Address(inner, ""), rest.strip(" ")
     return parse_mailbox(inner), rest.strip(" ")
 
 
@@ -141,25 +184,88 @@ def _find_path_end(text: str) -> int:
     raise AddressError("no closing '>'")
 
 
-_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z", re.ASCII)
+_NUMBER = re.compile(r"[0-9]{1,20}\Z", re.ASCII)
 
 
 def parse_parameters(text: str) -> dict[str, str | None]:
     """
     Parse ESMTP parameters (RFC 5321 §4.1.2 C{Mail-parameters}): C{KEY=value}
-    or C{KEY}, separated by spaces. Keywords are uppercased.
+    or C{KEY}, separated by spaces. Keywords (ASCII letters, digits and
+    hyphens) are uppercased. A value is printable text without spaces
+    (C{esmtp-value}, widened to UTF-8 by RFC 6531 §3.3; C{=} is kept, as
+    Postfix's C{XVERP=+=} needs it).
 
-    @raise AddressError: a malformed parameter (maps to C{501 5.5.4}).
+    @raise ParameterError: a malformed parameter (maps to C{501 5.5.4}).
     """
     params: dict[str, str | None] = {}
-    for word in text.split():
+    for word in text.split(" "):
+        if not word:
+            continue
         key, sep, value = word.partition("=")
         if not _KEYWORD.match(key):
-            raise AddressError(f"bad parameter {word!r}")
+            raise ParameterError("bad parameter keyword")
         if sep and not value:
-            raise AddressError(f"empty value for {key}")
+            raise ParameterError(f"empty value for {key.upper()}")
+        if not value.isprintable():
+            raise ParameterError(f"control character in the value of {key.upper()}")
         params[key.upper()] = value if sep else None
     return params
+
+
+def parse_number(keyword: str, value: str | None, maximum: int) -> int:
+    """
+    The value of a numeric ESMTP parameter (C{SIZE=}, RFC 1870 §3:
+    C{1*20DIGIT}): ASCII digits only. C{str.isdigit} also takes C{²},
+    C{①} and C{٣}, which C{int()} refuses or reads as other numbers.
+
+    @param keyword: the parameter's name, for the error text.
+    @param maximum: the largest value taken.
+    @raise ParameterError: no value, not 1 to 20 ASCII digits, or over
+        C{maximum} (maps to C{501 5.5.4}).
+    """
+    if value is None:
+        raise ParameterError(f"{keyword} needs a value")
+    if not _NUMBER.match(value):
+        raise ParameterError(f"{keyword} must be 1 to 20 ASCII digits")
+    number = int(value)
+    if number > maximum:
+        raise ParameterError(f"{keyword} must be at most {maximum}")
+    return number
+
+
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z", re.ASCII)
+
+
+def is_xtext(value: str) -> bool:
+    """
+    Whether C{value} is C{xtext} (RFC 3461 §4: printable ASCII but C{+}
+    and C{=}, which are written C{+HH}), the syntax of C{ENVID=} and of the
+    address in C{ORCPT=}.
+    """
+    return bool(_XTEXT.match(value))
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9\-]{1,63}(?<!-)\Z", re.ASCII)
+
+
+def is_helo_name(name: str) -> bool:
+    """
+    Whether a HELO/EHLO/LHLO argument has the syntax RFC 5321 §4.1.1.1 asks
+    for: an ASCII domain name (letter-digit-hyphen labels, at most 255
+    octets, no trailing dot) or an IPv4 or IPv6 address literal
+    (C{[192.0.2.1]}, C{[IPv6:2001:db8::1]}), the check of Postfix's
+    C{reject_invalid_helo_hostname}.
+    """
+    if name.startswith("[") and name.endswith("]"):
+        inner = name[1:-1]
+        try:
+            if inner[:5].upper() == "IPV6:":
+                return ipaddress.ip_address(inner[5:]).version == 6
+            return ipaddress.ip_address(inner).version == 4
+        except ValueError:
+            return False
+    return len(name) <= MAX_DOMAIN and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
 def encode_xverp(list_address: Address, recipient: Address) -> Address:
@@ -203,6 +309,7 @@ class RouteKind(enum.Enum):
     BOUNCE = "bounce"  # XVERP address: the bounce page
     GROUP = "group"  # look the group up, then the add-email page
     REMOTE = "remote"  # submission: queued for delivery elsewhere
+    POSTMASTER = "postmaster"  # postmaster: forwarded, or kept in a Maildir
 
 
 @attrs.frozen
@@ -224,16 +331,28 @@ class Route:
     params: tuple[tuple[str, str | None], ...] = ()
 
 
-def route_recipient(recipient: Address, domains: tuple[str, ...], relay_prefix: str) -> Route:
+def route_recipient(
+    recipient: Address, domains: tuple[str, ...], relay_prefix: str, *, postmaster: bool = False
+) -> Route:
     """
-    Decide, without I/O, where C{recipient} goes: not our domain → reject
-    (gsmail is never an open relay); the relay prefix → the relay page; an
-    XVERP address → the bounce page; anything else → a group lookup.
+    Decide, without I/O, where C{recipient} goes: C{postmaster} (bare, or
+    at one of the site's domains, in any case) → the postmaster when
+    C{postmaster} is set; not our domain → reject (gsmail is never an open
+    relay); the relay prefix → the relay page; an XVERP address → the bounce
+    page; anything else → a group lookup.
 
     @param domains: the lowercased mail domains the site receives for.
     @param relay_prefix: C{relay-address-prefix} (default C{p-}); empty
         disables relaying.
+    @param postmaster: route postmaster mail (RFC 5321 §4.5.1 requires a
+        server to take it); the C{smtp2gs} command leaves it to Postfix.
     """
+    if (
+        postmaster
+        and recipient.local.lower() == "postmaster"
+        and (not recipient.domain or recipient.domain in domains)
+    ):
+        return Route(RouteKind.POSTMASTER, recipient)
     if recipient.domain not in domains:
         return Route(RouteKind.REJECT_RELAY, recipient)
     if relay_prefix and recipient.local.lower().startswith(relay_prefix.lower()):

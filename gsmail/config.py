@@ -38,6 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 from twisted.logger import Logger
 
+from gsmail.addresses import AddressError, parse_mailbox
+
 __all__ = [
     "ConfigError",
     "GsmailConfig",
@@ -133,6 +135,10 @@ class GsmailConfig:
     spool_dir: str = ""
     ledger_path: str = "/var/lib/gsmail/ledger"
     ledger_ttl: float = 7 * 24 * 3600.0
+    # Mail to postmaster (RFC 5321 §4.5.1): forwarded to postmaster_address
+    # through the outbound queue when both are set, else kept in this Maildir.
+    postmaster_maildir: str = "/var/lib/gsmail/postmaster"
+    postmaster_address: str = ""
     # -- the embedded stand-in (url = embedded) --------------------------------
     standin_dir: str = "/var/lib/gsmail/standin"
     standin_groups: tuple[str, ...] = ()
@@ -903,6 +909,21 @@ class _Reader:
                 f"must be at most {MAX_REPLY_DEADLINE:g} seconds (Postfix gives up waiting for "
                 f"the reply to DATA after 600), got {reply_deadline:g}",
             )
+        domains = self.domains(section)
+        postmaster_address = (self.line(section, "postmaster_address") or "").strip()
+        if postmaster_address:
+            try:
+                forward_to = parse_mailbox(postmaster_address)
+            except AddressError:
+                raise self.error(
+                    section, "postmaster_address", f"not an address: {postmaster_address!r}"
+                ) from None
+            if forward_to.domain in domains:
+                raise self.error(
+                    section,
+                    "postmaster_address",
+                    "must be outside the site's domains (it would come back to gsmail's postmaster)",
+                )
         hostname = self.line(section, "hostname")
         if hostname is None:
             hostname = getfqdn()
@@ -924,7 +945,7 @@ class _Reader:
             smtp_endpoint=smtp_endpoint,
             lmtp_endpoint=lmtp_endpoint,
             hostname=hostname,
-            domains=self.domains(section),
+            domains=domains,
             tls_certificate=tls_certificate,
             tls_key=tls_key,
             tls_ciphers=self.text(section, "tls_ciphers", ("intermediate", "compat")),
@@ -940,6 +961,8 @@ class _Reader:
             spool_dir=self.path_option(section, "spool_dir", empty=tempfile.gettempdir()),
             ledger_path=self.path_option(section, "ledger_path"),
             ledger_ttl=self.duration(section, "ledger_ttl"),
+            postmaster_maildir=self.path_option(section, "postmaster_maildir"),
+            postmaster_address=postmaster_address,
             standin_dir=self.path_option(section, "standin_dir"),
             standin_groups=self.words(section, "standin_groups"),
             standin_endpoint=self.endpoint(section, "standin_endpoint", required=True),

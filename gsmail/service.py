@@ -30,6 +30,7 @@ from gsmail.control import ControlFactory, ControlService, QueueControl, control
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
 from gsmail.inbound.delivery import DeliveryCore
+from gsmail.inbound.postmaster import ForwardPostmaster, MaildirPostmaster
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpoolFiles
 from gsmail.ledger import PostLedger
@@ -145,6 +146,7 @@ class InboundParts:
             reply_deadline=config.reply_deadline,
             group_cache_ttl=config.group_cache_ttl,
             group_negative_cache_ttl=config.group_negative_cache_ttl,
+            postmaster=MaildirPostmaster(config.postmaster_maildir, _thread_runner(reactor)),
         )
         self.settings = ServerSettings(
             hostname=config.hostname,
@@ -265,6 +267,18 @@ class GsmailService(MultiService):
         self.outbound: OutboundDelivery | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
+        if config.postmaster_address and config.inbound_workers:
+            log.warn(
+                "inbound_workers is set: the worker processes have no outbound queue and keep"
+                " postmaster mail in {path} instead of forwarding it to postmaster_address",
+                path=config.postmaster_maildir,
+            )
+        elif config.postmaster_address and not config.submission_endpoint:
+            log.warn(
+                "postmaster_address is set but submission_endpoint is not (no outbound"
+                " queue): postmaster mail is kept in {path}",
+                path=config.postmaster_maildir,
+            )
 
     def _make_outbound(self, config: GsmailConfig, settings: ServerSettings, blocking: Any) -> None:
         """The submission listener, the outbound queue and delivery."""
@@ -335,6 +349,13 @@ class GsmailService(MultiService):
             spool_alarm=self.inbound.spool_alarm,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
+        if config.postmaster_address:
+            self.core.postmaster = ForwardPostmaster(
+                _KickingQueue(self.queue, self.outbound),
+                config.postmaster_address,
+                config.spool_dir,
+                blocking,
+            )
         # Listens in startService, after the queue is loaded (gsmail-queue).
         control = QueueControl(
             self.queue, self.outbound if config.processorthread else None, self.reactor

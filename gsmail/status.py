@@ -120,6 +120,8 @@ RELAYED = Reply(250, "2.0.0", "Relayed to the member")
 BOUNCE_RECORDED = Reply(250, "2.1.5", "Bounce recorded", EX_OK)
 ALREADY_DELIVERED = Reply(250, "2.0.0", "Already delivered; duplicate not posted again")
 BOUNCE_NO_MEMBER = Reply(250, "2.1.5", "Bounce noted; no member has that address", EX_OK)
+POSTMASTER_OK = Reply(250, "2.1.5", "Postmaster ok")
+POSTMASTER_STORED = Reply(250, "2.0.0", "Delivered to the postmaster")
 
 # -- transient failures (the sender retries) -------------------------------
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle too long; closing connection")
@@ -178,6 +180,10 @@ NOT_LMTP = Reply(500, "5.5.1", "This is an LMTP server: use LHLO")
 NOT_SMTP = Reply(500, "5.5.1", "This is an SMTP server: use EHLO or HELO")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL or RCPT parameter")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send a UTF-8 address")
+# An address with a control or line-breaking character (U+0085, U+2028, ...):
+# it would go into Return-Path, Received and X-Original-To as it is.
+UNSAFE_SENDER = Reply(553, "5.1.7", "Sender address has a control or line-breaking character")
+UNSAFE_RECIPIENT = Reply(553, "5.1.3", "Recipient address has a control or line-breaking character")
 RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 NO_SUCH_GROUP = Reply(550, "5.1.1", "No such group", EX_NOUSER)
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")

@@ -11,9 +11,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from gsmail.addresses import (
     Address,
     AddressError,
+    ParameterError,
     RouteKind,
+    UnsafeAddressError,
     decode_xverp,
     encode_xverp,
+    is_helo_name,
+    is_xtext,
+    parse_number,
     parse_parameters,
     parse_path,
     route_recipient,
@@ -158,5 +163,113 @@ class RouteTests(SynchronousTestCase):
         """Anything else is looked up as a group."""
         self.assertIs(
             route_recipient(Address("dev", "groups.example.com"), DOMAINS, "p-").kind,
+            RouteKind.GROUP,
+        )
+
+
+class AttackTests(SynchronousTestCase):
+    """What port 25 gets from attackers (issue "Port 25 under attack")."""
+
+    def test_trailing_dots_refused(self) -> None:
+        """C{a@domain.} and C{a@domain..} are refused like C{groups..example.com}."""
+        for text in [
+            "<example@groups.example.com.>",
+            "<example@groups.example.com..>",
+            "<example@groups.example.com.....>",
+            "<example@groups..example.com>",
+            "example@groups.example.com..",
+        ]:
+            self.assertRaises(AddressError, parse_path, text, allow_null=False)
+
+    def test_unsafe_characters(self) -> None:
+        """
+        An address with a control or line-breaking character is refused with
+        L{UnsafeAddressError} (553), even where RFC 6531 allows UTF-8.
+        """
+        for char in ["\u2028", "\u2029", "\x85", "\x1b", "\x00", "\x7f", "\t", "\u200b"]:
+            for text in [f"<a{char}b@example.org>", f"<ab@exam{char}ple.org>", f"a{char}@x.org"]:
+                with self.subTest(text=text):
+                    self.assertRaises(UnsafeAddressError, parse_path, text, allow_null=False)
+        self.assertEqual(
+            parse_path("<grüße@bücher.example>", allow_null=False)[0],
+            Address("grüße", "bücher.example"),
+        )
+
+    def test_bare_postmaster(self) -> None:
+        """C{<postmaster>} (any case) parses where allowed, with no domain (RFC 5321 §4.1.1.3)."""
+        for text in ["<postmaster>", "<PostMaster> ", "postmaster", "<@relay.example:postmaster>"]:
+            address, _ = parse_path(text, allow_null=False, allow_postmaster=True)
+            assert address is not None
+            self.assertEqual((address.local.lower(), address.domain), ("postmaster", ""))
+            self.assertEqual(str(address).lower(), "postmaster")
+        self.assertRaises(AddressError, parse_path, "<postmaster>", allow_null=False)
+        self.assertRaises(
+            AddressError, parse_path, "<postmistress>", allow_null=False, allow_postmaster=True
+        )
+
+    def test_parse_number(self) -> None:
+        """Only 1 to 20 ASCII digits are a number; C{²}, C{①}, C{٣} are not."""
+        self.assertEqual(parse_number("SIZE", "0123", 10**20), 123)
+        for value in ["²", "①", "٣٣", "１２", "", "-1", "+1", "1.0", " 1", "1" * 21, None]:
+            with self.subTest(value=value):
+                self.assertRaises(ParameterError, parse_number, "SIZE", value, 10**20)
+        self.assertRaises(ParameterError, parse_number, "SIZE", "11", 10)
+
+    def test_parameter_values(self) -> None:
+        """Parameter values may be UTF-8 and hold C{=}, but no control characters."""
+        self.assertEqual(
+            parse_parameters("XVERP=+= ENVID=grüße  SMTPUTF8"),
+            {"XVERP": "+=", "ENVID": "grüße", "SMTPUTF8": None},
+        )
+        for text in ["ENVID=a\x1bb", "ENVID=\u2028", "SIZE=1\x1cBODY=8BITMIME", "K\u0130Y=1", "=1"]:
+            with self.subTest(text=text):
+                self.assertRaises(ParameterError, parse_parameters, text)
+
+    def test_helo_names(self) -> None:
+        """A HELO name is a domain or an IPv4/IPv6 address literal (RFC 5321 §4.1.1.1)."""
+        for name in ["mx.example.org", "localhost", "[192.0.2.1]", "[IPv6:2001:db8::1]"]:
+            self.assertTrue(is_helo_name(name), name)
+        for name in [
+            "bad(name)",
+            "é.example",
+            "my_host",
+            "mx.example.org.",
+            "[999.1.1.1]",
+            "[IPv6:192.0.2.1]",
+            "[2001:db8::1]",
+            "-a.example",
+            "a" * 64,
+            "",
+        ]:
+            self.assertFalse(is_helo_name(name), name)
+
+    def test_xtext(self) -> None:
+        """xtext (RFC 3461 §4): printable ASCII, C{+} and C{=} only as C{+HH}."""
+        self.assertTrue(is_xtext("abc+2B+3Dx"))
+        for value in ["a=b", "a+b", "a+2b", "é", "a b", "a\x1b"]:
+            self.assertFalse(is_xtext(value), value)
+
+    def test_postmaster_route(self) -> None:
+        """
+        Postmaster, bare or at a site domain, in any case, routes to the
+        postmaster when asked; elsewhere it is relaying, refused.
+        """
+        for address in [
+            Address("postmaster", ""),
+            Address("POSTMASTER", ""),
+            Address("PostMaster", "groups.example.com"),
+        ]:
+            self.assertIs(
+                route_recipient(address, DOMAINS, "p-", postmaster=True).kind,
+                RouteKind.POSTMASTER,
+            )
+        self.assertIs(
+            route_recipient(
+                Address("postmaster", "example.net"), DOMAINS, "p-", postmaster=True
+            ).kind,
+            RouteKind.REJECT_RELAY,
+        )
+        self.assertIs(
+            route_recipient(Address("postmaster", "groups.example.com"), DOMAINS, "p-").kind,
             RouteKind.GROUP,
         )

@@ -1233,3 +1233,48 @@ class DocumentationTests(ConfigFileTestCase):
         for option in OPTIONS:
             with self.subTest(option=option):
                 self.assertIn(f"\n| `{option}` |", text)
+
+
+class PostmasterOptionTests(ConfigFileTestCase):
+    """C{postmaster_maildir} and C{postmaster_address}."""
+
+    def test_defaults(self) -> None:
+        """By default postmaster mail goes to /var/lib/gsmail/postmaster, not forwarded."""
+        config = self.load()
+        self.assertEqual(
+            (config.postmaster_maildir, config.postmaster_address),
+            ("/var/lib/gsmail/postmaster", ""),
+        )
+
+    def test_set(self) -> None:
+        """A relative Maildir resolves against the file's directory; the address is kept."""
+        config = self.load(
+            {"postmaster_maildir": "pm", "postmaster_address": " admin@example.net "}
+        )
+        self.assertEqual(
+            (config.postmaster_maildir, config.postmaster_address),
+            (os.path.join(self.directory, "pm"), "admin@example.net"),
+        )
+
+    def assertPostmasterError(self, options: Mapping[str, str], option: str, problem: str) -> None:
+        path = self.write(ini(options))
+        error = self.assertRaises(ConfigError, load_config, path)
+        message = str(error)
+        self.assertTrue(message.startswith(f"{path}: [gsmail-default] {option}: "), message)
+        self.assertIn(problem, message)
+        self.assertNotIn("\n", message)
+
+    def test_errors(self) -> None:
+        """An address that does not parse, or one at the site's own domains (a loop), is refused."""
+        self.assertPostmasterError(
+            {"postmaster_address": "admin"}, "postmaster_address", "not an address"
+        )
+        domain = BASE_GSMAIL["domains"]
+        self.assertPostmasterError(
+            {"postmaster_address": f"admin@{str(domain).split(',')[0].strip().upper()}"},
+            "postmaster_address",
+            "outside the site's domains",
+        )
+        self.assertPostmasterError(
+            {"postmaster_maildir": ""}, "postmaster_maildir", "must not be empty"
+        )

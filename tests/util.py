@@ -55,6 +55,7 @@ def make_config(directory: str, **overrides: Any) -> GsmailConfig:
         spool_dir=os.path.join(directory, "spool"),
         ledger_path=os.path.join(directory, "ledger", "posted.log"),
         standin_dir=os.path.join(directory, "standin"),
+        postmaster_maildir=os.path.join(directory, "postmaster"),
         standin_groups=("example", "dev"),
     )
     return attrs.evolve(config, **overrides)

@@ -20,15 +20,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gsmail import status
-from gsmail.addresses import Address, Route, RouteKind, route_recipient
+from gsmail.addresses import MAX_DOMAIN, Address, Route, RouteKind, is_helo_name, route_recipient
+from gsmail.inbound.postmaster import Postmaster
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
+from gsmail.logtext import printable
 from gsmail.posting import plan_posting
 from gsmail.status import GroupServerError, Reply
 
-__all__ = ["GroupDirectory", "Lookup", "DeliveryCore", "trace_fields"]
+__all__ = ["GroupDirectory", "Lookup", "DeliveryCore", "trace_fields", "received_from"]
 
 log = Logger()
 
@@ -126,6 +128,28 @@ class GroupDirectory:
                 w.callback(result)
 
 
+def received_from(session: Session) -> str:
+    """
+    The C{from} clause of a C{Received} field (RFC 5321 §4.4): C{from NAME
+    (PEER)} when the HELO name is a domain or an address literal
+    (L{is_helo_name}); else C{from unknown (helo=NAME) (PEER)}, the name in
+    a comment with every character that is not printable ASCII, and each of
+    C{( ) \\}, made C{?} (Postfix's C{printable()} does the same to the
+    HELO name), at most 255 characters. Any HELO is accepted (RFC 5321
+    §4.1.4: a server must not refuse mail because the HELO name is wrong),
+    but no CR, LF, control or non-ASCII character reaches the field.
+
+    @param session: the session; C{helo} C{None} gives C{from unknown (PEER)}.
+    """
+    helo = session.helo
+    if helo is None:
+        return f"from unknown ({session.peer})"
+    if is_helo_name(helo):
+        return f"from {helo} ({session.peer})"
+    shown = "".join(c if " " < c <= "~" and c not in "()\\" else "?" for c in helo[:MAX_DOMAIN])
+    return f"from unknown (helo={shown}) ({session.peer})"
+
+
 def trace_fields(
     session: Session, envelope: Envelope, recipient: Address, hostname: str, when: float
 ) -> bytes:
@@ -135,6 +159,11 @@ def trace_fields(
     RFC 3848 protocol names) and C{X-Original-To}, the envelope recipient, as
     Postfix adds it and as GroupServer's code reads it.
 
+    The addresses are written as received: the parser
+    (L{gsmail.addresses.parse_mailbox}) refuses any with a control or
+    line-breaking character (C{553}), so UTF-8 ones (RFC 6531) are safe
+    here. The HELO name is written by L{received_from}.
+
     @param when: the time of receipt, seconds since the epoch.
     """
     sender = str(envelope.sender) if envelope.sender else ""
@@ -143,7 +172,7 @@ def trace_fields(
     if envelope.smtputf8:
         with_ = "UTF8" + with_.removeprefix("E")  # RFC 6531 §3.7.4
     received = (
-        f"Received: from {session.helo or 'unknown'} ({session.peer})\n"
+        f"Received: {received_from(session)}\n"
         f"\tby {hostname} (gsmail) with {with_} id {session.id}\n"
         f"\tfor <{recipient}>; {date}\n"
     )
@@ -163,6 +192,9 @@ class DeliveryCore:
     @param reply_deadline: seconds after the final dot by which the sender
         gets an answer; a post still running then is answered C{451 4.4.5}
         and goes on, and the ledger makes the sender's retry safe.
+    @param postmaster: where mail to C{postmaster} goes
+        (L{gsmail.inbound.postmaster}); C{None}: postmaster is looked up as
+        a group, like any other address.
     """
 
     def __init__(
@@ -178,8 +210,10 @@ class DeliveryCore:
         reply_deadline: float = 540.0,
         group_cache_ttl: float = 300.0,
         group_negative_cache_ttl: float = 60.0,
+        postmaster: Postmaster | None = None,
     ) -> None:
         self.client = client
+        self.postmaster = postmaster
         self.ledger = ledger
         self.clock = clock
         self.hostname = hostname
@@ -207,13 +241,18 @@ class DeliveryCore:
             GroupServer said just now; C{450 4.1.1} no such group as the
             cache remembers it (the group may exist by now: the sender
             retries, and by then the cache has expired); C{451 4.4.4}/
-            C{451 4.5.0} GroupServer could not answer.
+            C{451 4.5.0} GroupServer could not answer; C{250 2.1.5}
+            postmaster (bare or at a site domain).
         """
-        route = route_recipient(recipient, self.domains, self.relay_prefix)
+        route = route_recipient(
+            recipient, self.domains, self.relay_prefix, postmaster=self.postmaster is not None
+        )
+        if route.kind is RouteKind.POSTMASTER:
+            return succeed((status.POSTMASTER_OK, route))
         if route.kind is RouteKind.REJECT_RELAY:
             log.info(
                 "Relay denied for {recipient} from {peer}",
-                recipient=str(recipient),
+                recipient=printable(recipient),
                 peer=session.peer,
             )
             return succeed((status.RELAY_DENIED, None))
@@ -249,15 +288,15 @@ class DeliveryCore:
             reply = status.reply_for_exception(failure.value)
             if not isinstance(failure.value, GroupServerError):
                 log.failure(
-                    "Group lookup failed for {recipient}", failure, recipient=str(recipient)
+                    "Group lookup failed for {recipient}", failure, recipient=printable(recipient)
                 )
             else:
                 log.warn(
                     "Group lookup for {recipient} failed: {reply_code} {enhanced_status} {detail}",
-                    recipient=str(recipient),
+                    recipient=printable(recipient),
                     reply_code=reply.code,
                     enhanced_status=reply.enhanced,
-                    detail=failure.value.detail,
+                    detail=printable(failure.value.detail),
                 )
             return (reply, None)
 
@@ -340,6 +379,8 @@ class DeliveryCore:
         received: float,
     ) -> Deferred[Reply]:
         prefix = trace_fields(session, envelope, route.recipient, self.hostname, received)
+        if route.kind is RouteKind.POSTMASTER and self.postmaster is not None:
+            return self._to_postmaster(session, envelope, prefix, message)
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
@@ -349,8 +390,8 @@ class DeliveryCore:
             log.info(
                 "{kind} for {recipient} ({message_id}): {outcome}",
                 kind=route.kind.value,
-                recipient=str(route.recipient),
-                message_id=message.identity,
+                recipient=printable(route.recipient),
+                message_id=printable(message.identity),
                 outcome=result.value,
                 group_id=route.group_id,
                 session=session.id,
@@ -367,10 +408,10 @@ class DeliveryCore:
                 emit(
                     "{kind} for {recipient} failed: {reply_code} {enhanced_status} {detail}",
                     kind=route.kind.value,
-                    recipient=str(route.recipient),
+                    recipient=printable(route.recipient),
                     reply_code=reply.code,
                     enhanced_status=reply.enhanced,
-                    detail=failure.value.detail,
+                    detail=printable(failure.value.detail),
                     group_id=route.group_id,
                     session=session.id,
                     outcome_unknown=failure.value.outcome_unknown,
@@ -380,8 +421,28 @@ class DeliveryCore:
                     "{kind} for {recipient} failed",
                     failure,
                     kind=route.kind.value,
-                    recipient=str(route.recipient),
+                    recipient=printable(route.recipient),
                 )
             return reply
 
         return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
+
+    def _to_postmaster(
+        self, session: Session, envelope: Envelope, prefix: bytes, message: SpooledMessage
+    ) -> Deferred[Reply]:
+        """Keep the postmaster's copy; log it with the sender and Message-ID."""
+        assert self.postmaster is not None
+        sender = str(envelope.sender) if envelope.sender else ""
+
+        def logged(reply: Reply) -> Reply:
+            log.info(
+                "postmaster from <{sender}> ({message_id}): {reply_code} {enhanced_status}",
+                sender=printable(sender),
+                message_id=printable(message.identity),
+                reply_code=reply.code,
+                enhanced_status=reply.enhanced,
+                session=session.id,
+            )
+            return reply
+
+        return self.postmaster.deliver(sender, prefix, message).addCallback(logged)

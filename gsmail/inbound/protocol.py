@@ -17,7 +17,10 @@ How it stays safe:
     are bounded; past the bound the transport is paused.
   - In DATA, only CR LF "." CR LF ends the message (bare LF or CR never do:
     no SMTP smuggling), and a body line is never read as a command, however
-    long it is: an overlong line only marks the message as failed.
+    long it is: an overlong line only marks the message as failed. A bare
+    LF still ends a line (Postfix 3.9's C{smtpd_forbid_bare_newline =
+    normalize}), so a client that sends LF line endings is not refused
+    for "overlong lines"; a bare CR is data.
   - STARTTLS throws away anything the client sent after it in plaintext and
     forgets HELO and the transaction (RFC 3207 §4.2).
   - A full or failing spool disk is C{452 4.3.1}: at MAIL when the free
@@ -46,7 +49,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gsmail import status
-from gsmail.addresses import Address, AddressError, Route, parse_parameters, parse_path
+from gsmail.addresses import (
+    Address,
+    AddressError,
+    ParameterError,
+    Route,
+    UnsafeAddressError,
+    parse_number,
+    parse_parameters,
+    parse_path,
+)
 from gsmail.eager import write_now
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, free_space
 from gsmail.status import Reply
@@ -157,6 +169,9 @@ class _DataState:
         self.received = 0  # bytes as transmitted (CRLF), for the SIZE limit
         self.error: Reply | None = None
         self.midline = False  # the last bytes consumed ended inside a line
+        # The last line ended with CR LF (or none was read yet): only then
+        # can "." CR LF end the data (CR LF "." CR LF, RFC 5321 §4.1.1.4).
+        self.after_crlf = True
 
 
 @implementer(IHandshakeListener)
@@ -315,11 +330,20 @@ class SMTPServer(Protocol, TimeoutMixin):
             continuation(line)
             return True
         verb, _, arg = line.partition(" ")
-        handler = getattr(self, "do_" + verb.upper(), None) if verb.isalpha() else None
+        handler = (
+            getattr(self, "do_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
+        )
         if handler is None:
             self._error(status.UNRECOGNISED_COMMAND)
             return True
-        result = handler(arg)
+        try:
+            result = handler(arg)
+        except Exception:
+            # A bug must cost one reply, not the connection and the replies
+            # pipelined before it.
+            self.log.failure("Unexpected error in a command")
+            self._reply(status.LOCAL_ERROR)
+            return True
         if isinstance(result, Deferred):
             self._wait_for(result)
         return True
@@ -359,15 +383,17 @@ class SMTPServer(Protocol, TimeoutMixin):
         buf = self._buffer
         limit = self.factory.settings.max_line_length
         if data.midline:
-            # Inside an overlong line: skip to its end.
-            end = buf.find(b"\r\n")
+            # Inside an overlong line: skip to its end (CR LF or bare LF).
+            end = buf.find(b"\n")
             if end < 0:
                 keep = 1 if buf.endswith(b"\r") else 0
                 del buf[: len(buf) - keep]
                 return False
-            del buf[: end + 2]
+            # A CR before the LF was kept in the buffer, so end > 0 then.
+            data.after_crlf = end > 0 and buf[end - 1] == 0x0D
+            del buf[: end + 1]
             data.midline = False
-        if buf[:3] == b".\r\n":
+        if data.after_crlf and buf[:3] == b".\r\n":
             del buf[:3]
             self._end_of_data()
             return True
@@ -377,10 +403,12 @@ class SMTPServer(Protocol, TimeoutMixin):
             del buf[: end_mark + 5]
             self._end_of_data()
             return True
-        last = buf.rfind(b"\r\n")
+        last = buf.rfind(b"\n")
         if last >= 0:
-            self._consume_lines(data, bytes(buf[: last + 2]), limit)
-            del buf[: last + 2]
+            chunk = bytes(buf[: last + 1])
+            data.after_crlf = chunk.endswith(b"\r\n")
+            self._consume_lines(data, chunk, limit)
+            del buf[: last + 1]
         if len(buf) > limit:
             # A line longer than allowed: fail the message, never the framing.
             data.error = data.error or status.DATA_LINE_TOO_LONG
@@ -391,22 +419,27 @@ class SMTPServer(Protocol, TimeoutMixin):
         return False
 
     def _consume_lines(self, data: _DataState, chunk: bytes, limit: int) -> None:
-        """Store whole lines (CRLF-terminated, still dot-stuffed)."""
+        """
+        Store whole lines (each ended by CR LF or a bare LF, still
+        dot-stuffed) with LF line endings. A line starting with a dot loses
+        it (RFC 5321 §4.5.2) whatever ends it, as in Postfix: a "." line
+        that did not end the data (bare LF before or after it) is stored
+        as an empty line.
+        """
         data.received += len(chunk)
         if data.error is not None:
             return
         if data.received > self.factory.settings.max_size:
             data.error = status.MESSAGE_TOO_BIG
             return
-        if len(chunk) > limit and max(map(len, chunk.split(b"\r\n"))) + 2 > limit:
+        if len(chunk) > limit and max(map(len, chunk.split(b"\n"))) + 1 > limit:
             data.error = status.DATA_LINE_TOO_LONG
             return
-        # Dot-unstuffing (RFC 5321 §4.5.2), then CRLF to LF for the spool.
+        chunk = chunk.replace(b"\r\n", b"\n")
         if chunk[:1] == b".":
             chunk = chunk[1:]
-        chunk = chunk.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
         try:
-            data.spool.write(chunk)
+            data.spool.write(chunk.replace(b"\n.", b"\n"))
         except OSError as e:
             # The spool has given its file back; the rest of the message
             # is read and dropped (error set), and answered after the dot.
@@ -530,6 +563,12 @@ class SMTPServer(Protocol, TimeoutMixin):
         try:
             sender, rest = parse_path(arg[5:], allow_null=True)
             params = parse_parameters(rest)
+        except UnsafeAddressError:
+            self._error(status.UNSAFE_SENDER)
+            return
+        except ParameterError as e:
+            self._error(status.SYNTAX_ERROR.with_text(f"Bad MAIL parameter: {e}"))
+            return
         except AddressError as e:
             self._error(status.BAD_SENDER_SYNTAX.with_text(f"Bad sender address syntax: {e}"))
             return
@@ -576,9 +615,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             C{555 5.5.4} for a parameter this listener does not offer.
         """
         if key == "SIZE":
-            if value is None or not value.isdigit():
-                return status.SYNTAX_ERROR.with_text("Bad SIZE parameter")
-            envelope.declared_size = int(value)
+            try:
+                envelope.declared_size = parse_number("SIZE", value, 10**20 - 1)
+            except ParameterError as e:
+                return status.SYNTAX_ERROR.with_text(f"Bad SIZE parameter: {e}")
             if envelope.declared_size > self.factory.settings.max_size:
                 return status.MESSAGE_TOO_BIG.with_text(
                     f"Message size exceeds the limit of {self.factory.settings.max_size} bytes"
@@ -613,8 +653,14 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._error(status.SYNTAX_ERROR.with_text("Syntax: RCPT TO:<address>"))
             return None
         try:
-            recipient, rest = parse_path(arg[3:], allow_null=False)
+            recipient, rest = parse_path(arg[3:], allow_null=False, allow_postmaster=True)
             params = parse_parameters(rest)
+        except UnsafeAddressError:
+            self._error(status.UNSAFE_RECIPIENT)
+            return None
+        except ParameterError as e:
+            self._error(status.SYNTAX_ERROR.with_text(f"Bad RCPT parameter: {e}"))
+            return None
         except AddressError as e:
             self._error(status.BAD_RECIPIENT_SYNTAX.with_text(f"Bad recipient address syntax: {e}"))
             return None

@@ -42,8 +42,10 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
+from gsmail.inbound.delivery import received_from
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, release
+from gsmail.logtext import printable
 from gsmail.outbound import dsn
 from gsmail.status import Reply
 
@@ -138,7 +140,12 @@ class SubmissionCore:
     def check_recipient(
         self, session: Session, recipient: Address
     ) -> Deferred[tuple[Reply, Route | None]]:
-        """Accept any recipient for relaying (C{250 2.1.5})."""
+        """
+        Accept any recipient for relaying (C{250 2.1.5}), but not the bare
+        C{postmaster} (C{501 5.1.3}): it names no host to deliver to.
+        """
+        if not recipient.domain:
+            return succeed((status.BAD_RECIPIENT_SYNTAX.with_text("A domain is needed here"), None))
         return succeed((status.RECIPIENT_OK, Route(RouteKind.REMOTE, recipient)))
 
     def deliver(
@@ -182,7 +189,7 @@ class SubmissionCore:
             log.info(
                 "Queued {queue_id} from <{sender}> for {count} recipients (session {session})",
                 queue_id=entry.id,
-                sender=str(envelope.sender or ""),
+                sender=printable(envelope.sender or ""),
                 count=count,
                 session=session.id,
             )
@@ -395,7 +402,7 @@ class SubmissionServer(SMTPServer):
         if self.factory.checker.check(user, password):
             self.session.user = user
             self.authorized = True
-            log.info("{peer} authenticated as {user}", peer=self.session.peer, user=user)
+            log.info("{peer} authenticated as {user}", peer=self.session.peer, user=printable(user))
             self._reply(AUTH_OK)
         else:
             log.warn("Failed AUTH from {peer}", peer=self.session.peer)
@@ -407,7 +414,7 @@ class SubmissionServer(SMTPServer):
         date = format_datetime(datetime.fromtimestamp(self.factory.clock.seconds(), UTC))
         spool.write(
             (
-                f"Received: from {session.helo or 'unknown'} ({session.peer})\n"
+                f"Received: {received_from(session)}\n"
                 f"\tby {self.factory.settings.hostname} (gsmail) with {session.with_protocol}"
                 f" id {session.id}; {date}\n"
             ).encode()

@@ -11,13 +11,14 @@ import os
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
-from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, trace_fields
+from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, received_from, trace_fields
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import Spool, SpooledMessage
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
@@ -581,3 +582,132 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         self.assertEqual(
             route, Route(RouteKind.GROUP, Address("ann", "groups.example.com"), group_id="ann")
         )
+
+
+class SafeTraceTests(SynchronousTestCase):
+    """No CR, LF, control or non-ASCII junk from the HELO name reaches C{Received}."""
+
+    def received(self, helo: str | None, peer: str = "[192.0.2.1]") -> str:
+        session = Session(peer=peer, protocol_name="ESMTP", helo=helo, extended=True, id="abc")
+        text = trace_fields(session, Envelope(sender=None), Address("dev", "g.example"), "gs", 0)
+        return text.decode("utf-8").split("\n")[1]
+
+    def test_valid_names_as_written(self) -> None:
+        """A domain or address literal is written as the C{from} name (RFC 5321 §4.4)."""
+        self.assertEqual(
+            self.received("mx.example.org"), "Received: from mx.example.org ([192.0.2.1])"
+        )
+        self.assertEqual(self.received("[192.0.2.1]"), "Received: from [192.0.2.1] ([192.0.2.1])")
+        self.assertEqual(self.received(None), "Received: from unknown ([192.0.2.1])")
+
+    def test_invalid_names_in_a_comment(self) -> None:
+        """
+        Any other HELO is written C{from unknown (helo=...)} with what is not
+        printable ASCII, and the comment's own C{( ) \\}, made C{?}.
+        """
+        self.assertEqual(
+            self.received("bad(name)\\é"),
+            "Received: from unknown (helo=bad?name???) ([192.0.2.1])",
+        )
+        self.assertEqual(
+            self.received("x\u2028Bcc: victim@example.org"),
+            "Received: from unknown (helo=x?Bcc:?victim@example.org) ([192.0.2.1])",
+        )
+        self.assertEqual(
+            self.received("my_host"), "Received: from unknown (helo=my_host) ([192.0.2.1])"
+        )
+
+    def test_long_name_capped(self) -> None:
+        """An invalid HELO name is cut at 255 characters."""
+        line = self.received("_" * 2000)
+        self.assertEqual(line, "Received: from unknown (helo=" + "_" * 255 + ") ([192.0.2.1])")
+
+    def test_received_from(self) -> None:
+        """The submission listener's Received takes its C{from} clause from the same place."""
+        session = Session(peer="local", protocol_name="ESMTP", helo="a\x85b")
+        self.assertEqual(received_from(session), "from unknown (helo=a?b) (local)")
+
+
+class FakePostmaster:
+    """Records postmaster deliveries; C{reply} is what each gets."""
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[str, bytes]] = []
+        self.reply = status.POSTMASTER_STORED
+
+    def deliver(self, sender: str, prefix: bytes, message: SpooledMessage) -> Deferred[Reply]:
+        with open(message.path, "rb") as f:
+            self.kept.append((sender, prefix + f.read()))
+        return succeed(self.reply)
+
+
+class PostmasterRoutingTests(CoreTestsMixin, SynchronousTestCase):
+    """Mail to postmaster (RFC 5321 §4.5.1)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.postmaster = FakePostmaster()
+        self.core = self.make_core(postmaster=self.postmaster)
+
+    def test_accepted_bare_and_at_site_domains(self) -> None:
+        """Bare postmaster and postmaster at a site domain, in any case, get 250 2.1.5."""
+        for address in [
+            Address("postmaster", ""),
+            Address("POSTMASTER", ""),
+            Address("Postmaster", "groups.example.com"),
+        ]:
+            reply, route = self.successResultOf(self.core.check_recipient(self.session, address))
+            self.assertEqual(reply, status.POSTMASTER_OK)
+            assert route is not None
+            self.assertIs(route.kind, RouteKind.POSTMASTER)
+        self.assertEqual(self.gs.lookups, [])
+
+    def test_elsewhere_is_relaying(self) -> None:
+        """Postmaster of another domain is relaying: 550 5.7.1."""
+        reply, route = self.successResultOf(
+            self.core.check_recipient(self.session, Address("postmaster", "example.net"))
+        )
+        self.assertEqual(reply, status.RELAY_DENIED)
+
+    def test_delivered_with_trace_fields(self) -> None:
+        """The postmaster's copy has the trace fields, and nothing is posted to GroupServer."""
+        env = Envelope(sender=Address("alice", "example.org"))
+        reply, route = self.successResultOf(
+            self.core.check_recipient(self.session, Address("postmaster", ""))
+        )
+        assert route is not None
+        env.recipients.append(route)
+        self.assertEqual(self.successResultOf(self.deliver(env, MSG)), [status.POSTMASTER_STORED])
+        [(sender, data)] = self.postmaster.kept
+        self.assertEqual(sender, "alice@example.org")
+        self.assertIn(b"\tfor <postmaster>; ", data)
+        self.assertIn(b"X-Original-To: postmaster\n", data)
+        self.assertTrue(data.endswith(MSG))
+        self.assertEqual(self.gs.posts, [])
+
+    def test_without_postmaster_looked_up_as_group(self) -> None:
+        """A core without a postmaster looks postmaster up like any group (as before)."""
+        self.core = self.make_core()
+        self.rcpt("postmaster@groups.example.com")
+        self.assertEqual(self.gs.lookups, ["postmaster@groups.example.com"])
+
+
+class LogSafetyTests(CoreTestsMixin, SynchronousTestCase):
+    """Values from the message reach the log escaped and capped."""
+
+    def test_message_id_escaped_and_capped(self) -> None:
+        """A 200 KB Message-ID with ESC and BEL makes a short, clean log line."""
+        events: list[LogEvent] = []
+
+        def observe(event: LogEvent) -> None:
+            events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        message_id = b"<\x1b[2J\x07" + b"x" * 200_000 + b"\x00\x7f@example.org>"
+        data = b"Message-ID: " + message_id + b"\nSubject: s\n\nbody\n"
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), data))
+        [line] = [formatEvent(e) for e in events if "message_id" in e]
+        self.assertLess(len(line), 400)
+        self.assertTrue(line.isprintable(), line[:100])
+        self.assertIn("\\x1b[2J\\x07xxx", line)

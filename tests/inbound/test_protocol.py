@@ -798,3 +798,163 @@ class LMTPStorageFaultTests(StorageFaultTestsMixin, SynchronousTestCase):
 
     lmtp = True
     hello = b"LHLO client.example.org\r\n"
+
+
+class AttackTests(ServerTestsMixin, SynchronousTestCase):
+    """
+    What port 25 gets from attackers (issue "Port 25 under attack"), over
+    a StringTransport; the real-socket versions are in
+    C{tests.integration.test_attacks}.
+    """
+
+    def test_unicode_digits_in_size(self) -> None:
+        """
+        C{SIZE=²}, C{①} or C{٣٣} gets C{501 5.5.4}, the pipelined EHLO reply
+        comes first, and the connection goes on.
+        """
+        for value in ["²", "①", "٣٣", "１", "-1", "1" * 21]:
+            proto, t = self.session(
+                self.hello + f"MAIL FROM:<a@example.org> SIZE={value}\r\nNOOP\r\n".encode()
+            )
+            self.assertEqual(codes(t), ["250", "501 5.5.4", "250 2.0.0"], value)
+            self.assertIn("ASCII digits", replies(t)[-2])
+            self.assertFalse(t.disconnecting)
+
+    def test_bad_parameter_is_not_an_address_error(self) -> None:
+        """A malformed parameter is 501 5.5.4, not a 5.1.x address error."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org> BAD_KEY=1\r\n"
+            b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com> X=\x1b\r\n"
+        )
+        self.assertEqual(codes(t)[1:], ["501 5.5.4", "250 2.1.0", "501 5.5.4"])
+
+    def test_line_breaking_characters_in_addresses(self) -> None:
+        """
+        U+2028, U+2029, U+0085 or a control character in a path gets 553
+        (5.1.7 for the sender, 5.1.3 for a recipient), even with SMTPUTF8.
+        """
+        for char in ["\u2028", "\u2029", "\x85", "\x1b", "\x7f"]:
+            proto, t = self.session(
+                self.hello
+                + f"MAIL FROM:<a{char}b@example.org> SMTPUTF8\r\n".encode()
+                + b"MAIL FROM:<a@example.org> SMTPUTF8\r\n"
+                + f"RCPT TO:<g{char}@example.com>\r\n".encode()
+            )
+            self.assertEqual(codes(t)[1:], ["553 5.1.7", "250 2.1.0", "553 5.1.3"], repr(char))
+
+    def test_malformed_utf8_refused(self) -> None:
+        """A command that is not UTF-8 (a lone surrogate, a stray byte) is refused, nothing kept."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a\xed\xa0\x80@example.org> SMTPUTF8\r\n"
+            b"MAIL FROM:<a\xff@example.org> SMTPUTF8\r\nNOOP\r\n"
+        )
+        self.assertEqual(codes(t)[1:], ["501 5.5.4", "501 5.5.4", "250 2.0.0"])
+        self.assertIsNone(proto.envelope)  # type: ignore[attr-defined]
+
+    def test_trailing_dots(self) -> None:
+        """A domain ending in dots is refused: 501 5.1.7 on MAIL, 501 5.1.3 on RCPT."""
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org.>\r\nMAIL FROM:<a@example.org>\r\n"
+            b"RCPT TO:<g@example.com..>\r\nRCPT TO:<g@example.com.>\r\n"
+        )
+        self.assertEqual(codes(t)[1:], ["501 5.1.7", "250 2.1.0", "501 5.1.3", "501 5.1.3"])
+
+    def test_bare_postmaster_reaches_the_core(self) -> None:
+        """C{RCPT TO:<postmaster>} is not a syntax error: the core decides (RFC 5321 §4.5.1)."""
+        seen: list[Address] = []
+        check = self.core.check_recipient
+
+        def record(session: Session, recipient: Address) -> Deferred[tuple[Reply, Route | None]]:
+            seen.append(recipient)
+            return check(session, recipient)
+
+        self.core.check_recipient = record  # type: ignore[method-assign]
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<Postmaster>\r\n"
+        )
+        self.assertEqual([str(a) for a in seen], ["postmaster", "Postmaster"])
+
+    def test_non_ascii_verb(self) -> None:
+        """A verb that only uppercases to a command (C{maıl}, dotless i) is not that command."""
+        proto, t = self.session(self.hello + "maıl FROM:<a@example.org>\r\n".encode())
+        self.assertEqual(codes(t)[1:], ["500 5.5.2"])
+
+    def test_unexpected_error_costs_one_reply(self) -> None:
+        """A bug in a command handler gives 451 4.3.0, logged once; the connection goes on."""
+
+        def broken(arg: str) -> None:
+            raise ValueError("bug")
+
+        proto, t = self.connect()
+        proto.do_VRFY = broken  # type: ignore[attr-defined]
+        t.clear()
+        proto.dataReceived(self.hello + b"VRFY x\r\nNOOP\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(codes(t), ["250", "451 4.3.0", "250 2.0.0"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+    def data_session(self) -> tuple[object, StringTransport]:
+        proto, t = self.session(
+            self.hello + b"MAIL FROM:<a@example.org>\r\nRCPT TO:<g@example.com>\r\nDATA\r\n"
+        )
+        t.clear()
+        return proto, t
+
+    def test_bare_lf_lines(self) -> None:
+        """
+        A message with bare LF line endings longer than max_line_length in
+        all is taken line by line (Postfix's C{smtpd_forbid_bare_newline =
+        normalize}); only CR LF . CR LF ends it, and a bare CR is data.
+        """
+        body = b"".join(b"line %03d\n" % i for i in range(200))  # 2400 bytes > 1000
+        proto, t = self.data_session()
+        proto.dataReceived(b"Subject: lf\n\n" + body + b"..dot\nbare\rcr\r\n.\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(codes(t), ["250 2.0.0"])
+        self.assertEqual(
+            self.core.deliveries[0][2], b"Subject: lf\n\n" + body + b".dot\nbare\rcr\n"
+        )
+
+    def test_bare_lf_line_too_long(self) -> None:
+        """A line over the limit is still refused when it ends in a bare LF."""
+        proto, t = self.data_session()
+        proto.dataReceived(b"Subject: x\n\n" + b"y" * 1200 + b"\nz\r\n.\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(codes(t), ["550 5.6.0"])
+        self.assertEqual(self.core.deliveries, [])
+
+    def test_dot_line_after_bare_lf_is_not_the_end(self) -> None:
+        """
+        C{LF . CR LF} does not end DATA even split over writes: the "." line
+        is data (an empty line once unstuffed, as in Postfix); the real end
+        follows.
+        """
+        proto, t = self.data_session()
+        proto.dataReceived(b"Subject: x\r\n\r\nhello\n")  # type: ignore[attr-defined]
+        proto.dataReceived(b".\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(t.value(), b"")
+        proto.dataReceived(b"RSET\r\n.\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(codes(t), ["250 2.0.0"])
+        self.assertEqual(self.core.deliveries[0][2], b"Subject: x\n\nhello\n\nRSET\n")
+
+    def test_overlong_line_ended_by_bare_lf_then_end(self) -> None:
+        """After an overlong line ended by a bare LF, "." CR LF is not the end; after CR LF it is."""
+        proto, t = self.data_session()
+        proto.dataReceived(b"y" * 1500)  # type: ignore[attr-defined]
+        proto.dataReceived(b"\n.\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(t.value(), b"")
+        proto.dataReceived(b"z\r\n.\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(codes(t), ["550 5.6.0"])
+        proto, t = self.data_session()
+        proto.dataReceived(b"y" * 1500 + b"\r")  # type: ignore[attr-defined]
+        proto.dataReceived(b"\n.\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(codes(t), ["550 5.6.0"])
+
+    def test_bare_lf_split_everywhere(self) -> None:
+        """A message with mixed line ends is stored the same however its bytes are split."""
+        message = b"Subject: s\n\r\nline one\n..two\r\nbare\rcr\n.\nstill data\r\n.\r\n"
+        expected = b"Subject: s\n\nline one\n.two\nbare\rcr\n\nstill data\n"
+        for cut in range(1, len(message)):
+            self.core.deliveries.clear()
+            proto, t = self.data_session()
+            proto.dataReceived(message[:cut])  # type: ignore[attr-defined]
+            proto.dataReceived(message[cut:])  # type: ignore[attr-defined]
+            self.assertEqual(self.core.deliveries[0][2], expected, cut)
+            self.assertEqual(codes(t), ["250 2.0.0"], cut)

@@ -55,8 +55,14 @@ _E = TypeVar("_E", bound=BaseException)
 # -- helpers shared by the integration tests ---------------------------------
 
 
-def make_message(message_id: str, subject: str = "Hello", body: str = "Hello, group.") -> bytes:
-    """A small ASCII message as it goes on the wire (CRLF line endings)."""
+def make_message(message_id: str, subject: str = "Hello", body: str | None = None) -> bytes:
+    """
+    A small ASCII message as it goes on the wire (CRLF line endings). The
+    default body names C{message_id}: distinct messages have distinct post
+    ids at GroupServer, which archives a post id once.
+    """
+    if body is None:
+        body = f"Hello, group. ({message_id})"
     return (
         f"From: Alice <{SENDER}>\r\n"
         f"To: {EXAMPLE}\r\n"

@@ -569,3 +569,62 @@ class ReplyTimingTests(TestCase):
         self.assertEqual(received(), status.OK.encode() * 2)
         proto.transport.loseConnection()
         await deferLater(reactor, 0.01)
+
+
+class SubmissionAttackTests(SynchronousTestCase):
+    """Bad input on the submission port (issue "Port 25 under attack")."""
+
+    def setUp(self) -> None:
+        self.queue = FakeQueue()
+        spool = self.mktemp()
+        os.makedirs(spool)
+        self.factory = SubmissionFactory(
+            SubmissionCore(self.queue),
+            ServerSettings(hostname="gsmail.example.com"),
+            Clock(),
+            spool_dir=spool,
+        )
+
+    def session(self, data: bytes) -> list[str]:
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        transport = StringTransport(peerAddress=peer)
+        proto = self.factory.buildProtocol(peer)
+        proto.makeConnection(transport)
+        transport.clear()
+        proto.dataReceived(data)
+        return [line for line in lines(transport) if line[3:4] != "-"]
+
+    def test_envid_and_orcpt_are_xtext(self) -> None:
+        """ENVID and ORCPT must be xtext (RFC 3461 §4): C{=}, controls or raw UTF-8 get 501 5.5.4."""
+        out = self.session(
+            b"EHLO x\r\nMAIL FROM:<a@example.org> ENVID=a=b\r\n"
+            + "MAIL FROM:<a@example.org> ENVID=é\r\n".encode()
+            + b"MAIL FROM:<a@example.org> ENVID="
+            + b"x" * 101
+            + b"\r\nMAIL FROM:<a@example.org> ENVID=ok+2B\r\n"
+            b"RCPT TO:<b@example.org> ORCPT=rfc822\r\n"
+            b"RCPT TO:<b@example.org> ORCPT=;b@example.org\r\n"
+            b"RCPT TO:<b@example.org> ORCPT=rfc822;b=c@example.org\r\n"
+            b"RCPT TO:<b@example.org> ORCPT=rfc822;b+2Bc@example.org\r\n"
+        )
+        self.assertEqual(
+            [o[:9] for o in out[1:]],
+            ["501 5.5.4"] * 3 + ["250 2.1.0"] + ["501 5.5.4"] * 3 + ["250 2.1.5"],
+        )
+
+    def test_bare_postmaster_refused(self) -> None:
+        """Submission has no postmaster of its own: C{RCPT TO:<postmaster>} is 501 5.1.3."""
+        out = self.session(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster>\r\n")
+        self.assertEqual(out[-1][:9], "501 5.1.3")
+
+    def test_helo_junk_not_in_received(self) -> None:
+        """A HELO that is no domain is written in a comment, made printable ASCII."""
+        self.session(
+            "EHLO ex(ample)é\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+            "DATA\r\nSubject: s\r\n\r\nb\r\n.\r\n".encode()
+        )
+        [entry] = self.queue.entries
+        self.assertTrue(
+            entry.data.startswith(b"Received: from unknown (helo=ex?ample??) ([127.0.0.1])\n"),
+            entry.data[:100],
+        )
