@@ -13,19 +13,22 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import cast
 
+import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gsmail import status
-from gsmail.addresses import Address, Route, RouteKind, route_recipient
+from gsmail.addresses import Address, BounceCheck, Route, RouteKind, route_recipient
+from gsmail.bounces import BounceScreen
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.posting import plan_posting
 from gsmail.status import GroupServerError, Reply
+from gsmail.verp import VerpPolicy
 
 __all__ = ["GroupDirectory", "DeliveryCore", "trace_fields"]
 
@@ -132,6 +135,8 @@ class DeliveryCore:
     @param reply_deadline: seconds after the final dot by which the sender
         gets an answer; a post still running then is answered C{451 4.4.5}
         and goes on, and the ledger makes the sender's retry safe.
+    @param verp: the site's bounce address policy (signed VERP); C{None}:
+        unsigned XVERP addresses only, always accepted.
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class DeliveryCore:
         reply_deadline: float = 540.0,
         group_cache_ttl: float = 300.0,
         group_negative_cache_ttl: float = 60.0,
+        verp: VerpPolicy | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -156,6 +162,8 @@ class DeliveryCore:
         self.relay_prefix = relay_prefix
         self.time_source = time_source
         self.reply_deadline = reply_deadline
+        self.verp = verp
+        self.bounces = BounceScreen(verp, clock)
         self.directory = GroupDirectory(
             client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
         )
@@ -173,9 +181,12 @@ class DeliveryCore:
         @return: the reply and, when accepted, the L{Route}. Replies:
             C{550 5.7.1} not our domain; C{250 2.1.5} relay or bounce
             address; C{250 2.1.5} a group; C{550 5.1.1} no such group;
-            C{451 4.4.4}/C{451 4.5.0} GroupServer could not answer.
+            C{451 4.4.4}/C{451 4.5.0} GroupServer could not answer. A bounce
+            address is accepted whether its tag is good or not, and so is
+            an unsigned one of no group (the route says which: the message
+            is dropped after DATA, L{gsmail.bounces}).
         """
-        route = route_recipient(recipient, self.domains, self.relay_prefix)
+        route = route_recipient(recipient, self.domains, self.relay_prefix, self.verp)
         if route.kind is RouteKind.REJECT_RELAY:
             log.info(
                 "Relay denied for {recipient} from {peer}",
@@ -186,7 +197,10 @@ class DeliveryCore:
         if route.kind is RouteKind.RELAY:
             return succeed((status.RELAY_ADDRESS_OK, route))
         if route.kind is RouteKind.BOUNCE:
-            return succeed((status.BOUNCE_ADDRESS_OK, route))
+            if route.bounce_check is not BounceCheck.UNSIGNED or route.group_address is None:
+                return succeed((status.BOUNCE_ADDRESS_OK, route))
+            # Anyone can write an unsigned address: it must name a group.
+            return self._check_bounce_group(route)
         if not recipient.local.isascii():
             # GroupServer's group-exists field is an ASCIILine: no group can
             # have this address, and asking would re-render the form (which
@@ -218,6 +232,29 @@ class DeliveryCore:
             return (reply, None)
 
         return self.directory.lookup(recipient).addCallbacks(found, failed)
+
+    def _check_bounce_group(self, route: Route) -> Deferred[tuple[Reply, Route | None]]:
+        group = route.group_address
+        assert group is not None
+        unknown = attrs.evolve(route, bounce_check=BounceCheck.UNKNOWN_GROUP)
+        if not group.local.isascii():
+            return succeed((status.BOUNCE_ADDRESS_OK, unknown))
+
+        def found(info: GroupInfo) -> tuple[Reply, Route | None]:
+            return (status.BOUNCE_ADDRESS_OK, route if info.group_id else unknown)
+
+        def failed(failure: Failure) -> tuple[Reply, Route | None]:
+            reply = status.reply_for_exception(failure.value)
+            log.warn(
+                "Group lookup for the bounce address {recipient} failed: {reply_code}"
+                " {enhanced_status}",
+                recipient=str(route.recipient),
+                reply_code=reply.code,
+                enhanced_status=reply.enhanced,
+            )
+            return (reply, None)
+
+        return self.directory.lookup(group).addCallbacks(found, failed)
 
     # -- after the final dot -------------------------------------------------
     def deliver(
@@ -299,7 +336,9 @@ class DeliveryCore:
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
-        posting = plan_posting(self.client, route, source, message.digest, self.time_source)
+        posting = plan_posting(
+            self.client, route, source, message.digest, self.time_source, self.bounces
+        )
 
         def outcome(result: Outcome) -> Reply:
             log.info(
@@ -340,4 +379,11 @@ class DeliveryCore:
                 )
             return reply
 
+        if posting.screen is not None:
+            try:
+                dropped = posting.screen()
+            except Exception:
+                return succeed(failed(Failure()))
+            if dropped is not None:
+                return succeed(dropped)
         return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
