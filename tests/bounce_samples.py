@@ -80,7 +80,7 @@ def dsn(
         f"Message-ID: <post.1@groups.example.com>\n"
         f"\n"
         f"--{boundary}--\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def qmail_bounce(recipient: str, to: str = "dev+alice=example.org@groups.example.com") -> bytes:
@@ -104,7 +104,7 @@ def qmail_bounce(recipient: str, to: str = "dev+alice=example.org@groups.example
         "Subject: Minutes of the meeting\n"
         "\n"
         "The minutes.\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def out_of_office(to: str = "dev+alice=example.org@groups.example.com") -> bytes:
@@ -119,7 +119,7 @@ def out_of_office(to: str = "dev+alice=example.org@groups.example.com") -> bytes
         "\n"
         "I am away until Monday with no access to alice@example.org.\n"
         "Your message was not delivered to me today; I will read it later.\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def plain_mail(to: str = "dev+alice=example.org@groups.example.com") -> bytes:
@@ -130,4 +130,4 @@ def plain_mail(to: str = "dev+alice=example.org@groups.example.com") -> bytes:
         "Subject: unsubscribe alice@example.org\n"
         "\n"
         "550 5.1.1 alice@example.org: user unknown\n"
-    ).encode("utf-8")
+    ).encode()

@@ -485,8 +485,12 @@ class OutboundDelivery:
         return jobs
 
     def _verp_address(self, group: Address, member: Address) -> Address:
-        """The signed VERP sender (L{gsmail.verp.sign_verp}), or the unsigned one without keys."""
-        if self.verp is None:
+        """
+        The signed VERP sender (L{gsmail.verp.VerpPolicy.sender}) of a group
+        of this site's; the unsigned XVERP form without keys, or for another
+        site's list (its bounces do not come here).
+        """
+        if self.verp is None or group.domain not in self.local_domains:
             return encode_xverp(group, member)
         return self.verp.sender(group, member)
 
