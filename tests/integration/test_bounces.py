@@ -30,8 +30,8 @@ from tests.integration.test_clients import codes, send_once, smtplib_codes
 from tests.integration.test_outbound import (
     SmtpSink,
     describe_queue,
-    gs_email_send,
     group_message,
+    gs_email_send,
     queue_empty,
     submission_port,
     wait_until,
