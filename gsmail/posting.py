@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gsmail import status
-from gsmail.addresses import Route, RouteKind
+from gsmail.addresses import Address, Route, RouteKind
 from gsmail.bounces import BounceScreen
 from gsmail.interfaces import IGroupServer, MessageSource
 from gsmail.ledger import PostLedger
@@ -58,17 +58,16 @@ class Posting:
     @ivar action: calls the page; fires on success, fails with
         L{GroupServerError}.
     @ivar success: the reply when this call performed the action.
-    @ivar screen: for bounces, called first (without I/O but a small read
-        of the spool file): returns the reply when the message is not
-        recorded (nothing is posted, the ledger is not used), or C{None}.
-        May raise C{OSError} (C{451 4.3.0}).
+    @ivar screen: for bounces, called first: fires with the reply when the
+        message is not recorded (nothing is posted, the ledger is not used),
+        or C{None}. May fail with C{OSError} (C{451 4.3.0}).
     """
 
     kind: str
     key: bytes
     action: Callable[[], Deferred[Any]] = attrs.field(repr=False)
     success: Reply
-    screen: Callable[[], Reply | None] | None = attrs.field(default=None, repr=False)
+    screen: Callable[[], Deferred[Reply | None]] | None = attrs.field(default=None, repr=False)
 
 
 def plan_posting(
@@ -118,12 +117,14 @@ def plan_posting(
         target = route.recipient if route.member_address is None else route.member_address
         member = [str(target)]
 
-        def check() -> Reply | None:
-            result = screen.check(route, source)
+        def screened(result: Reply | Address) -> Reply | None:
             if isinstance(result, Reply):
                 return result
             member[0] = str(result)
             return None
+
+        def check() -> Deferred[Reply | None]:
+            return screen.check(route, source).addCallback(screened)
 
         posting = Posting(
             kind="bounce",

@@ -687,7 +687,7 @@ async def _deliver(
         client, route, source, job.message.digest, job.options.time_source, BounceScreen(job.verp)
     )
     if posting.screen is not None:
-        dropped = posting.screen()
+        dropped = await posting.screen()
         if dropped is not None:
             return dropped
     if not job.config.ledger_path:

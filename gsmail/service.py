@@ -129,6 +129,7 @@ class InboundParts:
             group_cache_ttl=config.group_cache_ttl,
             group_negative_cache_ttl=config.group_negative_cache_ttl,
             verp=self.verp,
+            blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
         )
         self.settings = ServerSettings(
             hostname=config.hostname,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -215,7 +217,39 @@ class ScreenTests(SynchronousTestCase):
         return route
 
     def check(self, route: Route, data: bytes) -> status.Reply | Address:
-        return self.screen.check(route, source(data, self.directory))
+        result: status.Reply | Address = self.successResultOf(
+            self.screen.check(route, source(data, self.directory))
+        )
+        return result
+
+    def test_parsed_in_the_blocking_runner(self) -> None:
+        """
+        With a thread runner, the message is read and parsed there (not in
+        the reactor thread); the address alone is judged at once.
+        """
+        ran: list[object] = []
+        pending: list[Deferred[FailureReport]] = []
+
+        def blocking(f: Callable[[], FailureReport]) -> Deferred[FailureReport]:
+            ran.append(f)
+            d: Deferred[FailureReport] = Deferred()
+            pending.append(d)
+            d.callback(f())
+            return d
+
+        self.screen = BounceScreen(self.verp, self.clock, blocking)
+        self.assertEqual(self.check(self.route(), dsn("alice@example.org")), ALICE)
+        self.assertEqual(len(ran), 1)
+        forged = Route(
+            RouteKind.BOUNCE, ALICE, group_address=GROUP, bounce_check=BounceCheck.BAD_TAG
+        )
+        self.assertEqual(self.check(forged, dsn("alice@example.org")), status.BOUNCE_NOT_OURS)
+        self.assertEqual(len(ran), 1)
+
+    def test_unreadable_spool_file(self) -> None:
+        """A spool file that cannot be read fails the check with OSError (451 4.3.0)."""
+        message = MessageSource(prefix=b"", path=self.directory + "/gone", size=10, data=None)
+        self.failureResultOf(self.screen.check(self.route(), message), OSError)
 
     def logged(self) -> list[str]:
         return [

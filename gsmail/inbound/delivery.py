@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import Address, BounceCheck, Route, RouteKind, route_recipient
-from gsmail.bounces import BounceScreen
+from gsmail.bounces import Blocking, BounceScreen
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
@@ -137,6 +137,8 @@ class DeliveryCore:
         and goes on, and the ledger makes the sender's retry safe.
     @param verp: the site's bounce address policy (signed VERP); C{None}:
         unsigned XVERP addresses only, always accepted.
+    @param blocking: runs the parsing of messages to bounce addresses in a
+        thread (L{BounceScreen}); C{None}: in the reactor thread.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class DeliveryCore:
         group_cache_ttl: float = 300.0,
         group_negative_cache_ttl: float = 60.0,
         verp: VerpPolicy | None = None,
+        blocking: Blocking | None = None,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -163,7 +166,7 @@ class DeliveryCore:
         self.time_source = time_source
         self.reply_deadline = reply_deadline
         self.verp = verp
-        self.bounces = BounceScreen(verp, clock)
+        self.bounces = BounceScreen(verp, clock, blocking)
         self.directory = GroupDirectory(
             client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
         )
@@ -380,10 +383,11 @@ class DeliveryCore:
             return reply
 
         if posting.screen is not None:
-            try:
-                dropped = posting.screen()
-            except Exception:
-                return succeed(failed(Failure()))
-            if dropped is not None:
-                return succeed(dropped)
+
+            def screened(dropped: Reply | None) -> Deferred[Reply]:
+                if dropped is not None:
+                    return succeed(dropped)
+                return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
+
+            return maybeDeferred(posting.screen).addCallback(screened).addErrback(failed)
         return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
