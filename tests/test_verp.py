@@ -419,3 +419,19 @@ class KeyFileTests(SynchronousTestCase):
         route = verp.route(verp.sender(GROUP, ALICE))
         assert route is not None
         self.assertEqual(route.bounce_check, BounceCheck.SIGNED)
+
+
+class ParseFuzzTests(SynchronousTestCase):
+    """Whatever a stranger puts in RCPT TO, reading it as a bounce address never fails."""
+
+    @given(local=st.text(alphabet="abcxyz234567+=.-_ZA\u00e9", min_size=1, max_size=64))
+    def test_never_raises(self, local: str) -> None:
+        """L{VerpPolicy.route} returns a route or C{None} for any local part."""
+        route = policy(at(NOW)).route(Address(local, "groups.example.com"))
+        if route is not None:
+            self.assertIsNotNone(route.group_address)
+            self.assertIn(
+                route.bounce_check,
+                (BounceCheck.BAD_TAG, BounceCheck.EXPIRED, BounceCheck.UNSIGNED_LATE,
+                 BounceCheck.SIGNED_SHORT, BounceCheck.SIGNED),
+            )
