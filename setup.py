@@ -21,6 +21,7 @@ setup(
         "multipart>=1.0.0",
         "idna>=3.0",
         "hyperlink>=21.0.0",
+        "flufl.bounce>=4.0",
     ],
     entry_points={
         "console_scripts": [

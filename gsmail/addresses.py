@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from typing import Protocol
 
 import attrs
 
@@ -19,6 +20,7 @@ __all__ = [
     "AddressError",
     "UnsafeAddressError",
     "ParameterError",
+    "BounceCheck",
     "Route",
     "RouteKind",
     "parse_path",
@@ -312,14 +314,38 @@ class RouteKind(enum.Enum):
     POSTMASTER = "postmaster"  # postmaster: forwarded, or kept in a Maildir
 
 
+class BounceCheck(enum.Enum):
+    """
+    What the address of a BOUNCE route proves (L{gsmail.verp}): whether a
+    bounce to it may be recorded, once its message is a failure report.
+    """
+
+    SIGNED = "signed"  # a valid, recent tag (full form)
+    SIGNED_SHORT = "signed-short"  # short form: the tag is checked against the report
+    UNSIGNED = "unsigned"  # no tag, within verp_unsigned_until
+    UNSIGNED_LATE = "unsigned-late"  # no tag, after verp_unsigned_until: dropped
+    BAD_TAG = "bad-tag"  # no key made the tag: forged, dropped
+    EXPIRED = "expired"  # older than verp_max_age: dropped
+    NO_KEY = "no-key"  # signed, and the key file cannot be read: 451 4.3.5
+    UNKNOWN_GROUP = "unknown-group"  # unsigned, for no group: dropped
+
+    @property
+    def recordable(self) -> bool:
+        """Whether a failure report to the address may be recorded."""
+        return self in (BounceCheck.SIGNED, BounceCheck.SIGNED_SHORT, BounceCheck.UNSIGNED)
+
+
 @attrs.frozen
 class Route:
     """
     The routing decision for one recipient, made at RCPT time.
 
     @ivar group_address: for BOUNCE, the group's list address.
-    @ivar member_address: for BOUNCE, the member whose mail bounced.
+    @ivar member_address: for BOUNCE, the member whose mail bounced
+        (C{None} for a short signed address: the report names the member).
     @ivar group_id: for GROUP, once the lookup answered.
+    @ivar bounce_check: for BOUNCE, what its address proves.
+    @ivar bounce_tag: for BOUNCE, the signed address's tag, lowercased.
     """
 
     kind: RouteKind
@@ -329,10 +355,24 @@ class Route:
     group_id: str | None = None
     #: RCPT TO parameters the listener accepted (e.g. NOTIFY, ORCPT), in order.
     params: tuple[tuple[str, str | None], ...] = ()
+    bounce_check: BounceCheck = BounceCheck.UNSIGNED
+    bounce_tag: str = ""
+
+
+class BounceRouter(Protocol):
+    """Reads bounce addresses (L{gsmail.verp.VerpPolicy})."""
+
+    def route(self, recipient: Address) -> Route | None:
+        """The BOUNCE route of C{recipient}, or C{None}: not a bounce address."""
 
 
 def route_recipient(
-    recipient: Address, domains: tuple[str, ...], relay_prefix: str, *, postmaster: bool = False
+    recipient: Address,
+    domains: tuple[str, ...],
+    relay_prefix: str,
+    bounces: BounceRouter | None = None,
+    *,
+    postmaster: bool = False,
 ) -> Route:
     """
     Decide, without I/O, where C{recipient} goes: C{postmaster} (bare, or
@@ -346,6 +386,8 @@ def route_recipient(
         disables relaying.
     @param postmaster: route postmaster mail (RFC 5321 §4.5.1 requires a
         server to take it); the C{smtp2gs} command leaves it to Postfix.
+    @param bounces: reads signed and unsigned bounce addresses; C{None}:
+        only the unsigned XVERP form is a bounce address.
     """
     if (
         postmaster
@@ -357,6 +399,9 @@ def route_recipient(
         return Route(RouteKind.REJECT_RELAY, recipient)
     if relay_prefix and recipient.local.lower().startswith(relay_prefix.lower()):
         return Route(RouteKind.RELAY, recipient)
+    if bounces is not None:
+        route = bounces.route(recipient)
+        return Route(RouteKind.GROUP, recipient) if route is None else route
     bounce = decode_xverp(recipient)
     if bounce is not None:
         return Route(RouteKind.BOUNCE, recipient, group_address=bounce[0], member_address=bounce[1])

@@ -17,6 +17,7 @@ nowhere else. Every option is described in C{docs/configuration.md}.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import math
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "load_pipe_config",
     "parse_bool",
     "parse_duration",
+    "verp_key_path",
 ]
 
 log = Logger()
@@ -139,6 +141,10 @@ class GsmailConfig:
     # through the outbound queue when both are set, else kept in this Maildir.
     postmaster_maildir: str = "/var/lib/gsmail/postmaster"
     postmaster_address: str = ""
+    # -- signed VERP (gsmail.verp); "" key file: verp.key beside the ledger ---
+    verp_key_file: str = ""
+    verp_max_age: float = 14 * 24 * 3600.0
+    verp_unsigned_until: str = "auto"  # auto, always, never or YYYY-MM-DD
     # -- the embedded stand-in (url = embedded) --------------------------------
     standin_dir: str = "/var/lib/gsmail/standin"
     standin_groups: tuple[str, ...] = ()
@@ -269,6 +275,7 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     relay_prefix = "p-" if smtp is None else reader.relay_prefix(smtp)
     reader.warn_unknown(gsmail)
     config = reader.gsmail(gsmail, instance, token, relay_prefix)
+    config = attrs.evolve(config, **reader.verp(gsmail))
     return attrs.evolve(config, **reader.outbound(gsmail, smtp))
 
 
@@ -296,6 +303,12 @@ class PipeConfig:
     connect_timeout: float = 8.0
     response_timeout: float = 240.0
     verify_tls: bool = True
+    verp_key_file: str = ""
+    verp_max_age: float = 14 * 24 * 3600.0
+    verp_unsigned_until: str = "always"
+    #: The daemon makes the VERP senders itself (a submission listener
+    #: without relayhost_xverp): C{auto} then ends the unsigned window.
+    verp_signing: bool = False
 
 
 def load_pipe_config(path: str, instance: str = "default") -> PipeConfig:
@@ -361,6 +374,9 @@ def load_pipe_config(path: str, instance: str = "default") -> PipeConfig:
         connect_timeout=reader.duration(gsmail, "connect_timeout"),
         response_timeout=reader.duration(gsmail, "response_timeout"),
         verify_tls=reader.boolean(gsmail, "verify_tls"),
+        verp_signing=bool(reader.endpoint(gsmail, "submission_endpoint"))
+        and not reader.boolean(gsmail, "relayhost_xverp"),
+        **reader.verp(gsmail),
     )
 
 
@@ -793,6 +809,34 @@ class _Reader:
                 raise self.error(section, "domains", f"not a domain name: {name!r}")
         return names
 
+    def verp(self, section: str) -> dict[str, Any]:
+        """
+        The signed VERP options (L{gsmail.verp}): C{verp_key_file} (empty:
+        C{verp.key} beside the ledger, resolved by L{verp_key_path}),
+        C{verp_max_age} (1 to 10000 days), C{verp_unsigned_until}
+        (C{auto}, C{always}, C{never} or a date C{YYYY-MM-DD}).
+        """
+        max_age = self.duration(section, "verp_max_age")
+        if not 86400.0 <= max_age <= 10000 * 86400.0:
+            raise self.error(
+                section, "verp_max_age", f"must be 1 to 10000 days, got {max_age / 86400:g} days"
+            )
+        until = (self.line(section, "verp_unsigned_until") or "auto").strip().lower()
+        if until not in ("auto", "always", "never"):
+            try:
+                datetime.date.fromisoformat(until)
+            except ValueError:
+                raise self.error(
+                    section,
+                    "verp_unsigned_until",
+                    f"expected auto, always, never or a date YYYY-MM-DD, got {until!r}",
+                ) from None
+        return {
+            "verp_key_file": self.path_option(section, "verp_key_file", empty=""),
+            "verp_max_age": max_age,
+            "verp_unsigned_until": until,
+        }
+
     def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
         """
         The outbound options: from the C{[gsmail-NAME]} section, and gs.email's
@@ -967,6 +1011,18 @@ class _Reader:
             standin_groups=self.words(section, "standin_groups"),
             standin_endpoint=self.endpoint(section, "standin_endpoint", required=True),
         )
+
+
+def verp_key_path(config: GsmailConfig | PipeConfig) -> str:
+    """
+    The VERP key file: C{verp_key_file}, or C{verp.key} in the ledger's
+    directory when that is empty (C{""} for a pipe without a ledger).
+    """
+    if config.verp_key_file:
+        return config.verp_key_file
+    if not config.ledger_path:
+        return ""
+    return os.path.join(os.path.dirname(os.path.abspath(config.ledger_path)), "verp.key")
 
 
 def _is_domain(name: str) -> bool:

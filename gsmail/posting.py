@@ -17,7 +17,10 @@ own idempotency"):
     preferred to losing it (at least once, as every MTA delivers).
   - bounce: a bounce recorded twice brings a member closer to being
     disabled, while a lost bounce record is harmless (the next bounce
-    counts): an unknown outcome counts as recorded (at most once).
+    counts): an unknown outcome counts as recorded (at most once). Before
+    that, L{gsmail.bounces.BounceScreen} decides whether the message is a
+    bounce to record at all (L{Posting.screen}); one that is not never
+    reaches the ledger.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from gsmail import status
-from gsmail.addresses import Route, RouteKind
+from gsmail.addresses import Address, Route, RouteKind
+from gsmail.bounces import BounceScreen
 from gsmail.interfaces import IGroupServer, MessageSource
 from gsmail.ledger import PostLedger
 from gsmail.status import GroupServerError, Reply
@@ -54,12 +58,16 @@ class Posting:
     @ivar action: calls the page; fires on success, fails with
         L{GroupServerError}.
     @ivar success: the reply when this call performed the action.
+    @ivar screen: for bounces, called first: fires with the reply when the
+        message is not recorded (nothing is posted, the ledger is not used),
+        or C{None}. May fail with C{OSError} (C{451 4.3.0}).
     """
 
     kind: str
     key: bytes
     action: Callable[[], Deferred[Any]] = attrs.field(repr=False)
     success: Reply
+    screen: Callable[[], Deferred[Reply | None]] | None = attrs.field(default=None, repr=False)
 
 
 def plan_posting(
@@ -68,6 +76,7 @@ def plan_posting(
     source: MessageSource,
     digest: str,
     time_source: str = "server",
+    bounces: BounceScreen | None = None,
 ) -> Posting:
     """
     The L{Posting} for C{source} going to C{route}.
@@ -78,6 +87,8 @@ def plan_posting(
     @param digest: the hex SHA-256 of the message as received, without the
         trace fields gsmail or Postfix's pipe put before it.
     @param time_source: C{"server"} or C{"message"}, for the add-email page.
+    @param bounces: decides which messages to a bounce address are recorded;
+        C{None}: one without keys (unsigned addresses only).
     @raise ValueError: another route kind, or a GROUP route without a group id.
     """
     if route.kind is RouteKind.GROUP:
@@ -98,14 +109,29 @@ def plan_posting(
             success=status.RELAYED,
         )
     if route.kind is RouteKind.BOUNCE:
-        if route.member_address is None or route.group_address is None:
-            raise ValueError("a bounce route needs its group and member addresses")
-        member, group = str(route.member_address), str(route.group_address)
+        if route.group_address is None:
+            raise ValueError("a bounce route needs its group address")
+        group = str(route.group_address)
+        screen = bounces if bounces is not None else BounceScreen()
+        # A short signed address names no member: its report does (screen).
+        target = route.recipient if route.member_address is None else route.member_address
+        member = [str(target)]
+
+        def screened(result: Reply | Address) -> Reply | None:
+            if isinstance(result, Reply):
+                return result
+            member[0] = str(result)
+            return None
+
+        def check() -> Deferred[Reply | None]:
+            return screen.check(route, source).addCallback(screened)
+
         posting = Posting(
             kind="bounce",
-            key=PostLedger.key("bounce", group.lower(), member.lower(), "sha256:" + digest),
-            action=lambda: Deferred.fromCoroutine(_bounce(client, posting, member, group)),
+            key=PostLedger.key("bounce", group.lower(), str(target).lower(), "sha256:" + digest),
+            action=lambda: Deferred.fromCoroutine(_bounce(client, posting, member[0], group)),
             success=status.BOUNCE_RECORDED,
+            screen=check,
         )
         return posting
     raise ValueError(f"nothing to post for a {route.kind.value} route")

@@ -327,6 +327,8 @@ class Job:
     @ivar message: the message without C{prefix}, in a spool file.
     @ivar route: where the recipient goes (relay, bounce or group), or
         C{None} with C{--list}.
+    @ivar verp: the bounce address policy (L{gsmail.verp.VerpPolicy}), read
+        when the recipient was routed.
     """
 
     options: Options
@@ -334,6 +336,7 @@ class Job:
     prefix: bytes
     message: SpooledMessage
     route: Route | None
+    verp: Any = None
 
     def source(self) -> MessageSource:
         """The whole input, as the GroupServer client posts it."""
@@ -509,10 +512,36 @@ def _read(options: Options, config: PipeConfig, stream: IO[bytes]) -> Job | Repl
         return recipient
     from gsmail.addresses import route_recipient
 
+    job.verp = _verp_policy(config)
     # The site's domains are not in the pipe's configuration: Postfix
     # decided that this address is ours.
-    job.route = route_recipient(recipient, (recipient.domain,), config.relay_address_prefix)
+    job.route = route_recipient(
+        recipient, (recipient.domain,), config.relay_address_prefix, job.verp
+    )
     return job
+
+
+def _verp_policy(config: PipeConfig) -> Any:
+    """
+    The daemon's bounce address policy, with its keys when the file can be
+    read (it is the daemon's, mode 0600: run the command as its user);
+    otherwise a signed address is answered C{451 4.3.5}.
+    """
+    from gsmail.config import verp_key_path
+    from gsmail.verp import VerpKeyError, VerpPolicy, WallClock, unsigned_until
+
+    policy = VerpPolicy(
+        WallClock(),
+        max_age=config.verp_max_age,
+        unsigned_until=unsigned_until(config.verp_unsigned_until, signing=config.verp_signing),
+        key_file=verp_key_path(config),
+    )
+    if policy.key_file:
+        try:
+            policy.load(make=False)
+        except VerpKeyError as e:
+            policy.key_error = str(e)
+    return policy
 
 
 def _header_end(data: bytearray) -> int:
@@ -652,7 +681,15 @@ async def _deliver(
             if not info.group_id:
                 return status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>")
             route = Route(RouteKind.GROUP, recipient, group_id=info.group_id)
-    posting = plan_posting(client, route, source, job.message.digest, job.options.time_source)
+    from gsmail.bounces import BounceScreen
+
+    posting = plan_posting(
+        client, route, source, job.message.digest, job.options.time_source, BounceScreen(job.verp)
+    )
+    if posting.screen is not None:
+        dropped = await posting.screen()
+        if dropped is not None:
+            return dropped
     if not job.config.ledger_path:
         await posting.action()
         return posting.success

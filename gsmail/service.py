@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
-from gsmail.config import ConfigError, GsmailConfig
+from gsmail.config import ConfigError, GsmailConfig, verp_key_path
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
@@ -45,6 +45,7 @@ from gsmail.outbound.submission import (
 )
 from gsmail.status import Reply
 from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
+from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
 
 __all__ = ["makeService", "GsmailService"]
 
@@ -116,6 +117,8 @@ class InboundParts:
     @param url: GroupServer's base URL (the configuration's, or the embedded
         stand-in's once it listens).
     @raise ConfigError: the TLS files cannot be loaded.
+    @ivar verp: the site's L{VerpPolicy} (keys loaded by L{open}), shared
+        with outbound delivery, which signs with it.
     """
 
     def __init__(self, config: GsmailConfig, reactor: Any, url: str) -> None:
@@ -135,6 +138,15 @@ class InboundParts:
             verify_tls=config.verify_tls,
             concurrency=config.post_concurrency,
         )
+        self.verp = VerpPolicy(
+            reactor,
+            max_age=config.verp_max_age,
+            unsigned_until=unsigned_until(
+                config.verp_unsigned_until,
+                signing=bool(config.submission_endpoint) and not config.relayhost_xverp,
+            ),
+            key_file=verp_key_path(config),
+        )
         self.core = DeliveryCore(
             client=self.client,
             ledger=self.ledger,
@@ -147,6 +159,8 @@ class InboundParts:
             group_cache_ttl=config.group_cache_ttl,
             group_negative_cache_ttl=config.group_negative_cache_ttl,
             postmaster=MaildirPostmaster(config.postmaster_maildir, _thread_runner(reactor)),
+            verp=self.verp,
+            blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
         )
         self.settings = ServerSettings(
             hostname=config.hostname,
@@ -176,10 +190,16 @@ class InboundParts:
         )
 
     def open(self) -> None:
-        """Make the state directories and load the ledger (blocking: before mail arrives)."""
+        """
+        Make the state directories, load the ledger and the VERP keys (made
+        when there is no key file) (blocking: before mail arrives).
+
+        @raise VerpKeyError: the key file cannot be read or made.
+        """
         os.makedirs(os.path.dirname(os.path.abspath(self.config.ledger_path)), exist_ok=True)
         if self.config.spool_dir:
             os.makedirs(self.config.spool_dir, exist_ok=True)
+        self.verp.load(make=True)
         self.ledger.open()
 
     async def wait_idle(self) -> None:
@@ -330,6 +350,7 @@ class GsmailService(MultiService):
             mx_port=config.mx_port,
             pass_xverp=config.relayhost_xverp,
             delay_warning_time=config.delay_warning_time,
+            verp=self.inbound.verp,
         )
         checker = None
         if config.smtp_username:
@@ -420,7 +441,10 @@ class GsmailService(MultiService):
         # After twistd -u dropped privileges (so the files belong to the
         # run-as user), and before the reactor runs: the ledger is loaded
         # before the first message can arrive.
-        self.inbound.open()
+        try:
+            self.inbound.open()
+        except VerpKeyError as e:
+            raise ConfigError(f"verp_key_file: {e}") from None
         if self.queue is not None:
             self.queue.load()
         if self.standin is not None:

@@ -122,6 +122,12 @@ ALREADY_DELIVERED = Reply(250, "2.0.0", "Already delivered; duplicate not posted
 BOUNCE_NO_MEMBER = Reply(250, "2.1.5", "Bounce noted; no member has that address", EX_OK)
 POSTMASTER_OK = Reply(250, "2.1.5", "Postmaster ok")
 POSTMASTER_STORED = Reply(250, "2.0.0", "Delivered to the postmaster")
+#: Accepted and dropped (gsmail.verp): a forged, too old or unsigned-too-late
+#: bounce address, or one of no group. One text for all, after DATA only.
+BOUNCE_NOT_OURS = Reply(250, "2.0.0", "Not recorded: not a current bounce address of this site")
+#: Accepted and dropped: a delay notice, an auto-reply or plain mail to a
+#: bounce address (gsmail.bounces).
+BOUNCE_NOT_FAILURE = Reply(250, "2.0.0", "Not recorded: not a delivery failure report")
 
 # -- transient failures (the sender retries) -------------------------------
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle too long; closing connection")

@@ -6,6 +6,7 @@ plugin in C{twisted/plugins/gsmail_plugin.py}.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application.service import IService
@@ -39,10 +40,20 @@ def makeService(options: Options) -> IService:
     prints one line naming the file, section and option and exits with
     EX_CONFIG (78).
     """
+    from gsmail.config import verp_key_path
     from gsmail.service import makeService as make
+    from gsmail.verp import VerpKeyError, VerpKeys
 
     try:
         config = load_config(options["config"], options["instance"])
+        key_file = verp_key_path(config)
+        if os.path.lexists(key_file):
+            # A malformed key file is a configuration error; one that does
+            # not exist yet is made at start (after privileges are dropped).
+            try:
+                VerpKeys.read(key_file)
+            except VerpKeyError as e:
+                raise ConfigError(f"verp_key_file: {e}") from None
         return make(config)
     except ConfigError as e:
         sys.stderr.write(f"gsmail: configuration error: {e}\n")

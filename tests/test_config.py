@@ -438,6 +438,44 @@ class OptionTests(ConfigFileTestCase):
         self.assertEqual(self.load({"ledger_ttl": "7d"}).ledger_ttl, 604800.0)
         self.assertEqual(self.load({"group_cache_ttl": "1h"}).group_cache_ttl, 3600.0)
 
+    def test_verp_options(self) -> None:
+        """
+        The signed VERP options: the key file beside the ledger by default
+        (relative names against the file's directory), 14 days, C{auto};
+        bad values are one-line errors naming the option.
+        """
+        config = self.load()
+        self.assertEqual(
+            (config.verp_key_file, config.verp_max_age, config.verp_unsigned_until),
+            ("", 14 * 86400.0, "auto"),
+        )
+        self.assertEqual(
+            config_module.verp_key_path(config),
+            os.path.join(os.path.dirname(config.ledger_path), "verp.key"),
+        )
+        config = self.load(
+            {
+                "verp_key_file": "keys/verp",
+                "verp_max_age": "30d",
+                "verp_unsigned_until": "2030-01-31",
+            }
+        )
+        self.assertEqual(
+            (config.verp_key_file, config.verp_max_age, config.verp_unsigned_until),
+            (os.path.join(self.directory, "keys", "verp"), 30 * 86400.0, "2030-01-31"),
+        )
+        self.assertEqual(config_module.verp_key_path(config), config.verp_key_file)
+        for option, value, words in (
+            ("verp_max_age", "12h", "1 to 10000 days"),
+            ("verp_max_age", "20000d", "1 to 10000 days"),
+            ("verp_unsigned_until", "soon", "auto, always, never or a date"),
+            ("verp_unsigned_until", "2030-02-30", "auto, always, never or a date"),
+        ):
+            error = self.assertRaises(ConfigError, self.load, {option: value})
+            self.assertIn(f"[gsmail-default] {option}: ", str(error))
+            self.assertIn(words, str(error))
+            self.assertNotIn("\n", str(error))
+
     def test_reply_deadline_limit(self) -> None:
         """
         C{reply_deadline} may be up to 590 seconds.

@@ -45,6 +45,7 @@ from gsmail.script import Job, Options, UsageError, exit_code, parse_arguments, 
 from gsmail.standin import StandIn
 from gsmail.status import Reply
 from tests import util
+from tests.bounce_samples import dsn
 from tests.util import make_config, port_of, start_service
 
 TOKEN: Final = "pipe-T0ken-never-printed"
@@ -353,6 +354,10 @@ class PipeConfigTests(SynchronousTestCase):
                 3.0,
                 120.0,
                 False,
+                "",
+                14 * 86400.0,
+                "auto",
+                False,
             ),
         )
         self.assertNotIn(TOKEN, repr(config))
@@ -534,7 +539,9 @@ class CommandTests(OutputAssertions, TestCase):
 
     async def test_xverp_bounce(self) -> None:
         """An XVERP address records a bounce: 2.1.5 on standard error, exit 0."""
-        result = await self.smtp2gs(stdin=piped("dev+bob=example.net@groups.example.com"))
+        result = await self.smtp2gs(
+            stdin=piped("dev+bob=example.net@groups.example.com", dsn("bob@example.net"))
+        )
         self.assertReply(result, status.BOUNCE_RECORDED, 0)
         self.assertEqual(self.standin.bounces(), [("bob@example.net", "dev@groups.example.com")])
 
@@ -779,7 +786,8 @@ class ChildProcessTests(OutputAssertions, TestCase):
         self.assertEqual((post.code, post.stderr, post.stdout), (0, "", ""))
         self.assertEqual(server.standin.posts("example"), [piped(EXAMPLE)])
         bounce = await run_child(
-            ["-c", config, url], piped("dev+bob=example.net@groups.example.com")
+            ["-c", config, url],
+            piped("dev+bob=example.net@groups.example.com", dsn("bob@example.net")),
         )
         self.assertReply(bounce, status.BOUNCE_RECORDED, 0)
         nosuch = await run_child(["-c", config, url], piped("nosuch@groups.example.com"))

@@ -5,6 +5,7 @@ Tests for L{gsmail.tap} and the twistd plugin: C{twistd gsmail --config PATH
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
@@ -69,6 +70,32 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, GsmailService)
         self.assertEqual(sorted(service.listeners), ["lmtp", "smtp"])
         self.assertEqual(service.client.url, "http://gs.example.com")
+
+    def test_bad_verp_key_file_exits_78(self) -> None:
+        """
+        A malformed VERP key file is a configuration error (78) that names
+        the file and never quotes its contents.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(directory, "ledger"))
+        with open(os.path.join(directory, "ledger", "verp.key"), "w") as f:
+            f.write("not-hex-secret\n")
+        path = write(
+            os.path.join(directory, "gsconfig.ini"),
+            "[webservice-default]\ntoken = t0ken\n[gsmail-default]\nurl = http://gs.example.com\n"
+            "smtp_endpoint = tcp:0:interface=127.0.0.1\n"
+            "domains = groups.example.com\nledger_path = ledger/posted.log\n",
+        )
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit) as caught:
+            tap.makeService(options)
+        self.assertEqual(caught.exception.code, EX_CONFIG)
+        self.assertIn("verp_key_file", stderr.getvalue())
+        self.assertIn("verp.key: line 1: not a key in hex", stderr.getvalue())
+        self.assertNotIn("secret", stderr.getvalue())
 
     def test_config_error_exits_78(self) -> None:
         """A bad configuration makes makeService exit with EX_CONFIG (78)."""

@@ -20,7 +20,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gsmail import status
-from gsmail.addresses import MAX_DOMAIN, Address, Route, RouteKind, is_helo_name, route_recipient
+from gsmail.addresses import (
+    MAX_DOMAIN,
+    Address,
+    BounceCheck,
+    Route,
+    RouteKind,
+    is_helo_name,
+    route_recipient,
+)
+from gsmail.bounces import Blocking, BounceScreen
 from gsmail.inbound.postmaster import Postmaster
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage, release
@@ -29,6 +38,7 @@ from gsmail.ledger import Outcome, PostLedger
 from gsmail.logtext import printable
 from gsmail.posting import plan_posting
 from gsmail.status import GroupServerError, Reply
+from gsmail.verp import VerpPolicy
 
 __all__ = ["GroupDirectory", "Lookup", "DeliveryCore", "trace_fields", "received_from"]
 
@@ -195,6 +205,10 @@ class DeliveryCore:
     @param postmaster: where mail to C{postmaster} goes
         (L{gsmail.inbound.postmaster}); C{None}: postmaster is looked up as
         a group, like any other address.
+    @param verp: the site's bounce address policy (signed VERP); C{None}:
+        unsigned XVERP addresses only, always accepted.
+    @param blocking: runs the parsing of messages to bounce addresses in a
+        thread (L{BounceScreen}); C{None}: in the reactor thread.
     """
 
     def __init__(
@@ -211,6 +225,8 @@ class DeliveryCore:
         group_cache_ttl: float = 300.0,
         group_negative_cache_ttl: float = 60.0,
         postmaster: Postmaster | None = None,
+        verp: VerpPolicy | None = None,
+        blocking: Blocking | None = None,
     ) -> None:
         self.client = client
         self.postmaster = postmaster
@@ -221,6 +237,8 @@ class DeliveryCore:
         self.relay_prefix = relay_prefix
         self.time_source = time_source
         self.reply_deadline = reply_deadline
+        self.verp = verp
+        self.bounces = BounceScreen(verp, clock, blocking)
         self.directory = GroupDirectory(
             client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
         )
@@ -242,10 +260,17 @@ class DeliveryCore:
             cache remembers it (the group may exist by now: the sender
             retries, and by then the cache has expired); C{451 4.4.4}/
             C{451 4.5.0} GroupServer could not answer; C{250 2.1.5}
-            postmaster (bare or at a site domain).
+            postmaster (bare or at a site domain). A bounce address is
+            accepted whether its tag is good or not, and so is an unsigned
+            one of no group (the route says which: the message is dropped
+            after DATA, L{gsmail.bounces}).
         """
         route = route_recipient(
-            recipient, self.domains, self.relay_prefix, postmaster=self.postmaster is not None
+            recipient,
+            self.domains,
+            self.relay_prefix,
+            self.verp,
+            postmaster=self.postmaster is not None,
         )
         if route.kind is RouteKind.POSTMASTER:
             return succeed((status.POSTMASTER_OK, route))
@@ -259,7 +284,10 @@ class DeliveryCore:
         if route.kind is RouteKind.RELAY:
             return succeed((status.RELAY_ADDRESS_OK, route))
         if route.kind is RouteKind.BOUNCE:
-            return succeed((status.BOUNCE_ADDRESS_OK, route))
+            if route.bounce_check is not BounceCheck.UNSIGNED or route.group_address is None:
+                return succeed((status.BOUNCE_ADDRESS_OK, route))
+            # Anyone can write an unsigned address: it must name a group.
+            return self._check_bounce_group(route)
         if not recipient.local.isascii():
             # GroupServer's group-exists field is an ASCIILine: no group can
             # have this address, and asking would re-render the form (which
@@ -301,6 +329,29 @@ class DeliveryCore:
             return (reply, None)
 
         return self.directory.find(recipient).addCallbacks(found, failed)
+
+    def _check_bounce_group(self, route: Route) -> Deferred[tuple[Reply, Route | None]]:
+        group = route.group_address
+        assert group is not None
+        unknown = attrs.evolve(route, bounce_check=BounceCheck.UNKNOWN_GROUP)
+        if not group.local.isascii():
+            return succeed((status.BOUNCE_ADDRESS_OK, unknown))
+
+        def found(info: GroupInfo) -> tuple[Reply, Route | None]:
+            return (status.BOUNCE_ADDRESS_OK, route if info.group_id else unknown)
+
+        def failed(failure: Failure) -> tuple[Reply, Route | None]:
+            reply = status.reply_for_exception(failure.value)
+            log.warn(
+                "Group lookup for the bounce address {recipient} failed: {reply_code}"
+                " {enhanced_status}",
+                recipient=str(route.recipient),
+                reply_code=reply.code,
+                enhanced_status=reply.enhanced,
+            )
+            return (reply, None)
+
+        return self.directory.lookup(group).addCallbacks(found, failed)
 
     # -- after the final dot -------------------------------------------------
     def deliver(
@@ -384,7 +435,9 @@ class DeliveryCore:
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
-        posting = plan_posting(self.client, route, source, message.digest, self.time_source)
+        posting = plan_posting(
+            self.client, route, source, message.digest, self.time_source, self.bounces
+        )
 
         def outcome(result: Outcome) -> Reply:
             log.info(
@@ -425,6 +478,14 @@ class DeliveryCore:
                 )
             return reply
 
+        if posting.screen is not None:
+
+            def screened(dropped: Reply | None) -> Deferred[Reply]:
+                if dropped is not None:
+                    return succeed(dropped)
+                return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
+
+            return maybeDeferred(posting.screen).addCallback(screened).addErrback(failed)
         return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
 
     def _to_postmaster(

@@ -70,6 +70,7 @@ from gsmail.outbound.queue import (
     RecipientState,
 )
 from gsmail.status import Reply
+from gsmail.verp import VerpPolicy
 
 __all__ = ["TLSPolicy", "OutboundDelivery", "LocalDelivery"]
 
@@ -270,6 +271,8 @@ class OutboundDelivery:
         XVERP parameter and let the smarthost make the per-recipient senders
         (as GroupServer did with Postfix); a smarthost that does not offer
         XVERP gets one transaction per recipient anyway.
+    @param verp: makes the signed VERP senders (L{gsmail.verp}); C{None}:
+        the unsigned XVERP form, as Postfix makes it.
     @param trace: log every SMTP command and reply (debug level); off by
         default, since the trace costs more than the delivery.
     @param delay_warning_time: seconds after its arrival at which a message
@@ -315,6 +318,7 @@ class OutboundDelivery:
         trace: bool = False,
         connection_cache_time: float = CONNECTION_CACHE_TIME,
         delay_warning_time: float = backoff.DELAY_WARNING_AFTER,
+        verp: VerpPolicy | None = None,
     ) -> None:
         if relayhost is None and mx is None:
             raise ValueError("either a relayhost or an MX resolver is needed")
@@ -337,6 +341,7 @@ class OutboundDelivery:
         self._random = random
         self.mx_port = mx_port
         self.pass_xverp = pass_xverp
+        self.verp = verp
         self.trace = trace
         self.connection_cache_time = connection_cache_time
         self.delay_warning_time = delay_warning_time
@@ -534,16 +539,24 @@ class OutboundDelivery:
                 jobs.append(_Job(envelope, group[i : i + self.batch_size], envelope.sender, verp))
         return jobs
 
-    @staticmethod
-    def _verp_sender(sender: str, recipient: str) -> str:
-        """C{group+user=domain@site}, or the sender as it is if either does not parse."""
+    def _verp_address(self, group: Address, member: Address) -> Address:
+        """
+        The signed VERP sender (L{gsmail.verp.VerpPolicy.sender}) of a group
+        of this site's; the unsigned XVERP form without keys, or for another
+        site's list (its bounces do not come here).
+        """
+        if self.verp is None or group.domain not in self.local_domains:
+            return encode_xverp(group, member)
+        return self.verp.sender(group, member)
+
+    def _verp_sender(self, sender: str, recipient: str) -> str:
+        """The VERP sender for C{recipient}, or the sender as it is if either does not parse."""
         try:
-            return str(encode_xverp(_parsed(sender), parse_mailbox(recipient)))
+            return str(self._verp_address(_parsed(sender), parse_mailbox(recipient)))
         except AddressError:
             return sender
 
-    @staticmethod
-    def _verp_job(envelope: Envelope, r: RecipientState) -> _Job:
+    def _verp_job(self, envelope: Envelope, r: RecipientState) -> _Job:
         """
         The job of one recipient with its own VERP sender, made from the
         parsed addresses: when both parse and the VERP local part is a
@@ -554,13 +567,12 @@ class OutboundDelivery:
             group, member = _parsed(envelope.sender), parse_mailbox(r.address)
         except AddressError:
             return _Job(envelope, [r], envelope.sender)
-        verp = encode_xverp(group, member)
+        verp = self._verp_address(group, member)
         # Quoted local parts and address literals are the only non-atext
         # parts a parsed mailbox can have.
         checked = (
-            not group.local.startswith('"')
-            and not member.local.startswith('"')
-            and not member.domain.startswith("[")
+            '"' not in verp.local
+            and "[" not in verp.local
             and len(verp.local.encode()) <= MAX_LOCAL_PART
         )
         return _Job(envelope, [r], str(verp), checked=checked)

@@ -141,11 +141,14 @@ class DSNRecipient(NamedTuple):
         or C{expanded}.
     @ivar status: the RFC 3463 code, e.g. C{"5.1.1"}, or C{""} when missing
         or malformed.
+    @ivar original: the C{Original-Recipient} address (the sender's C{ORCPT},
+        RFC 3461 §4.2), or C{""} when the block has none.
     """
 
     recipient: str
     action: str
     status: str
+    original: str = ""
 
 
 # -- deciding -----------------------------------------------------------------
@@ -846,11 +849,13 @@ def parse_dsn(message: bytes) -> list[DSNRecipient]:
                 continue
             action = block.get("action", "").split(" ")[0].lower()
             status = block.get("status", "").split(" ")[0]
+            original = block.get("original-recipient", "")
             out.append(
                 DSNRecipient(
                     _address(block["final-recipient"]),
                     action,
                     status if _STATUS.match(status) else "",
+                    _address(original) if original else "",
                 )
             )
     return out

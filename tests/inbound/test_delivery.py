@@ -17,13 +17,14 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gsmail import status
-from gsmail.addresses import Address, Route, RouteKind
+from gsmail.addresses import Address, BounceCheck, Route, RouteKind
 from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, received_from, trace_fields
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import Spool, SpooledMessage
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import PostLedger
 from gsmail.status import GroupServerError, Reply
+from tests.bounce_samples import dsn
 
 
 @implementer(IGroupServer)
@@ -160,13 +161,26 @@ class RecipientTests(CoreTestsMixin, SynchronousTestCase):
         self.assertEqual(reply, status.RELAY_DENIED)
         self.assertEqual(self.gs.lookups, [])
 
-    def test_relay_and_bounce_need_no_lookup(self) -> None:
-        """Relay and XVERP bounce addresses are accepted without a lookup."""
+    def test_relay_needs_no_lookup(self) -> None:
+        """A relay address is accepted without a lookup."""
         self.assertEqual(self.rcpt("p-abc@groups.example.com")[0], status.RELAY_ADDRESS_OK)
-        self.assertEqual(
-            self.rcpt("dev+bob=example.net@groups.example.com")[0], status.BOUNCE_ADDRESS_OK
-        )
         self.assertEqual(self.gs.lookups, [])
+
+    def test_unsigned_bounce_looks_up_its_group(self) -> None:
+        """
+        An unsigned XVERP bounce address is accepted (250 2.1.5) after its
+        group is looked up: anyone can write one, so it must name a group.
+        One of no group is accepted too, and marked to be dropped.
+        """
+        reply, route = self.rcpt("dev+bob=example.net@groups.example.com")
+        self.assertEqual(reply, status.BOUNCE_ADDRESS_OK)
+        assert route is not None
+        self.assertEqual(route.bounce_check, BounceCheck.UNSIGNED)
+        reply, route = self.rcpt("nosuch+bob=example.net@groups.example.com")
+        self.assertEqual(reply, status.BOUNCE_ADDRESS_OK)
+        assert route is not None
+        self.assertEqual(route.bounce_check, BounceCheck.UNKNOWN_GROUP)
+        self.assertEqual(self.gs.lookups, ["dev@groups.example.com", "nosuch@groups.example.com"])
 
     def test_utf8_local_part_is_no_group(self) -> None:
         """A UTF-8 local part is 550 5.1.1 without a lookup: GroupServer's field is ASCII-only."""
@@ -481,12 +495,13 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         """
         self.gs.post_error = GroupServerError(status.OUTCOME_UNKNOWN, "lost", outcome_unknown=True)
         envelope = self.envelope("dev+alice=example.org@groups.example.com")
+        report = dsn("alice@example.org")
         self.assertEqual(
-            self.successResultOf(self.deliver(envelope, MSG)), [status.BOUNCE_RECORDED]
+            self.successResultOf(self.deliver(envelope, report)), [status.BOUNCE_RECORDED]
         )
         self.gs.post_error = None
         self.assertEqual(
-            self.successResultOf(self.deliver(envelope, MSG)), [status.ALREADY_DELIVERED]
+            self.successResultOf(self.deliver(envelope, report)), [status.ALREADY_DELIVERED]
         )
         self.assertEqual(len(self.gs.bounces), 1)
 
@@ -561,11 +576,29 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
     def test_bounce(self) -> None:
         """An XVERP bounce is recorded (2.1.5) with the member and the group, once."""
         env = self.envelope("dev+bob=example.net@groups.example.com")
-        self.assertEqual(self.successResultOf(self.deliver(env, MSG)), [status.BOUNCE_RECORDED])
+        report = dsn("bob@example.net")
+        self.assertEqual(
+            self.successResultOf(self.deliver(env, report)), [status.BOUNCE_RECORDED]
+        )
         self.successResultOf(
-            self.deliver(self.envelope("dev+bob=example.net@groups.example.com"), MSG)
+            self.deliver(self.envelope("dev+bob=example.net@groups.example.com"), report)
         )
         self.assertEqual(self.gs.bounces, [("bob@example.net", "dev@groups.example.com")])
+
+    def test_bounce_not_a_report(self) -> None:
+        """
+        Plain mail to a bounce address is accepted and not recorded
+        (250 2.0.0), and never reaches the ledger.
+        """
+        env = self.envelope("dev+bob=example.net@groups.example.com")
+        self.assertEqual(
+            self.successResultOf(self.deliver(env, MSG)), [status.BOUNCE_NOT_FAILURE]
+        )
+        self.assertEqual(self.gs.bounces, [])
+        self.assertEqual(
+            self.successResultOf(self.deliver(env, dsn("bob@example.net"))),
+            [status.BOUNCE_RECORDED],
+        )
 
     def test_when_idle(self) -> None:
         """when_idle fires once running deliveries are over."""

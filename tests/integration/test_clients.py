@@ -37,6 +37,7 @@ from twisted.trial.unittest import TestCase
 from gsmail import status
 from gsmail.service import GsmailService
 from gsmail.status import Reply
+from tests.bounce_samples import dsn
 from tests.util import DOMAIN, make_config, port_of, require_tool, start_service
 
 #: Seconds a blocking client waits for any one read or write.
@@ -426,14 +427,12 @@ class SMTPLibTests(TestCase):
 
     async def test_xverp_bounce(self) -> None:
         """
-        A bounce sent to an XVERP address (C{group+user=domain@site}) is recorded
-        for that member and group, and not posted to the group.
+        A bounce (an RFC 3464 report of a failure) sent to an XVERP address
+        (C{group+user=domain@site}) is recorded for that member and group, and
+        not posted to the group.
         """
-        bounce = (
-            b"From: MAILER-DAEMON@example.net\r\n"
-            b"Subject: Undelivered Mail Returned to Sender\r\n"
-            b"Message-ID: <bounce-1@example.net>\r\n\r\n"
-            b"bob@example.net: mailbox full\r\n"
+        bounce = dsn("bob@example.net", to=f"example+bob=example.net@{DOMAIN}").replace(
+            b"\n", b"\r\n"
         )
         answers = await deferToThread(
             send_once, self.port, [f"example+bob=example.net@{DOMAIN}"], bounce, sender=""

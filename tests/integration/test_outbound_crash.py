@@ -30,8 +30,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
-from gsmail.addresses import encode_xverp, parse_mailbox
+from gsmail.addresses import parse_mailbox
 from gsmail.outbound.queue import read_queue
+from gsmail.verp import parse_verp
 from tests.integration.test_large import ROOT, TWISTD, TwistdProcess, free_port
 from tests.integration.test_outbound_mx import (
     GROUP,
@@ -167,6 +168,9 @@ class CrashRecoveryTests(TestCase):
         )
         for transaction in core.received:
             [recipient] = transaction.recipients
-            verp = encode_xverp(parse_mailbox(GROUP), parse_mailbox(recipient))
-            self.assertEqual(transaction.sender, str(verp))
+            # A signed VERP sender (gsmail.verp) for that member.
+            verp = parse_verp(parse_mailbox(transaction.sender))
+            assert verp is not None, transaction.sender
+            self.assertEqual((str(verp.group), str(verp.member)), (GROUP, recipient))
+            self.assertIsNotNone(verp.tag)
             self.assertIn(b"Subject: crash\n", transaction.data)

@@ -31,6 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from gsmail import status
+from gsmail.addresses import MAX_LOCAL_PART, BounceCheck, parse_mailbox
 from gsmail.outbound import backoff
 from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, LOG_DELAY, OutboundDelivery
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
@@ -45,6 +46,7 @@ from gsmail.outbound.queue import (
     read_queue,
 )
 from gsmail.status import Reply
+from gsmail.verp import VerpKeys, VerpPolicy
 from tests.outbound.test_queue import ManualSync
 
 HOSTNAME = "mx.groups.example.com"
@@ -460,6 +462,35 @@ class TransactionTests(DeliveryTestCase):
             ],
         )
         self.assertEqual({r.data for r in self.smarthost.received}, {BODY_WIRE})
+
+    def test_signed_verp(self) -> None:
+        """
+        With VERP keys, a group of this site gets a signed sender per member
+        (gsmail.verp), within 64 octets: the full form, or the short one for
+        a long address; another site's list gets Postfix's unsigned form.
+        """
+        verp = VerpPolicy(self.clock, keys=VerpKeys((b"k" * 32,), 0.0))
+        self.delivery(local_domains=("groups.example.com",), verp=verp)
+        long_member = "a.very.long.first.name.and.last.name@a-long-domain.example.org"
+        self.enqueue(LIST, ["alice@example.org", long_member], xverp=True)
+        self.enqueue("list@lists.example.net", ["bob@example.net"], xverp=True)
+        self.network.flush()
+        found = dict((r[0], s) for s, r in self.smarthost.transactions())
+        self.assertEqual(found["bob@example.net"], "list+bob=example.net@lists.example.net")
+        for member in ("alice@example.org", long_member):
+            sender = found[member]
+            self.assertLessEqual(len(sender.partition("@")[0]), MAX_LOCAL_PART)
+            route = verp.route(parse_mailbox(sender))
+            assert route is not None
+            if route.member_address is None:
+                self.assertEqual(
+                    verp.match_member(route, [member]), parse_mailbox(member), sender
+                )
+            else:
+                self.assertEqual(
+                    (route.bounce_check, str(route.member_address)),
+                    (BounceCheck.SIGNED, member),
+                )
 
     def test_batches_without_verp(self) -> None:
         """

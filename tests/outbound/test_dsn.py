@@ -726,7 +726,7 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(
             parse_dsn(POSTFIX_DSN),
             [
-                DSNRecipient("carol@example.net", "failed", "5.1.1"),
+                DSNRecipient("carol@example.net", "failed", "5.1.1", "carol@example.net"),
                 DSNRecipient("dave@example.net", "delayed", "4.4.1"),
             ],
         )
