@@ -165,6 +165,7 @@ def run(messages: int, kills: int, workers: int, senders: int) -> dict[str, Any]
             "example",
             "--domain",
             DOMAIN,
+            "--archive-once",
         ],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": ROOT},

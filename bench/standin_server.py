@@ -66,8 +66,10 @@ class BenchStandIn(StandIn):
     C{/_bench/reset} also forgets the archive.
     """
 
-    def __init__(self, *args: Any, keep: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, archive_once=False, **kwargs)
+    def __init__(
+        self, *args: Any, keep: bool = False, archive_once: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, archive_once=archive_once, **kwargs)
         self.arrivals: list[tuple[str, float]] = []
         self._keep = keep
 
@@ -130,6 +132,11 @@ def main() -> None:
         help="parse bodies in the reactor thread (faster for small posts)",
     )
     parser.add_argument("--keep", action="store_true", help="keep stored posts")
+    parser.add_argument(
+        "--archive-once",
+        action="store_true",
+        help="archive a post id once, as GroupServer does (bench/chaos.py)",
+    )
     args = parser.parse_args()
     groups = {f"{g}@{args.domain}": g for g in args.groups.split(",") if g}
     standin = BenchStandIn(
@@ -139,6 +146,7 @@ def main() -> None:
         clock=reactor,
         reactor=None if args.inline else reactor,
         keep=args.keep,
+        archive_once=args.archive_once,
     )
     site = server.Site(Root(standin), requestFactory=standin.request_factory())
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log

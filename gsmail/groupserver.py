@@ -422,7 +422,15 @@ class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
 
 
 class _ReplyTooLarge(Exception):
-    """The reply body was longer than L{MAX_REPLY_SIZE}."""
+    """
+    The reply body was longer than L{MAX_REPLY_SIZE}.
+
+    @ivar head: the first bytes of the body, up to the cap.
+    """
+
+    def __init__(self, head: bytes = b"") -> None:
+        super().__init__()
+        self.head = head
 
 
 class _CappedBody(Protocol):
@@ -442,7 +450,9 @@ class _CappedBody(Protocol):
             return
         self._size += len(data)
         if self._size > self._cap:
-            self.done.errback(_ReplyTooLarge())
+            kept = self._cap - (self._size - len(data))
+            self._parts.append(data[: max(0, kept)])
+            self.done.errback(_ReplyTooLarge(b"".join(self._parts)))
             self._stop_transport()
             return
         self._parts.append(data)
@@ -947,9 +957,14 @@ class GroupServerClient:
             )
         try:
             content = await _read_body(response)
-        except _ReplyTooLarge:
+        except _ReplyTooLarge as e:
             if response.code != 200:
                 return response.code, b""
+            if page != "exists":
+                # A refused page shows the message again in its textarea, so
+                # it outgrows the cap with a big message; its status message
+                # comes before the form, in the head.
+                return response.code, e.head
             raise
         except ResponseFailed:
             if response.code != 200:

@@ -647,6 +647,17 @@ class InMemoryClientTests(SynchronousTestCase):
         env.pump()
         self.assertIs(self.successResultOf(d), False)
 
+    def test_refused_page_over_the_cap(self) -> None:
+        """
+        A refused page shows the message again in its textarea, so a big
+        message makes it longer than L{MAX_REPLY_SIZE}: it is still read as
+        a refusal (4.3.5) from its head, not as an unknown outcome.
+        """
+        refused = answer_page("<p>There is an error:</p>", "alert-block alert-error")
+        filler = b"<textarea>" + b"A" * (MAX_REPLY_SIZE + 1) + b"</textarea>"
+        env = InMemory(self, _Fixed(200, refused.replace(b"</form>", filler + b"</form>")))
+        self.assertReply(self._add(env), status.GROUPSERVER_REFUSED)
+
     def test_no_user_only_on_the_bounce_page(self) -> None:
         """C{No user found} from the add page is not a success."""
         env = InMemory(self, _Fixed(200, answer_page("No user found for a@example.org")))

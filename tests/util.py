@@ -128,3 +128,26 @@ class DiskFaults:
         if self.truncate_error is not None:
             raise OSError(self.truncate_error, os.strerror(self.truncate_error))
         os.ftruncate(fd, length)
+
+
+def listen_dns(reactor: Any, factory: Any, tries: int = 20) -> tuple[Any, Any]:
+    """
+    A C{twisted.names} server factory listening on 127.0.0.1 over UDP and
+    TCP on one port, as DNS servers do. The UDP port is picked by the
+    kernel; when TCP has that number taken (another test), another one is
+    tried, at most C{tries} times.
+
+    @return: the UDP and TCP listening ports (stop both in the test's cleanup).
+    """
+    from twisted.internet.error import CannotListenError
+    from twisted.names import dns
+
+    for _ in range(tries):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+        try:
+            tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        return udp, tcp
+    raise AssertionError(f"no port free for both UDP and TCP in {tries} tries")

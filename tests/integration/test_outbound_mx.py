@@ -56,7 +56,7 @@ from gsmail.outbound.queue import DELIVERED, FAILED, PENDING
 from gsmail.outbound.queue import Envelope as QueuedEnvelope
 from gsmail.service import GsmailService, makeService
 from gsmail.status import Reply
-from tests.util import make_config, start_service
+from tests.util import listen_dns, make_config, start_service
 
 #: How long any one wait in these tests may take, in seconds.
 WAIT = 20.0
@@ -440,9 +440,8 @@ async def start_network(test: TestCase, directory: str) -> Network:
 
     zone = server.DNSServerFactory(authorities=[MemoryZone(ZONE)], verbose=0)
     zone.noisy = False
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=zone), interface="127.0.0.1")
+    udp, tcp = listen_dns(reactor, zone)
     test.addCleanup(udp.stopListening)
-    tcp = reactor.listenTCP(udp.getHost().port, zone, interface="127.0.0.1")
     test.addCleanup(tcp.stopListening)
     return Network(ports[0].getHost().port, udp.getHost().port, cores, factories)
 

@@ -1564,7 +1564,7 @@ class DSNTests(DeliveryTestCase):
         self.delivery()
         self.settle()
         [bounce] = self.bounces(self.smarthost)
-        self.assertEqual(parse_dsn(bounce.data), [DSNRecipient("a@example.net", "failed", "5.6.0")])
+        self.assertEqual(parse_dsn(bounce.data), [DSNRecipient("a@example.net", "failed", "5.6.0", "a+old@example.net")])
         self.assertIn(b"Original-Envelope-Id: QQ+314\r\n", bounce.data)
         self.assertIn(b"Original-Recipient: rfc822;a+old@example.net\r\n", bounce.data)
 
@@ -1600,7 +1600,7 @@ class DSNTests(DeliveryTestCase):
         self.assertEqual(post.rcpt_params, ["", ""])
         self.assertEqual((report.sender, report.recipients), ("", [AUTHOR]))
         self.assertEqual(
-            parse_dsn(report.data), [DSNRecipient("a@example.net", "relayed", "2.0.0")]
+            parse_dsn(report.data), [DSNRecipient("a@example.net", "relayed", "2.0.0", "a@example.net")]
         )
         self.assertIn(b"Subject: Successful Mail Delivery Report", report.data)
         self.assertIn(b"Original-Envelope-Id: env-1", report.data)

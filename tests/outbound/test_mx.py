@@ -31,6 +31,7 @@ from gsmail.outbound.mx import (
     RelayHost,
     parse_relayhost,
 )
+from tests.util import listen_dns
 
 
 class MemoryZone(authority.FileAuthority):
@@ -611,13 +612,10 @@ class RealDNSServerTests(TestCase):
 
         factory = server.DNSServerFactory(authorities=[make_zone()], verbose=0)
         factory.noisy = False
-        udp = reactor.listenUDP(
-            0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
-        )
+        udp, tcp = listen_dns(reactor, factory)
         self.addCleanup(udp.stopListening)
-        port = udp.getHost().port
-        tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
         self.addCleanup(tcp.stopListening)
+        port = udp.getHost().port
         resolver = client.Resolver(servers=[("127.0.0.1", port)], timeout=(2,), reactor=reactor)
         self.mx = MXResolver(resolver, reactor)
 

@@ -31,6 +31,7 @@ from tests.integration.test_clients import make_certificate
 from tests.integration.test_outbound import (
     GROUP,
     SmtpSink,
+    decoded,
     describe_queue,
     group_message,
     member,
@@ -39,7 +40,6 @@ from tests.integration.test_outbound import (
     refusing_server,
     start_gsmail,
     submission_port,
-    verp,
     wait_until,
 )
 
@@ -144,7 +144,7 @@ class ZopeSendmailTests(TestCase):
         found = sink.transactions()
         self.assertEqual(len(found), count)
         for t in found:
-            self.assertEqual(t.sender, verp(GROUP, t.recipients[0]))
+            self.assertEqual(decoded(t.sender), (GROUP, t.recipients[0]))
 
     def send(self, service: GsmailService, **options: Any) -> Deferred[Sent]:
         """zope_sendmail to C{service}'s submission listener, in a thread."""
@@ -315,7 +315,7 @@ class DSNPeerTests(TestCase):
         post, report = core.received
         self.assertEqual(post.recipients, (member(1),))
         self.assertEqual((report.sender, report.recipients), ("", (APP,)))
-        self.assertEqual(parse_dsn(report.data), [DSNRecipient(member(1), "relayed", "2.0.0")])
+        self.assertEqual(parse_dsn(report.data), [DSNRecipient(member(1), "relayed", "2.0.0", member(1))])
         self.assertIn(b"Original-Envelope-Id: env-7\n", report.data)
         self.assertIn(f"Original-Recipient: rfc822;{member(1)}\n".encode(), report.data)
 
