@@ -15,7 +15,7 @@ lost messages (acknowledged or not, never archived), messages archived
 twice, add requests per message, and restarts that could not bind.
 
     python bench/chaos.py [--messages 1000] [--kills 10] [--workers 0]
-        [--senders 8] [--json]
+        [--senders 8] [--kill-all] [--json]
 
 Exit status 0 when nothing was lost and nothing archived twice, else 1.
 Traffic stays on 127.0.0.1; every loop is bounded in count and time.
@@ -78,7 +78,8 @@ def message(n: int) -> bytes:
 class Gsmail:
     """One ``twistd -n gsmail`` at a time, restarted after each kill."""
 
-    def __init__(self, directory: str, config: str, port: int) -> None:
+    def __init__(self, directory: str, config: str, port: int, kill_all: bool = False) -> None:
+        self.kill_all = kill_all
         self.directory = directory
         self.config = config
         self.port = port
@@ -91,11 +92,21 @@ class Gsmail:
         while time.monotonic() < deadline:
             self.starts += 1
             self.process = subprocess.Popen(
-                [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", self.config],
+                [
+                    sys.executable,
+                    "-c",
+                    TWISTD,
+                    "-n",
+                    "--pidfile=",
+                    "gsmail",
+                    "--config",
+                    self.config,
+                ],
                 cwd=self.directory,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONPATH": ROOT},
+                start_new_session=True,  # its own process group, workers included
             )
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
@@ -109,7 +120,10 @@ class Gsmail:
 
     def kill(self) -> None:
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
+        if self.kill_all:
+            os.killpg(self.process.pid, signal.SIGKILL)  # main process and workers at once
+        else:
+            self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
 
     def stop(self) -> None:
@@ -151,7 +165,9 @@ def send_until_accepted(port: int, n: int, deadline: float, stats: Counter[str])
     return False
 
 
-def run(messages: int, kills: int, workers: int, senders: int) -> dict[str, Any]:
+def run(
+    messages: int, kills: int, workers: int, senders: int, kill_all: bool = False
+) -> dict[str, Any]:
     directory = tempfile.mkdtemp(prefix="gsmail-chaos-")
     standin = subprocess.Popen(
         [
@@ -184,7 +200,7 @@ def run(messages: int, kills: int, workers: int, senders: int) -> dict[str, Any]
             f"domains = {DOMAIN}\nhostname = chaos.example\nledger_path = ledger/posted.log\n"
             f"spool_dir = spool\ninbound_workers = {workers}\n"
         )
-    gsmail = Gsmail(directory, config, port)
+    gsmail = Gsmail(directory, config, port, kill_all)
     started = time.monotonic()
     deadline = started + RUN_DEADLINE
     stats: Counter[str] = Counter()
@@ -202,7 +218,9 @@ def run(messages: int, kills: int, workers: int, senders: int) -> dict[str, Any]
                     if not todo:
                         return
                     n = todo.pop(0)
-                ok = send_until_accepted(port, n, min(deadline, time.monotonic() + MESSAGE_DEADLINE), stats)
+                ok = send_until_accepted(
+                    port, n, min(deadline, time.monotonic() + MESSAGE_DEADLINE), stats
+                )
                 with lock:
                     (accepted if ok else failed).add(n)
 
@@ -239,6 +257,7 @@ def run(messages: int, kills: int, workers: int, senders: int) -> dict[str, Any]
         "messages": messages,
         "kills": killed,
         "workers": workers,
+        "killed": "main and workers" if kill_all else "main process",
         "accepted": len(accepted),
         "unfinished": messages - len(accepted) - len(failed),
         "refused_permanently": len(failed),
@@ -262,9 +281,14 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument(
+        "--kill-all",
+        action="store_true",
+        help="SIGKILL the worker processes too, at once (default: the main process only)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
-    result = run(args.messages, args.kills, args.workers, args.senders)
+    result = run(args.messages, args.kills, args.workers, args.senders, args.kill_all)
     if args.json:
         print(json.dumps(result))
     else:
