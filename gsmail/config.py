@@ -133,6 +133,21 @@ class GsmailConfig:
     max_line_length: int = 8192
     idle_timeout: float = 300.0
     reply_deadline: float = 540.0
+    listen_backlog: int = 1024
+    # -- abuse limits (gsmail.anvil; Postfix's anvil and smtpd error limits) ---
+    client_limit_exceptions: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    client_connection_count_limit: int = 50
+    client_connection_rate_limit: int = 300
+    anvil_rate_time_unit: float = 60.0
+    client_lookup_rate_limit: int = 300
+    session_lookup_limit: int = 200
+    client_auth_failure_limit: int = 10
+    auth_failure_delay: float = 1.0
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep_time: float = 1.0
+    junk_command_limit: int = 100
+    min_data_rate: int = 500
     # -- state on disk ---------------------------------------------------------
     spool_dir: str = ""
     ledger_path: str = "/var/lib/gsmail/ledger"
@@ -275,7 +290,7 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     relay_prefix = "p-" if smtp is None else reader.relay_prefix(smtp)
     reader.warn_unknown(gsmail)
     config = reader.gsmail(gsmail, instance, token, relay_prefix)
-    config = attrs.evolve(config, **reader.verp(gsmail))
+    config = attrs.evolve(config, **reader.verp(gsmail), **reader.limits(gsmail))
     return attrs.evolve(config, **reader.outbound(gsmail, smtp))
 
 
@@ -836,6 +851,40 @@ class _Reader:
             "verp_max_age": max_age,
             "verp_unsigned_until": until,
         }
+
+    def limits(self, section: str) -> dict[str, Any]:
+        """
+        The listen backlog and the abuse limits (L{gsmail.anvil}, Postfix's
+        anvil and C{smtpd} error limits). Counts of C{0} turn a limit off;
+        C{error_sleep_time} and C{auth_failure_delay} may be C{0}.
+        """
+        values: dict[str, Any] = {
+            "listen_backlog": self.integer(section, "listen_backlog", 1),
+            "client_limit_exceptions": self.words(section, "client_limit_exceptions"),
+            "anvil_rate_time_unit": self.duration(section, "anvil_rate_time_unit"),
+            "error_sleep_time": self.duration_or_off(section, "error_sleep_time"),
+            "auth_failure_delay": self.duration_or_off(section, "auth_failure_delay"),
+        }
+        for option in (
+            "client_connection_count_limit",
+            "client_connection_rate_limit",
+            "client_lookup_rate_limit",
+            "session_lookup_limit",
+            "client_auth_failure_limit",
+            "soft_error_limit",
+            "hard_error_limit",
+            "junk_command_limit",
+            "min_data_rate",
+        ):
+            values[option] = self.integer(section, option, 0, " (0 turns it off)")
+        for network in values["client_limit_exceptions"]:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise self.error(
+                    section, "client_limit_exceptions", f"not a network: {network!r}"
+                ) from None
+        return values
 
     def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
         """

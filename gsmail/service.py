@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
+from gsmail.anvil import Anvil, ClientLimits
 from gsmail.config import ConfigError, GsmailConfig, verp_key_path
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
@@ -81,6 +82,20 @@ def load_tls(config: GsmailConfig, profile: str | None = None) -> ServerTLS | No
         raise ConfigError(
             f"{config.path}: [gsmail-*] tls_certificate/tls_key: cannot load: {_why(e)}"
         ) from None
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    A listener description with C{backlog=BACKLOG} added for the stream
+    types that take it (C{tcp}, C{tcp6}, C{unix}, C{ssl}) unless it names
+    one already: Twisted's default of 50 drops connects under a burst
+    (measured: 762 of 2,000 simultaneous connects never reached the server).
+    The kernel caps it at C{net.core.somaxconn}.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in ("tcp", "tcp6", "unix", "ssl") or "backlog=" in description.lower():
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _why(error: Exception) -> str:
@@ -170,6 +185,25 @@ class InboundParts:
             idle_timeout=config.idle_timeout,
             max_connections=config.max_connections,
             tls=load_tls(config),
+            min_data_rate=config.min_data_rate,
+            soft_error_limit=config.soft_error_limit,
+            hard_error_limit=config.hard_error_limit,
+            error_sleep_time=config.error_sleep_time,
+            junk_command_limit=config.junk_command_limit,
+            session_lookup_limit=config.session_lookup_limit,
+            auth_failure_delay=config.auth_failure_delay,
+        )
+        # One set of per-client counters for every listener of the process.
+        self.anvil = Anvil(
+            ClientLimits(
+                connection_count=config.client_connection_count_limit,
+                connection_rate=config.client_connection_rate_limit,
+                lookup_rate=config.client_lookup_rate_limit,
+                auth_failures=config.client_auth_failure_limit,
+                time_unit=config.anvil_rate_time_unit,
+                exceptions=parse_networks(config.client_limit_exceptions),
+            ),
+            reactor,
         )
         # One set of reusable spool files for every listener of the process.
         self.spool_files = SpoolFiles(config.spool_dir)
@@ -187,6 +221,7 @@ class InboundParts:
             spool_dir=self.config.spool_dir,
             spool_files=self.spool_files,
             spool_alarm=self.spool_alarm,
+            anvil=self.anvil,
         )
 
     def open(self) -> None:
@@ -368,6 +403,7 @@ class GsmailService(MultiService):
             spool_dir=config.spool_dir,
             spool_files=self.spool_files,
             spool_alarm=self.inbound.spool_alarm,
+            anvil=self.inbound.anvil,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
         if config.postmaster_address:
@@ -417,6 +453,7 @@ class GsmailService(MultiService):
         return result
 
     def _listen(self, name: str, description: str, factory: Any) -> None:
+        description = with_backlog(description, self.config.listen_backlog)
         try:
             # ssl: listeners get gsmail's TLS context, not Twisted's (gsmail.tlsconfig).
             endpoint = implicit_tls_endpoint(

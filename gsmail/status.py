@@ -131,6 +131,10 @@ BOUNCE_NOT_FAILURE = Reply(250, "2.0.0", "Not recorded: not a delivery failure r
 
 # -- transient failures (the sender retries) -------------------------------
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle too long; closing connection")
+#: DATA slower than min_data_rate (Postfix's smtpd_min_data_rate).
+DATA_TOO_SLOW = Reply(421, "4.4.2", "Data arriving too slowly; closing connection")
+#: hard_error_limit reached (Postfix's smtpd_hard_error_limit).
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors; closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections; try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Shutting down; try again later")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")

@@ -1316,3 +1316,65 @@ class PostmasterOptionTests(ConfigFileTestCase):
         self.assertPostmasterError(
             {"postmaster_maildir": ""}, "postmaster_maildir", "must not be empty"
         )
+
+
+class AbuseLimitOptionTests(ConfigFileTestCase):
+    """The listen backlog and the abuse limits (gsmail.anvil)."""
+
+    def test_defaults(self) -> None:
+        """Postfix's defaults where Postfix has them; loopback exempt."""
+        config = self.load()
+        self.assertEqual(
+            (
+                config.listen_backlog,
+                config.client_limit_exceptions,
+                config.client_connection_count_limit,
+                config.client_connection_rate_limit,
+                config.anvil_rate_time_unit,
+                config.soft_error_limit,
+                config.hard_error_limit,
+                config.error_sleep_time,
+                config.junk_command_limit,
+                config.min_data_rate,
+            ),
+            (1024, ("127.0.0.0/8", "::1"), 50, 300, 60.0, 10, 20, 1.0, 100, 500),
+        )
+
+    def test_set_and_off(self) -> None:
+        """Limits may be set, 0 turns one off, the delays may be 0, exceptions may be empty."""
+        config = self.load(
+            {
+                "client_connection_count_limit": "0",
+                "hard_error_limit": "5",
+                "error_sleep_time": "0",
+                "auth_failure_delay": "2s",
+                "anvil_rate_time_unit": "5m",
+                "client_limit_exceptions": "",
+                "listen_backlog": "4096",
+            }
+        )
+        self.assertEqual(
+            (
+                config.client_connection_count_limit,
+                config.hard_error_limit,
+                config.error_sleep_time,
+                config.auth_failure_delay,
+                config.anvil_rate_time_unit,
+                config.client_limit_exceptions,
+                config.listen_backlog,
+            ),
+            (0, 5, 0.0, 2.0, 300.0, (), 4096),
+        )
+
+    def test_errors(self) -> None:
+        """A negative count, a bad network, a zero backlog: one line naming the option."""
+        for options, option in (
+            ({"soft_error_limit": "-1"}, "soft_error_limit"),
+            ({"client_limit_exceptions": "10.0.0.0/8 localhost"}, "client_limit_exceptions"),
+            ({"listen_backlog": "0"}, "listen_backlog"),
+            ({"anvil_rate_time_unit": "0"}, "anvil_rate_time_unit"),
+        ):
+            path = self.write(ini(options))
+            message = str(self.assertRaises(ConfigError, load_config, path))
+            self.assertTrue(message.startswith(f"{path}: [gsmail-default] {option}: "), message)
+            self.assertNotIn("\n", message)

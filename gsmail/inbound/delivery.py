@@ -89,6 +89,17 @@ class GroupDirectory:
         self._cache: OrderedDict[str, tuple[float, GroupInfo]] = OrderedDict()
         self._in_flight: dict[str, list[Deferred[GroupInfo]]] = {}
 
+    def will_ask(self, address: Address) -> bool:
+        """
+        Whether a lookup of C{address} now would send GroupServer a request:
+        not when a fresh answer is cached or a request for it is running.
+        """
+        key = str(address).lower()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > self._clock.seconds():
+            return False
+        return key not in self._in_flight
+
     def lookup(self, address: Address) -> Deferred[GroupInfo]:
         """
         The group with list address C{address}.
@@ -259,7 +270,9 @@ class DeliveryCore:
             GroupServer said just now; C{450 4.1.1} no such group as the
             cache remembers it (the group may exist by now: the sender
             retries, and by then the cache has expired); C{451 4.4.4}/
-            C{451 4.5.0} GroupServer could not answer; C{250 2.1.5}
+            C{451 4.5.0} GroupServer could not answer; C{450 4.7.1} the
+            session or its client has had its GroupServer lookups
+            (L{gsmail.anvil.LookupGate}; no request made); C{250 2.1.5}
             postmaster (bare or at a site domain). A bounce address is
             accepted whether its tag is good or not, and so is an unsigned
             one of no group (the route says which: the message is dropped
@@ -287,12 +300,15 @@ class DeliveryCore:
             if route.bounce_check is not BounceCheck.UNSIGNED or route.group_address is None:
                 return succeed((status.BOUNCE_ADDRESS_OK, route))
             # Anyone can write an unsigned address: it must name a group.
-            return self._check_bounce_group(route)
+            return self._check_bounce_group(session, route)
         if not recipient.local.isascii():
             # GroupServer's group-exists field is an ASCIILine: no group can
             # have this address, and asking would re-render the form (which
             # looks like a wrong token, 4.5.0, retried for days).
             return succeed((status.NO_SUCH_GROUP.with_text(f"No such group <{recipient}>"), None))
+        refusal = self._lookup_refusal(session, recipient)
+        if refusal is not None:
+            return succeed((refusal, None))
 
         def found(lookup: Lookup) -> tuple[Reply, Route | None]:
             info = lookup.info
@@ -330,12 +346,28 @@ class DeliveryCore:
 
         return self.directory.find(recipient).addCallbacks(found, failed)
 
-    def _check_bounce_group(self, route: Route) -> Deferred[tuple[Reply, Route | None]]:
+    def _lookup_refusal(self, session: Session, address: Address) -> Reply | None:
+        """
+        C{450 4.7.1} when the session's lookup caps (L{gsmail.anvil.LookupGate})
+        forbid asking GroupServer about C{address}; C{None} when they allow it
+        or the answer needs no request (cached, or already being asked).
+        """
+        gate = session.lookup_gate
+        if gate is None or not self.directory.will_ask(address):
+            return None
+        return gate.take()
+
+    def _check_bounce_group(
+        self, session: Session, route: Route
+    ) -> Deferred[tuple[Reply, Route | None]]:
         group = route.group_address
         assert group is not None
         unknown = attrs.evolve(route, bounce_check=BounceCheck.UNKNOWN_GROUP)
         if not group.local.isascii():
             return succeed((status.BOUNCE_ADDRESS_OK, unknown))
+        refusal = self._lookup_refusal(session, group)
+        if refusal is not None:
+            return succeed((refusal, None))
 
         def found(info: GroupInfo) -> tuple[Reply, Route | None]:
             return (status.BOUNCE_ADDRESS_OK, route if info.group_id else unknown)

@@ -59,6 +59,7 @@ from gsmail.addresses import (
     parse_parameters,
     parse_path,
 )
+from gsmail.anvil import Anvil, ClientLimits, LookupGate
 from gsmail.eager import write_now
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, free_space
 from gsmail.status import Reply
@@ -80,8 +81,6 @@ MAX_COMMAND_LINE = 2048
 #: Unprocessed bytes kept while a command waits for its reply; past this the
 #: transport is paused (back-pressure instead of an unbounded buffer).
 MAX_PENDING = 64 * 1024
-#: Bad commands before the connection is closed.
-MAX_ERRORS = 20
 
 
 @attrs.frozen
@@ -93,10 +92,33 @@ class ServerSettings:
     @ivar max_size: the SIZE limit, in bytes (RFC 1870).
     @ivar max_recipients: accepted RCPTs per transaction; more get C{452 4.5.3}.
     @ivar max_line_length: longest DATA line, CRLF included, in bytes.
-    @ivar idle_timeout: seconds without input before C{421 4.4.2} and close.
+    @ivar idle_timeout: seconds a client has for each command line, from
+        the end of the previous reply (a deadline, not an idle timer that
+        every byte resets: Postfix's C{smtpd_timeout} with
+        C{smtpd_per_record_deadline}); past it C{421 4.4.2} and close.
     @ivar max_connections: concurrent connections per listener.
     @ivar tls: the server TLS context (C{IOpenSSLServerConnectionCreator}) or
         C{None}: STARTTLS is then not offered.
+    @ivar min_data_rate: bytes per second a client must keep up in DATA: the
+        message must be complete C{idle_timeout} + (bytes received) /
+        C{min_data_rate} seconds after the 354 (Postfix's
+        C{smtpd_min_data_rate}), else C{421 4.4.2}; C{0}: DATA only needs
+        a byte every C{idle_timeout} seconds.
+    @ivar soft_error_limit: errors (bad commands, refused recipients)
+        after which each error reply to a limited client is delayed by
+        C{error_sleep_time} seconds (C{smtpd_soft_error_limit},
+        C{smtpd_error_sleep_time}).
+    @ivar hard_error_limit: errors at which the session ends with C{421
+        4.7.0} (C{smtpd_hard_error_limit}). Both counts start again when
+        a message is accepted.
+    @ivar junk_command_limit: NOOP, RSET, VRFY, EXPN and HELP commands
+        allowed before each further one counts as an error
+        (C{smtpd_junk_command_limit}); also reset by an accepted message.
+    @ivar session_lookup_limit: GroupServer group lookups per session
+        (cached answers are free); past it a recipient that needs one gets
+        C{450 4.7.1} (L{gsmail.anvil.LookupGate}). C{0}: no cap.
+    @ivar auth_failure_delay: seconds each failed AUTH reply to a limited
+        client is held back (submission).
     """
 
     hostname: str
@@ -106,6 +128,13 @@ class ServerSettings:
     idle_timeout: float = 300.0
     max_connections: int = 1000
     tls: Any = None
+    min_data_rate: int = 500
+    soft_error_limit: int = 10
+    hard_error_limit: int = 20
+    error_sleep_time: float = 1.0
+    junk_command_limit: int = 100
+    session_lookup_limit: int = 200
+    auth_failure_delay: float = 1.0
 
 
 @attrs.define
@@ -130,6 +159,11 @@ class Session:
     user: str | None = None
     #: Once the TLS handshake is done: version and cipher (L{connection_summary}).
     tls_summary: str | None = None
+    #: The per-client abuse limits apply (L{gsmail.anvil}): an IP client of
+    #: an ESMTP listener, not in the exception networks.
+    limited: bool = False
+    #: The session's GroupServer lookup caps, or C{None}: no cap.
+    lookup_gate: LookupGate | None = None
 
     @property
     def with_protocol(self) -> str:
@@ -167,6 +201,8 @@ class _DataState:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.received = 0  # bytes as transmitted (CRLF), for the SIZE limit
+        self.started = 0.0  # when the 354 was sent (the DATA deadline)
+        self.seen = 0  # bytes received when the DATA timer last fired
         self.error: Reply | None = None
         self.midline = False  # the last bytes consumed ended inside a line
         # The last line ended with CR LF (or none was read yet): only then
@@ -186,16 +222,24 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     log = Logger()
     protocol_name = "ESMTP"
+    #: The per-client limits (L{gsmail.anvil}) apply to this listener's IP clients.
+    client_limits = True
     factory: InboundFactory
     transport: Any  # a TCP/UNIX/TLS transport: IConsumer, IProducer, ITLSTransport
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._waiting = False
+        # Commands wait while this is not 0: an asynchronous check or a
+        # delayed error reply is running (see _wait_for).
+        self._holds = 0
         self._processing = False
         self._paused = False
         self._closing = False
         self._errors = 0
+        self._junk = 0
+        self._delay: Any = None  # the IDelayedCall of a delayed error reply
+        #: The client's address when the per-client limits apply to it.
+        self._limited_host: str | None = None
         #: Takes the next line instead of the command dispatch (AUTH's 334 exchange).
         self._continuation: Callable[[str], None] | None = None
         self.session: Session | None = None
@@ -217,6 +261,17 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._reply(status.TOO_MANY_CONNECTIONS)
             self._close()
             return
+        anvil = self.factory.anvil
+        host = _peer_host(self.transport)
+        if anvil is not None and self.client_limits and host is not None and not anvil.exempt(host):
+            self._limited_host = host
+            self.session.limited = True
+            refusal = anvil.connected(host)
+            if refusal is not None:
+                self._reply(refusal)
+                self._close()
+                return
+            self.session.lookup_gate = LookupGate(anvil, host, settings.session_lookup_limit)
         self.setTimeout(settings.idle_timeout)
         self.transport.write(f"220 {settings.hostname} {self.protocol_name} gsmail\r\n".encode())
 
@@ -245,6 +300,10 @@ class SMTPServer(Protocol, TimeoutMixin):
                 session=self.session.id,
             )
         self.factory.connections -= 1
+        if self._limited_host is not None and self.factory.anvil is not None:
+            self.factory.anvil.disconnected(self._limited_host)
+        if self._delay is not None and self._delay.active():
+            self._delay.cancel()
         self.setTimeout(None)
         self._closing = True
         if self._data is not None:
@@ -257,6 +316,34 @@ class SMTPServer(Protocol, TimeoutMixin):
             # handshake would keep the connection open for ever: abort.
             self._closing = True
             self.transport.abortConnection()
+            return
+        if self._holds:
+            # gsmail's own work (a lookup, a delayed reply) is running: the
+            # client is not late. It has its own deadlines.
+            self.resetTimeout()
+            return
+        data = self._data
+        if data is not None:
+            settings = self.factory.settings
+            now = self.factory.clock.seconds()
+            arrived = data.received + len(self._buffer)
+            if settings.min_data_rate:
+                deadline = data.started + settings.idle_timeout + arrived / settings.min_data_rate
+                if deadline > now:
+                    self.setTimeout(deadline - now)
+                    return
+            elif arrived > data.seen:
+                data.seen = arrived
+                self.resetTimeout()
+                return
+            self.log.info(
+                "DATA from {peer} too slow: {size} bytes in {seconds:.0f} s",
+                peer=self.session.peer if self.session else "?",
+                size=arrived,
+                seconds=now - data.started,
+            )
+            self._reply(status.DATA_TOO_SLOW)
+            self._close()
             return
         self.log.info("Idle timeout for {peer}", peer=self.session.peer if self.session else "?")
         self._reply(status.IDLE_TIMEOUT)
@@ -280,7 +367,9 @@ class SMTPServer(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        # No resetTimeout here: idle_timeout is a deadline per command line
+        # (reset as each line is taken) and DATA has a minimum rate, so a
+        # client sending a byte at a time cannot hold the session (slowloris).
         self._buffer += data
         self._process()
 
@@ -290,7 +379,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._processing = True
         try:
-            while not self._waiting and not self._closing:
+            while not self._holds and not self._closing:
                 if self._data is not None:
                     if not self._process_data():
                         break
@@ -298,7 +387,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                     break
         finally:
             self._processing = False
-        if self._waiting and len(self._buffer) > MAX_PENDING and not self._paused:
+        if self._holds and len(self._buffer) > MAX_PENDING and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
 
@@ -316,6 +405,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return False
         raw = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
+        self.resetTimeout()  # the next line's deadline starts now
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         try:
@@ -349,28 +439,74 @@ class SMTPServer(Protocol, TimeoutMixin):
         return True
 
     def _wait_for(self, d: Deferred[Any]) -> None:
-        """Hold back further input until C{d} fires (its reply is written)."""
-        self._waiting = True
+        """
+        Hold back further input until C{d} fires (its reply is written).
+        Holds nest: a delayed error reply made while a RCPT's lookup is
+        being answered keeps the input held until both are done.
+        """
+        self._holds += 1
 
         def resume(result: object) -> None:
-            self._waiting = False
+            self._holds -= 1
             if isinstance(result, Failure):
                 self.log.failure("Unexpected error in a command", result)
                 self._reply(status.LOCAL_ERROR)
-            if self._paused and not self._closing:
+            if self._holds or self._closing:
+                return
+            if self._paused:
                 self._paused = False
                 self.transport.resumeProducing()
-            if not self._closing:
-                self._process()
+            self.resetTimeout()
+            self._process()
 
         d.addBoth(resume)
 
-    def _error(self, reply: Reply) -> None:
-        self._reply(reply)
+    def _error(self, reply: Reply, delay: float = 0.0) -> None:
+        """
+        Send an error reply and count the error: past C{soft_error_limit}
+        the reply to a limited client waits C{error_sleep_time} seconds (and
+        so does the next command); at C{hard_error_limit} the reply is
+        followed by C{421 4.7.0} and the connection is closed.
+
+        @param delay: seconds to hold the reply back anyway (limited
+            clients only), e.g. a failed AUTH's.
+        """
+        settings = self.factory.settings
         self._errors += 1
-        if self._errors >= MAX_ERRORS:
-            self._reply(Reply(421, "4.7.0", "Too many errors; closing connection"))
+        if settings.hard_error_limit and self._errors >= settings.hard_error_limit:
+            assert self.session is not None
+            self.log.info(
+                "Too many errors from {peer} ({count}); closing the session",
+                peer=self.session.peer,
+                count=self._errors,
+                session=self.session.id,
+            )
+            self._reply(reply)
+            self._reply(status.TOO_MANY_ERRORS)
             self._close()
+            return
+        if self.session is None or not self.session.limited:
+            delay = 0.0
+        elif self._errors > settings.soft_error_limit:
+            delay = max(delay, settings.error_sleep_time)
+        if delay <= 0:
+            self._reply(reply)
+            return
+        # Postfix's smtpd_error_sleep_time: a prober or a password guesser
+        # gets its answers slowly; the session's input waits meanwhile.
+        done: Deferred[None] = Deferred()
+        self._delay = self.factory.clock.callLater(delay, done.callback, None)
+        done.addCallback(lambda _: self._reply(reply))
+        self._wait_for(done)
+
+    def _junk_command(self, reply: Reply) -> None:
+        """A NOOP-like command: an error once C{junk_command_limit} have been sent."""
+        self._junk += 1
+        limit = self.factory.settings.junk_command_limit
+        if limit and self._junk > limit:
+            self._error(reply)
+        else:
+            self._reply(reply)
 
     # -- DATA ------------------------------------------------------------------
     def _process_data(self) -> bool:
@@ -470,6 +606,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         count = len(recipients)
         d = self.factory.core.deliver(self.session, envelope, message)
         d.addErrback(self._delivery_failed, count)
+        d.addCallback(self._delivered)
         d.addCallback(self._data_replies)
         d.addBoth(self._after_delivery)
         self._wait_for(d)
@@ -490,6 +627,14 @@ class SMTPServer(Protocol, TimeoutMixin):
         # still gives LMTP its one reply per recipient.
         self.log.failure("Delivery failed unexpectedly", failure)
         return [status.LOCAL_ERROR] * count
+
+    def _delivered(self, replies: list[Reply]) -> list[Reply]:
+        """An accepted message starts the error, junk and lookup counts again (as Postfix)."""
+        if any(reply.is_success for reply in replies):
+            self._errors = self._junk = 0
+            if self.session is not None and self.session.lookup_gate is not None:
+                self.session.lookup_gate.reset()
+        return replies
 
     def _after_delivery(self, result: object) -> object:
         if not self._closing:
@@ -675,8 +820,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if len(envelope.recipients) >= self.factory.settings.max_recipients:
             self._reply(status.TOO_MANY_RECIPIENTS)
             return None
-        assert self.session is not None
-        d = self.factory.core.check_recipient(self.session, recipient)
+        session = self.session
+        assert session is not None
+        d = self.factory.core.check_recipient(session, recipient)
 
         def answer(decision: tuple[Reply, Route | None]) -> None:
             reply, route = decision
@@ -684,7 +830,13 @@ class SMTPServer(Protocol, TimeoutMixin):
                 if params:
                     route = attrs.evolve(route, params=tuple(params.items()))
                 envelope.recipients.append(route)
-            self._reply(reply)
+            if reply.is_success or reply.code in _LOCAL_TROUBLE or not session.limited:
+                self._reply(reply)
+            else:
+                # A refused address (no such group, relay denied, a lookup
+                # cap) is an error, as in Postfix: a probe meets the
+                # error sleep and the hard limit.
+                self._error(reply)
 
         return d.addCallback(answer)
 
@@ -710,6 +862,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._refuse_pipelined_data()
             return
         self._data = _DataState(spool)
+        self._data.started = self.factory.clock.seconds()
+        self.setTimeout(self.factory.settings.idle_timeout)
         try:
             self.data_started(spool)
         except OSError as e:
@@ -735,19 +889,19 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def do_RSET(self, arg: str) -> None:
         self._reset_transaction()
-        self._reply(status.OK)
+        self._junk_command(status.OK)
 
     def do_NOOP(self, arg: str) -> None:
-        self._reply(status.OK)
+        self._junk_command(status.OK)
 
     def do_VRFY(self, arg: str) -> None:
-        self._reply(status.VRFY_CANNOT)
+        self._junk_command(status.VRFY_CANNOT)
 
     def do_EXPN(self, arg: str) -> None:
-        self._reply(status.NOT_IMPLEMENTED)
+        self._junk_command(status.NOT_IMPLEMENTED)
 
     def do_HELP(self, arg: str) -> None:
-        self._reply(status.HELP)
+        self._junk_command(status.HELP)
 
     def do_QUIT(self, arg: str) -> None:
         self._reply(status.CLOSING)
@@ -802,6 +956,8 @@ class LMTPServer(SMTPServer):
     """
 
     protocol_name = "LMTP"
+    # LMTP's client is the site's own MTA, which has done its own checks.
+    client_limits = False
 
     def do_LHLO(self, arg: str) -> None:
         self._greet(arg, extended=True)
@@ -847,6 +1003,9 @@ class InboundFactory(Factory):
     @ivar spool_alarm: logs spooling faults once per burst; share one
         between the listeners of a process.
     @ivar connections: the number of open connections.
+    @ivar anvil: the per-client counters (L{gsmail.anvil.Anvil}) shared by
+        the process's listeners; by default one of this factory's own with
+        Postfix-like limits. LMTP listeners never limit their clients.
     """
 
     noisy = False
@@ -861,8 +1020,10 @@ class InboundFactory(Factory):
         spool_dir: str = "",
         spool_files: SpoolFiles | None = None,
         spool_alarm: SpoolAlarm | None = None,
+        anvil: Anvil | None = None,
     ) -> None:
         self.core = core
+        self.anvil = anvil if anvil is not None else Anvil(ClientLimits(), clock)
         self.settings = settings
         self.clock = clock
         self.protocol = LMTPServer if lmtp else SMTPServer  # type: ignore[assignment]
@@ -877,6 +1038,20 @@ class InboundFactory(Factory):
         if self.spool_files is not None:
             return self.spool_files.directory
         return self.spool_dir or tempfile.gettempdir()
+
+
+#: Replies that say gsmail (or GroupServer) is in trouble, not the client:
+#: never counted as the client's errors.
+_LOCAL_TROUBLE = frozenset({421, 451, 452})
+
+
+def _peer_host(transport: Any) -> str | None:
+    """The peer's IP address as text, or C{None} (a UNIX socket, or unknown)."""
+    try:
+        host = getattr(transport.getPeer(), "host", None)
+    except Exception:
+        return None
+    return host if isinstance(host, str) else None
 
 
 def _describe_peer(transport: Any) -> str:

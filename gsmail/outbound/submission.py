@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.addresses import Address, Route, RouteKind
+from gsmail.anvil import Anvil, auth_locked, parse_networks
 from gsmail.inbound.delivery import received_from
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, release
@@ -75,17 +76,6 @@ STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 
 #: The submission listener's TLS levels (Postfix's C{smtpd_tls_security_level}).
 TLS_LEVELS = ("none", "may", "encrypt")
-
-
-def parse_networks(
-    text: Iterable[str],
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """
-    Parse client networks such as C{127.0.0.0/8} and C{::1}.
-
-    @raise ValueError: a network that does not parse.
-    """
-    return tuple(ipaddress.ip_network(n.strip(), strict=False) for n in text if n.strip())
 
 
 class PasswordChecker:
@@ -346,6 +336,13 @@ class SubmissionServer(SMTPServer):
         if not self._auth_available():
             self._error(AUTH_NEEDS_TLS)
             return
+        host = self._limited_host
+        if host is not None and not self.factory.anvil.auth_allowed(host):
+            # A password guesser: refused without a check until its window
+            # ends (the lock-out was logged once, by the anvil).
+            self._reply(auth_locked(host))
+            self._close()
+            return
         mechanism, _, initial = arg.strip().partition(" ")
         mechanism = mechanism.upper()
         if mechanism == "PLAIN":
@@ -404,6 +401,11 @@ class SubmissionServer(SMTPServer):
             self.authorized = True
             log.info("{peer} authenticated as {user}", peer=self.session.peer, user=printable(user))
             self._reply(AUTH_OK)
+        elif self._limited_host is not None:
+            # Counted per client and logged once per burst by the anvil;
+            # each failure is answered slowly (auth_failure_delay).
+            self.factory.anvil.auth_failed(self._limited_host)
+            self._error(AUTH_FAILED, delay=self.factory.settings.auth_failure_delay)
         else:
             log.warn("Failed AUTH from {peer}", peer=self.session.peer)
             self._error(AUTH_FAILED)
@@ -434,6 +436,10 @@ class SubmissionFactory(InboundFactory):
         C{settings.tls} is set; C{"none"}: never offered (gs.email's
         C{no_tls}); C{"encrypt"}: required of TCP clients before MAIL
         (C{530 5.7.0}) and AUTH (C{538 5.7.11}) (gs.email's C{force_tls}).
+    @param anvil: the per-client counters (L{gsmail.anvil.Anvil}): failed
+        AUTH from a client outside its exception networks is answered after
+        C{settings.auth_failure_delay} seconds, and past its
+        C{client_auth_failure_limit} AUTH gets C{421 4.7.0} unchecked.
     @raise ValueError: an unknown C{tls_security_level}, or C{"encrypt"}
         without C{settings.tls}.
     """
@@ -453,6 +459,7 @@ class SubmissionFactory(InboundFactory):
         spool_dir: str = "",
         spool_files: SpoolFiles | None = None,
         spool_alarm: SpoolAlarm | None = None,
+        anvil: Anvil | None = None,
     ) -> None:
         if tls_security_level not in TLS_LEVELS:
             raise ValueError(f"tls_security_level must be one of {TLS_LEVELS}")
@@ -465,6 +472,7 @@ class SubmissionFactory(InboundFactory):
             spool_dir=spool_dir,
             spool_files=spool_files,
             spool_alarm=spool_alarm,
+            anvil=anvil,
         )
         self.protocol = SubmissionServer  # type: ignore[assignment]
         self.trusted_networks = tuple(trusted_networks)

@@ -12,10 +12,12 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -958,3 +960,5 @@ class AttackTests(ServerTestsMixin, SynchronousTestCase):
             proto.dataReceived(message[cut:])  # type: ignore[attr-defined]
             self.assertEqual(self.core.deliveries[0][2], expected, cut)
             self.assertEqual(codes(t), ["250 2.0.0"], cut)
+            # Closed, so the next session is not refused as the 51st from one client.
+            proto.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]

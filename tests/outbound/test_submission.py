@@ -168,6 +168,7 @@ class SubmissionTests(SynchronousTestCase):
         proto.dataReceived(b"EHLO x\r\nSTARTTLS\r\n")
         proto.dataReceived(b"EHLO x\r\n")
         t.clear()
+        self.transport = t
         for c in commands:
             proto.dataReceived(c)
         return lines(t)
@@ -188,10 +189,18 @@ class SubmissionTests(SynchronousTestCase):
         )
 
     def test_auth_wrong_password(self) -> None:
-        """A wrong password is 535 5.7.8 and the client stays unauthorized."""
+        """
+        A wrong password is 535 5.7.8, answered after auth_failure_delay
+        (1 s; the pipelined MAIL waits for it), and the client stays
+        unauthorized.
+        """
         token = b64encode(b"\0groupserver\0wrong")
         out = self.auth_session(b"AUTH PLAIN " + token + b"\r\n", b"MAIL FROM:<a@example.org>\r\n")
-        self.assertEqual([o[:9] for o in out], ["535 5.7.8", "554 5.7.1"])
+        self.assertEqual(out, [])
+        self.clock.advance(0.99)
+        self.assertEqual(lines(self.transport), [])
+        self.clock.advance(0.01)
+        self.assertEqual([o[:9] for o in lines(self.transport)], ["535 5.7.8", "554 5.7.1"])
 
     def test_auth_needs_tls(self) -> None:
         """AUTH is neither offered nor accepted before TLS (538 5.7.11)."""
