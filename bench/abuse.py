@@ -277,7 +277,7 @@ def probe(server: Gsmail, standin: StandIn, count: int) -> dict[str, Any]:
     standin.reset()
     started = time.monotonic()
     answered = 0
-    ended = f"all {count} answered"
+    ended = f"all {n(count)} answered"
     try:
         with Client(server.port) as client:
             code, text = client.reply()
@@ -552,7 +552,7 @@ def cells(row: str, r: dict[str, Any]) -> str:
         )
         return (
             f"**{r['checked']}** of {r['tries']} checked; {locked}; "
-            f"{r['refused_unchecked']} refused unchecked ({r['seconds']:.1f} s, "
+            f"{r['refused_unchecked']} refused unchecked ({r['seconds']:.2f} s, "
             f"{r['sessions']} sessions)"
         )
     if row == "hold":
