@@ -22,6 +22,13 @@ setup(
         "idna>=3.0",
         "hyperlink>=21.0.0",
         "flufl.bounce>=4.0",
+        # DKIM signing, ARC, and the authentication checks of inbound mail
+        "dkimpy>=1.1.5",
+        "authres>=1.2.0",
+        "PyNaCl>=1.5",
+        "dnspython>=2.4",
+        "pyspf>=2.0.14",
+        "publicsuffixlist>=1.0",
     ],
     entry_points={
         "console_scripts": [

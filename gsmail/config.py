@@ -186,6 +186,28 @@ class GsmailConfig:
     batch_size: int = 50
     relayhost_xverp: bool = False
     smtp_trace: bool = False
+    # -- deliverability (gsmail.signing, gsmail.inbound.authresults) -----------
+    # DKIM keys, DOMAIN:SELECTOR:KEYFILE each (file names made absolute)
+    dkim_keys: tuple[str, ...] = ()
+    dkim_sign_headers: tuple[str, ...] = (
+        "From",
+        "To",
+        "Cc",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "In-Reply-To",
+        "References",
+        "List-*",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+    )
+    arc_seal: bool = False
+    # SPF, DKIM and DMARC checks of mail from the internet (ESMTP listener)
+    authentication_results: bool = True
+    auth_check_time: float = 5.0
+    auth_check_exceptions: tuple[str, ...] = ("127.0.0.0/8", "::1")
     # -- from GroupServer's [smtp-NAME] section (gs.email's options): they
     # describe GroupServer's connection to the submission listener ------------
     smtp_username: str = ""
@@ -291,7 +313,8 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     reader.warn_unknown(gsmail)
     config = reader.gsmail(gsmail, instance, token, relay_prefix)
     config = attrs.evolve(config, **reader.verp(gsmail), **reader.limits(gsmail))
-    return attrs.evolve(config, **reader.outbound(gsmail, smtp))
+    config = attrs.evolve(config, **reader.outbound(gsmail, smtp))
+    return attrs.evolve(config, **reader.deliverability(gsmail))
 
 
 @attrs.frozen
@@ -967,6 +990,57 @@ class _Reader:
                     security_level=values["smtp_tls_security_level"],
                 )
         return values
+
+    def deliverability(self, section: str) -> dict[str, Any]:
+        """
+        DKIM signing and ARC sealing of outbound mail (L{gsmail.signing}):
+        C{dkim_keys} (C{DOMAIN:SELECTOR:KEYFILE}, comma-separated; the files
+        are read when used, so a missing one is logged, not refused),
+        C{dkim_sign_headers} (must name C{From}), C{arc_seal} (needs a key);
+        and the authentication checks of inbound mail
+        (L{gsmail.inbound.authresults}): C{authentication_results},
+        C{auth_check_time} (seconds, at most 60), C{auth_check_exceptions}
+        (networks).
+        """
+        keys = self.words(section, "dkim_keys")
+        if keys:
+            from gsmail.signing import parse_key_specs
+
+            try:
+                specs = parse_key_specs(keys, self.base)
+            except ValueError as e:
+                raise self.error(section, "dkim_keys", str(e)) from None
+            keys = tuple(f"{s.domain}:{s.selector}:{os.path.normpath(s.path)}" for s in specs)
+        headers = self.words(section, "dkim_sign_headers")
+        for name in headers:
+            if not re.fullmatch(r"[\x21-\x39\x3b-\x7e]+", name) or "*" in name[:-1]:
+                raise self.error(section, "dkim_sign_headers", f"not a field name: {name!r}")
+        if "from" not in {h.lower() for h in headers}:
+            raise self.error(section, "dkim_sign_headers", "must name From (RFC 6376 5.4)")
+        arc_seal = self.boolean(section, "arc_seal")
+        if arc_seal and not keys:
+            raise self.error(section, "arc_seal", "needs dkim_keys (the seal is signed by them)")
+        check_time = self.duration(section, "auth_check_time")
+        if check_time > 60:
+            raise self.error(
+                section, "auth_check_time", f"must be at most 60 seconds, got {check_time:g}"
+            )
+        exceptions = self.words(section, "auth_check_exceptions")
+        for network in exceptions:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise self.error(
+                    section, "auth_check_exceptions", f"not a network: {network!r}"
+                ) from None
+        return {
+            "dkim_keys": keys,
+            "dkim_sign_headers": headers,
+            "arc_seal": arc_seal,
+            "authentication_results": self.boolean(section, "authentication_results"),
+            "auth_check_time": check_time,
+            "auth_check_exceptions": exceptions,
+        }
 
     def mx_tls(self, section: str) -> str:
         """C{mx_tls}: C{none}, C{may}, C{encrypt}, or empty (as C{smtp_tls_security_level})."""

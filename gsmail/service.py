@@ -44,6 +44,7 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+from gsmail.signing import DKIMSigner, KeyRing, parse_key_specs
 from gsmail.status import Reply
 from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
 from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
@@ -320,6 +321,7 @@ class GsmailService(MultiService):
             self.workers = InboundWorkers(config, reactor)
         self.queue: OutboundQueue | None = None
         self.outbound: OutboundDelivery | None = None
+        self.signer: DKIMSigner | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
         if config.postmaster_address and config.inbound_workers:
@@ -340,8 +342,13 @@ class GsmailService(MultiService):
         # The journal's group commits (one or more per transaction delivered)
         # get a thread of their own, as the ledger's fsyncs do.
         self._journal_sync = SerialThread(self.reactor, "gsmail-journal")
+        self.signer = dkim_signer(config)
         self.queue = OutboundQueue(
-            config.queue_dir, clock=self.reactor, sync=blocking, journal_sync=self._journal_sync
+            config.queue_dir,
+            clock=self.reactor,
+            sync=blocking,
+            journal_sync=self._journal_sync,
+            signer=None if self.signer is None else self.signer.queue_signer,
         )
         self._dns = _resolver(config.dns_servers, self.reactor)
         relayhost = parse_relayhost(config.relayhost) if config.relayhost else None
@@ -484,6 +491,7 @@ class GsmailService(MultiService):
             raise ConfigError(f"verp_key_file: {e}") from None
         if self.queue is not None:
             self.queue.load()
+            self._check_dkim_keys()
         if self.standin is not None:
             self._start_standin()
         super().startService()
@@ -499,6 +507,16 @@ class GsmailService(MultiService):
                 self.outbound.start()
             else:
                 log.info("processorthread is off: outbound mail is queued, not delivered")
+
+    def _check_dkim_keys(self) -> None:
+        """Say at start which DKIM keys cannot be used (their mail would wait)."""
+        if self.signer is None:
+            return
+        for problem in self.signer.keys.check():
+            log.error(
+                "DKIM key {problem}: mail it signs waits in the queue until it can be used",
+                problem=problem,
+            )
 
     def _imported(self, count: int) -> None:
         if count:
@@ -566,6 +584,22 @@ class GsmailService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
 
+def dkim_signer(config: GsmailConfig) -> DKIMSigner | None:
+    """
+    The DKIM signer of the outbound queue (L{gsmail.signing}), or C{None}
+    when no C{dkim_keys} are configured. Reads no key yet.
+    """
+    if not config.dkim_keys:
+        return None
+    specs = parse_key_specs(config.dkim_keys)
+    return DKIMSigner(
+        KeyRing(specs),
+        config.dkim_sign_headers,
+        arc=config.arc_seal,
+        authserv_id=config.hostname,
+    )
+
+
 def submission_tls_level(config: GsmailConfig) -> str:
     """
     The submission listener's TLS level from GroupServer's C{[smtp-NAME]}
@@ -594,8 +628,11 @@ class _KickingQueue:
         xverp: bool = False,
         params: dict[str, str] | None = None,
         dsn: Sequence[tuple[str, str]] | None = None,
+        sign: bool = False,
     ) -> Deferred[Any]:
-        d = self._queue.enqueue(sender, recipients, data, xverp=xverp, params=params, dsn=dsn)
+        d = self._queue.enqueue(
+            sender, recipients, data, xverp=xverp, params=params, dsn=dsn, sign=sign
+        )
 
         def kick(envelope: Any) -> Any:
             self._delivery.kick()

@@ -90,6 +90,10 @@ _MESSAGES_KEPT = 16
 #: a post submitted in batches of 50 goes out over the same connections
 #: instead of new ones (connect, greeting, EHLO, QUIT) for every batch.
 CONNECTION_CACHE_TIME = 2.0
+#: Seconds between tries to DKIM-sign messages whose key could not be used
+#: (L{OutboundQueue.resign}), and between log lines saying it still fails.
+SIGN_RETRY = 60.0
+SIGN_FAILURE_LOG_INTERVAL = 900.0
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 
@@ -370,6 +374,12 @@ class OutboundDelivery:
         # Per message being delivered: its data path and MAIL parameters
         # (without and with XVERP), for L{_transaction}.
         self._made: dict[str, tuple[str, dict[str, str | None], dict[str, str | None]]] = {}
+        # DKIM signing that waits for a key (Envelope.sign_pending): the
+        # messages being signed now, when to try again, and the last failure
+        # logged (reason, time), so a broken key is one line, not one per message.
+        self._signing: set[str] = set()
+        self._sign_retry_at = 0.0
+        self._sign_failure: tuple[str, float] | None = None
         queue.watch(self._queued)
         #: Counters for tests and metrics.
         self.transactions = 0
@@ -490,6 +500,9 @@ class OutboundDelivery:
         """
         if envelope.held:
             return  # stays waiting: a release kicks
+        if envelope.sign_pending and not backoff.expired(envelope.created, now, self.lifetime):
+            self._sign_later(envelope, now)
+            return
         in_flight = self._in_flight
         due: list[RecipientState] = []
         later: float | None = None
@@ -517,6 +530,53 @@ class OutboundDelivery:
             return
         for job in self._jobs_for(envelope, due):
             self._submit(job)
+
+    def _sign_later(self, envelope: Envelope, now: float) -> None:
+        """
+        A message queued unsigned because its DKIM key could not be used:
+        try to sign it (L{OutboundQueue.resign}) now, or at the next try
+        after a failure; it is delivered only once signed (or expires).
+        """
+        self._waiting.add(envelope.id)
+        if envelope.id in self._signing:
+            return
+        if now < self._sign_retry_at:
+            self._wake_at(envelope.id, self._sign_retry_at)
+            return
+        self._signing.add(envelope.id)
+        Deferred.fromCoroutine(self._resign(envelope)).addErrback(
+            lambda f: log.failure("Signing {queue_id} failed", f, queue_id=envelope.id)
+        )
+
+    async def _resign(self, envelope: Envelope) -> None:
+        try:
+            await self.queue.resign(envelope)
+        except NoSuchMessageError:
+            return  # deleted meanwhile
+        except Exception as e:
+            now = self.reactor.seconds()
+            reason = str(e) or e.__class__.__name__
+            self._sign_retry_at = now + SIGN_RETRY
+            last = self._sign_failure
+            if last is None or last[0] != reason or now >= last[1] + SIGN_FAILURE_LOG_INTERVAL:
+                self._sign_failure = (reason, now)
+                log.error(
+                    "DKIM signing fails: {reason}; {count} messages wait unsent"
+                    " (tried again every {retry:g} s)",
+                    reason=reason,
+                    count=sum(1 for e in self.queue.envelopes() if e.sign_pending),
+                    retry=SIGN_RETRY,
+                )
+            for r in envelope.pending():
+                # For gsmail-queue list and, should it expire, the DSN.
+                r.last_reply = f"451 4.7.0 Not sent: it cannot be DKIM-signed ({reason})"
+            self._wake_at(envelope.id, self._sign_retry_at)
+            self._schedule()
+            return
+        finally:
+            self._signing.discard(envelope.id)
+        self._sign_failure = None
+        self.kick()
 
     def _jobs_for(self, envelope: Envelope, due: list[RecipientState]) -> list[_Job]:
         """
@@ -1177,7 +1237,7 @@ class OutboundDelivery:
             envelope_id=_envelope_id(envelope),
         )
         try:
-            await self.queue.enqueue("", [sender], message)
+            await self.queue.enqueue("", [sender], message, sign=True)
         except Exception:
             log.failure("Could not queue a DSN for {queue_id}", queue_id=envelope.id)
             return
