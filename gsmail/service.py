@@ -30,6 +30,7 @@ from gsmail.config import ConfigError, GsmailConfig, verp_key_path
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
+from gsmail.inbound.authresults import AuthChecker, make_resolver
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.postmaster import ForwardPostmaster, MaildirPostmaster
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
@@ -177,6 +178,7 @@ class InboundParts:
             postmaster=MaildirPostmaster(config.postmaster_maildir, _thread_runner(reactor)),
             verp=self.verp,
             blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+            auth=auth_checker(config, reactor),
         )
         self.settings = ServerSettings(
             hostname=config.hostname,
@@ -582,6 +584,24 @@ class GsmailService(MultiService):
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._stop())
+
+
+def auth_checker(config: GsmailConfig, reactor: Any) -> AuthChecker | None:
+    """
+    The authentication checks of mail from the internet
+    (L{gsmail.inbound.authresults}), or C{None} when
+    C{authentication_results} is off or there is no ESMTP listener.
+    """
+    if not config.authentication_results or not config.smtp_endpoint:
+        return None
+    return AuthChecker(
+        authserv_id=config.hostname,
+        resolver=make_resolver(config.dns_servers),
+        clock=reactor,
+        blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+        budget=config.auth_check_time,
+        exceptions=parse_networks(config.auth_check_exceptions),
+    )
 
 
 def dkim_signer(config: GsmailConfig) -> DKIMSigner | None:

@@ -8,6 +8,7 @@ ledger, so no message is ever posted twice.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -30,6 +31,7 @@ from gsmail.addresses import (
     route_recipient,
 )
 from gsmail.bounces import Blocking, BounceScreen
+from gsmail.inbound.authresults import AuthChecker, AuthOutcome
 from gsmail.inbound.postmaster import Postmaster
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage, release
@@ -172,13 +174,22 @@ def received_from(session: Session) -> str:
 
 
 def trace_fields(
-    session: Session, envelope: Envelope, recipient: Address, hostname: str, when: float
+    session: Session,
+    envelope: Envelope,
+    recipient: Address,
+    hostname: str,
+    when: float,
+    auth: bytes = b"",
 ) -> bytes:
     """
     The header fields an MTA adds on delivery, LF-terminated, to put before
     the message: C{Return-Path} (RFC 5321 §4.4), C{Received} (RFC 5321 §4.4,
     RFC 3848 protocol names) and C{X-Original-To}, the envelope recipient, as
     Postfix adds it and as GroupServer's code reads it.
+
+    C{auth}, gsmail's C{Authentication-Results} field (RFC 8601,
+    L{gsmail.inbound.authresults}), goes after C{Return-Path}, above
+    C{Received}, as the newest trace field.
 
     The addresses are written as received: the parser
     (L{gsmail.addresses.parse_mailbox}) refuses any with a control or
@@ -197,8 +208,11 @@ def trace_fields(
         f"\tby {hostname} (gsmail) with {with_} id {session.id}\n"
         f"\tfor <{recipient}>; {date}\n"
     )
-    lines = f"Return-Path: <{sender}>\n{received}X-Original-To: {recipient}\n"
-    return lines.encode("utf-8")
+    return (
+        f"Return-Path: <{sender}>\n".encode()
+        + auth
+        + f"{received}X-Original-To: {recipient}\n".encode()
+    )
 
 
 class DeliveryCore:
@@ -220,6 +234,9 @@ class DeliveryCore:
         unsigned XVERP addresses only, always accepted.
     @param blocking: runs the parsing of messages to bounce addresses in a
         thread (L{BounceScreen}); C{None}: in the reactor thread.
+    @param auth: checks SPF, DKIM and DMARC of mail from the internet and
+        gives the C{Authentication-Results} field to add (and removes forged
+        ones) before it is posted; C{None}: no checks.
     """
 
     def __init__(
@@ -238,8 +255,10 @@ class DeliveryCore:
         postmaster: Postmaster | None = None,
         verp: VerpPolicy | None = None,
         blocking: Blocking | None = None,
+        auth: AuthChecker | None = None,
     ) -> None:
         self.client = client
+        self.auth = auth
         self.postmaster = postmaster
         self.ledger = ledger
         self.clock = clock
@@ -390,20 +409,43 @@ class DeliveryCore:
         self, session: Session, envelope: Envelope, message: SpooledMessage
     ) -> Deferred[list[Reply]]:
         """
-        Deliver C{message} to every accepted recipient of C{envelope}.
+        Deliver C{message} to every accepted recipient of C{envelope}, after
+        its authentication checks (C{auth}; at most their time budget).
 
         @return: one reply per recipient in RCPT order; never fails. The spool
             file is removed once every delivery has finished, which may be
             after the replies (see C{reply_deadline}).
         """
         received = self.clock.seconds()
+        self.in_flight += 1
+        checked = None
+        if self.auth is not None and any(
+            route.kind is not RouteKind.BOUNCE for route in envelope.recipients
+        ):
+            checked = self.auth.check(session, envelope, message)
+        if checked is None:
+            return self._deliver_all(session, envelope, message, None, received)
+        return checked.addCallback(
+            lambda outcome: self._deliver_all(session, envelope, message, outcome, received)
+        )
+
+    def _deliver_all(
+        self,
+        session: Session,
+        envelope: Envelope,
+        message: SpooledMessage,
+        auth: AuthOutcome | None,
+        received: float,
+    ) -> Deferred[list[Reply]]:
+        posted = message if auth is None else auth.message
+        field = b"" if auth is None else auth.field
         work = [
-            self._deliver_one(session, envelope, route, message, received)
+            self._deliver_one(session, envelope, route, posted, received, field)
             for route in envelope.recipients
         ]
-        self.in_flight += 1
         answered: Deferred[list[Reply]] = Deferred()
-        timer = self.clock.callLater(self.reply_deadline, self._deadline_passed, work, answered)
+        left = max(0.0, self.reply_deadline - (self.clock.seconds() - received))
+        timer = self.clock.callLater(left, self._deadline_passed, work, answered)
 
         def finished(replies: list[Reply]) -> None:
             if timer.active():
@@ -412,6 +454,8 @@ class DeliveryCore:
                 answered.callback(replies)
             try:
                 release(message)
+                if auth is not None and auth.extra_file is not None:
+                    os.unlink(auth.extra_file)
             except OSError as e:
                 log.warn(
                     "Could not remove the spool file {path}: {error}", path=e.filename, error=e
@@ -460,8 +504,9 @@ class DeliveryCore:
         route: Route,
         message: SpooledMessage,
         received: float,
+        auth: bytes = b"",
     ) -> Deferred[Reply]:
-        prefix = trace_fields(session, envelope, route.recipient, self.hostname, received)
+        prefix = trace_fields(session, envelope, route.recipient, self.hostname, received, auth)
         if route.kind is RouteKind.POSTMASTER and self.postmaster is not None:
             return self._to_postmaster(session, envelope, prefix, message)
         source = MessageSource(
