@@ -33,6 +33,7 @@ setup(
     entry_points={
         "console_scripts": [
             "gsmail-queue = gsmail.queuectl:main",
+            "gsmail-dkim = gsmail.dkimtool:main",
             "smtp2gs = gsmail.script:main",
         ]
     },

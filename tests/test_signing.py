@@ -116,7 +116,9 @@ class KeySpecTests(SynchronousTestCase):
 
     def test_parse(self) -> None:
         """Domains are lowercased and IDNA-encoded, relative files made absolute."""
-        specs = parse_key_specs(["Groups.Example.COM.:gs1:keys/a.key", "bücher.example:s2:/k"], "/etc")
+        specs = parse_key_specs(
+            ["Groups.Example.COM.:gs1:keys/a.key", "bücher.example:s2:/k"], "/etc"
+        )
         self.assertEqual(
             specs,
             (
@@ -338,7 +340,12 @@ class ARCTests(SignerTestCase):
         names = [line.split(b":", 1)[0] for line in prefix.split(b"\n") if line[:1].isalpha()]
         self.assertEqual(
             names,
-            [b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results", b"DKIM-Signature"],
+            [
+                b"ARC-Seal",
+                b"ARC-Message-Signature",
+                b"ARC-Authentication-Results",
+                b"DKIM-Signature",
+            ],
         )
         wire = (prefix + resent).replace(b"\n", b"\r\n")
         cv, _, comment = dkim.arc_verify(wire, dnsfunc=self.dns)
@@ -361,7 +368,7 @@ class RecordTests(SignerTestCase):
         """The printed record names SELECTOR._domainkey.DOMAIN and holds k= and p=."""
         ring = KeyRing([self.rsa, self.ed])
         record = dns_record(SITE, "gs1", ring.get(self.rsa))
-        self.assertTrue(record.startswith(f"gs1._domainkey.{SITE}. IN TXT ( \"v=DKIM1; k=rsa; p="))
+        self.assertTrue(record.startswith(f'gs1._domainkey.{SITE}. IN TXT ( "v=DKIM1; k=rsa; p='))
         self.assertTrue(all(len(s) <= 255 for s in record.split('"')))
         short = dns_record(SITE, "gs2", ring.get(self.ed))
         self.assertEqual(short.count('"'), 2)
@@ -390,8 +397,6 @@ class RecordTests(SignerTestCase):
 
         key = load_key(self.rsa.path)
         public = serialization.load_der_public_key(base64.b64decode(key.public))
-        pkcs1 = public.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.PKCS1
-        )
+        pkcs1 = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
         record = b"v=DKIM1; p=" + base64.b64encode(pkcs1)
         self.assertIsNone(public_key_matches(record, key))

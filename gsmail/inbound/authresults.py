@@ -346,9 +346,7 @@ def dmarc_record(domain: str, resolver: DNS) -> dict[str, str] | None:
     return tags
 
 
-def check_dmarc(
-    from_domain: str, checks: Checks, resolver: DNS
-) -> tuple[str, str]:
+def check_dmarc(from_domain: str, checks: Checks, resolver: DNS) -> tuple[str, str]:
     """
     The DMARC result (RFC 7489 §6.6) for C{from_domain} given the SPF and
     DKIM results in C{checks}, and the policy that applies (C{p}, or C{sp}
@@ -779,4 +777,3 @@ class AuthChecker:
             data = cleaned_header + message.data[len(header) :]
         copy = attrs.evolve(message, path=path, size=size, data=data, files=None)
         return _Prepared(header, whole, copy, path, len(spans))
-

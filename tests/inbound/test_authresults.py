@@ -112,7 +112,9 @@ class ChecksTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.resolver = FakeResolver()
         self.resolver.txt("sender.example", f"v=spf1 ip4:{CLIENT} -all")
-        self.resolver.txt("_dmarc.sender.example", "v=DMARC1; p=reject; rua=mailto:d@sender.example")
+        self.resolver.txt(
+            "_dmarc.sender.example", "v=DMARC1; p=reject; rua=mailto:d@sender.example"
+        )
         keys = self.mktemp()
         self.spec = KeySpec("sender.example", "sel", key_file(keys, "k.key"))
         ring = KeyRing([self.spec])
@@ -158,7 +160,9 @@ class DKIMTests(ChecksTestCase):
     def test_pass(self) -> None:
         checks = run_checks(self.resolver, self.signed())
         [result] = checks.dkim or []
-        self.assertEqual((result.result, result.domain, result.selector), ("pass", "sender.example", "sel"))
+        self.assertEqual(
+            (result.result, result.domain, result.selector), ("pass", "sender.example", "sel")
+        )
         self.assertEqual(len(result.b), 8)
 
     def test_none(self) -> None:
@@ -177,7 +181,9 @@ class DKIMTests(ChecksTestCase):
     def test_no_key_is_permerror(self) -> None:
         del self.resolver.records[("sel._domainkey.sender.example", "TXT")]
         checks = run_checks(self.resolver, self.signed())
-        self.assertEqual([(r.result, r.reason) for r in checks.dkim or []], [("permerror", "no key")])
+        self.assertEqual(
+            [(r.result, r.reason) for r in checks.dkim or []], [("permerror", "no key")]
+        )
 
     def test_key_timeout_is_temperror(self) -> None:
         self.resolver.timeouts.add("sel._domainkey.sender.example")
@@ -207,7 +213,9 @@ class DMARCTests(ChecksTestCase):
         """SPF passes for another domain, no signature: fail, p=reject reported."""
         self.resolver.txt("forger.example", f"v=spf1 ip4:{CLIENT} -all")
         checks = run_checks(self.resolver, MESSAGE, mail_from="x@forger.example")
-        self.assertEqual((checks.spf, checks.dmarc, checks.dmarc_policy), ("pass", "fail", "reject"))
+        self.assertEqual(
+            (checks.spf, checks.dmarc, checks.dmarc_policy), ("pass", "fail", "reject")
+        )
 
     def test_subdomain_uses_sp(self) -> None:
         """A subdomain without a record gets the organisational domain's sp=."""

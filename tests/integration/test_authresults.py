@@ -67,20 +67,25 @@ class Silent(DatagramProtocol):
 
 
 def message(sender: str, subject: str, extra: bytes = b"") -> bytes:
-    return extra + (
-        f"From: Alice <{sender}>\r\n"
-        f"To: {GROUP}\r\n"
-        f"Subject: {subject}\r\n"
-        f"Message-ID: <{subject.replace(' ', '.')}@sender.example>\r\n"
-        f"\r\n"
-        f"Hello, group.\r\n"
-    ).encode()
+    return (
+        extra
+        + (
+            f"From: Alice <{sender}>\r\n"
+            f"To: {GROUP}\r\n"
+            f"Subject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '.')}@sender.example>\r\n"
+            f"\r\n"
+            f"Hello, group.\r\n"
+        ).encode()
+    )
 
 
 def results_of(post: bytes) -> list[bytes]:
     """The Authentication-Results fields of a post (unfolded), top first."""
     head = post.split(b"\n\n", 1)[0].replace(b"\n\t", b" ").replace(b"\n ", b" ")
-    return [line for line in head.split(b"\n") if line.lower().startswith(b"authentication-results:")]
+    return [
+        line for line in head.split(b"\n") if line.lower().startswith(b"authentication-results:")
+    ]
 
 
 class AuthenticationResultsTests(TestCase):
@@ -134,7 +139,9 @@ class AuthenticationResultsTests(TestCase):
         await self.send(service, "alice@sender.example", signed)
         [post] = service.standin.posts("example")
         [field] = results_of(post)
-        self.assertTrue(post.startswith(b"Return-Path: <alice@sender.example>\nAuthentication-Results: "))
+        self.assertTrue(
+            post.startswith(b"Return-Path: <alice@sender.example>\nAuthentication-Results: ")
+        )
         self.assertTrue(field.startswith(f"Authentication-Results: {HOST}; ".encode()), field)
         self.assertIn(b"spf=pass smtp.mailfrom=sender.example", field)
         self.assertIn(b"dkim=pass header.d=sender.example header.s=sel", field)
@@ -184,7 +191,9 @@ class AuthenticationResultsTests(TestCase):
         """With authentication_results off, nothing is added or removed."""
         service = self.start(authentication_results=False)
         planted = f"Authentication-Results: {HOST}; dkim=pass\r\n".encode()
-        await self.send(service, "alice@sender.example", message("a@sender.example", "off", planted))
+        await self.send(
+            service, "alice@sender.example", message("a@sender.example", "off", planted)
+        )
         [post] = service.standin.posts("example")
         self.assertEqual(results_of(post), [f"Authentication-Results: {HOST}; dkim=pass".encode()])
 
