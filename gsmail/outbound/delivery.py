@@ -561,7 +561,7 @@ class OutboundDelivery:
             if last is None or last[0] != reason or now >= last[1] + SIGN_FAILURE_LOG_INTERVAL:
                 self._sign_failure = (reason, now)
                 log.error(
-                    "DKIM signing fails: {reason}; {count} messages wait unsent"
+                    "DKIM signing fails: {reason}; messages waiting unsent: {count}"
                     " (tried again every {retry:g} s)",
                     reason=reason,
                     count=sum(1 for e in self.queue.envelopes() if e.sign_pending),

@@ -900,9 +900,11 @@ class OutboundQueue:
         await self._run(job)
         self._envelopes[qid] = envelope
         if envelope.sign_pending:
-            self.log.error(
+            # A warning per message; the error, once per broken key, is
+            # delivery's (OutboundDelivery._resign), which retries.
+            self.log.warn(
                 "Queued {queue_id} unsigned: {reason}; it is not sent until it can be"
-                " DKIM-signed (tried again every minute)",
+                " DKIM-signed",
                 queue_id=qid,
                 reason=signing[0],
             )
