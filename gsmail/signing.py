@@ -336,8 +336,11 @@ class DKIMSigner:
 
     def signing_domain(self, from_field: bytes | None, sender: str) -> str | None:
         """
-        The domain that signs: the C{From} address's if a key is configured
-        for it, else the envelope sender's if one is, else C{None}.
+        The domain that signs: the C{From} address's domain, or the
+        nearest parent of it, that has a key configured (so that
+        C{MAILER-DAEMON@mx.groups.example.com}, gsmail's DSNs, is signed by
+        C{groups.example.com}: aligned for DMARC, RFC 7489 §3.1.1); else
+        the same for the envelope sender; else C{None}.
 
         @param from_field: the value of the message's one C{From} field;
             C{None} when it has none or several (then only C{sender} counts).
@@ -346,11 +349,18 @@ class DKIMSigner:
         if from_field is not None:
             addresses = email.utils.getaddresses([from_field.decode("utf-8", "replace")])
             if len(addresses) == 1:
-                domain = _domain_of(addresses[0][1])
-                if domain in self._domains:
+                domain = self._configured(_domain_of(addresses[0][1]))
+                if domain is not None:
                     return domain
-        domain = _domain_of(sender)
-        return domain if domain in self._domains else None
+        return self._configured(_domain_of(sender))
+
+    def _configured(self, domain: str | None) -> str | None:
+        """C{domain} or its nearest parent that has a key, or C{None}."""
+        while domain:
+            if domain in self._domains:
+                return domain
+            _, _, domain = domain.partition(".")
+        return None
 
     def sign(self, message: bytes, sender: str) -> bytes:
         """

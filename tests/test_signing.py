@@ -300,6 +300,23 @@ class SigningTests(SignerTestCase):
         self.assertEqual(signature_tags(prefix + post)[b"d"], SITE.encode())
         self.assertEqual(verify_all(prefix + post, self.dns), [("rsa-sha256", True)])
 
+    def test_parent_domain_signs(self) -> None:
+        """
+        gsmail's DSNs, From MAILER-DAEMON at its host name under the site's
+        domain, are signed by the site's domain (DMARC-aligned).
+        """
+        dsn = POST.replace(b"alice@groups.example.com", f"MAILER-DAEMON@{HOSTNAME}".encode())
+        prefix = self.signer().sign(dsn, "")
+        self.assertEqual(signature_tags(prefix + dsn)[b"d"], SITE.encode())
+        self.assertEqual(verify_all(prefix + dsn, self.dns), [("rsa-sha256", True)])
+
+    def test_nearest_parent_first(self) -> None:
+        """A key of the From domain itself is used before its parent's."""
+        own = KeySpec(HOSTNAME, "x", key_file(self.directory, "o.key"))
+        dsn = POST.replace(b"alice@groups.example.com", f"MAILER-DAEMON@{HOSTNAME}".encode())
+        prefix = self.signer(self.rsa, own).sign(dsn, "")
+        self.assertEqual(signature_tags(prefix + dsn)[b"d"], HOSTNAME.encode())
+
     def test_no_configured_domain(self) -> None:
         """Mail of no configured domain is not signed (nothing is added)."""
         post = POST.replace(b"alice@groups.example.com", b"alice@gmail.example")

@@ -231,16 +231,27 @@ class UnusableKeyTests(SigningQueueTestCase):
     def test_expires_like_any_waiting_mail(self) -> None:
         """
         A message whose key stays broken past the queue lifetime expires,
-        never sent: each member's VERP address gets a DSN giving the reason.
+        never sent: each member's VERP address gets a DSN giving the reason,
+        signed by the site too (From MAILER-DAEMON at gsmail's host name
+        under the site's domain), so sent once the key is repaired.
         """
         self.break_key()
-        self.queue_post()
+        old = self.queue_post()
         self.delivery(lifetime=3 * SIGN_RETRY)
         self.settle()
-        for _ in range(5):
+        for _ in range(4):
             self.clock.advance(SIGN_RETRY)
             self.settle()
+        self.assertEqual(self.smarthost.received, [])
+        self.assertIsNone(self.queue.get(old.id))
+        dsns = self.queue.envelopes()
+        self.assertEqual([(e.sender, e.sign_pending) for e in dsns], [("", True)] * len(MEMBERS))
+        self.repair_key()
+        self.clock.advance(SIGN_RETRY)
+        self.settle()
         received = self.smarthost.received
+        for r in received:
+            self.assertEqual(verify_all(r.data, self.dns), [("rsa-sha256", True)])
         self.assertEqual({r.sender for r in received}, {""})  # DSNs only
         self.assertEqual(len(received), len(MEMBERS))
         self.assertIn(b"cannot be DKIM-signed", received[0].data)
