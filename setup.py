@@ -24,6 +24,7 @@ setup(
         "flufl.bounce>=4.0",
         # DKIM signing, ARC, and the authentication checks of inbound mail
         "dkimpy>=1.1.5",
+        "cryptography>=41.0",  # key files (gsmail.signing); also under Twisted[tls]
         "authres>=1.2.0",
         "PyNaCl>=1.5",
         "dnspython>=2.4",
