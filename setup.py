@@ -22,6 +22,10 @@ setup(
         "idna>=3.0",
         "hyperlink>=21.0.0",
         "flufl.bounce>=4.0",
+        # The Sender Rewriting Scheme of forward routes (gsmail.inbound.routing).
+        "srslib>=0.1.5,<0.2",
+        # nntp routes: nntplib left the standard library in Python 3.13.
+        "standard-nntplib>=3.13; python_version >= '3.13'",
     ],
     entry_points={
         "console_scripts": [

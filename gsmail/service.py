@@ -8,6 +8,7 @@ gsmail.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from gsmail.handoff import SerialThread
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.postmaster import ForwardPostmaster, MaildirPostmaster
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
+from gsmail.inbound.routing import SrsCodec
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpoolFiles
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
@@ -44,6 +46,7 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+from gsmail.routes import RouteTable, RouteTableError, load_routes
 from gsmail.status import Reply
 from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
 from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
@@ -176,6 +179,15 @@ class InboundParts:
             postmaster=MaildirPostmaster(config.postmaster_maildir, _thread_runner(reactor)),
             verp=self.verp,
             blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+            routes=read_routes(config),
+            max_hops=config.max_hops,
+            route_options={
+                "spool_dir": config.spool_dir,
+                "state_dir": config.route_state_dir,
+                "errors_dir": config.errors_dir,
+                "rejected_dir": config.rejected_dir,
+                "srs_domain": config.srs_domain or config.domains[0],
+            },
         )
         self.settings = ServerSettings(
             hostname=config.hostname,
@@ -235,7 +247,43 @@ class InboundParts:
         if self.config.spool_dir:
             os.makedirs(self.config.spool_dir, exist_ok=True)
         self.verp.load(make=True)
+        if self.verp.keys is not None:
+            self.core.actions.srs = SrsCodec(self.verp.keys.keys, self._reactor)
         self.ledger.open()
+
+    def reload_routes(self) -> Deferred[None]:
+        """
+        Read the route file again (in a thread) and use it from the next
+        recipient on; a file that cannot be used is logged and the table in
+        use kept (SIGHUP).
+        """
+
+        def read() -> RouteTable:
+            return load_routes(self.config.routes, self.config.domains)
+
+        def loaded(table: RouteTable) -> None:
+            if table.uses_queue and self.core.actions.queue is None:
+                log.error(
+                    "Route file {path} not used: its forward, bcc or errors_to routes need"
+                    " the outbound queue (submission_endpoint)",
+                    path=self.config.routes,
+                )
+                return
+            self.core.routes = table
+            log.info(
+                "Route file {path} reloaded: {count} routes",
+                path=table.path,
+                count=len(table.entries),
+            )
+
+        def failed(failure: Failure) -> None:
+            failure.trap(RouteTableError)
+            log.error("Route file not reloaded, the old table stays: {error}", error=failure.value)
+
+        d: Deferred[RouteTable] = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), read
+        )
+        return d.addCallbacks(loaded, failed)
 
     async def wait_idle(self) -> None:
         """
@@ -322,6 +370,12 @@ class GsmailService(MultiService):
         self.outbound: OutboundDelivery | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
+        if self.core.routes.uses_queue and (self.queue is None or config.inbound_workers):
+            raise ConfigError(
+                f"{config.path}: [gsmail-*] routes: {config.routes} has forward, bcc or"
+                " errors_to routes, which need the outbound queue: set submission_endpoint"
+                " (and inbound_workers = 0: the worker processes have no queue)"
+            )
         if config.postmaster_address and config.inbound_workers:
             log.warn(
                 "inbound_workers is set: the worker processes have no outbound queue and keep"
@@ -406,6 +460,8 @@ class GsmailService(MultiService):
             anvil=self.inbound.anvil,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
+        # Forward, bcc and errors_to routes queue here too.
+        self.core.actions.queue = _KickingQueue(self.queue, self.outbound)
         if config.postmaster_address:
             self.core.postmaster = ForwardPostmaster(
                 _KickingQueue(self.queue, self.outbound),
@@ -487,6 +543,8 @@ class GsmailService(MultiService):
         if self.standin is not None:
             self._start_standin()
         super().startService()
+        if self.config.routes:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
         if self.workers is not None:
             self._start_workers()
         if self.queue is not None and self.outbound is not None:
@@ -499,6 +557,10 @@ class GsmailService(MultiService):
                 self.outbound.start()
             else:
                 log.info("processorthread is off: outbound mail is queued, not delivered")
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        """SIGHUP: reload the route file (in the reactor's thread)."""
+        self.reactor.callFromThread(self.inbound.reload_routes)
 
     def _imported(self, count: int) -> None:
         if count:
@@ -542,6 +604,10 @@ class GsmailService(MultiService):
         self.workers.start(sockets, self.client.url)
 
     async def _stop(self) -> None:
+        previous = getattr(self, "_previous_hup", None)
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+            self._previous_hup = None
         if self.workers is not None:
             # Workers first: they stop accepting and finish their deliveries.
             await self.workers.stop()
@@ -632,6 +698,18 @@ def _result_now(d: Deferred[Any]) -> Any:
     if hasattr(results[0], "raiseException"):
         results[0].raiseException()
     return results[0]
+
+
+def read_routes(config: GsmailConfig) -> RouteTable:
+    """
+    The route table of C{config} (blocking: start-up only).
+
+    @raise ConfigError: the file cannot be read or used.
+    """
+    try:
+        return load_routes(config.routes, config.domains)
+    except RouteTableError as e:
+        raise ConfigError(f"[gsmail-*] routes: {e}") from None
 
 
 def makeService(config: GsmailConfig, reactor: Any = None) -> GsmailService:
