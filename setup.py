@@ -30,6 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "gsmail-queue = gsmail.queuectl:main",
+            "gsmail-report = gsmail.report:main",
             "smtp2gs = gsmail.script:main",
         ]
     },
