@@ -14,6 +14,7 @@ import os
 import smtplib
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 from twisted.internet import reactor
@@ -331,3 +332,60 @@ class SiteTests(TestCase):
         self.assertIn(b"Subject: gsmail report for groups.example.com", report.data)
         self.assertIn(b"route broken@groups.example.com", report.data)
         self.assertIn(error.path.encode(), report.data)
+
+
+class NewsTests(TestCase):
+    """nntp: into a real INN, read back with an NNTP client."""
+
+    async def test_posted_and_read_back(self) -> None:
+        """
+        Mail to the news route becomes an article of the newsgroup (with
+        Newsgroups and Path, without the mail's trace fields); a route with a
+        wrong password gets 451 (the sender retries).
+        """
+        from tests.integration.inn import PrivateInn
+
+        inn = PrivateInn(self)
+        await inn.start()
+        directory = os.path.abspath(self.mktemp())
+        routes = write_routes(
+            directory,
+            f"[news@groups.example.com]\nnntp = news://127.0.0.1:{inn.port}/{inn.newsgroup}\n"
+            f"nntp_user = {inn.user}\nnntp_password = {inn.password}\n\n"
+            f"[badnews@groups.example.com]\nnntp = news://127.0.0.1:{inn.port}/{inn.newsgroup}\n"
+            f"nntp_user = {inn.user}\nnntp_password = wrong\n",
+        )
+        service = start_service(self, make_config(directory, routes=routes))
+        port = port_of(service, "smtp")
+        data = message("news item")
+        self.assertEqual(await sendmail(port, "a@example.org", [f"news@{DOMAIN}"], data), {})
+        # The sender's retry (a lost 250) does not post it twice.
+        self.assertEqual(await sendmail(port, "a@example.org", [f"news@{DOMAIN}"], data), {})
+
+        def read() -> tuple[Any, list[bytes]]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import nntplib
+            with nntplib.NNTP(
+                "127.0.0.1",
+                inn.port,
+                user=inn.user,
+                password=inn.password,
+                usenetrc=False,
+                timeout=30,
+            ) as news:
+                group = news.group(inn.newsgroup)
+                _, info = news.article("<news.item@example.org>")
+                return group, info.lines
+
+        group, lines = await deferToThread(read)
+        self.assertEqual(group[1], 1)  # one article
+        article = b"\n".join(lines)
+        self.assertIn(b"Newsgroups: local.test", article)
+        self.assertIn(b"Subject: news item", article)
+        self.assertIn(b"!mx.groups.example.com!not-for-mail", article)
+        self.assertNotIn(b"X-Original-To", article)
+        self.assertTrue(article.endswith(b"Text of news item."))
+        result = await sendmail(port, "a@example.org", [f"badnews@{DOMAIN}"], message("other"))
+        self.assertIsInstance(result, smtplib.SMTPDataError)
+        self.assertEqual(result.smtp_code, 451)
