@@ -389,3 +389,36 @@ class NewsTests(TestCase):
         result = await sendmail(port, "a@example.org", [f"badnews@{DOMAIN}"], message("other"))
         self.assertIsInstance(result, smtplib.SMTPDataError)
         self.assertEqual(result.smtp_code, 451)
+
+
+class ReloadTests(TestCase):
+    """SIGHUP reads the route file again."""
+
+    async def test_sighup(self) -> None:
+        """A new file is used after SIGHUP; a broken one is refused and the old table kept."""
+        import signal
+
+        directory = os.path.abspath(self.mktemp())
+        routes = write_routes(directory, "[a@groups.example.com]\nreject = 550 5.7.1 first\n")
+        service = start_service(self, make_config(directory, routes=routes))
+        port = port_of(service, "smtp")
+
+        async def refusal() -> bytes:
+            result = await sendmail(port, "x@example.org", [f"a@{DOMAIN}"], message("r"))
+            [(_, text)] = result.recipients.values()
+            return bytes(text)
+
+        self.assertEqual(await refusal(), b"5.7.1 first")
+        write_routes(directory, "[a@groups.example.com]\nreject = 550 5.7.1 second\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_until(
+            lambda: service.core.routes.entries[0].reject.text == "second",  # type: ignore[union-attr]
+            lambda: "not reloaded",
+            timeout=10,
+        )
+        self.assertEqual(await refusal(), b"5.7.1 second")
+        table = service.core.routes
+        write_routes(directory, "[a@groups.example.com]\nrejekt = 550 5.7.1 third\n")
+        await service.inbound.reload_routes()  # what SIGHUP runs, awaited here
+        self.assertIs(service.core.routes, table)
+        self.assertEqual(await refusal(), b"5.7.1 second")
