@@ -25,6 +25,7 @@ setup(
     ],
     entry_points={
         "console_scripts": [
+            "gsmail-check = gsmail.check:main",
             "gsmail-queue = gsmail.queuectl:main",
             "smtp2gs = gsmail.script:main",
         ]

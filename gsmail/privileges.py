@@ -26,7 +26,15 @@ import attrs
 from gsmail.config import GsmailConfig, verp_key_path
 from gsmail.startup import EX_CANTCREAT, EX_NOPERM, StartupError
 
-__all__ = ["RunUser", "StatePath", "prepare_state", "run_user", "secure_socket", "state_paths"]
+__all__ = [
+    "RunUser",
+    "StatePath",
+    "check_state",
+    "prepare_state",
+    "run_user",
+    "secure_socket",
+    "state_paths",
+]
 
 _READ = 4
 _WRITE = 2
@@ -201,6 +209,49 @@ def prepare_state(paths: Iterable[StatePath], user: RunUser | None) -> None:
             f"chown -R {owner} {' '.join(blocked)}",
             EX_NOPERM,
         )
+
+
+def check_state(paths: Iterable[StatePath], user: RunUser | None) -> list[str]:
+    """
+    What would stop L{prepare_state}, without changing anything (for
+    C{gsmail-check}): one line per problem, each saying what to do.
+
+    @param user: the user twistd would drop root to, or C{None}: the
+        process's user runs gsmail.
+    """
+    runner = user or RunUser.current()
+    maker = RunUser.current() if user is not None else runner
+    problems = []
+    for path in paths:
+        directory = os.path.abspath(path.directory)
+        if not os.path.lexists(directory):
+            parent = directory
+            while not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+                parent = os.path.dirname(parent)
+            try:
+                info = os.stat(parent)
+            except OSError as e:
+                problems.append(f"{path.option}: cannot use {parent}: {e.strerror or e}")
+                continue
+            if not stat.S_ISDIR(info.st_mode) or not maker.may(info, _WRITE | _SEARCH):
+                problems.append(
+                    f"{path.option}: {maker.name} cannot make {directory} in {parent} "
+                    f"({_describe(info)}): install -d -o {runner.name} {directory}"
+                )
+            continue
+        try:
+            problem = "" if runner.uid == 0 else _problem(path, directory, runner)
+        except StartupError as e:  # a parent it cannot pass through
+            problems.append(str(e))
+            continue
+        if problem:
+            fix = (
+                f"let {runner.name} write there"
+                if path.shared
+                else f"chown -R {runner.name}:{runner.group_name()} {directory}"
+            )
+            problems.append(f"{problem}: {fix}")
+    return problems
 
 
 def _make_directories(path: StatePath, directory: str, user: RunUser | None) -> list[str]:
