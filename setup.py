@@ -1,10 +1,21 @@
 """Packaging for gsmail: the all-in-one mail server for GroupServer."""
 
+import re
+
 from setuptools import setup
+
+
+def _version() -> str:
+    """gsmail.__version__, read without importing gsmail (its dependencies may be missing)."""
+    with open("gsmail/__init__.py", encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    assert match is not None, "no __version__ in gsmail/__init__.py"
+    return match.group(1)
+
 
 setup(
     name="gsmail",
-    version="0.1.0",
+    version=_version(),
     description="A Twisted mail server (ESMTP, LMTP) that adds mail to GroupServer groups",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

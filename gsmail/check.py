@@ -332,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--offline", action="store_true", help="do not ask GroupServer or DNS"
     )
-    parser.add_argument("--version", action="version", version=f"gsmail-check {__version__}")
+    parser.add_argument("--version", action="version", version=f"gsmail-check (gsmail) {__version__}")
     return parser
 
 
