@@ -15,6 +15,11 @@ It reads the configuration as the daemon does, then checks:
     for an address no group has);
   - the MX records of C{domains}: do they point to this host? (A DNS
     failure is a warning: DNS is not in the file.)
+  - each DKIM key of C{dkim_keys} (L{gsmail.dkimtool.check_key}): a key
+    file that cannot be used, or that the run user cannot read, is a
+    warning (the daemon starts, and the mail it signs waits in the queue);
+    with the network, a DNS record that is missing or is not the key's is a
+    problem (the signatures would fail), no answer a warning.
 
 It prints the settings that differ from the defaults, one C{name = value} a
 line on standard output (never the token or a password), what it checked
@@ -270,6 +275,55 @@ async def check_mx(
             parse_call.cancel()
 
 
+async def check_dkim(
+    config: GsmailConfig,
+    reactor: Any,
+    user: RunUser | None,
+    report: Report,
+    *,
+    network: bool,
+) -> None:
+    """
+    Each key of C{dkim_keys}: usable and readable by the run user, and,
+    with C{network}, published as it is (C{gsmail-dkim check}'s verdicts;
+    docs/deliverability.md). The DNS work is blocking: it runs in the
+    reactor's thread pool, each lookup bounded by L{TIMEOUT}.
+    """
+    if not config.dkim_keys:
+        return
+    from twisted.internet.threads import deferToThreadPool
+
+    from gsmail.dkimtool import MISMATCH, MISSING, NO_ANSWER, OK, UNUSABLE, check_key, dns_lookup
+
+    lookup = dns_lookup(config.dns_servers, timeout=TIMEOUT) if network else None
+    for entry in config.dkim_keys:
+        path = entry.split(":", 2)[2]
+        verdict, text = await deferToThreadPool(
+            reactor, reactor.getThreadPool(), check_key, entry, lookup
+        )
+        text = " ".join(text.split("\n  "))
+        if user is not None and verdict != UNUSABLE:
+            try:
+                readable = user.may(os.stat(path), 4)
+            except OSError:
+                readable = True  # check_key read it just now
+            if not readable:
+                report.warnings.append(
+                    f"dkim_keys: {path} cannot be read by {user.name}: mail it signs would wait"
+                )
+                continue
+        if verdict == OK:
+            report.ok.append(f"dkim_keys: {text}")
+        elif verdict in (MISSING, MISMATCH):
+            report.problems.append(f"dkim_keys: {verdict}: {text}")
+        elif verdict == NO_ANSWER:
+            report.warnings.append(f"dkim_keys: {text}")
+        else:
+            report.warnings.append(
+                f"dkim_keys: {text}: mail it signs waits in the queue until it can be used"
+            )
+
+
 def local_address(address: str) -> bool:
     """Whether this host has C{address} (binding a UDP socket to it works)."""
     try:
@@ -317,6 +371,7 @@ async def run_checks(
     if network:
         await check_groupserver(config, reactor, report)
         await check_mx(config, reactor, report, is_local)
+    await check_dkim(config, reactor, user, report, network=network)
     return report
 
 

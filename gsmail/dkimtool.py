@@ -32,7 +32,7 @@ from typing import Final, NoReturn, TextIO
 
 from gsmail.status import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE
 
-__all__ = ["check", "genkey", "main", "run"]
+__all__ = ["check", "check_key", "dns_lookup", "genkey", "main", "run"]
 
 EX_PROBLEM: Final = 1
 EX_CANTCREAT: Final = 73
@@ -138,12 +138,24 @@ def genkey(
     return EX_OK
 
 
-def check(entries: Sequence[str], lookup: TXTLookup, out: TextIO = sys.stdout) -> int:
-    """
-    Check each configured key (C{dkim_keys} entries, file names absolute)
-    against what DNS publishes; one line each.
+#: The verdicts of L{check_key}, as C{gsmail-dkim check} prints them.
+OK: Final = "ok"
+MISSING: Final = "MISSING"
+MISMATCH: Final = "MISMATCH"
+UNUSABLE: Final = "UNUSABLE"
+NO_ANSWER: Final = "NO ANSWER"
 
-    @return: the exit status.
+
+def check_key(entry: str, lookup: TXTLookup | None) -> tuple[str, str]:
+    """
+    Check one C{dkim_keys} entry (file name absolute): is its key usable,
+    and (with C{lookup}) is it what DNS publishes at its selector?
+
+    @param lookup: the TXT lookup (blocking); C{None}: the key file only.
+    @return: the verdict (L{OK}, L{MISSING}, L{MISMATCH}, L{UNUSABLE},
+        L{NO_ANSWER}) and what to say, starting with C{DOMAIN:SELECTOR: }
+        (for L{MISSING} and L{MISMATCH}, a second line with the record to
+        publish).
     """
     from gsmail.signing import (
         DKIMKeyError,
@@ -154,43 +166,55 @@ def check(entries: Sequence[str], lookup: TXTLookup, out: TextIO = sys.stdout) -
         record_name,
     )
 
+    [spec] = parse_key_specs([entry])
+    label = f"{spec.domain}:{spec.selector}"
+    try:
+        key = load_key(spec.path)
+    except DKIMKeyError as e:
+        return UNUSABLE, f"{label}: {e}"
+    name = record_name(spec.domain, spec.selector)
+    if lookup is None:
+        return OK, f"{label}: {key.algorithm}, {key.bits} bits (DNS not asked)"
+    try:
+        records = lookup(name)
+    except LookupFailed as e:
+        return NO_ANSWER, f"{label}: DNS did not answer for {name} ({e})"
+    publish = dns_record(spec.domain, spec.selector, key)
+    if not records:
+        return MISSING, f"{label}: no DKIM record at {name}; publish:\n  {publish}"
+    problems = [public_key_matches(r, key) for r in records]
+    if None in problems and len(records) == 1:
+        return OK, f"{label}: {key.algorithm}, {key.bits} bits, published at {name}"
+    why = "several records" if len(records) > 1 else problems[0]
+    return MISMATCH, f"{label}: {why}; publish instead:\n  {publish}"
+
+
+def check(entries: Sequence[str], lookup: TXTLookup, out: TextIO = sys.stdout) -> int:
+    """
+    Check each configured key (C{dkim_keys} entries, file names absolute)
+    against what DNS publishes; one line each (L{check_key}).
+
+    @return: the exit status.
+    """
     status = EX_OK
-    for spec in parse_key_specs(entries):
-        label = f"{spec.domain}:{spec.selector}"
-        try:
-            key = load_key(spec.path)
-        except DKIMKeyError as e:
-            out.write(f"UNUSABLE  {label}: {e}\n")
-            status = EX_PROBLEM
-            continue
-        name = record_name(spec.domain, spec.selector)
-        try:
-            records = lookup(name)
-        except LookupFailed as e:
-            out.write(f"NO ANSWER {label}: DNS did not answer for {name} ({e})\n")
+    for entry in entries:
+        verdict, text = check_key(entry, lookup)
+        out.write(f"{verdict:<9} {text}\n")
+        if verdict == NO_ANSWER:
             if status == EX_OK:
                 status = EX_TEMPFAIL
-            continue
-        if not records:
-            out.write(
-                f"MISSING   {label}: no DKIM record at {name}; publish:\n  {dns_record(spec.domain, spec.selector, key)}\n"
-            )
+        elif verdict != OK:
             status = EX_PROBLEM
-            continue
-        problems = [public_key_matches(r, key) for r in records]
-        if None in problems and len(records) == 1:
-            out.write(f"ok        {label}: {key.algorithm}, {key.bits} bits, published at {name}\n")
-            continue
-        why = "several records" if len(records) > 1 else problems[0]
-        out.write(
-            f"MISMATCH  {label}: {why}; publish instead:\n  {dns_record(spec.domain, spec.selector, key)}\n"
-        )
-        status = EX_PROBLEM
     return status
 
 
-def dns_lookup(servers: Sequence[str]) -> TXTLookup:
-    """A TXT lookup with dnspython through C{servers} (else C{/etc/resolv.conf})."""
+def dns_lookup(servers: Sequence[str], timeout: float = 10.0) -> TXTLookup:
+    """
+    A TXT lookup with dnspython through C{servers} (else C{/etc/resolv.conf}),
+    each lookup bounded by C{timeout} seconds.
+
+    @raise ValueError: a server is not C{host[:port]}.
+    """
     import dns.exception
     import dns.resolver
 
@@ -200,7 +224,7 @@ def dns_lookup(servers: Sequence[str]) -> TXTLookup:
 
     def lookup(name: str) -> list[bytes]:
         try:
-            answer = resolver.resolve(name, "TXT", lifetime=10.0, raise_on_no_answer=False)
+            answer = resolver.resolve(name, "TXT", lifetime=timeout, raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.DNSException as e:

@@ -232,3 +232,92 @@ class CommandTests(TestCase):
         out, err, code = await self.command("-c", twistd, "-n", "--pidfile=", "gsmail", "--config", path, "--check")
         self.assertEqual(code, EX_CONFIG, out + err)
         self.assertIn("smtp_endpoint 'tcp:notaport'", err)
+
+
+class DKIMCheckTests(TestCase):
+    """gsmail-check on C{dkim_keys}: the key files, and their records in DNS."""
+
+    def setUp(self) -> None:
+        from gsmail.signing import KeyRing, KeySpec
+        from tests.integration.test_authresults import txt
+        from tests.test_signing import key_file
+
+        self.directory = tempfile.mkdtemp(prefix="gsmail-test-check-")
+        os.chmod(self.directory, 0o755)
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        keys = os.path.join(self.directory, "dkim")
+        good = KeySpec(DOMAIN, "gs1", key_file(keys, "gs1.key"))
+        ed = KeySpec(DOMAIN, "gs2", key_file(keys, "gs2.key", ed25519=True))
+        missing = KeySpec(DOMAIN, "gs3", key_file(keys, "gs3.key"))
+        broken = os.path.join(keys, "gs4.key")
+        with open(broken, "wb") as f:
+            f.write(b"not a key\n")
+        self.good_path = good.path
+        rsa_public = KeyRing([good]).get(good).public
+        zone = MemoryZone(
+            b"example.com",
+            [
+                (b"gs1._domainkey." + DOMAIN.encode(), txt(f"v=DKIM1; k=rsa; p={rsa_public}")),
+                # The RSA key where the ed25519 one should be.
+                (b"gs2._domainkey." + DOMAIN.encode(), txt(f"v=DKIM1; k=rsa; p={rsa_public}")),
+            ],
+        )
+        factory = server.DNSServerFactory(authorities=[zone], verbose=0)
+        factory.noisy = False
+        udp, tcp = listen_dns(reactor, factory)
+        self.addCleanup(udp.stopListening)
+        self.addCleanup(tcp.stopListening)
+        self.config = make_config(
+            os.path.join(self.directory, "state"),
+            dns_servers=(f"127.0.0.1:{udp.getHost().port}",),
+            domains=("nomx.example.com",),
+            dkim_keys=(
+                f"{DOMAIN}:gs1:{good.path}",
+                f"{DOMAIN}:gs2:{ed.path}",
+                f"{DOMAIN}:gs3:{missing.path}",
+                f"{DOMAIN}:gs4:{broken}",
+            ),
+        )
+
+    @staticmethod
+    def dkim(lines: list[str]) -> list[str]:
+        return [line for line in lines if line.startswith("dkim_keys")]
+
+    async def test_published(self) -> None:
+        """
+        A record that is the key's is ok; a record of another key and no
+        record are problems that say what to publish; a key file that is
+        not a key is a warning (the daemon starts; its mail waits).
+        """
+        report = await run_checks(self.config, reactor, None)
+        [ok] = self.dkim(report.ok)
+        self.assertEqual(
+            ok,
+            f"dkim_keys: {DOMAIN}:gs1: rsa-sha256, 2048 bits, published at gs1._domainkey.{DOMAIN}",
+        )
+        mismatch, missing = self.dkim(report.problems)
+        self.assertIn(f"MISMATCH: {DOMAIN}:gs2: the record has k=rsa, the key is ed25519", mismatch)
+        self.assertIn(f"publish instead: gs2._domainkey.{DOMAIN}. IN TXT \"v=DKIM1; k=ed25519; p=", mismatch)
+        self.assertIn(f"MISSING: {DOMAIN}:gs3: no DKIM record at gs3._domainkey.{DOMAIN}; publish: ", missing)
+        [unusable] = self.dkim(report.warnings)
+        self.assertIn(f"{DOMAIN}:gs4: the DKIM key {self.directory}/dkim/gs4.key is neither PEM", unusable)
+        self.assertIn("mail it signs waits in the queue until it can be used", unusable)
+
+    async def test_offline(self) -> None:
+        """Offline (systemd's ExecStartPre) only the key files are read: DNS is not a problem."""
+        report = await run_checks(self.config, reactor, None, network=False)
+        self.assertEqual(self.dkim(report.problems), [])
+        self.assertEqual(len(self.dkim(report.ok)), 3)
+        self.assertIn("(DNS not asked)", self.dkim(report.ok)[0])
+        self.assertEqual(len(self.dkim(report.warnings)), 1)
+
+    async def test_unreadable_by_run_user(self) -> None:
+        """A key file the run user cannot read is a warning naming it."""
+        if os.geteuid() != 0:
+            raise self.skipTest("needs root")  # type: ignore[attr-defined]
+        user = RunUser(65534, 65534, "nobody", frozenset({65534}))
+        report = await run_checks(self.config, reactor, user, network=False)
+        self.assertIn(
+            f"dkim_keys: {self.good_path} cannot be read by nobody: mail it signs would wait",
+            self.dkim(report.warnings),
+        )
