@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Final, NoReturn, TextIO
 
+from gsmail import __version__
 from gsmail.status import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_USAGE
 
 __all__ = ["check", "check_key", "dns_lookup", "genkey", "main", "run"]
@@ -60,6 +61,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description="Make DKIM keys and check their DNS records.")
+    parser.add_argument("--version", action="version", version=f"{_PROG} (gsmail) {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("genkey", help="write a new key and print its DNS record")
     gen.add_argument("domain", help="the signing domain (d=)")
@@ -241,6 +243,8 @@ def run(argv: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr)
     except _Usage as e:
         err.write(f"{_PROG}: {e}\n")
         return EX_USAGE
+    except SystemExit as e:  # --help, --version
+        return EX_OK if e.code in (0, None) else EX_USAGE
     if args.command == "genkey":
         return genkey(
             args.domain,

@@ -7,6 +7,7 @@ twisted.names server on 127.0.0.1 for the end-to-end case).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pwd
@@ -191,3 +192,16 @@ class CheckCommandTests(TestCase):
         self.assertEqual(
             run(["check", "--config", "/nonexistent.ini"], io.StringIO(), io.StringIO()), 78
         )
+
+
+class VersionTests(SynchronousTestCase):
+    """C{gsmail-dkim --version}, as the other commands have it."""
+
+    def test_version(self) -> None:
+        """It prints gsmail's version and exits 0."""
+        from gsmail import __version__
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(run(["--version"]), 0)
+        self.assertEqual(out.getvalue(), f"gsmail-dkim (gsmail) {__version__}\n")
