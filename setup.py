@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "gsmail-queue = gsmail.queuectl:main",
+            "gsmail-tlsrpt = gsmail.outbound.tlsrpt:main",
             "smtp2gs = gsmail.script:main",
         ]
     },

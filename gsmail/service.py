@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
 from gsmail.anvil import Anvil, ClientLimits
-from gsmail.config import ConfigError, GsmailConfig, verp_key_path
+from gsmail.config import ConfigError, GsmailConfig, mta_sts_cache_path, verp_key_path
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
@@ -36,6 +36,7 @@ from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Se
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpoolFiles
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
+from gsmail.outbound.mtasts import MTASTS, PolicyCache
 from gsmail.outbound.mx import MXResolver, parse_relayhost
 from gsmail.outbound.queue import OutboundQueue
 from gsmail.outbound.submission import (
@@ -44,6 +45,7 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+from gsmail.outbound.tlsrpt import TLSReportCounts
 from gsmail.status import Reply
 from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
 from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
@@ -366,12 +368,38 @@ class GsmailService(MultiService):
         auth = None
         if config.relayhost_username:
             auth = (config.relayhost_username, config.relayhost_password)
+        mx = MXResolver(self._dns, self.reactor)
+        self.mta_sts: MTASTS | None = None
+        self.tls_report: TLSReportCounts | None = None
+        if config.mta_sts and not relayhost:
+            # MX delivery only: a smarthost is the operator's choice, with
+            # its own TLS options.
+            directory = mta_sts_cache_path(config)
+            if config.tls_rpt:
+                self.tls_report = TLSReportCounts(
+                    os.path.join(directory, "tlsrpt"), self.reactor, blocking
+                )
+            report = self.tls_report
+            self.mta_sts = MTASTS(
+                reactor=self.reactor,
+                resolver=self._dns,
+                addresses=mx.host_addresses,
+                cache=PolicyCache(directory, self.reactor, blocking),
+                timeout=config.mta_sts_timeout,
+                report=(
+                    None
+                    if report is None
+                    else lambda domain, policy, result, _detail: report.failure(
+                        domain, policy, result, ""
+                    )
+                ),
+            )
         self.outbound = OutboundDelivery(
             queue=self.queue,
             reactor=self.reactor,
             hostname=config.hostname,
             relayhost=relayhost,
-            mx=MXResolver(self._dns, self.reactor),
+            mx=mx,
             smarthost_tls=smarthost_tls,
             mx_tls=mx_tls,
             auth=auth,
@@ -386,6 +414,8 @@ class GsmailService(MultiService):
             pass_xverp=config.relayhost_xverp,
             delay_warning_time=config.delay_warning_time,
             verp=self.inbound.verp,
+            mta_sts=self.mta_sts,
+            tls_report=self.tls_report,
         )
         checker = None
         if config.smtp_username:
@@ -484,6 +514,10 @@ class GsmailService(MultiService):
             raise ConfigError(f"verp_key_file: {e}") from None
         if self.queue is not None:
             self.queue.load()
+        if self.mta_sts is not None:
+            self.mta_sts.cache.load()
+        if self.tls_report is not None:
+            self.tls_report.load()
         if self.standin is not None:
             self._start_standin()
         super().startService()
@@ -549,6 +583,8 @@ class GsmailService(MultiService):
         await self.inbound.wait_idle()
         if self.outbound is not None:
             await self.outbound.stop()
+        if self.tls_report is not None:
+            await self.tls_report.flush()
         if self.queue is not None:
             await self.queue.close()
             self._journal_sync.stop()
