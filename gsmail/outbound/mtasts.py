@@ -42,7 +42,7 @@ from service_identity.hazmat import DNS_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from treq.client import HTTPClient
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IResolver
@@ -257,7 +257,7 @@ class StoredPolicy:
 
     @classmethod
     def from_json(cls, data: bytes) -> StoredPolicy:
-        """@raise ValueError: not a stored policy (also L{PolicyError})."""
+        """@raise ValueError: not a stored policy. @raise PolicyError: its text is invalid."""
         fields = json.loads(data)
         if not isinstance(fields, dict):
             raise ValueError("not an object")
@@ -281,7 +281,11 @@ Blocking = Callable[[Callable[[], None]], Deferred[None]]
 
 
 def run_inline(job: Callable[[], None]) -> Deferred[None]:
-    job()
+    """Run C{job} now, in this thread (tests, tools): its exception fails the Deferred."""
+    try:
+        job()
+    except Exception as e:
+        return fail(e)
     return succeed(None)
 
 
@@ -333,7 +337,7 @@ class PolicyCache:
             try:
                 with open(path, "rb") as f:
                     stored = StoredPolicy.from_json(f.read(MAX_POLICY_SIZE * 2))
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, PolicyError) as e:
                 log.warn(
                     "Removing the unreadable MTA-STS cache file {path}: {error}",
                     path=path,

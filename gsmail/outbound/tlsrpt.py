@@ -223,7 +223,15 @@ def make_report(
     }
 
 
-def main(argv: list[str] | None = None, out: Callable[[str], Any] | None = None) -> int:
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def main(
+    argv: list[str] | None = None,
+    out: Callable[[str], Any] | None = None,
+    err: Callable[[str], Any] | None = None,
+) -> int:
     """
     C{gsmail-tlsrpt DIRECTORY [--day YYYY-MM-DD] --organization NAME
     --contact ADDRESS [--domain DOMAIN]}: print one day's TLS report (RFC
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None, out: Callable[[str], Any] | None = None)
             domain=args.domain,
         )
     except ValueError as e:
-        print(f"gsmail-tlsrpt: {e}", file=sys.stderr)
+        (err or _stderr)(f"gsmail-tlsrpt: {e}")
         return 64
     (out or print)(json.dumps(report, indent=2))
     return 0
