@@ -46,6 +46,7 @@ from gsmail.outbound.mtasts import MTASTS, PolicyCache, STSClientTLS
 from gsmail.outbound.mx import MXResolver
 from gsmail.outbound.queue import PENDING, OutboundQueue
 from gsmail.outbound.tlsrpt import TLSReportCounts, read_day
+from gsmail.service import GsmailService
 from tests.integration.test_outbound_mx import (
     MX,
     A,
@@ -56,7 +57,7 @@ from tests.integration.test_outbound_mx import (
     stop_receivers,
     wait_until,
 )
-from tests.util import listen_dns
+from tests.util import listen_dns, make_config, start_service
 
 SENDER = "owner@groups.example.com"
 
@@ -556,3 +557,39 @@ class STSClientTLSTests(TestCase):
         tls = STSClientTLS("mx.example.test", enforce=False, trust_root=make_ca().trust_root())
         self.assertEqual(await self.handshake(tls, ca, "mx.example.test"), "completed")
         self.assertEqual(tls.failure, "certificate-not-trusted")
+
+
+class ServiceTests(TestCase):
+    """The service builds MTA-STS for MX delivery only, from the options."""
+
+    def start(self, **overrides: Any) -> GsmailService:
+        directory = os.path.abspath(self.mktemp())
+        config = make_config(
+            directory,
+            smtp_endpoint="",
+            lmtp_endpoint="",
+            submission_endpoint="tcp:0:interface=127.0.0.1",
+            queue_dir=os.path.join(directory, "queue"),
+            dns_servers=("127.0.0.1:9",),
+            **overrides,
+        )
+        return start_service(self, config)
+
+    def test_mx_delivery(self) -> None:
+        """By MX: policies cached in mta-sts beside the ledger; TLS-RPT counts with tls_rpt."""
+        service = self.start(tls_rpt=True)
+        assert service.mta_sts is not None and service.outbound is not None
+        self.assertIs(service.outbound.mta_sts, service.mta_sts)
+        directory = os.path.join(os.path.dirname(service.config.ledger_path), "mta-sts")
+        self.assertEqual(service.mta_sts.cache.directory, directory)
+        self.assertTrue(os.path.isdir(os.path.join(directory, "tlsrpt")))
+        self.assertIs(service.outbound.tls_report, service.tls_report)
+
+    def test_smarthost_or_off(self) -> None:
+        """With a relayhost, or mta_sts = false, there is no MTA-STS."""
+        for overrides in ({"relayhost": "[127.0.0.1]:9"}, {"mta_sts": False}):
+            with self.subTest(**overrides):
+                service = self.start(**overrides)
+                assert service.outbound is not None
+                self.assertIsNone(service.mta_sts)
+                self.assertIsNone(service.outbound.mta_sts)
