@@ -85,7 +85,7 @@ NONE: Final = "none"
 
 #: RFC 8461 §3.2: C{max_age} is at most 31557600 seconds (about a year).
 MAX_AGE_LIMIT: Final = 31_557_600
-#: Largest policy body read, in bytes (RFC 8461 §3.2 suggests senders cap it; 64 KiB).
+#: Largest policy body read, in bytes: far above any real policy (a few hundred bytes).
 MAX_POLICY_SIZE: Final = 64 * 1024
 #: The policy's path on C{https://mta-sts.DOMAIN} (RFC 8461 §3.2).
 WELL_KNOWN: Final = "/.well-known/mta-sts.txt"
