@@ -559,7 +559,13 @@ class MTASTS:
         if stored is None:
             return None
         if stored.expires <= self.reactor.seconds():
-            self.cache.forget(domain)
+            self.cache.forget(domain).addErrback(
+                lambda f: log.error(
+                    "Could not remove the expired MTA-STS policy of {domain}: {error}",
+                    domain=domain,
+                    error=str(f.value),
+                )
+            )
             return None
         return stored.policy
 
