@@ -156,6 +156,17 @@ class GsmailConfig:
     # through the outbound queue when both are set, else kept in this Maildir.
     postmaster_maildir: str = "/var/lib/gsmail/postmaster"
     postmaster_address: str = ""
+    # -- routes (gsmail.routes: aliases, forwarding, policy, archive, news) ----
+    routes: str = ""  # the route file; "": postmaster@ and abuse@ only
+    route_state_dir: str = "/var/lib/gsmail/routes"  # sequence numbers
+    errors_dir: str = "/var/lib/gsmail/errors"
+    rejected_dir: str = "/var/lib/gsmail/rejected"
+    srs_domain: str = ""  # "": the first of domains
+    max_hops: int = 30  # Received fields; more: 554 5.4.6 (RFC 5321 §6.3)
+    # -- running (gsmail.privileges): UNIX listener sockets after twistd -u/-g
+    # drops root; "" group: the group gsmail runs as --------------------------
+    unix_socket_group: str = ""
+    unix_socket_mode: int = 0o660
     # -- signed VERP (gsmail.verp); "" key file: verp.key beside the ledger ---
     verp_key_file: str = ""
     verp_max_age: float = 14 * 24 * 3600.0
@@ -297,6 +308,8 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     reader.warn_unknown(gsmail)
     config = reader.gsmail(gsmail, instance, token, relay_prefix)
     config = attrs.evolve(config, **reader.verp(gsmail), **reader.limits(gsmail))
+    config = attrs.evolve(config, **reader.routes(gsmail, config.domains))
+    config = attrs.evolve(config, **reader.running(gsmail))
     return attrs.evolve(config, **reader.outbound(gsmail, smtp))
 
 
@@ -891,6 +904,51 @@ class _Reader:
                     section, "client_limit_exceptions", f"not a network: {network!r}"
                 ) from None
         return values
+
+    def routes(self, section: str, domains: tuple[str, ...]) -> dict[str, Any]:
+        """
+        The route table's options (L{gsmail.routes}): C{routes} (a file that
+        must be readable; the service reads it), the state, errors and
+        rejected directories, C{srs_domain} (one of C{domains}) and
+        C{max_hops} (C{0}: no limit).
+        """
+        srs_domain = (self.line(section, "srs_domain") or "").strip().lower()
+        if srs_domain and srs_domain not in domains:
+            raise self.error(section, "srs_domain", f"not one of domains: {srs_domain!r}")
+        return {
+            "routes": self.readable(section, "routes"),
+            "route_state_dir": self.path_option(section, "route_state_dir"),
+            "errors_dir": self.path_option(section, "errors_dir", empty=""),
+            "rejected_dir": self.path_option(section, "rejected_dir", empty=""),
+            "srs_domain": srs_domain,
+            "max_hops": self.integer(section, "max_hops", 0, " (0 turns it off)"),
+        }
+
+    def running(self, section: str) -> dict[str, Any]:
+        """
+        How gsmail runs (L{gsmail.privileges}): C{unix_socket_group} (a group
+        name or number that exists here; empty: the group gsmail runs as) and
+        C{unix_socket_mode} (octal, such as C{0660}; at most C{0777}).
+        """
+        group = (self.line(section, "unix_socket_group") or "").strip()
+        if group:
+            import grp
+
+            try:
+                grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+            except (KeyError, OverflowError):
+                raise self.error(
+                    section, "unix_socket_group", f"no such group on this host: {group!r}"
+                ) from None
+        value = self.line(section, "unix_socket_mode")
+        mode = int(_DEFAULTS["unix_socket_mode"])
+        if value is not None:
+            if not re.fullmatch(r"0?[0-7]{3}|0o[0-7]{3}", value.lower()):
+                raise self.error(
+                    section, "unix_socket_mode", f"expected an octal mode such as 0660, got {value!r}"
+                )
+            mode = int(value.lower().removeprefix("0o"), 8)
+        return {"unix_socket_group": group, "unix_socket_mode": mode}
 
     def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
         """

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import cast
+from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -32,11 +32,14 @@ from gsmail.addresses import (
 from gsmail.bounces import Blocking, BounceScreen
 from gsmail.inbound.postmaster import Postmaster
 from gsmail.inbound.protocol import Envelope, Session
+from gsmail.inbound.routing import Blocking as RouteBlocking
+from gsmail.inbound.routing import RouteActions
 from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.logtext import printable
 from gsmail.posting import plan_posting
+from gsmail.routes import DEFAULT_ENTRIES, RouteTable
 from gsmail.status import GroupServerError, Reply
 from gsmail.verp import VerpPolicy
 
@@ -214,8 +217,15 @@ class DeliveryCore:
         gets an answer; a post still running then is answered C{451 4.4.5}
         and goes on, and the ledger makes the sender's retry safe.
     @param postmaster: where mail to C{postmaster} goes
-        (L{gsmail.inbound.postmaster}); C{None}: postmaster is looked up as
-        a group, like any other address.
+        (L{gsmail.inbound.postmaster}), the C{postmaster} action of route
+        table entries; C{None} (and no C{routes}): postmaster is looked up
+        as a group, like any other address.
+    @param routes: the route table (L{gsmail.routes}), looked up before
+        GroupServer; C{None}: its built-in entries (postmaster and abuse)
+        when there is a C{postmaster}, else none.
+    @param max_hops: a message with more C{Received} fields is refused
+        C{554 5.4.6} (RFC 5321 §6.3); C{0}: no limit.
+    @param route_options: passed to L{RouteActions} (directories, SRS domain).
     @param verp: the site's bounce address policy (signed VERP); C{None}:
         unsigned XVERP addresses only, always accepted.
     @param blocking: runs the parsing of messages to bounce addresses in a
@@ -238,9 +248,16 @@ class DeliveryCore:
         postmaster: Postmaster | None = None,
         verp: VerpPolicy | None = None,
         blocking: Blocking | None = None,
+        routes: RouteTable | None = None,
+        max_hops: int = 30,
+        route_options: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
         self.postmaster = postmaster
+        if routes is None:
+            routes = RouteTable(DEFAULT_ENTRIES if postmaster is not None else ())
+        self.routes = routes
+        self.max_hops = max_hops
         self.ledger = ledger
         self.clock = clock
         self.hostname = hostname
@@ -252,6 +269,12 @@ class DeliveryCore:
         self.bounces = BounceScreen(verp, clock, blocking)
         self.directory = GroupDirectory(
             client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
+        )
+        self.actions = RouteActions(
+            self,
+            clock,
+            cast(RouteBlocking, blocking or maybeDeferred),
+            **(route_options or {}),
         )
         #: Deliveries still running (also those whose reply went out at the deadline).
         self.in_flight = 0
@@ -278,15 +301,15 @@ class DeliveryCore:
             one of no group (the route says which: the message is dropped
             after DATA, L{gsmail.bounces}).
         """
-        route = route_recipient(
-            recipient,
-            self.domains,
-            self.relay_prefix,
-            self.verp,
-            postmaster=self.postmaster is not None,
-        )
-        if route.kind is RouteKind.POSTMASTER:
-            return succeed((status.POSTMASTER_OK, route))
+        if not recipient.domain or recipient.domain in self.domains:
+            decided = self.actions.check_srs(recipient)
+            if decided is None:
+                matched = self.routes.lookup(recipient)
+                if matched is not None:
+                    decided = self.actions.check(matched)
+            if decided is not None:
+                return succeed(decided)
+        route = route_recipient(recipient, self.domains, self.relay_prefix, self.verp)
         if route.kind is RouteKind.REJECT_RELAY:
             log.info(
                 "Relay denied for {recipient} from {peer}",
@@ -462,8 +485,19 @@ class DeliveryCore:
         received: float,
     ) -> Deferred[Reply]:
         prefix = trace_fields(session, envelope, route.recipient, self.hostname, received)
-        if route.kind is RouteKind.POSTMASTER and self.postmaster is not None:
-            return self._to_postmaster(session, envelope, prefix, message)
+        if self.max_hops and message.hops > self.max_hops:
+            log.warn(
+                "Refused a message for {recipient} with {hops} Received fields ({message_id}):"
+                " a mail loop?",
+                recipient=printable(route.recipient),
+                hops=message.hops,
+                message_id=printable(message.identity),
+                session=session.id,
+            )
+            return succeed(status.TOO_MANY_HOPS)
+        if route.kind is RouteKind.TABLE:
+            sender = str(envelope.sender) if envelope.sender else ""
+            return self.actions.deliver(sender, session.peer, session.id, route, message, prefix)
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
@@ -519,23 +553,3 @@ class DeliveryCore:
 
             return maybeDeferred(posting.screen).addCallback(screened).addErrback(failed)
         return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
-
-    def _to_postmaster(
-        self, session: Session, envelope: Envelope, prefix: bytes, message: SpooledMessage
-    ) -> Deferred[Reply]:
-        """Keep the postmaster's copy; log it with the sender and Message-ID."""
-        assert self.postmaster is not None
-        sender = str(envelope.sender) if envelope.sender else ""
-
-        def logged(reply: Reply) -> Reply:
-            log.info(
-                "postmaster from <{sender}> ({message_id}): {reply_code} {enhanced_status}",
-                sender=printable(sender),
-                message_id=printable(message.identity),
-                reply_code=reply.code,
-                enhanced_status=reply.enhanced,
-                session=session.id,
-            )
-            return reply
-
-        return self.postmaster.deliver(sender, prefix, message).addCallback(logged)
