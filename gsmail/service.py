@@ -382,6 +382,8 @@ class GsmailService(MultiService):
             self.workers = InboundWorkers(config, reactor)
         self.queue: OutboundQueue | None = None
         self.outbound: OutboundDelivery | None = None
+        self.mta_sts: MTASTS | None = None
+        self.tls_report: TLSReportCounts | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
         if self.core.routes.uses_queue and (self.queue is None or config.inbound_workers):
@@ -435,8 +437,6 @@ class GsmailService(MultiService):
         if config.relayhost_username:
             auth = (config.relayhost_username, config.relayhost_password)
         mx = MXResolver(self._dns, self.reactor)
-        self.mta_sts: MTASTS | None = None
-        self.tls_report: TLSReportCounts | None = None
         if config.mta_sts and not relayhost:
             # MX delivery only: a smarthost is the operator's choice, with
             # its own TLS options.
