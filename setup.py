@@ -64,6 +64,7 @@ setup(
             "gsmail-queue = gsmail.queuectl:main",
             "gsmail-dkim = gsmail.dkimtool:main",
             "gsmail-report = gsmail.report:main",
+            "gsmail-tlsrpt = gsmail.outbound.tlsrpt:main",
             "smtp2gs = gsmail.script:main",
         ]
     },

@@ -219,6 +219,12 @@ class GsmailConfig:
     authentication_results: bool = True
     auth_check_time: float = 5.0
     auth_check_exceptions: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    # MTA-STS (RFC 8461) for MX delivery; "" cache dir: mta-sts beside the ledger
+    mta_sts: bool = True
+    mta_sts_cache_dir: str = ""
+    mta_sts_timeout: float = 30.0
+    # TLS-RPT (RFC 8460) counts per policy domain and day, in <cache dir>/tlsrpt
+    tls_rpt: bool = False
     # -- from GroupServer's [smtp-NAME] section (gs.email's options): they
     # describe GroupServer's connection to the submission listener ------------
     smtp_username: str = ""
@@ -1003,7 +1009,13 @@ class _Reader:
             "batch_size": self.integer(section, "batch_size", 1),
             "relayhost_xverp": self.boolean(section, "relayhost_xverp"),
             "smtp_trace": self.boolean(section, "smtp_trace"),
+            "mta_sts": self.boolean(section, "mta_sts"),
+            "mta_sts_cache_dir": self.path_option(section, "mta_sts_cache_dir", empty=""),
+            "mta_sts_timeout": self.duration(section, "mta_sts_timeout"),
+            "tls_rpt": self.boolean(section, "tls_rpt"),
         }
+        if values["mta_sts_timeout"] <= 0:
+            raise self.error(section, "mta_sts_timeout", "must be more than 0 seconds")
         if values["relayhost"]:
             from gsmail.outbound.mx import parse_relayhost
 
@@ -1204,6 +1216,16 @@ def verp_key_path(config: GsmailConfig | PipeConfig) -> str:
     if not config.ledger_path:
         return ""
     return os.path.join(os.path.dirname(os.path.abspath(config.ledger_path)), "verp.key")
+
+
+def mta_sts_cache_path(config: GsmailConfig) -> str:
+    """
+    The MTA-STS policy cache directory: C{mta_sts_cache_dir}, or C{mta-sts}
+    in the ledger's directory (the state directory) when that is empty.
+    """
+    if config.mta_sts_cache_dir:
+        return config.mta_sts_cache_dir
+    return os.path.join(os.path.dirname(os.path.abspath(config.ledger_path)), "mta-sts")
 
 
 def _is_domain(name: str) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from gsmail.config import GsmailConfig, verp_key_path
+from gsmail.config import GsmailConfig, mta_sts_cache_path, verp_key_path
 from gsmail.startup import EX_CANTCREAT, EX_NOPERM, StartupError
 
 __all__ = [
@@ -140,7 +140,8 @@ def state_paths(config: GsmailConfig) -> list[StatePath]:
     ledger's (with the VERP key file unless it is elsewhere), the spool,
     the postmaster Maildir, the route table's state and the copies of
     failed and refused messages (C{errors_dir}, C{rejected_dir}), the
-    outbound queue (with C{submission_endpoint}) and the embedded
+    outbound queue (with C{submission_endpoint}; and the MTA-STS policy
+    cache when it delivers by MX with C{mta_sts}) and the embedded
     stand-in's (with C{url = embedded}).
     """
     ledger = os.path.abspath(config.ledger_path)
@@ -170,6 +171,18 @@ def state_paths(config: GsmailConfig) -> list[StatePath]:
             paths.append(StatePath(option, getattr(config, option), None, mode=0o700))
     if config.submission_endpoint:
         paths.append(StatePath("queue_dir", config.queue_dir, None, mode=0o700))
+    if config.submission_endpoint and config.mta_sts and not config.relayhost:
+        # The MTA-STS policy cache (and its TLS-RPT counts), for MX delivery.
+        subdirectories = ("tlsrpt",) if config.tls_rpt else ()
+        paths.append(
+            StatePath(
+                "mta_sts_cache_dir",
+                mta_sts_cache_path(config),
+                None,
+                mode=0o750,
+                subdirectories=subdirectories,
+            )
+        )
     if config.url == "embedded":
         paths.append(StatePath("standin_dir", config.standin_dir, None))
     return paths

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
 from gsmail.anvil import Anvil, ClientLimits
-from gsmail.config import ConfigError, GsmailConfig, verp_key_path
+from gsmail.config import ConfigError, GsmailConfig, mta_sts_cache_path, verp_key_path
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
@@ -40,6 +40,7 @@ from gsmail.inbound.routing import SrsCodec
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpoolFiles
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
+from gsmail.outbound.mtasts import MTASTS, PolicyCache
 from gsmail.outbound.mx import MXResolver, parse_relayhost
 from gsmail.outbound.queue import OutboundQueue
 from gsmail.outbound.submission import (
@@ -48,6 +49,7 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+from gsmail.outbound.tlsrpt import TLSReportCounts
 from gsmail.privileges import RunUser, prepare_state, secure_socket, state_paths
 from gsmail.routes import RouteTable, RouteTableError, load_routes
 from gsmail.signing import DKIMSigner, KeyRing, parse_key_specs
@@ -384,6 +386,8 @@ class GsmailService(MultiService):
         self.queue: OutboundQueue | None = None
         self.outbound: OutboundDelivery | None = None
         self.signer: DKIMSigner | None = None
+        self.mta_sts: MTASTS | None = None
+        self.tls_report: TLSReportCounts | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
         if self.core.routes.uses_queue and (self.queue is None or config.inbound_workers):
@@ -441,12 +445,36 @@ class GsmailService(MultiService):
         auth = None
         if config.relayhost_username:
             auth = (config.relayhost_username, config.relayhost_password)
+        mx = MXResolver(self._dns, self.reactor)
+        if config.mta_sts and not relayhost:
+            # MX delivery only: a smarthost is the operator's choice, with
+            # its own TLS options.
+            directory = mta_sts_cache_path(config)
+            if config.tls_rpt:
+                self.tls_report = TLSReportCounts(
+                    os.path.join(directory, "tlsrpt"), self.reactor, blocking
+                )
+            report = self.tls_report
+            self.mta_sts = MTASTS(
+                reactor=self.reactor,
+                resolver=self._dns,
+                addresses=mx.host_addresses,
+                cache=PolicyCache(directory, self.reactor, blocking),
+                timeout=config.mta_sts_timeout,
+                report=(
+                    None
+                    if report is None
+                    else lambda domain, policy, result, _detail: report.failure(
+                        domain, policy, result, ""
+                    )
+                ),
+            )
         self.outbound = OutboundDelivery(
             queue=self.queue,
             reactor=self.reactor,
             hostname=config.hostname,
             relayhost=relayhost,
-            mx=MXResolver(self._dns, self.reactor),
+            mx=mx,
             smarthost_tls=smarthost_tls,
             mx_tls=mx_tls,
             auth=auth,
@@ -461,6 +489,8 @@ class GsmailService(MultiService):
             pass_xverp=config.relayhost_xverp,
             delay_warning_time=config.delay_warning_time,
             verp=self.inbound.verp,
+            mta_sts=self.mta_sts,
+            tls_report=self.tls_report,
         )
         checker = None
         if config.smtp_username:
@@ -631,6 +661,17 @@ class GsmailService(MultiService):
                     EX_CANTCREAT,
                 ) from None
             self._check_dkim_keys()
+        if self.mta_sts is not None:
+            try:
+                self.mta_sts.cache.load()
+                if self.tls_report is not None:
+                    self.tls_report.load()
+            except OSError as e:
+                raise StartupError(
+                    f"mta_sts_cache_dir: cannot open the MTA-STS policy cache "
+                    f"{self.mta_sts.cache.directory}: {e.strerror or e}",
+                    EX_CANTCREAT,
+                ) from None
         if self.config.url == "embedded":
             self._start_standin()
         super().startService()
@@ -745,6 +786,8 @@ class GsmailService(MultiService):
         await self.inbound.wait_idle()
         if self.outbound is not None:
             await self.outbound.stop()
+        if self.tls_report is not None:
+            await self.tls_report.flush()
         if self.queue is not None:
             await self.queue.close()
             self._journal_sync.stop()
