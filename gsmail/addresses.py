@@ -11,9 +11,12 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
+
+if TYPE_CHECKING:
+    from gsmail.routes import RouteMatch
 
 __all__ = [
     "Address",
@@ -311,7 +314,7 @@ class RouteKind(enum.Enum):
     BOUNCE = "bounce"  # XVERP address: the bounce page
     GROUP = "group"  # look the group up, then the add-email page
     REMOTE = "remote"  # submission: queued for delivery elsewhere
-    POSTMASTER = "postmaster"  # postmaster: forwarded, or kept in a Maildir
+    TABLE = "table"  # an entry of the route table (gsmail.routes): its actions
 
 
 class BounceCheck(enum.Enum):
@@ -357,6 +360,8 @@ class Route:
     params: tuple[tuple[str, str | None], ...] = ()
     bounce_check: BounceCheck = BounceCheck.UNSIGNED
     bounce_tag: str = ""
+    #: For TABLE, the route table's entry and what its pattern captured.
+    table: RouteMatch | None = attrs.field(default=None, eq=False, repr=False)
 
 
 class BounceRouter(Protocol):
@@ -371,30 +376,20 @@ def route_recipient(
     domains: tuple[str, ...],
     relay_prefix: str,
     bounces: BounceRouter | None = None,
-    *,
-    postmaster: bool = False,
 ) -> Route:
     """
-    Decide, without I/O, where C{recipient} goes: C{postmaster} (bare, or
-    at one of the site's domains, in any case) → the postmaster when
-    C{postmaster} is set; not our domain → reject (gsmail is never an open
-    relay); the relay prefix → the relay page; an XVERP address → the bounce
-    page; anything else → a group lookup.
+    Decide, without I/O, where C{recipient} goes: not our domain → reject
+    (gsmail is never an open relay); the relay prefix → the relay page; an
+    XVERP address → the bounce page; anything else → a group lookup. The
+    daemon consults its route table first (L{gsmail.routes}: postmaster,
+    abuse, aliases).
 
     @param domains: the lowercased mail domains the site receives for.
     @param relay_prefix: C{relay-address-prefix} (default C{p-}); empty
         disables relaying.
-    @param postmaster: route postmaster mail (RFC 5321 §4.5.1 requires a
-        server to take it); the C{smtp2gs} command leaves it to Postfix.
     @param bounces: reads signed and unsigned bounce addresses; C{None}:
         only the unsigned XVERP form is a bounce address.
     """
-    if (
-        postmaster
-        and recipient.local.lower() == "postmaster"
-        and (not recipient.domain or recipient.domain in domains)
-    ):
-        return Route(RouteKind.POSTMASTER, recipient)
     if recipient.domain not in domains:
         return Route(RouteKind.REJECT_RELAY, recipient)
     if relay_prefix and recipient.local.lower().startswith(relay_prefix.lower()):

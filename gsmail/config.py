@@ -156,6 +156,17 @@ class GsmailConfig:
     # through the outbound queue when both are set, else kept in this Maildir.
     postmaster_maildir: str = "/var/lib/gsmail/postmaster"
     postmaster_address: str = ""
+    # -- routes (gsmail.routes: aliases, forwarding, policy, archive, news) ----
+    routes: str = ""  # the route file; "": postmaster@ and abuse@ only
+    route_state_dir: str = "/var/lib/gsmail/routes"  # sequence numbers
+    errors_dir: str = "/var/lib/gsmail/errors"
+    rejected_dir: str = "/var/lib/gsmail/rejected"
+    srs_domain: str = ""  # "": the first of domains
+    max_hops: int = 30  # Received fields; more: 554 5.4.6 (RFC 5321 §6.3)
+    # -- running (gsmail.privileges): UNIX listener sockets after twistd -u/-g
+    # drops root; "" group: the group gsmail runs as --------------------------
+    unix_socket_group: str = ""
+    unix_socket_mode: int = 0o660
     # -- signed VERP (gsmail.verp); "" key file: verp.key beside the ledger ---
     verp_key_file: str = ""
     verp_max_age: float = 14 * 24 * 3600.0
@@ -186,6 +197,34 @@ class GsmailConfig:
     batch_size: int = 50
     relayhost_xverp: bool = False
     smtp_trace: bool = False
+    # -- deliverability (gsmail.signing, gsmail.inbound.authresults) -----------
+    # DKIM keys, DOMAIN:SELECTOR:KEYFILE each (file names made absolute)
+    dkim_keys: tuple[str, ...] = ()
+    dkim_sign_headers: tuple[str, ...] = (
+        "From",
+        "To",
+        "Cc",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "In-Reply-To",
+        "References",
+        "List-*",
+        "MIME-Version",
+        "Content-Type",
+        "Content-Transfer-Encoding",
+    )
+    arc_seal: bool = False
+    # SPF, DKIM and DMARC checks of mail from the internet (ESMTP listener)
+    authentication_results: bool = True
+    auth_check_time: float = 5.0
+    auth_check_exceptions: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    # MTA-STS (RFC 8461) for MX delivery; "" cache dir: mta-sts beside the ledger
+    mta_sts: bool = True
+    mta_sts_cache_dir: str = ""
+    mta_sts_timeout: float = 30.0
+    # TLS-RPT (RFC 8460) counts per policy domain and day, in <cache dir>/tlsrpt
+    tls_rpt: bool = False
     # -- from GroupServer's [smtp-NAME] section (gs.email's options): they
     # describe GroupServer's connection to the submission listener ------------
     smtp_username: str = ""
@@ -291,7 +330,10 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     reader.warn_unknown(gsmail)
     config = reader.gsmail(gsmail, instance, token, relay_prefix)
     config = attrs.evolve(config, **reader.verp(gsmail), **reader.limits(gsmail))
-    return attrs.evolve(config, **reader.outbound(gsmail, smtp))
+    config = attrs.evolve(config, **reader.routes(gsmail, config.domains))
+    config = attrs.evolve(config, **reader.running(gsmail))
+    config = attrs.evolve(config, **reader.outbound(gsmail, smtp))
+    return attrs.evolve(config, **reader.deliverability(gsmail))
 
 
 @attrs.frozen
@@ -886,6 +928,51 @@ class _Reader:
                 ) from None
         return values
 
+    def routes(self, section: str, domains: tuple[str, ...]) -> dict[str, Any]:
+        """
+        The route table's options (L{gsmail.routes}): C{routes} (a file that
+        must be readable; the service reads it), the state, errors and
+        rejected directories, C{srs_domain} (one of C{domains}) and
+        C{max_hops} (C{0}: no limit).
+        """
+        srs_domain = (self.line(section, "srs_domain") or "").strip().lower()
+        if srs_domain and srs_domain not in domains:
+            raise self.error(section, "srs_domain", f"not one of domains: {srs_domain!r}")
+        return {
+            "routes": self.readable(section, "routes"),
+            "route_state_dir": self.path_option(section, "route_state_dir"),
+            "errors_dir": self.path_option(section, "errors_dir", empty=""),
+            "rejected_dir": self.path_option(section, "rejected_dir", empty=""),
+            "srs_domain": srs_domain,
+            "max_hops": self.integer(section, "max_hops", 0, " (0 turns it off)"),
+        }
+
+    def running(self, section: str) -> dict[str, Any]:
+        """
+        How gsmail runs (L{gsmail.privileges}): C{unix_socket_group} (a group
+        name or number that exists here; empty: the group gsmail runs as) and
+        C{unix_socket_mode} (octal, such as C{0660}; at most C{0777}).
+        """
+        group = (self.line(section, "unix_socket_group") or "").strip()
+        if group:
+            import grp
+
+            try:
+                grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+            except (KeyError, OverflowError):
+                raise self.error(
+                    section, "unix_socket_group", f"no such group on this host: {group!r}"
+                ) from None
+        value = self.line(section, "unix_socket_mode")
+        mode = int(_DEFAULTS["unix_socket_mode"])
+        if value is not None:
+            if not re.fullmatch(r"0?[0-7]{3}|0o[0-7]{3}", value.lower()):
+                raise self.error(
+                    section, "unix_socket_mode", f"expected an octal mode such as 0660, got {value!r}"
+                )
+            mode = int(value.lower().removeprefix("0o"), 8)
+        return {"unix_socket_group": group, "unix_socket_mode": mode}
+
     def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
         """
         The outbound options: from the C{[gsmail-NAME]} section, and gs.email's
@@ -922,7 +1009,13 @@ class _Reader:
             "batch_size": self.integer(section, "batch_size", 1),
             "relayhost_xverp": self.boolean(section, "relayhost_xverp"),
             "smtp_trace": self.boolean(section, "smtp_trace"),
+            "mta_sts": self.boolean(section, "mta_sts"),
+            "mta_sts_cache_dir": self.path_option(section, "mta_sts_cache_dir", empty=""),
+            "mta_sts_timeout": self.duration(section, "mta_sts_timeout"),
+            "tls_rpt": self.boolean(section, "tls_rpt"),
         }
+        if values["mta_sts_timeout"] <= 0:
+            raise self.error(section, "mta_sts_timeout", "must be more than 0 seconds")
         if values["relayhost"]:
             from gsmail.outbound.mx import parse_relayhost
 
@@ -967,6 +1060,57 @@ class _Reader:
                     security_level=values["smtp_tls_security_level"],
                 )
         return values
+
+    def deliverability(self, section: str) -> dict[str, Any]:
+        """
+        DKIM signing and ARC sealing of outbound mail (L{gsmail.signing}):
+        C{dkim_keys} (C{DOMAIN:SELECTOR:KEYFILE}, comma-separated; the files
+        are read when used, so a missing one is logged, not refused),
+        C{dkim_sign_headers} (must name C{From}), C{arc_seal} (needs a key);
+        and the authentication checks of inbound mail
+        (L{gsmail.inbound.authresults}): C{authentication_results},
+        C{auth_check_time} (seconds, at most 60), C{auth_check_exceptions}
+        (networks).
+        """
+        keys = self.words(section, "dkim_keys")
+        if keys:
+            from gsmail.signing import parse_key_specs
+
+            try:
+                specs = parse_key_specs(keys, self.base)
+            except ValueError as e:
+                raise self.error(section, "dkim_keys", str(e)) from None
+            keys = tuple(f"{s.domain}:{s.selector}:{os.path.normpath(s.path)}" for s in specs)
+        headers = self.words(section, "dkim_sign_headers")
+        for name in headers:
+            if not re.fullmatch(r"[\x21-\x39\x3b-\x7e]+", name) or "*" in name[:-1]:
+                raise self.error(section, "dkim_sign_headers", f"not a field name: {name!r}")
+        if "from" not in {h.lower() for h in headers}:
+            raise self.error(section, "dkim_sign_headers", "must name From (RFC 6376 5.4)")
+        arc_seal = self.boolean(section, "arc_seal")
+        if arc_seal and not keys:
+            raise self.error(section, "arc_seal", "needs dkim_keys (the seal is signed by them)")
+        check_time = self.duration(section, "auth_check_time")
+        if check_time > 60:
+            raise self.error(
+                section, "auth_check_time", f"must be at most 60 seconds, got {check_time:g}"
+            )
+        exceptions = self.words(section, "auth_check_exceptions")
+        for network in exceptions:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise self.error(
+                    section, "auth_check_exceptions", f"not a network: {network!r}"
+                ) from None
+        return {
+            "dkim_keys": keys,
+            "dkim_sign_headers": headers,
+            "arc_seal": arc_seal,
+            "authentication_results": self.boolean(section, "authentication_results"),
+            "auth_check_time": check_time,
+            "auth_check_exceptions": exceptions,
+        }
 
     def mx_tls(self, section: str) -> str:
         """C{mx_tls}: C{none}, C{may}, C{encrypt}, or empty (as C{smtp_tls_security_level})."""
@@ -1072,6 +1216,16 @@ def verp_key_path(config: GsmailConfig | PipeConfig) -> str:
     if not config.ledger_path:
         return ""
     return os.path.join(os.path.dirname(os.path.abspath(config.ledger_path)), "verp.key")
+
+
+def mta_sts_cache_path(config: GsmailConfig) -> str:
+    """
+    The MTA-STS policy cache directory: C{mta_sts_cache_dir}, or C{mta-sts}
+    in the ledger's directory (the state directory) when that is empty.
+    """
+    if config.mta_sts_cache_dir:
+        return config.mta_sts_cache_dir
+    return os.path.join(os.path.dirname(os.path.abspath(config.ledger_path)), "mta-sts")
 
 
 def _is_domain(name: str) -> bool:

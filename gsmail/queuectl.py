@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import react
 
+from gsmail import __version__
 from gsmail.config import ConfigError, GsmailConfig, load_config
 from gsmail.control import ControlClient, connect_control, control_path
 from gsmail.outbound.queue import (
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", "-c", default="/etc/groupserver/gsconfig.ini", help="gsconfig.ini to read"
     )
     parser.add_argument("--instance", "-i", default="default", help="configuration instance")
+    parser.add_argument("--version", action="version", version=f"{_PROG} (gsmail) {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     commands.add_parser("list", help="list the queue (like mailq)")

@@ -172,6 +172,25 @@ class _HelpAction(argparse.Action):
         raise _HelpRequested(parser.format_help())
 
 
+class _VersionAction(_HelpAction):
+    """C{--version}: print gsmail's version (as C{--help} prints the help) and exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.help = "show gsmail's version and exit"
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from gsmail import __version__
+
+        raise _HelpRequested(f"{_PROG} (gsmail) {__version__}\n")
+
+
 @dataclass(frozen=True)
 class Options:
     """
@@ -288,6 +307,8 @@ def _parser(environ: Mapping[str, str]) -> _Parser:
         metavar="INSTANCE",
         help="The GroupServer instance configuration to use (default default).",
     )
+    # Last, so the usage line starts as the old script's did.
+    parser.add_argument("--version", action=_VersionAction)
     return parser
 
 

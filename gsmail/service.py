@@ -8,6 +8,7 @@ gsmail.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import ssl
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
@@ -26,16 +28,19 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
 from gsmail.anvil import Anvil, ClientLimits
-from gsmail.config import ConfigError, GsmailConfig, verp_key_path
+from gsmail.config import ConfigError, GsmailConfig, mta_sts_cache_path, verp_key_path
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
+from gsmail.inbound.authresults import AuthChecker, make_resolver
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.postmaster import ForwardPostmaster, MaildirPostmaster
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
+from gsmail.inbound.routing import SrsCodec
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpoolFiles
 from gsmail.ledger import PostLedger
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
+from gsmail.outbound.mtasts import MTASTS, PolicyCache
 from gsmail.outbound.mx import MXResolver, parse_relayhost
 from gsmail.outbound.queue import OutboundQueue
 from gsmail.outbound.submission import (
@@ -44,7 +49,12 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
-from gsmail.status import Reply
+from gsmail.outbound.tlsrpt import TLSReportCounts
+from gsmail.privileges import RunUser, prepare_state, secure_socket, state_paths
+from gsmail.routes import RouteTable, RouteTableError, load_routes
+from gsmail.signing import DKIMSigner, KeyRing, parse_key_specs
+from gsmail.startup import EX_CANTCREAT, StartupError, listen_failure, notify_systemd
+from gsmail.status import EX_CONFIG, Reply
 from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
 from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
 
@@ -176,6 +186,16 @@ class InboundParts:
             postmaster=MaildirPostmaster(config.postmaster_maildir, _thread_runner(reactor)),
             verp=self.verp,
             blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+            auth=auth_checker(config, reactor),
+            routes=read_routes(config),
+            max_hops=config.max_hops,
+            route_options={
+                "spool_dir": config.spool_dir,
+                "state_dir": config.route_state_dir,
+                "errors_dir": config.errors_dir,
+                "rejected_dir": config.rejected_dir,
+                "srs_domain": config.srs_domain or config.domains[0],
+            },
         )
         self.settings = ServerSettings(
             hostname=config.hostname,
@@ -230,12 +250,56 @@ class InboundParts:
         when there is no key file) (blocking: before mail arrives).
 
         @raise VerpKeyError: the key file cannot be read or made.
+        @raise StartupError: the ledger cannot be opened.
         """
         os.makedirs(os.path.dirname(os.path.abspath(self.config.ledger_path)), exist_ok=True)
         if self.config.spool_dir:
             os.makedirs(self.config.spool_dir, exist_ok=True)
         self.verp.load(make=True)
-        self.ledger.open()
+        if self.verp.keys is not None:
+            self.core.actions.srs = SrsCodec(self.verp.keys.keys, self._reactor)
+        try:
+            self.ledger.open()
+        except OSError as e:
+            raise StartupError(
+                f"ledger_path: cannot open the post ledger {self.config.ledger_path}: "
+                f"{e.strerror or e}",
+                EX_CANTCREAT,
+            ) from None
+
+    def reload_routes(self) -> Deferred[None]:
+        """
+        Read the route file again (in a thread) and use it from the next
+        recipient on; a file that cannot be used is logged and the table in
+        use kept (SIGHUP).
+        """
+
+        def read() -> RouteTable:
+            return load_routes(self.config.routes, self.config.domains)
+
+        def loaded(table: RouteTable) -> None:
+            if table.uses_queue and self.core.actions.queue is None:
+                log.error(
+                    "Route file {path} not used: its forward, bcc or errors_to routes need"
+                    " the outbound queue (submission_endpoint)",
+                    path=self.config.routes,
+                )
+                return
+            self.core.routes = table
+            log.info(
+                "Route file {path} reloaded: {count} routes",
+                path=table.path,
+                count=len(table.entries),
+            )
+
+        def failed(failure: Failure) -> None:
+            failure.trap(RouteTableError)
+            log.error("Route file not reloaded, the old table stays: {error}", error=failure.value)
+
+        d: Deferred[RouteTable] = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), read
+        )
+        return d.addCallbacks(loaded, failed)
 
     async def wait_idle(self) -> None:
         """
@@ -276,27 +340,28 @@ class GsmailService(MultiService):
     @ivar ledger: the L{PostLedger}.
     @ivar standin: the embedded stand-in, or C{None}.
     @ivar workers: the L{gsmail.workers.InboundWorkers}, or C{None}.
+    @ivar run_as: the user twistd drops root to after
+        C{privilegedStartService} (C{--uid}/C{--gid}), or C{None}: the state
+        directories gsmail makes and its UNIX sockets are given to it.
+    @ivar on_startup_failure: called with the L{StartupError} when start-up
+        fails, before it is raised (C{twistd gsmail} prints it as one line
+        and exits); C{None}: the error is raised as it is.
     """
 
-    def __init__(self, config: GsmailConfig, reactor: Any) -> None:
+    def __init__(self, config: GsmailConfig, reactor: Any, run_as: RunUser | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        self.run_as = run_as
+        self.on_startup_failure: Callable[[StartupError], None] | None = None
+        self._prepared = False
         blocking = _thread_runner(reactor)
+        # Made in startService, after twistd dropped privileges, so that
+        # its files belong to the user gsmail runs as.
         self.standin: Any = None
         self._standin_port: Any = None
         url = config.url
         if url == "embedded":
-            from gsmail.standin import make_demo_standin
-
-            self.standin = make_demo_standin(
-                config.standin_dir,
-                config.token,
-                config.domains,
-                config.standin_groups,
-                clock=reactor,
-                reactor=reactor,
-            )
             url = "http://127.0.0.1:0"  # set once the stand-in listens
         self.inbound = InboundParts(config, reactor, url)
         self.ledger = self.inbound.ledger
@@ -320,8 +385,17 @@ class GsmailService(MultiService):
             self.workers = InboundWorkers(config, reactor)
         self.queue: OutboundQueue | None = None
         self.outbound: OutboundDelivery | None = None
+        self.signer: DKIMSigner | None = None
+        self.mta_sts: MTASTS | None = None
+        self.tls_report: TLSReportCounts | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
+        if self.core.routes.uses_queue and (self.queue is None or config.inbound_workers):
+            raise ConfigError(
+                f"{config.path}: [gsmail-*] routes: {config.routes} has forward, bcc or"
+                " errors_to routes, which need the outbound queue: set submission_endpoint"
+                " (and inbound_workers = 0: the worker processes have no queue)"
+            )
         if config.postmaster_address and config.inbound_workers:
             log.warn(
                 "inbound_workers is set: the worker processes have no outbound queue and keep"
@@ -340,8 +414,13 @@ class GsmailService(MultiService):
         # The journal's group commits (one or more per transaction delivered)
         # get a thread of their own, as the ledger's fsyncs do.
         self._journal_sync = SerialThread(self.reactor, "gsmail-journal")
+        self.signer = dkim_signer(config)
         self.queue = OutboundQueue(
-            config.queue_dir, clock=self.reactor, sync=blocking, journal_sync=self._journal_sync
+            config.queue_dir,
+            clock=self.reactor,
+            sync=blocking,
+            journal_sync=self._journal_sync,
+            signer=None if self.signer is None else self.signer.queue_signer,
         )
         self._dns = _resolver(config.dns_servers, self.reactor)
         relayhost = parse_relayhost(config.relayhost) if config.relayhost else None
@@ -366,12 +445,36 @@ class GsmailService(MultiService):
         auth = None
         if config.relayhost_username:
             auth = (config.relayhost_username, config.relayhost_password)
+        mx = MXResolver(self._dns, self.reactor)
+        if config.mta_sts and not relayhost:
+            # MX delivery only: a smarthost is the operator's choice, with
+            # its own TLS options.
+            directory = mta_sts_cache_path(config)
+            if config.tls_rpt:
+                self.tls_report = TLSReportCounts(
+                    os.path.join(directory, "tlsrpt"), self.reactor, blocking
+                )
+            report = self.tls_report
+            self.mta_sts = MTASTS(
+                reactor=self.reactor,
+                resolver=self._dns,
+                addresses=mx.host_addresses,
+                cache=PolicyCache(directory, self.reactor, blocking),
+                timeout=config.mta_sts_timeout,
+                report=(
+                    None
+                    if report is None
+                    else lambda domain, policy, result, _detail: report.failure(
+                        domain, policy, result, ""
+                    )
+                ),
+            )
         self.outbound = OutboundDelivery(
             queue=self.queue,
             reactor=self.reactor,
             hostname=config.hostname,
             relayhost=relayhost,
-            mx=MXResolver(self._dns, self.reactor),
+            mx=mx,
             smarthost_tls=smarthost_tls,
             mx_tls=mx_tls,
             auth=auth,
@@ -386,6 +489,8 @@ class GsmailService(MultiService):
             pass_xverp=config.relayhost_xverp,
             delay_warning_time=config.delay_warning_time,
             verp=self.inbound.verp,
+            mta_sts=self.mta_sts,
+            tls_report=self.tls_report,
         )
         checker = None
         if config.smtp_username:
@@ -406,6 +511,8 @@ class GsmailService(MultiService):
             anvil=self.inbound.anvil,
         )
         self._listen("submission", config.submission_endpoint, self.submission_factory)
+        # Forward, bcc and errors_to routes queue here too.
+        self.core.actions.queue = _KickingQueue(self.queue, self.outbound)
         if config.postmaster_address:
             self.core.postmaster = ForwardPostmaster(
                 _KickingQueue(self.queue, self.outbound),
@@ -452,8 +559,8 @@ class GsmailService(MultiService):
         [result] = await self.core.deliver(session, envelope, spool.finish())
         return result
 
-    def _listen(self, name: str, description: str, factory: Any) -> None:
-        description = with_backlog(description, self.config.listen_backlog)
+    def _listen(self, name: str, configured: str, factory: Any) -> None:
+        description = with_backlog(configured, self.config.listen_backlog)
         try:
             # ssl: listeners get gsmail's TLS context, not Twisted's (gsmail.tlsconfig).
             endpoint = implicit_tls_endpoint(
@@ -466,7 +573,10 @@ class GsmailService(MultiService):
                 f"{self.config.path}: [gsmail-*] {name}_endpoint: cannot load: {_why(e)}"
             ) from None
         if endpoint is None:
-            svc = strports.service(description, factory, reactor=self.reactor)
+            try:
+                svc = strports.service(description, factory, reactor=self.reactor)
+            except Exception as e:
+                raise listen_failure(f"{name}_endpoint", configured, e) from None
         else:
             svc = StreamServerEndpointService(endpoint, factory)
             svc._raiseSynchronously = True
@@ -474,19 +584,100 @@ class GsmailService(MultiService):
         self.listeners[name] = svc
         svc.setServiceParent(self)
 
+    def _failing(self, error: Exception) -> None:
+        """Hand a start-up failure to L{on_startup_failure}, if set."""
+        if self.on_startup_failure is None:
+            return
+        if isinstance(error, ConfigError):
+            error = StartupError(str(error), EX_CONFIG)
+        if isinstance(error, StartupError):
+            self.on_startup_failure(error)
+
+    def privilegedStartService(self) -> None:
+        """
+        As root, before twistd drops privileges: make the state directories
+        (given to L{run_as}), then bind every listener and give the UNIX
+        sockets their owner, group and mode (C{unix_socket_group},
+        C{unix_socket_mode}).
+
+        @raise StartupError: a directory cannot be made or written, a
+            listener cannot listen (see L{gsmail.startup.listen_failure}).
+        """
+        try:
+            prepare_state(state_paths(self.config), self.run_as)
+            self._prepared = True
+            for service in self:
+                name = service.name
+                try:
+                    service.privilegedStartService()
+                except Exception as e:
+                    if name not in self.listeners:
+                        raise
+                    description = getattr(self.config, f"{name}_endpoint")
+                    raise listen_failure(f"{name}_endpoint", description, e) from None
+            for name in self.listeners:
+                self._secure(name)
+        except (StartupError, ConfigError) as e:
+            self._failing(e)
+            raise
+
+    def _secure(self, name: str) -> None:
+        """The owner, group and mode of a UNIX listener's socket."""
+        if not hasattr(self.listeners[name], "_waitingForPort"):
+            return
+        address = self.port(name).getHost()
+        if not isinstance(address, UNIXAddress) or not address.name:
+            return  # TCP, or a socket systemd made (SocketMode=, SocketGroup=)
+        path = os.fsdecode(address.name)
+        description = getattr(self.config, f"{name}_endpoint")
+        mode = None if _has_mode(description) else self.config.unix_socket_mode
+        secure_socket(f"{name}_endpoint", path, mode, self.config.unix_socket_group, self.run_as)
+
     def startService(self) -> None:
+        try:
+            self._start()
+        except (StartupError, ConfigError) as e:
+            self._failing(e)
+            raise
+
+    def _start(self) -> None:
         # After twistd -u dropped privileges (so the files belong to the
         # run-as user), and before the reactor runs: the ledger is loaded
         # before the first message can arrive.
+        if not self._prepared:
+            prepare_state(state_paths(self.config), None)
+            self._prepared = True
         try:
             self.inbound.open()
         except VerpKeyError as e:
             raise ConfigError(f"verp_key_file: {e}") from None
         if self.queue is not None:
-            self.queue.load()
-        if self.standin is not None:
+            try:
+                self.queue.load()
+            except OSError as e:
+                raise StartupError(
+                    f"queue_dir: cannot open the outbound queue {self.config.queue_dir}: "
+                    f"{e.strerror or e}",
+                    EX_CANTCREAT,
+                ) from None
+            self._check_dkim_keys()
+        if self.mta_sts is not None:
+            try:
+                self.mta_sts.cache.load()
+                if self.tls_report is not None:
+                    self.tls_report.load()
+            except OSError as e:
+                raise StartupError(
+                    f"mta_sts_cache_dir: cannot open the MTA-STS policy cache "
+                    f"{self.mta_sts.cache.directory}: {e.strerror or e}",
+                    EX_CANTCREAT,
+                ) from None
+        if self.config.url == "embedded":
             self._start_standin()
         super().startService()
+        if self.config.routes:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        self.reactor.callWhenRunning(self._ready)
         if self.workers is not None:
             self._start_workers()
         if self.queue is not None and self.outbound is not None:
@@ -500,6 +691,20 @@ class GsmailService(MultiService):
             else:
                 log.info("processorthread is off: outbound mail is queued, not delivered")
 
+    def _check_dkim_keys(self) -> None:
+        """Say at start which DKIM keys cannot be used (their mail would wait)."""
+        if self.signer is None:
+            return
+        for problem in self.signer.keys.check():
+            log.error(
+                "DKIM key {problem}: mail it signs waits in the queue until it can be used",
+                problem=problem,
+            )
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        """SIGHUP: reload the route file (in the reactor's thread)."""
+        self.reactor.callFromThread(self.inbound.reload_routes)
+
     def _imported(self, count: int) -> None:
         if count:
             log.info(
@@ -508,10 +713,37 @@ class GsmailService(MultiService):
             if self.outbound is not None:
                 self.outbound.kick()
 
+    def _ready(self) -> None:
+        """Say that gsmail takes mail: in the log, and to systemd (C{Type=notify})."""
+        kinds = {"smtp": "ESMTP", "lmtp": "LMTP", "submission": "submission (ESMTP)"}
+        listening = ", ".join(
+            f"{kinds[name]} on {_where(self, name)}" for name in ("smtp", "lmtp", "submission")
+            if name in self.listeners
+        )
+        log.info("gsmail ready: {listening}", listening=listening)
+        notify_systemd(f"READY=1\nSTATUS=Taking mail: {listening}")
+
     def _start_standin(self) -> None:
-        endpoint = serverFromString(self.reactor, self.config.standin_endpoint)
-        d = endpoint.listen(self.standin.site())
-        port = _result_now(d)
+        from gsmail.standin import make_demo_standin
+
+        config = self.config
+        try:
+            self.standin = make_demo_standin(
+                config.standin_dir,
+                config.token,
+                config.domains,
+                config.standin_groups,
+                clock=self.reactor,
+                reactor=self.reactor,
+            )
+        except ValueError as e:
+            raise StartupError(f"standin_groups: {e}", EX_CONFIG) from None
+        try:
+            endpoint = serverFromString(self.reactor, config.standin_endpoint)
+            d = endpoint.listen(self.standin.site())
+            port = _result_now(d)
+        except Exception as e:
+            raise listen_failure("standin_endpoint", config.standin_endpoint, e) from None
         self._standin_port = port
         address = port.getHost()
         self.client.set_url(f"http://{address.host}:{address.port}")
@@ -542,6 +774,11 @@ class GsmailService(MultiService):
         self.workers.start(sockets, self.client.url)
 
     async def _stop(self) -> None:
+        previous = getattr(self, "_previous_hup", None)
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+            self._previous_hup = None
+        notify_systemd("STOPPING=1")
         if self.workers is not None:
             # Workers first: they stop accepting and finish their deliveries.
             await self.workers.stop()
@@ -549,6 +786,8 @@ class GsmailService(MultiService):
         await self.inbound.wait_idle()
         if self.outbound is not None:
             await self.outbound.stop()
+        if self.tls_report is not None:
+            await self.tls_report.flush()
         if self.queue is not None:
             await self.queue.close()
             self._journal_sync.stop()
@@ -564,6 +803,40 @@ class GsmailService(MultiService):
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._stop())
+
+
+def auth_checker(config: GsmailConfig, reactor: Any) -> AuthChecker | None:
+    """
+    The authentication checks of mail from the internet
+    (L{gsmail.inbound.authresults}), or C{None} when
+    C{authentication_results} is off or there is no ESMTP listener.
+    """
+    if not config.authentication_results or not config.smtp_endpoint:
+        return None
+    return AuthChecker(
+        authserv_id=config.hostname,
+        resolver=make_resolver(config.dns_servers),
+        clock=reactor,
+        blocking=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+        budget=config.auth_check_time,
+        exceptions=parse_networks(config.auth_check_exceptions),
+    )
+
+
+def dkim_signer(config: GsmailConfig) -> DKIMSigner | None:
+    """
+    The DKIM signer of the outbound queue (L{gsmail.signing}), or C{None}
+    when no C{dkim_keys} are configured. Reads no key yet.
+    """
+    if not config.dkim_keys:
+        return None
+    specs = parse_key_specs(config.dkim_keys)
+    return DKIMSigner(
+        KeyRing(specs),
+        config.dkim_sign_headers,
+        arc=config.arc_seal,
+        authserv_id=config.hostname,
+    )
 
 
 def submission_tls_level(config: GsmailConfig) -> str:
@@ -594,8 +867,11 @@ class _KickingQueue:
         xverp: bool = False,
         params: dict[str, str] | None = None,
         dsn: Sequence[tuple[str, str]] | None = None,
+        sign: bool = False,
     ) -> Deferred[Any]:
-        d = self._queue.enqueue(sender, recipients, data, xverp=xverp, params=params, dsn=dsn)
+        d = self._queue.enqueue(
+            sender, recipients, data, xverp=xverp, params=params, dsn=dsn, sign=sign
+        )
 
         def kick(envelope: Any) -> Any:
             self._delivery.kick()
@@ -617,6 +893,22 @@ def _resolver(servers: tuple[str, ...], reactor: Any) -> Any:
     return client.Resolver(servers=parsed, reactor=reactor)
 
 
+def _has_mode(description: str) -> bool:
+    """Whether a C{unix:} endpoint string gives the socket's C{mode=} itself."""
+    return any(part.strip().startswith("mode=") for part in description.split(":")[1:])
+
+
+def _where(service: GsmailService, name: str) -> str:
+    """Where listener C{name} listens, as an operator writes it (C{127.0.0.1:25}, a path)."""
+    try:
+        address = service.port(name).getHost()
+    except Exception:
+        return str(getattr(service.config, f"{name}_endpoint"))
+    if isinstance(address, UNIXAddress):
+        return os.fsdecode(address.name or b"?")
+    return f"{address.host}:{address.port}"
+
+
 def _pem_blocks(data: bytes) -> list[bytes]:
     """The certificates of a PEM bundle."""
     end = b"-----END CERTIFICATE-----"
@@ -634,15 +926,31 @@ def _result_now(d: Deferred[Any]) -> Any:
     return results[0]
 
 
-def makeService(config: GsmailConfig, reactor: Any = None) -> GsmailService:
+def read_routes(config: GsmailConfig) -> RouteTable:
+    """
+    The route table of C{config} (blocking: start-up only).
+
+    @raise ConfigError: the file cannot be read or used.
+    """
+    try:
+        return load_routes(config.routes, config.domains)
+    except RouteTableError as e:
+        raise ConfigError(f"[gsmail-*] routes: {e}") from None
+
+
+def makeService(
+    config: GsmailConfig, reactor: Any = None, run_as: RunUser | None = None
+) -> GsmailService:
     """
     Build gsmail's service from a loaded configuration.
 
     @param reactor: the reactor; the global one when C{None} (twistd).
+    @param run_as: the user twistd drops root to (L{GsmailService.run_as}).
     @raise ConfigError: the TLS files cannot be loaded.
+    @raise StartupError: an endpoint string cannot be parsed.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    return GsmailService(config, reactor)
+    return GsmailService(config, reactor, run_as)

@@ -128,6 +128,14 @@ BOUNCE_NOT_OURS = Reply(250, "2.0.0", "Not recorded: not a current bounce addres
 #: Accepted and dropped: a delay notice, an auto-reply or plain mail to a
 #: bounce address (gsmail.bounces).
 BOUNCE_NOT_FAILURE = Reply(250, "2.0.0", "Not recorded: not a delivery failure report")
+#: A route table entry's actions all succeeded (gsmail.routes).
+ROUTE_DELIVERED = Reply(250, "2.0.0", "Delivered")
+#: A route with an empty forward list: accepted and dropped (emailtunnel's
+#: empty list from translate_recipient).
+ROUTE_DROPPED = Reply(250, "2.0.0", "Accepted")
+ROUTE_ARCHIVED = Reply(250, "2.0.0", "Archived")
+ROUTE_FORWARDED = Reply(250, "2.0.0", "Forwarded")
+NNTP_POSTED = Reply(250, "2.0.0", "Posted to the newsgroup")
 
 # -- transient failures (the sender retries) -------------------------------
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle too long; closing connection")
@@ -171,6 +179,11 @@ OUTCOME_UNKNOWN = Reply(
 LEDGER_UNWRITABLE = Reply(
     451, "4.3.0", "Cannot record deliveries now (the post ledger cannot be written)", EX_TEMPFAIL
 )
+#: A news server could not be reached or refused an article (a route's nntp
+#: action): transient, the sender retries.
+NNTP_FAILED = Reply(451, "4.4.0", "Could not post to the news server; try again later", EX_TEMPFAIL)
+#: A route's handler raised (emailtunnel answers 451 then too).
+HANDLER_FAILED = Reply(451, "4.3.0", "Requested action aborted: error in processing", EX_TEMPFAIL)
 NO_HOST_IN_URL = Reply(451, "4.5.2", "No host in the GroupServer URL", EX_USAGE)
 
 # -- permanent failures (the sender bounces) -------------------------------
@@ -202,6 +215,9 @@ EMPTY_MESSAGE = Reply(554, "5.3.0", "The message is empty", EX_DATAERR)
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message line too long (RFC 5321 §4.5.3.1.6)", EX_DATAERR)
 NO_ORIGINAL_TO = Reply(554, "5.1.3", "No X-Original-To header and no list given", EX_DATAERR)
 ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
+#: More Received fields than max_hops (RFC 5321 §6.3; RFC 3463 X.4.6
+#: "routing loop detected").
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops", EX_DATAERR)
 
 
 class GroupServerError(Exception):

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, NoReturn
 
 from twisted.application.service import IService
+from twisted.logger import LoggingFile
 from twisted.python import usage
 
+from gsmail import __version__
 from gsmail.config import ConfigError, load_config
+from gsmail.startup import StartupError
 from gsmail.status import EX_CONFIG
 
 __all__ = ["Options", "makeService"]
@@ -23,7 +27,10 @@ class Options(usage.Options):
     C{twistd gsmail --config PATH [--instance NAME]}.
     """
 
-    synopsis = "[--config PATH] [--instance NAME]"
+    synopsis = "[--config PATH] [--instance NAME] [--check] [--version]"
+    optFlags = [
+        ["check", None, "Check the configuration and the system as gsmail-check does, then exit."],
+    ]
     optParameters = [
         ["config", "c", "/etc/groupserver/gsconfig.ini", "GroupServer's configuration file."],
         ["instance", "i", "default", "The configuration instance ([config-INSTANCE])."],
@@ -33,17 +40,39 @@ class Options(usage.Options):
         "message to its group exactly once."
     )
 
+    def opt_version(self) -> None:
+        """Print gsmail's version and exit."""
+        sys.stdout.write(f"gsmail {__version__}\n")
+        raise SystemExit(0)
+
 
 def makeService(options: Options) -> IService:
     """
     Load the configuration and build the service. A configuration error
     prints one line naming the file, section and option and exits with
-    EX_CONFIG (78).
+    EX_CONFIG (78); so does any later failure to start (a port in use, a
+    state directory gsmail's user cannot write, ...: one line on standard
+    error and a sysexits status, see L{gsmail.startup}), when twistd runs in
+    the foreground (C{-n}); a daemonizing twistd reports it through its
+    parent, with status 1.
+
+    With C{--check}, run L{gsmail.check} instead and exit with its status.
     """
     from gsmail.config import verp_key_path
+    from gsmail.privileges import run_user
     from gsmail.service import makeService as make
     from gsmail.verp import VerpKeyError, VerpKeys
 
+    parent = getattr(options, "parent", None) or {}
+    if options["check"]:
+        from gsmail.check import main as check
+
+        raise SystemExit(
+            check(
+                ["--config", options["config"], "--instance", options["instance"]]
+                + _user_arguments(parent)
+            )
+        )
     try:
         config = load_config(options["config"], options["instance"])
         key_file = verp_key_path(config)
@@ -54,7 +83,33 @@ def makeService(options: Options) -> IService:
                 VerpKeys.read(key_file)
             except VerpKeyError as e:
                 raise ConfigError(f"verp_key_file: {e}") from None
-        return make(config)
+        service = make(config, run_as=run_user(parent.get("uid"), parent.get("gid")))
     except ConfigError as e:
         sys.stderr.write(f"gsmail: configuration error: {e}\n")
         raise SystemExit(EX_CONFIG) from None
+    except StartupError as e:
+        _exit(e)
+    if parent.get("nodaemon", True):
+        service.on_startup_failure = _exit
+    return service
+
+
+def _exit(error: StartupError) -> NoReturn:
+    """
+    Print a start-up failure as one line on the real standard error (twistd
+    has sent C{sys.stderr} to the log by then) and exit with its status.
+    """
+    stream = sys.__stderr__ if isinstance(sys.stderr, LoggingFile) else sys.stderr
+    if stream is not None:
+        stream.write(f"gsmail: {error}\n")
+        stream.flush()
+    raise SystemExit(error.code)
+
+
+def _user_arguments(parent: Any) -> list[str]:
+    """twistd's C{--uid}/C{--gid}, for C{--check}: check as the user gsmail runs as."""
+    arguments = []
+    for name in ("uid", "gid"):
+        if parent.get(name) is not None:
+            arguments += [f"--{name}", str(parent[name])]
+    return arguments

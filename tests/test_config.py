@@ -20,6 +20,7 @@ from gsmail.config import (
     ConfigError,
     GsmailConfig,
     load_config,
+    mta_sts_cache_path,
     parse_bool,
     parse_duration,
 )
@@ -1181,6 +1182,33 @@ class OutboundOptionTests(ConfigFileTestCase):
         self.assertTrue(self.load(smtp="force_tls = yes").force_tls)
 
 
+class MTASTSOptionTests(ConfigFileTestCase):
+    """C{mta_sts}, C{mta_sts_cache_dir}, C{mta_sts_timeout} and C{tls_rpt}."""
+
+    def test_defaults(self) -> None:
+        """On by default, cached beside the ledger, 30 s, no TLS-RPT counts."""
+        config = self.load({"ledger_path": "/var/lib/gsmail/ledger"})
+        self.assertEqual(
+            (config.mta_sts, mta_sts_cache_path(config), config.mta_sts_timeout, config.tls_rpt),
+            (True, "/var/lib/gsmail/mta-sts", 30.0, False),
+        )
+
+    def test_set(self) -> None:
+        """A relative cache directory resolves against the file's directory."""
+        config = self.load(
+            {
+                "mta_sts": "off",
+                "mta_sts_cache_dir": "sts",
+                "mta_sts_timeout": "1m",
+                "tls_rpt": "yes",
+            }
+        )
+        self.assertEqual(
+            (config.mta_sts, mta_sts_cache_path(config), config.mta_sts_timeout, config.tls_rpt),
+            (False, os.path.join(self.directory, "sts"), 60.0, True),
+        )
+
+
 class OutboundErrorTests(ConfigFileTestCase):
     """Outbound options gsmail cannot use: one line each, naming section and option."""
 
@@ -1226,6 +1254,10 @@ class OutboundErrorTests(ConfigFileTestCase):
         self.assertGsmailError(
             {"submission_networks": "127.0.0.0/8 localnet"}, "submission_networks", "'localnet'"
         )
+
+    def test_mta_sts_timeout(self) -> None:
+        """A zero MTA-STS timeout is refused."""
+        self.assertGsmailError({"mta_sts_timeout": "0"}, "mta_sts_timeout", "more than 0")
 
     def test_password_not_shown(self) -> None:
         """A bad boolean next to the password: the error does not quote the password."""

@@ -56,6 +56,9 @@ def make_config(directory: str, **overrides: Any) -> GsmailConfig:
         ledger_path=os.path.join(directory, "ledger", "posted.log"),
         standin_dir=os.path.join(directory, "standin"),
         postmaster_maildir=os.path.join(directory, "postmaster"),
+        route_state_dir=os.path.join(directory, "routes"),
+        errors_dir=os.path.join(directory, "errors"),
+        rejected_dir=os.path.join(directory, "rejected"),
         standin_groups=("example", "dev"),
     )
     return attrs.evolve(config, **overrides)

@@ -8,10 +8,11 @@ ledger, so no message is ever posted twice.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import cast
+from typing import Any, cast
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
@@ -30,13 +31,17 @@ from gsmail.addresses import (
     route_recipient,
 )
 from gsmail.bounces import Blocking, BounceScreen
+from gsmail.inbound.authresults import AuthChecker, AuthOutcome
 from gsmail.inbound.postmaster import Postmaster
 from gsmail.inbound.protocol import Envelope, Session
+from gsmail.inbound.routing import Blocking as RouteBlocking
+from gsmail.inbound.routing import RouteActions
 from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.logtext import printable
 from gsmail.posting import plan_posting
+from gsmail.routes import DEFAULT_ENTRIES, RouteTable
 from gsmail.status import GroupServerError, Reply
 from gsmail.verp import VerpPolicy
 
@@ -172,13 +177,22 @@ def received_from(session: Session) -> str:
 
 
 def trace_fields(
-    session: Session, envelope: Envelope, recipient: Address, hostname: str, when: float
+    session: Session,
+    envelope: Envelope,
+    recipient: Address,
+    hostname: str,
+    when: float,
+    auth: bytes = b"",
 ) -> bytes:
     """
     The header fields an MTA adds on delivery, LF-terminated, to put before
     the message: C{Return-Path} (RFC 5321 §4.4), C{Received} (RFC 5321 §4.4,
     RFC 3848 protocol names) and C{X-Original-To}, the envelope recipient, as
     Postfix adds it and as GroupServer's code reads it.
+
+    C{auth}, gsmail's C{Authentication-Results} field (RFC 8601,
+    L{gsmail.inbound.authresults}), goes after C{Return-Path}, above
+    C{Received}, as the newest trace field.
 
     The addresses are written as received: the parser
     (L{gsmail.addresses.parse_mailbox}) refuses any with a control or
@@ -197,8 +211,11 @@ def trace_fields(
         f"\tby {hostname} (gsmail) with {with_} id {session.id}\n"
         f"\tfor <{recipient}>; {date}\n"
     )
-    lines = f"Return-Path: <{sender}>\n{received}X-Original-To: {recipient}\n"
-    return lines.encode("utf-8")
+    return (
+        f"Return-Path: <{sender}>\n".encode()
+        + auth
+        + f"{received}X-Original-To: {recipient}\n".encode()
+    )
 
 
 class DeliveryCore:
@@ -214,12 +231,22 @@ class DeliveryCore:
         gets an answer; a post still running then is answered C{451 4.4.5}
         and goes on, and the ledger makes the sender's retry safe.
     @param postmaster: where mail to C{postmaster} goes
-        (L{gsmail.inbound.postmaster}); C{None}: postmaster is looked up as
-        a group, like any other address.
+        (L{gsmail.inbound.postmaster}), the C{postmaster} action of route
+        table entries; C{None} (and no C{routes}): postmaster is looked up
+        as a group, like any other address.
+    @param routes: the route table (L{gsmail.routes}), looked up before
+        GroupServer; C{None}: its built-in entries (postmaster and abuse)
+        when there is a C{postmaster}, else none.
+    @param max_hops: a message with more C{Received} fields is refused
+        C{554 5.4.6} (RFC 5321 §6.3); C{0}: no limit.
+    @param route_options: passed to L{RouteActions} (directories, SRS domain).
     @param verp: the site's bounce address policy (signed VERP); C{None}:
         unsigned XVERP addresses only, always accepted.
     @param blocking: runs the parsing of messages to bounce addresses in a
         thread (L{BounceScreen}); C{None}: in the reactor thread.
+    @param auth: checks SPF, DKIM and DMARC of mail from the internet and
+        gives the C{Authentication-Results} field to add (and removes forged
+        ones) before it is posted; C{None}: no checks.
     """
 
     def __init__(
@@ -238,9 +265,18 @@ class DeliveryCore:
         postmaster: Postmaster | None = None,
         verp: VerpPolicy | None = None,
         blocking: Blocking | None = None,
+        auth: AuthChecker | None = None,
+        routes: RouteTable | None = None,
+        max_hops: int = 30,
+        route_options: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
+        self.auth = auth
         self.postmaster = postmaster
+        if routes is None:
+            routes = RouteTable(DEFAULT_ENTRIES if postmaster is not None else ())
+        self.routes = routes
+        self.max_hops = max_hops
         self.ledger = ledger
         self.clock = clock
         self.hostname = hostname
@@ -252,6 +288,12 @@ class DeliveryCore:
         self.bounces = BounceScreen(verp, clock, blocking)
         self.directory = GroupDirectory(
             client, clock, ttl=group_cache_ttl, negative_ttl=group_negative_cache_ttl
+        )
+        self.actions = RouteActions(
+            self,
+            clock,
+            cast(RouteBlocking, blocking or maybeDeferred),
+            **(route_options or {}),
         )
         #: Deliveries still running (also those whose reply went out at the deadline).
         self.in_flight = 0
@@ -278,15 +320,15 @@ class DeliveryCore:
             one of no group (the route says which: the message is dropped
             after DATA, L{gsmail.bounces}).
         """
-        route = route_recipient(
-            recipient,
-            self.domains,
-            self.relay_prefix,
-            self.verp,
-            postmaster=self.postmaster is not None,
-        )
-        if route.kind is RouteKind.POSTMASTER:
-            return succeed((status.POSTMASTER_OK, route))
+        if not recipient.domain or recipient.domain in self.domains:
+            decided = self.actions.check_srs(recipient)
+            if decided is None:
+                matched = self.routes.lookup(recipient)
+                if matched is not None:
+                    decided = self.actions.check(matched)
+            if decided is not None:
+                return succeed(decided)
+        route = route_recipient(recipient, self.domains, self.relay_prefix, self.verp)
         if route.kind is RouteKind.REJECT_RELAY:
             log.info(
                 "Relay denied for {recipient} from {peer}",
@@ -390,20 +432,43 @@ class DeliveryCore:
         self, session: Session, envelope: Envelope, message: SpooledMessage
     ) -> Deferred[list[Reply]]:
         """
-        Deliver C{message} to every accepted recipient of C{envelope}.
+        Deliver C{message} to every accepted recipient of C{envelope}, after
+        its authentication checks (C{auth}; at most their time budget).
 
         @return: one reply per recipient in RCPT order; never fails. The spool
             file is removed once every delivery has finished, which may be
             after the replies (see C{reply_deadline}).
         """
         received = self.clock.seconds()
+        self.in_flight += 1
+        checked = None
+        if self.auth is not None and any(
+            route.kind is not RouteKind.BOUNCE for route in envelope.recipients
+        ):
+            checked = self.auth.check(session, envelope, message)
+        if checked is None:
+            return self._deliver_all(session, envelope, message, None, received)
+        return checked.addCallback(
+            lambda outcome: self._deliver_all(session, envelope, message, outcome, received)
+        )
+
+    def _deliver_all(
+        self,
+        session: Session,
+        envelope: Envelope,
+        message: SpooledMessage,
+        auth: AuthOutcome | None,
+        received: float,
+    ) -> Deferred[list[Reply]]:
+        posted = message if auth is None else auth.message
+        field = b"" if auth is None else auth.field
         work = [
-            self._deliver_one(session, envelope, route, message, received)
+            self._deliver_one(session, envelope, route, posted, received, field)
             for route in envelope.recipients
         ]
-        self.in_flight += 1
         answered: Deferred[list[Reply]] = Deferred()
-        timer = self.clock.callLater(self.reply_deadline, self._deadline_passed, work, answered)
+        left = max(0.0, self.reply_deadline - (self.clock.seconds() - received))
+        timer = self.clock.callLater(left, self._deadline_passed, work, answered)
 
         def finished(replies: list[Reply]) -> None:
             if timer.active():
@@ -412,6 +477,8 @@ class DeliveryCore:
                 answered.callback(replies)
             try:
                 release(message)
+                if auth is not None and auth.extra_file is not None:
+                    os.unlink(auth.extra_file)
             except OSError as e:
                 log.warn(
                     "Could not remove the spool file {path}: {error}", path=e.filename, error=e
@@ -460,10 +527,22 @@ class DeliveryCore:
         route: Route,
         message: SpooledMessage,
         received: float,
+        auth: bytes = b"",
     ) -> Deferred[Reply]:
-        prefix = trace_fields(session, envelope, route.recipient, self.hostname, received)
-        if route.kind is RouteKind.POSTMASTER and self.postmaster is not None:
-            return self._to_postmaster(session, envelope, prefix, message)
+        prefix = trace_fields(session, envelope, route.recipient, self.hostname, received, auth)
+        if self.max_hops and message.hops > self.max_hops:
+            log.warn(
+                "Refused a message for {recipient} with {hops} Received fields ({message_id}):"
+                " a mail loop?",
+                recipient=printable(route.recipient),
+                hops=message.hops,
+                message_id=printable(message.identity),
+                session=session.id,
+            )
+            return succeed(status.TOO_MANY_HOPS)
+        if route.kind is RouteKind.TABLE:
+            sender = str(envelope.sender) if envelope.sender else ""
+            return self.actions.deliver(sender, session.peer, session.id, route, message, prefix)
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
@@ -519,23 +598,3 @@ class DeliveryCore:
 
             return maybeDeferred(posting.screen).addCallback(screened).addErrback(failed)
         return self.ledger.run(posting.key, posting.action).addCallbacks(outcome, failed)
-
-    def _to_postmaster(
-        self, session: Session, envelope: Envelope, prefix: bytes, message: SpooledMessage
-    ) -> Deferred[Reply]:
-        """Keep the postmaster's copy; log it with the sender and Message-ID."""
-        assert self.postmaster is not None
-        sender = str(envelope.sender) if envelope.sender else ""
-
-        def logged(reply: Reply) -> Reply:
-            log.info(
-                "postmaster from <{sender}> ({message_id}): {reply_code} {enhanced_status}",
-                sender=printable(sender),
-                message_id=printable(message.identity),
-                reply_code=reply.code,
-                enhanced_status=reply.enhanced,
-                session=session.id,
-            )
-            return reply
-
-        return self.postmaster.deliver(sender, prefix, message).addCallback(logged)

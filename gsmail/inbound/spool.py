@@ -191,6 +191,8 @@ class SpooledMessage:
     digest: str
     data: bytes | None = None
     files: SpoolFiles | None = attrs.field(default=None, eq=False, repr=False)
+    #: The C{Received} fields of its header section (RFC 5321 §6.3 loop check).
+    hops: int = 0
 
     @property
     def identity(self) -> str:
@@ -306,6 +308,7 @@ class Spool:
             digest=self._digest.hexdigest(),
             data=self._small if self.size else b"",
             files=self._files,
+            hops=len(_RECEIVED.findall(self._header)),
         )
 
     def discard(self) -> None:
@@ -504,6 +507,8 @@ def _message_id(header: bytes) -> str | None:
     return text or None
 
 
+# A Received field (at the start of a line of the header section).
+_RECEIVED = re.compile(rb"^received:", re.I | re.M)
 # The first Message-ID field, with its continuation lines.
 _MESSAGE_ID = re.compile(rb"^message-id:([^\n]*(?:\n[ \t][^\n]*)*)", re.I | re.M)
 # A line that is neither a field, a continuation nor a From_ line: the

@@ -49,7 +49,9 @@ class Mailer:
             sequence (or any iterable) of addresses, or one address as a
             C{str}, as gs.email's C{send_email} takes it (never split into
             characters). Repeats are queued once.
-        @param message: the whole message, header and body (LF or CRLF).
+        @param message: the whole message, header and body (LF or CRLF). It
+            is DKIM-signed when a key is configured for its domain
+            (L{gsmail.signing}).
         @return: a Deferred firing, once the message is fsynced in the queue,
             with C{{recipient: queued}}: C{False} for an address that does not
             parse (it is not queued). Fails with C{OSError} when the queue
@@ -68,7 +70,7 @@ class Mailer:
         result = {address: address in good for address in wanted}
         if not good:
             return succeed(result)
-        d = self.queue.enqueue(sender, good, message, xverp=xverp)
+        d = self.queue.enqueue(sender, good, message, xverp=xverp, sign=True)
 
         def queued(envelope: Any) -> dict[str, bool]:
             if self.delivery is not None:

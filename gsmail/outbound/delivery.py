@@ -58,6 +58,7 @@ from gsmail.outbound.client import (
     Transaction,
     connect,
 )
+from gsmail.outbound.mtasts import ENFORCE, MTASTS, NONE, Policy, STSClientTLS
 from gsmail.outbound.mx import MXHost, MXLookupError, MXResolver, RelayHost
 from gsmail.outbound.queue import (
     DELIVERED,
@@ -69,6 +70,7 @@ from gsmail.outbound.queue import (
     OutboundQueue,
     RecipientState,
 )
+from gsmail.outbound.tlsrpt import TLSReportCounts
 from gsmail.status import Reply
 from gsmail.verp import VerpPolicy
 
@@ -90,6 +92,10 @@ _MESSAGES_KEPT = 16
 #: a post submitted in batches of 50 goes out over the same connections
 #: instead of new ones (connect, greeting, EHLO, QUIT) for every batch.
 CONNECTION_CACHE_TIME = 2.0
+#: Seconds between tries to DKIM-sign messages whose key could not be used
+#: (L{OutboundQueue.resign}), and between log lines saying it still fails.
+SIGN_RETRY = 60.0
+SIGN_FAILURE_LOG_INTERVAL = 900.0
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 
@@ -278,6 +284,16 @@ class OutboundDelivery:
     @param delay_warning_time: seconds after its arrival at which a message
         with recipients still pending gets one delay warning (RFC 3464
         C{Action: delayed}), as Postfix's C{delay_warning_time}; 0: never.
+    @param mta_sts: the MTA-STS policies (RFC 8461) of recipient domains,
+        applied to MX delivery (never to a smarthost): in C{enforce} mode
+        mail goes only to the MX hosts the policy lists, over STARTTLS with
+        a certificate verified for the MX name; an unlisted host, no
+        STARTTLS or a certificate that fails is a transient failure
+        (C{451 4.7.5}, C{4.7.4}) for that host and the next is tried, never
+        plaintext. In C{testing} mode delivery is as without a policy, and
+        each failure is logged once. C{None}: off.
+    @param tls_report: counts sessions under MTA-STS policies for TLS
+        reports (RFC 8460); C{None}: no counts.
     @param connection_cache_time: seconds a connection with no more jobs
         waits for new ones to its destination before it says QUIT (0: at
         once). A waiting connection gives way at once to another
@@ -319,6 +335,8 @@ class OutboundDelivery:
         connection_cache_time: float = CONNECTION_CACHE_TIME,
         delay_warning_time: float = backoff.DELAY_WARNING_AFTER,
         verp: VerpPolicy | None = None,
+        mta_sts: MTASTS | None = None,
+        tls_report: TLSReportCounts | None = None,
     ) -> None:
         if relayhost is None and mx is None:
             raise ValueError("either a relayhost or an MX resolver is needed")
@@ -345,6 +363,8 @@ class OutboundDelivery:
         self.trace = trace
         self.connection_cache_time = connection_cache_time
         self.delay_warning_time = delay_warning_time
+        self.mta_sts = mta_sts
+        self.tls_report = tls_report
         self._connections = DeferredSemaphore(max_connections)
         self._per_destination = max_per_destination
         self._jobs: dict[str, deque[_Job]] = defaultdict(deque)
@@ -370,6 +390,12 @@ class OutboundDelivery:
         # Per message being delivered: its data path and MAIL parameters
         # (without and with XVERP), for L{_transaction}.
         self._made: dict[str, tuple[str, dict[str, str | None], dict[str, str | None]]] = {}
+        # DKIM signing that waits for a key (Envelope.sign_pending): the
+        # messages being signed now, when to try again, and the last failure
+        # logged (reason, time), so a broken key is one line, not one per message.
+        self._signing: set[str] = set()
+        self._sign_retry_at = 0.0
+        self._sign_failure: tuple[str, float] | None = None
         queue.watch(self._queued)
         #: Counters for tests and metrics.
         self.transactions = 0
@@ -490,6 +516,9 @@ class OutboundDelivery:
         """
         if envelope.held:
             return  # stays waiting: a release kicks
+        if envelope.sign_pending and not backoff.expired(envelope.created, now, self.lifetime):
+            self._sign_later(envelope, now)
+            return
         in_flight = self._in_flight
         due: list[RecipientState] = []
         later: float | None = None
@@ -517,6 +546,53 @@ class OutboundDelivery:
             return
         for job in self._jobs_for(envelope, due):
             self._submit(job)
+
+    def _sign_later(self, envelope: Envelope, now: float) -> None:
+        """
+        A message queued unsigned because its DKIM key could not be used:
+        try to sign it (L{OutboundQueue.resign}) now, or at the next try
+        after a failure; it is delivered only once signed (or expires).
+        """
+        self._waiting.add(envelope.id)
+        if envelope.id in self._signing:
+            return
+        if now < self._sign_retry_at:
+            self._wake_at(envelope.id, self._sign_retry_at)
+            return
+        self._signing.add(envelope.id)
+        Deferred.fromCoroutine(self._resign(envelope)).addErrback(
+            lambda f: log.failure("Signing {queue_id} failed", f, queue_id=envelope.id)
+        )
+
+    async def _resign(self, envelope: Envelope) -> None:
+        try:
+            await self.queue.resign(envelope)
+        except NoSuchMessageError:
+            return  # deleted meanwhile
+        except Exception as e:
+            now = self.reactor.seconds()
+            reason = str(e) or e.__class__.__name__
+            self._sign_retry_at = now + SIGN_RETRY
+            last = self._sign_failure
+            if last is None or last[0] != reason or now >= last[1] + SIGN_FAILURE_LOG_INTERVAL:
+                self._sign_failure = (reason, now)
+                log.error(
+                    "DKIM signing fails: {reason}; messages waiting unsent: {count}"
+                    " (tried again every {retry:g} s)",
+                    reason=reason,
+                    count=sum(1 for e in self.queue.envelopes() if e.sign_pending),
+                    retry=SIGN_RETRY,
+                )
+            for r in envelope.pending():
+                # For gsmail-queue list and, should it expire, the DSN.
+                r.last_reply = f"451 4.7.0 Not sent: it cannot be DKIM-signed ({reason})"
+            self._wake_at(envelope.id, self._sign_retry_at)
+            self._schedule()
+            return
+        finally:
+            self._signing.discard(envelope.id)
+        self._sign_failure = None
+        self.kick()
 
     def _jobs_for(self, envelope: Envelope, due: list[RecipientState]) -> list[_Job]:
         """
@@ -695,15 +771,38 @@ class OutboundDelivery:
         policy = self.smarthost_tls if smarthost else self.mx_tls
         port = self.relayhost.port if smarthost and self.relayhost else self.mx_port
         last_error: Reply = Reply(451, "4.4.1", "No host could be reached")
+        sts: Policy | None = None
+        domain = destination[3:]
+        if not smarthost and self.mta_sts is not None:
+            sts = await self.mta_sts.policy(domain)
+            if sts is not None and sts.mode == NONE:
+                sts = None
+        if sts is not None:
+            hosts = self._sts_hosts(domain, sts, hosts)
+            if not hosts:
+                self._fail_all(
+                    jobs,
+                    Reply(451, "4.7.5", f"No MX host of {domain} is listed in its MTA-STS policy"),
+                )
+                return
         targets = [(host, address) for host in hosts for address in host.addresses]
         for index, (host, address) in enumerate(targets):
             last = index == len(targets) - 1
+            sts_tls = (
+                self.mta_sts.client_tls(host.name, sts)
+                if sts is not None
+                and self.mta_sts is not None
+                and (policy.use or sts.mode == ENFORCE)
+                else None
+            )
             try:
-                conn = await self._connect(address, port, host.name, policy, smarthost)
+                conn = await self._connect(address, port, host.name, policy, smarthost, sts_tls)
             except SMTPClientError as e:
                 # A refusal by one host (even a 5xx greeting) moves on to
                 # the next, as Postfix's smtp_skip_5xx_greeting does.
                 last_error = _error_reply(e)
+                if sts is not None and sts_tls is not None:
+                    last_error = self._sts_refused(domain, sts, sts_tls, e, last_error)
                 log.info(
                     "Could not deliver via {host} [{address}]: {error}",
                     host=host.name,
@@ -713,6 +812,8 @@ class OutboundDelivery:
                 if self.mx is not None and not smarthost:
                     self.mx.mark_bad(address)
                 continue
+            if sts is not None and sts_tls is not None:
+                self._sts_connected(domain, sts, sts_tls, conn.tls_active)
             next_host = False
             # The job after the current one, taken from the queue so that
             # its commands can follow the current message (client.send's
@@ -762,7 +863,13 @@ class OutboundDelivery:
         self._fail_all(jobs, last_error)
 
     async def _connect(
-        self, address: str, port: int, name: str, policy: TLSPolicy, smarthost: bool
+        self,
+        address: str,
+        port: int,
+        name: str,
+        policy: TLSPolicy,
+        smarthost: bool,
+        sts_tls: STSClientTLS | None = None,
     ) -> Any:
         endpoint = self._endpoint_factory(address, port)
         if smarthost and self.relayhost is not None and self.relayhost.implicit_tls:
@@ -770,16 +877,91 @@ class OutboundDelivery:
             endpoint = wrapClientTLS(
                 ssl.optionsForClientTLS(tls_name, trustRoot=policy.trust_root), endpoint
             )
+        tls = policy.context(name) if sts_tls is None else ClientTLS(sts_tls)
         return await connect(
             self.reactor,
             endpoint,
             helo=self.hostname,
-            tls=policy.context(name),
-            require_tls=policy.require,
+            tls=tls,
+            # RFC 8461 §5: in enforce mode, never in clear.
+            require_tls=policy.require or (sts_tls is not None and sts_tls.enforce),
             auth=self.auth if smarthost else None,
             timeouts=self.timeouts,
             trace=self.trace,
         )
+
+    # -- MTA-STS (RFC 8461) ------------------------------------------------------
+    def _sts_hosts(self, domain: str, sts: Policy, hosts: list[MXHost]) -> list[MXHost]:
+        """
+        The MX hosts to try under C{sts}: in enforce mode only those the
+        policy lists (RFC 8461 §4.1); each one it does not list is logged
+        (and counted for TLS reports), in testing mode too.
+        """
+        listed = []
+        for host in hosts:
+            if sts.matches(host.name):
+                listed.append(host)
+                continue
+            log.warn(
+                "MTA-STS {mode}: MX host {mx_host} of {domain} is not listed in its policy{what}",
+                mode=sts.mode,
+                mx_host=host.name,
+                domain=domain,
+                what=" (skipped, 4.7.5)" if sts.mode == ENFORCE else "",
+                enhanced_status="4.7.5",
+            )
+            if self.tls_report is not None:
+                self.tls_report.failure(domain, sts, "validation-failure", host.name)
+        return listed if sts.mode == ENFORCE else hosts
+
+    def _sts_connected(self, domain: str, sts: Policy, tls: STSClientTLS, encrypted: bool) -> None:
+        """A session opened under C{sts} (enforce: verified; testing: maybe not)."""
+        if encrypted and tls.failure is None:
+            if self.tls_report is not None:
+                self.tls_report.success(domain, sts)
+            return
+        result = tls.failure or "starttls-not-supported"
+        log.warn(
+            "MTA-STS {mode}: {mx_host} of {domain}: {detail}; delivering anyway",
+            mode=sts.mode,
+            mx_host=tls.host,
+            domain=domain,
+            detail=tls.detail if tls.failure else "no STARTTLS",
+            result_type=result,
+        )
+        if self.tls_report is not None:
+            self.tls_report.failure(domain, sts, result, tls.host)
+
+    def _sts_refused(
+        self, domain: str, sts: Policy, tls: STSClientTLS, error: SMTPClientError, reply: Reply
+    ) -> Reply:
+        """
+        The reply to record when a connection under C{sts} failed: for a
+        policy failure (enforce mode) one that says so, as Postfix's
+        C{4.7.5} for a certificate it could not verify.
+        """
+        if tls.failure is not None:
+            result, detail = tls.failure, tls.detail
+        elif error.enhanced == "4.7.4":
+            result, detail = "starttls-not-supported", "no STARTTLS"
+        elif error.enhanced == "4.7.5":
+            result, detail = "validation-failure", error.detail
+        else:
+            return reply  # not a TLS failure: no connection, a refusal
+        if self.tls_report is not None:
+            self.tls_report.failure(domain, sts, result, tls.host)
+        if sts.mode != ENFORCE:
+            return reply
+        log.warn(
+            "MTA-STS enforce: {mx_host} of {domain}: {detail} (4.7.5, the message stays queued)",
+            mx_host=tls.host,
+            domain=domain,
+            detail=detail,
+            result_type=result,
+            enhanced_status="4.7.5" if result != "starttls-not-supported" else "4.7.4",
+        )
+        enhanced = "4.7.4" if result == "starttls-not-supported" else "4.7.5"
+        return Reply(451, enhanced, f"gsmail: MTA-STS policy of {domain}: {detail} at {tls.host}")
 
     @staticmethod
     def _pipelinable(conn: Any, job: _Job) -> bool:
@@ -1177,7 +1359,7 @@ class OutboundDelivery:
             envelope_id=_envelope_id(envelope),
         )
         try:
-            await self.queue.enqueue("", [sender], message)
+            await self.queue.enqueue("", [sender], message, sign=True)
         except Exception:
             log.failure("Could not queue a DSN for {queue_id}", queue_id=envelope.id)
             return

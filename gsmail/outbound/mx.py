@@ -368,6 +368,29 @@ class MXResolver:
 
         return d.addErrback(transient)
 
+    def host_addresses(self, host: str) -> Deferred[list[str]]:
+        """
+        The IPv4 then IPv6 addresses of C{host} (CNAMEs followed), not
+        cached: for the MTA-STS policy host (L{gsmail.outbound.mtasts}).
+
+        @return: fires with the addresses (maybe none), or fails with
+            L{NoSuchDomainError} (a bad name) or L{DNSTemporaryError}.
+        """
+        try:
+            name = _ascii_domain(host)
+        except NoSuchDomainError as e:
+            return fail(e)
+
+        async def look() -> list[str]:
+            found = await self._addresses(name)
+            if not found.addresses and found.transient:
+                raise DNSTemporaryError(name, found.problem)
+            return list(found.addresses)
+
+        d = Deferred.fromCoroutine(look())
+        d.addTimeout(self.timeout, self._clock)
+        return d
+
     def mark_bad(self, address: str, seconds: float = 3600) -> None:
         """
         Remember that C{address} failed (connection refused, timeout, TLS

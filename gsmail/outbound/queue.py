@@ -60,6 +60,19 @@ acknowledged) is cut off at load. When a journal holds more than two records
 per recipient (retries), the envelope is rewritten and the journal emptied,
 so a journal stays O(n) and loading O(queue).
 
+DKIM (L{gsmail.signing}): a message queued with C{sign=True} is signed in
+the job that writes it, before its envelope exists, and its signature
+fields are written at the top of C{data/<id>}: every copy (one per VERP
+recipient: the VERP sender is envelope-only) and every delivery after a
+restart sends the same signed bytes. When the signing domain's key cannot be
+used, the message is queued unsigned with C{sign_pending} set: delivery
+leaves it alone and calls L{OutboundQueue.resign} until the key works. That
+writes the signed message as a new queued message (a new id, C{replaces}
+naming the old one, created, recipients and their states copied), fsynced,
+then removes the old one; a crash in between leaves both, and L{load} keeps
+the new one and removes the one it replaces. So the message is never lost,
+never sent unsigned, and never sent twice.
+
 The at-least-once windows (where SMTP itself allows no better):
   - a crash after step 4 but before the sender reads our 250: the message is
     queued and will be delivered, and the sender, having no 250, sends it
@@ -149,6 +162,11 @@ _ZOPE_FROM: Final = b"X-Zope-From: "
 _ZOPE_TO: Final = b"X-Zope-To: "
 
 Sync = Callable[[Callable[[], None]], Deferred[None]]
+#: Signs a message (L{gsmail.signing.DKIMSigner.queue_signer}): given its
+#: bytes and its envelope sender, returns the header fields to put before it
+#: (C{b""}: not signed) and a warning to log (C{""}: none); raises when the
+#: message must wait (a key that cannot be used), with a one-line reason.
+Signer = Callable[[bytes, str], tuple[bytes, str]]
 #: Per recipient, in order: its C{NOTIFY} (normalised) and C{ORCPT} (decoded)
 #: parameters, C{""} when not given (L{OutboundQueue.enqueue}'s C{dsn}).
 RecipientDSN = tuple[str, str]
@@ -209,6 +227,11 @@ class Envelope:
     @ivar delay_warned: the delay warning (RFC 3464 C{Action: delayed}) for
         its recipients still pending at C{delay_warning_time} was queued;
         none is sent again.
+    @ivar sign_pending: it was to be DKIM-signed when queued, but the key
+        could not be used: it is not delivered until L{OutboundQueue.resign}
+        has signed it.
+    @ivar replaces: the id of the unsigned message this signed one replaces
+        (L{OutboundQueue.resign}); C{""} for any other.
     """
 
     id: str
@@ -222,6 +245,8 @@ class Envelope:
     params: dict[str, str] = attrs.Factory(dict)
     origin: str = ""
     delay_warned: bool = False
+    sign_pending: bool = False
+    replaces: str = ""
 
     def pending(self) -> list[RecipientState]:
         """
@@ -371,6 +396,7 @@ class OutboundQueue:
         sync: Sync | None = None,
         file_ops: FileOps | None = None,
         journal_sync: Sync | None = None,
+        signer: Signer | None = None,
     ) -> None:
         """
         @param directory: the queue directory; L{load} creates it.
@@ -386,6 +412,8 @@ class OutboundQueue:
             at a time, e.g. a L{gsmail.handoff.SerialThread}: a cheaper
             hand-off than a thread pool's for this, the busiest job by far.
             C{None}: C{sync}.
+        @param signer: DKIM-signs the messages queued with C{sign=True}
+            (in the C{sync} hand-off); C{None}: none is signed.
         """
         self.directory = os.path.abspath(directory)
         self._tmp = os.path.join(self.directory, "tmp")
@@ -397,6 +425,7 @@ class OutboundQueue:
         self._sync: Sync = _run_inline if sync is None else sync
         self._journal_sync: Sync = self._sync if journal_sync is None else journal_sync
         self._ops = FileOps() if file_ops is None else file_ops
+        self._signer = signer
         self._envelopes: dict[str, Envelope] = {}
         self._locks: dict[str, DeferredLock] = {}
         # Per message: update generations asked for and written (coalescing).
@@ -549,6 +578,7 @@ class OutboundQueue:
         xverp: bool = False,
         params: dict[str, str] | None = None,
         dsn: Sequence[RecipientDSN] | None = None,
+        sign: bool = False,
     ) -> Deferred[Envelope]:
         """
         Queue a message durably. The returned Deferred fires only once the
@@ -568,6 +598,10 @@ class OutboundQueue:
             L{gsmail.outbound.dsn.parse_notify} and
             L{gsmail.outbound.dsn.parse_orcpt} return them, C{""} when not
             given; C{None}: none for any.
+        @param sign: DKIM-sign it with the queue's signer, if it has one
+            (GroupServer's mail; not mail merely forwarded, such as a
+            stranger's to postmaster). A key that cannot be used does not
+            fail the call: the message is queued with C{sign_pending}.
         @return: fires with the new L{Envelope}; fails with C{ValueError}
             (no recipients, C{dsn} not one pair per recipient, or an address
             or parameter with CR, LF or NUL: C{501 5.5.4}), C{OSError} (disk:
@@ -575,7 +609,9 @@ class OutboundQueue:
             (C{451 4.3.0}).
         """
         return Deferred.fromCoroutine(
-            self._enqueue(sender, recipients, data, 0, xverp=xverp, params=params, dsn=dsn)
+            self._enqueue(
+                sender, recipients, data, 0, xverp=xverp, params=params, dsn=dsn, sign=sign
+            )
         )
 
     def update(self, envelope: Envelope) -> Deferred[None]:
@@ -686,6 +722,23 @@ class OutboundQueue:
         """
         return Deferred.fromCoroutine(self._set_held(id, False))
 
+    def resign(self, envelope: Envelope) -> Deferred[Envelope]:
+        """
+        DKIM-sign a message queued with C{sign_pending} (its key could not be
+        used then): the signed message is queued durably under a new id
+        (C{replaces} naming the old one; sender, recipients and their states,
+        creation time, hold and DSN flags copied), then the old message is
+        removed. Watchers see the new message as if it had just been queued.
+
+        @param envelope: the queue's own envelope, with C{sign_pending}.
+        @return: fires with the new envelope (or C{envelope} itself if it
+            needs no signing any more); fails with the signer's exception
+            (the key still cannot be used: nothing changed), with
+            L{NoSuchMessageError}, C{OSError} (disk; nothing changed, or the
+            old message is left for L{load} to remove) or L{QueueClosedError}.
+        """
+        return Deferred.fromCoroutine(self._resign(envelope))
+
     def import_zope_sendmail(self, queuepath: str, *, xverp: bool) -> Deferred[int]:
         """
         Queue the messages waiting in a zope.sendmail queue directory (gs.email's
@@ -767,6 +820,7 @@ class OutboundQueue:
         dsn: Sequence[RecipientDSN] | None = None,
         origin: str = "",
         after_durable: Callable[[], None] | None = None,
+        sign: bool = False,
     ) -> Envelope:
         self._check_open()
         if not isinstance(source, (bytes, str)):
@@ -811,10 +865,22 @@ class OutboundQueue:
         tmp_env = os.path.join(self._tmp, qid + ".env")
         final_data = os.path.join(self._data, qid)
         final_env = os.path.join(self._env, qid + ".json")
+        signer = self._signer if sign else None
+        signing: list[str] = []  # the warning, or why it waits
 
         def job() -> None:
             # Nobody else sees this envelope until the job is done.
-            envelope.size = _write_file(ops, tmp_data, source, offset)
+            if signer is not None:
+                message = _read_source(source, offset)
+                try:
+                    prefix, warning = signer(message, sender)
+                except Exception as e:
+                    envelope.sign_pending = True
+                    prefix, warning = b"", str(e) or e.__class__.__name__
+                signing.append(warning)
+                envelope.size = _write_file(ops, tmp_data, prefix + message, 0)
+            else:
+                envelope.size = _write_file(ops, tmp_data, source, offset)
             ops.rename(tmp_data, final_data)
             try:
                 ops.fsync_dir(self._data)
@@ -833,6 +899,19 @@ class OutboundQueue:
 
         await self._run(job)
         self._envelopes[qid] = envelope
+        if envelope.sign_pending:
+            # A warning per message; the error, once per broken key, is
+            # delivery's (OutboundDelivery._resign), which retries.
+            self.log.warn(
+                "Queued {queue_id} unsigned: {reason}; it is not sent until it can be"
+                " DKIM-signed",
+                queue_id=qid,
+                reason=signing[0],
+            )
+        elif signing and signing[0]:
+            self.log.warn(
+                "Queued {queue_id} unsigned: {reason}", queue_id=qid, reason=signing[0]
+            )
         for observer in self._watchers:
             try:
                 observer(envelope)
@@ -928,6 +1007,104 @@ class OutboundQueue:
         if taken is not None:
             for d in taken[1]:
                 d.callback(None)
+
+    async def _resign(self, old: Envelope) -> Envelope:
+        self._check_open()
+        qid = old.id
+        lock = await self._acquire(qid)
+        try:
+            if self._envelopes.get(qid) is not old:
+                raise NoSuchMessageError(qid)
+            if not old.sign_pending:
+                return old
+            if self._signer is None:
+                # Signing is no longer configured: it goes out as it is.
+                old.sign_pending = False
+                await self._write_envelope(qid, self._bump(qid))
+                self.log.warn("Sending {queue_id} unsigned: no DKIM signer any more", queue_id=qid)
+                return old
+            signer = self._signer
+            new_id = self._new_id(self._clock.seconds())
+            new = attrs.evolve(
+                old,
+                id=new_id,
+                recipients=[attrs.evolve(r) for r in old.recipients],
+                params=dict(old.params),
+                sign_pending=False,
+                replaces=qid,
+            )
+            ops = self._ops
+            old_data = os.path.join(self._data, qid)
+            tmp_data = os.path.join(self._tmp, new_id + ".data")
+            tmp_env = os.path.join(self._tmp, new_id + ".env")
+            final_data = os.path.join(self._data, new_id)
+            final_env = os.path.join(self._env, new_id + ".json")
+            env_dir, data_dir = self._env, self._data
+            warnings: list[str] = []
+            await self._journal_lock.acquire()  # no journal write meanwhile
+            journal = os.path.join(self._journal, qid) if qid in self._lines else None
+            fd = self._fds.pop(qid, None)
+            replaced: list[bool] = []
+
+            def job() -> None:
+                with open(old_data, "rb") as f:
+                    message = f.read()
+                prefix, warning = signer(message, old.sender)  # raises: nothing changed
+                warnings.append(warning)
+                new.size = _write_file(ops, tmp_data, prefix + message, 0)
+                ops.rename(tmp_data, final_data)
+                try:
+                    ops.fsync_dir(data_dir)
+                    _write_file(ops, tmp_env, _encode(new), 0)
+                    ops.rename(tmp_env, final_env)
+                    try:
+                        ops.fsync_dir(env_dir)
+                    except BaseException:
+                        _discard(ops, final_env, env_dir)
+                        raise
+                except BaseException:
+                    _discard(ops, final_data, None)
+                    raise
+                # The signed copy is durable: the old one goes (load()
+                # finishes this if a crash stops it).
+                replaced.append(True)
+                if fd is not None:
+                    ops.close(fd)
+                _unlink_missing_ok(ops, os.path.join(env_dir, qid + ".json"))
+                ops.fsync_dir(env_dir)
+                if journal is not None:
+                    _unlink_missing_ok(ops, journal)
+                _unlink_missing_ok(ops, old_data)
+                ops.fsync_dir(data_dir)
+
+            try:
+                await self._run(job)
+            except BaseException:
+                if fd is not None and not replaced:
+                    self._fds[qid] = fd
+                if not replaced:
+                    raise
+                self.log.failure("Removing {queue_id} after signing it failed", queue_id=qid)
+            finally:
+                self._journal_lock.release()
+            del self._envelopes[qid]
+            self._forget(qid)
+            self._envelopes[new_id] = new
+        finally:
+            self._release(qid, lock)
+        self.log.info(
+            "Signed {queue_id}: queued again as {new_id}, {size} bytes{note}",
+            queue_id=qid,
+            new_id=new_id,
+            size=new.size,
+            note=f" ({warnings[0]})" if warnings and warnings[0] else "",
+        )
+        for observer in self._watchers:
+            try:
+                observer(new)
+            except Exception:
+                self.log.failure("A queue observer failed on {queue_id}", queue_id=new_id)
+        return new
 
     async def _set_held(self, qid: str, held: bool) -> None:
         self._check_open()
@@ -1248,6 +1425,7 @@ class OutboundQueue:
                 params=None,
                 origin=origin,
                 after_durable=unlink_source,
+                sign=True,
             )
         except BaseException:
             await self._run(finish)
@@ -1340,6 +1518,7 @@ class OutboundQueue:
         if corrupt or cleaned:
             for directory in (self._corrupt, self._env, self._data, self._tmp, self._journal):
                 self._ops.fsync_dir(directory)
+        found = self._drop_replaced(found)
         found.sort(key=lambda e: (e.created, e.id))
         self._envelopes = {e.id: e for e in found}
         if found:
@@ -1385,6 +1564,31 @@ class OutboundQueue:
             fd = self._fds[qid] = self._ops.append(path)
             self._ops.truncate(fd, good)
             self._ops.fsync(fd)
+
+    def _drop_replaced(self, found: list[Envelope]) -> list[Envelope]:
+        """
+        Remove the unsigned messages whose signed copy is queued too (a
+        crash in L{resign} after the copy was durable): load time, blocking.
+        """
+        ids = {e.id for e in found}
+        gone = {e.replaces for e in found if e.replaces in ids}
+        for qid in sorted(gone):
+            for path in (
+                os.path.join(self._env, qid + ".json"),
+                os.path.join(self._journal, qid),
+                os.path.join(self._data, qid),
+            ):
+                _unlink_missing_ok(self._ops, path)
+            self._seq.pop(qid, None)
+            self._lines.pop(qid, None)
+            fd = self._fds.pop(qid, None)
+            if fd is not None:
+                os.close(fd)
+            self.log.info("Removed {queue_id}: its signed copy is queued", queue_id=qid)
+        if gone:
+            for directory in (self._env, self._data):
+                self._ops.fsync_dir(directory)
+        return [e for e in found if e.id not in gone]
 
     def _quarantine(
         self, name: str, qid: str | None, reason: str, journal: str | None = None
@@ -1480,6 +1684,15 @@ def _write_file(
     return size
 
 
+def _read_source(source: bytes | str, offset: int) -> bytes:
+    """A message given as bytes, or as a file to read from byte C{offset} (blocking)."""
+    if isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
 def _discard(ops: FileOps, path: str, directory: str | None) -> None:
     """
     Best-effort removal of a file being given up on (and, if C{directory}
@@ -1542,6 +1755,10 @@ def _encode(envelope: Envelope, journal_seq: int = 0) -> bytes:
     # were, and any reader ignores fields it does not know.
     if envelope.delay_warned:
         obj["delay_warned"] = True
+    if envelope.sign_pending:
+        obj["sign_pending"] = True
+    if envelope.replaces:
+        obj["replaces"] = envelope.replaces
     # ASCII only (non-ASCII as \\u escapes): addresses decoded with
     # surrogateescape survive the round trip.
     return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
@@ -1652,6 +1869,8 @@ def _read_envelope(path: str, qid: str) -> tuple[Envelope, int]:
         params=params,
         origin=_get(obj, "origin", str),
         delay_warned=_optional(obj, "delay_warned", bool, False),
+        sign_pending=_optional(obj, "sign_pending", bool, False),
+        replaces=_optional(obj, "replaces", str, ""),
     )
     return envelope, seq
 

@@ -692,7 +692,7 @@ class PostmasterRoutingTests(CoreTestsMixin, SynchronousTestCase):
             reply, route = self.successResultOf(self.core.check_recipient(self.session, address))
             self.assertEqual(reply, status.POSTMASTER_OK)
             assert route is not None
-            self.assertIs(route.kind, RouteKind.POSTMASTER)
+            self.assertIs(route.kind, RouteKind.TABLE)
         self.assertEqual(self.gs.lookups, [])
 
     def test_elsewhere_is_relaying(self) -> None:

@@ -324,4 +324,7 @@ class PostmasterForwardTests(AttackTestsMixin, TestCase):
             data = f.read()
         self.assertIn(b"X-Original-To: Postmaster\n", data)
         self.assertTrue(data.endswith(b"Subject: bounce\n\nreport\n"))
-        self.assertFalse(os.path.exists(self.config.postmaster_maildir))
+        # Nothing kept locally (the Maildir, made at start as state, stays empty).
+        for sub in ("tmp", "new", "cur"):
+            directory = os.path.join(self.config.postmaster_maildir, sub)
+            self.assertEqual(os.listdir(directory) if os.path.isdir(directory) else [], [])

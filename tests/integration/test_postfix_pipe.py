@@ -179,8 +179,11 @@ async def pipe_runtime(user: pwd.struct_passwd) -> tuple[str, tuple[str, ...]]:
         return _runtime
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     for python in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        if os.access(python, os.X_OK) and os.path.realpath(python) != os.path.realpath(
-            sys.executable
+        # The same binary is another runtime when this one is a virtual
+        # environment (its site-packages may be where the user cannot read).
+        in_venv = sys.prefix != sys.base_prefix
+        if os.access(python, os.X_OK) and (
+            in_venv or os.path.realpath(python) != os.path.realpath(sys.executable)
         ):
             copy = _dependency_copy()
             if await _runs_as(user, python, [ROOT, copy]):

@@ -48,6 +48,7 @@ class Queued:
     xverp: bool
     params: dict[str, str]
     dsn: list[tuple[str, str]] | None
+    sign: bool = False
 
 
 class FakeQueue:
@@ -66,6 +67,7 @@ class FakeQueue:
         xverp: bool = False,
         params: dict[str, str] | None = None,
         dsn: Sequence[tuple[str, str]] | None = None,
+        sign: bool = False,
     ) -> Deferred[Any]:
         if self.error is not None:
             return fail(self.error)
@@ -79,6 +81,7 @@ class FakeQueue:
                 xverp,
                 params or {},
                 None if dsn is None else list(dsn),
+                sign,
             )
         self.entries.append(entry)
         return succeed(entry)
@@ -142,6 +145,7 @@ class SubmissionTests(SynchronousTestCase):
         self.assertEqual(out[-1], "250 2.0.0 Queued as q1")
         [entry] = self.queue.entries
         self.assertTrue(entry.xverp)
+        self.assertTrue(entry.sign)  # DKIM-signed when queued (gsmail.signing)
         self.assertEqual(entry.sender, "dev@groups.example.com")
         self.assertEqual(len(entry.recipients), 50)
         self.assertTrue(entry.data.startswith(b"Received: from groupserver ([127.0.0.1])\n"))
