@@ -26,7 +26,7 @@ from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.protocols.amp import BadLocalReturn, TooLong, UnknownRemoteError
+from twisted.protocols.amp import TooLong
 from twisted.test.iosim import IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -38,6 +38,7 @@ from gsmail.control import (
     ControlFactory,
     ControlService,
     FlushResult,
+    ListQueue,
     QueueControl,
     control_path,
 )
@@ -183,18 +184,18 @@ class ListQueueTests(ControlTestCase):
     def test_one_page_is_too_much(self) -> None:
         """
         (The premise of the test above.) That queue in one page is more than
-        AMP can carry.
+        AMP can carry: its response cannot be made into a box. (Checked on
+        the box, not over the connection: AMP would log the whole value,
+        more than trial's own AMP link to a worker process can carry.)
         """
         members = [f"member{i:04d}@example.org" for i in range(1500)]
         big = self.enqueue("dev@groups.example.com", members)
         for r in big.recipients:
             r.last_reply = "451 4.4.1 " + "Greylisted, please try again later. " * 4
         self.control.page_bytes = 10**9
-        d = self.client.list_queue()
-        self.pump.flush()
-        self.failureResultOf(d, UnknownRemoteError)
-        [logged] = self.flushLoggedErrors(BadLocalReturn)
-        self.assertIn(TooLong.__name__, str(logged.value))
+        page = self.control.list_queue()
+        self.assertEqual(page["cursor"], "")
+        self.assertRaises(TooLong, ListQueue.makeResponse, page, None)
 
     def test_message_deleted_between_pages(self) -> None:
         """
