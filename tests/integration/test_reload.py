@@ -10,10 +10,13 @@ an inbound worker process, which the main process tells to reload.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import signal
 import smtplib
+import subprocess
 import sys
 from typing import Any
 
@@ -25,9 +28,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.integration.running import Child, python_env, run_child, stop, twistd_argv
+from tests.integration.running import ROOT, Child, python_env, run_child, stop, twistd_argv
 from tests.test_reload import new_certificate, peer_certificate, write_config
-from tests.util import DOMAIN, TOKEN, make_config, port_of, start_service
+from tests.util import DOMAIN, TOKEN, make_config, port_of, require_tool, start_service
 
 #: Polls of the log (every 50 ms) before a test gives up.
 POLLS = 400
@@ -127,6 +130,41 @@ class TwistdReloadTests(TestCase):
         self.assertNotIn("Log file", self.read(self.log + ".1"))
         self.assertIn("gsmail ready", self.read(self.log + ".1"))
         self.assertNotIn("gsmail ready", self.read(self.log))
+
+    async def test_logrotate_example(self) -> None:
+        """
+        logrotate with conf/logrotate.gsmail (paths, user and the postrotate
+        signal adapted to this test): the old lines in gsmail.log.1, the new
+        ones in a new gsmail.log.
+        """
+        logrotate = require_tool("logrotate", "/usr/sbin/logrotate")
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(os.getgid()).gr_name
+        with open(os.path.join(ROOT, "conf", "logrotate.gsmail")) as f:
+            example = f.read()
+        text = example.replace("/var/log/gsmail/*.log", os.path.join(self.directory, "*.log"))
+        text = text.replace("gsmail gsmail", f"{user} {group}")
+        text = re.sub(r"systemctl kill .*", f"kill -HUP {self.child.transport.pid}", text)
+        self.assertIn(f"su {user} {group}", text)
+        self.assertIn(f"create 0640 {user} {group}", text)
+        self.assertIn("kill -HUP", text)
+        conf = os.path.join(self.directory, "logrotate.conf")
+        with open(conf, "w") as f:
+            f.write(text)
+        os.chmod(conf, 0o644)
+        state = os.path.join(self.directory, "logrotate.state")
+        result = await deferToThread(
+            subprocess.run,
+            [logrotate, "--force", "--state", state, conf],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        await self.logged(r"Log file .*gsmail\.log reopened")
+        self.assertIn("gsmail ready", self.read(self.log + ".1"))
+        self.assertNotIn("gsmail ready", self.read(self.log))
+        self.assertEqual(os.stat(self.log).st_mode & 0o777, 0o640)
 
 
 class WorkerReloadTests(TestCase):
