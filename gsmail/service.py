@@ -884,7 +884,7 @@ class GsmailService(MultiService):
             path=config.path,
             changed="changed: " + ", ".join(changed) if changed else "no option changed",
             domains=" ".join(config.domains),
-            tls=f"{len(reload.contexts)} TLS certificates read" if reload.contexts else "no TLS",
+            tls="TLS certificate read again" if reload.contexts else "no TLS",
             routes=len(reload.routes.entries),
         )
 
