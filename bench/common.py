@@ -9,6 +9,7 @@ import base64
 import os
 import resource
 import socket
+import statistics
 import time
 import uuid
 
@@ -82,6 +83,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
+def median(values: list[float]) -> float:
+    """The median of the values that are not NaN; NaN when there are none."""
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    """A figure with thousands separators and C{digits} decimals; C{—} for NaN."""
+    return "—" if value != value else f"{value:,.{digits}f}"
+
+
+def median_range(values: list[float], digits: int = 1) -> str:
+    """
+    The median of C{values} and, beside it, their range: C{"512.0 (480.2–530.9)"};
+    a single value alone; C{—} when there is none. Every table of the harness
+    shows its medians this way, so a reader sees how far the runs spread.
+    """
+    values = [v for v in values if v == v]
+    if not values:
+        return "—"
+    middle = fmt(statistics.median(values), digits)
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (/proc/loadavg): how busy the shared machine is."""
+    with open("/proc/loadavg") as f:
+        one, five, fifteen = (float(x) for x in f.read().split()[:3])
+    return one, five, fifteen
+
+
 def _stat_fields(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the command name: fields[0] is field 3 (state)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -147,6 +181,23 @@ def memory_mib(pid: int) -> tuple[float, float]:
             if key in found:
                 found[key] = int(line.split()[1]) / 1024
     return found["VmRSS:"], found["VmHWM:"]
+
+
+def wakeups(pid: int) -> int:
+    """
+    Voluntary context switches of a process's threads (/proc/PID/task/*/status):
+    for a reactor, about one per time it waited for its sockets and woke up.
+    """
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue  # the thread ended meanwhile
+    return total
 
 
 def raise_fd_limit(wanted: int) -> int:

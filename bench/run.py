@@ -27,7 +27,6 @@ import os
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,13 +47,18 @@ from common import (  # noqa: E402
     SENDER,
     TOKEN,
     cpu_seconds,
+    fmt,
     free_port,
+    load_average,
+    median,
+    median_range,
     memory_mib,
     peak_rss_mib,
     percentile,
     raise_fd_limit,
     wait_for_log,
     wait_for_port,
+    wakeups,
 )
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -84,6 +88,26 @@ GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2}
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def load_words(load: tuple[float, float, float]) -> str:
+    """The load average as the progress log and the table headers show it."""
+    return f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+class Progress:
+    """Numbers the runs (r001, r002...) and logs each with the load average before it."""
+
+    def __init__(self) -> None:
+        self.counter = 0
+
+    def start(self, what: str) -> tuple[str, tuple[float, float, float]]:
+        """Log C{what} with the next run id and the load average now; return both."""
+        self.counter += 1
+        run_id = f"r{self.counter:03d}"
+        load = load_average()
+        log(f"{run_id}: {what} ({load_words(load)})")
+        return run_id, load
 
 
 class Process:
@@ -145,20 +169,25 @@ class StandIn:
         )
         self.pid = self.popen.pid
         deadline = time.monotonic() + 20
-        self.port = 0
-        while not self.port:
+        self.port = self.control_port = 0
+        while not self.control_port:
             with open(out) as f:
                 for line in f:
                     if line.startswith("PORT "):
                         self.port = int(line.split()[1])
+                    elif line.startswith("CONTROL "):
+                        self.control_port = int(line.split()[1])
             if time.monotonic() > deadline or self.popen.poll() is not None:
                 raise RuntimeError(f"the stand-in did not start; see {out}")
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _call(self, page: str, method: str = "GET") -> Any:
+        # The control port: polling it adds nothing to the counts of the pages' port.
         request = urllib.request.Request(
-            f"{self.url}/_bench/{page}", method=method, data=b"" if method == "POST" else None
+            f"http://127.0.0.1:{self.control_port}/_bench/{page}",
+            method=method,
+            data=b"" if method == "POST" else None,
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
@@ -384,7 +413,37 @@ class Run:
     cpu_ms_per_msg: float = float("nan")
     seconds: float = float("nan")
     ledger_bytes: float = float("nan")
+    #: The GroupServer side (the stand-in process) during the throughput load:
+    #: its CPU per post, and counts per post of requests, reads (recv calls
+    #: that returned data), bytes, wake-ups (voluntary context switches) and
+    #: connections it accepted.
+    gs_cpu_ms_per_post: float = float("nan")
+    gs_wakeups_per_post: float = float("nan")
+    gs_requests_per_post: float = float("nan")
+    gs_reads_per_post: float = float("nan")
+    gs_bytes_per_post: float = float("nan")
+    gs_connections: int = 0
+    #: Replies other than 250 (2xx for LMTP), posts missing, posts stored
+    #: more than once (by Message-ID; --check's loads).
+    bad_replies: int = 0
+    lost: int = 0
+    twice: int = 0
+    #: /proc/loadavg (1, 5, 15 minutes) just before the run.
+    load: tuple[float, float, float] = (float("nan"), float("nan"), float("nan"))
     errors: list[str] = field(default_factory=list)
+
+    def gs_counts(self, stats: dict[str, Any], cpu_seconds: float, wakeups: int) -> None:
+        """
+        Fill the GroupServer-side figures from the stand-in's stats, its CPU
+        seconds and its wake-ups during the load.
+        """
+        posts = max(1, int(stats["count"]))
+        self.gs_cpu_ms_per_post = cpu_seconds * 1000 / posts
+        self.gs_wakeups_per_post = wakeups / posts
+        self.gs_requests_per_post = sum(stats.get("requests", {}).values()) / posts
+        self.gs_reads_per_post = stats.get("reads", 0) / posts
+        self.gs_bytes_per_post = stats.get("bytes", 0) / posts
+        self.gs_connections = int(stats.get("connections", 0))
 
 
 def run_smtpclient(
@@ -395,6 +454,7 @@ def run_smtpclient(
     time_limit: float,
     rate: float = 0.0,
     path: str | None = None,
+    sessions: int = SESSIONS,
 ) -> dict[str, Any]:
     argv = [
         sys.executable,
@@ -402,7 +462,7 @@ def run_smtpclient(
         "--port",
         str(port),
         "--sessions",
-        str(SESSIONS),
+        str(sessions),
         "--count",
         str(count),
         "--size",
@@ -455,6 +515,7 @@ def inbound_run(
     target = Target(kind, lmtp, standin, workdir, run_id, gsmail_options)
     try:
         cpu0 = cpu_seconds(target.pid)
+        gs_cpu0, gs_wakeups0 = cpu_seconds(standin.pid), wakeups(standin.pid)
         start = time.monotonic()
         argv = [
             SMTP_SOURCE,
@@ -483,6 +544,9 @@ def inbound_run(
         result.sent = n
         if target.posts:
             stats = standin.wait_for(n, timeout=max(5.0, time_limit - (sent_done - start)))
+            result.gs_counts(
+                stats, cpu_seconds(standin.pid) - gs_cpu0, wakeups(standin.pid) - gs_wakeups0
+            )
             result.posted = stats["count"]
             end = stats["last"] if stats["last"] is not None else sent_done
         else:
@@ -705,9 +769,10 @@ def _outbound_rows(runs: dict[str, list[Run]]) -> list[str]:
         ratio = ours / tput if tput == tput and tput else float("nan")
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
         rows.append(
-            f"| {OUT_LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | "
-            f"{fmt(median([r.ack_p50 for r in rs]))} | {fmt(max(r.rss_mib for r in rs))} | "
-            f"{fmt(median([r.cpu_ms_per_msg for r in rs]), 3)} | {notes} |"
+            f"| {OUT_LABELS[kind]} | {median_range([r.msgs_per_s for r in rs])} | {len(rs)} | "
+            f"{fmt(ratio, 2)}× | {median_range([r.ack_p50 for r in rs])} | "
+            f"{fmt(max(r.rss_mib for r in rs))} | "
+            f"{median_range([r.cpu_ms_per_msg for r in rs], 3)} | {notes} |"
         )
     return rows
 
@@ -717,7 +782,7 @@ def outbound_table(count: int, runs: dict[str, list[Run]]) -> str:
         f"#### Case 5: outbound, one post to {count:,} members, one VERP transaction each, "
         "into smtp-sink",
         "",
-        "| sender | recipients/s (median) | runs | gsmail ÷ this | submission accepted ms | "
+        "| sender | recipients/s | runs | gsmail ÷ this | submission accepted ms | "
         "peak RSS MiB | CPU ms/recipient | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -730,7 +795,7 @@ def posts_table(posts: int, per_post: int, runs: dict[str, list[Run]]) -> str:
         f"#### Case 5: {posts} posts × {per_post} members as gs.email submits them "
         "(one connection per post, MAIL FROM:<group> XVERP), into smtp-sink",
         "",
-        "| sender | recipients/s (median) | runs | gsmail ÷ this | submission time ms | "
+        "| sender | recipients/s | runs | gsmail ÷ this | submission time ms | "
         "peak RSS MiB | CPU ms/recipient | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -755,6 +820,7 @@ class IdleRun:
     hwm_idle_mib: float = float("nan")
     with_idle: Run = field(default_factory=Run)
     without_idle: Run = field(default_factory=Run)
+    load: tuple[float, float, float] = (float("nan"), float("nan"), float("nan"))
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -911,12 +977,13 @@ def idle_table(idle: int, burst_n: int, runs: dict[str, list[IdleRun]]) -> str:
         wo = [r.without_idle for r in rs]
         lines.append(
             f"| {LABELS[kind]} | {held:,} of {idle:,} | "
-            f"{fmt(median([r.rss_idle_mib for r in rs]))} / "
+            f"{median_range([r.rss_idle_mib for r in rs])} / "
             f"{fmt(max(r.hwm_idle_mib for r in rs))} | "
-            f"{fmt(median([r.kib_per_session for r in rs]))} | "
-            f"{fmt(median([r.msgs_per_s for r in w]))} | {fmt(median([r.msgs_per_s for r in wo]))} | "
-            f"{fmt(median([r.e2e_p50 for r in w]))} / {fmt(median([r.e2e_p99 for r in w]))} | "
-            f"{fmt(median([r.e2e_p50 for r in wo]))} / {fmt(median([r.e2e_p99 for r in wo]))} | "
+            f"{median_range([r.kib_per_session for r in rs])} | "
+            f"{median_range([r.msgs_per_s for r in w])} | "
+            f"{median_range([r.msgs_per_s for r in wo])} | "
+            f"{median_range([r.e2e_p50 for r in w])} / {median_range([r.e2e_p99 for r in w])} | "
+            f"{median_range([r.e2e_p50 for r in wo])} / {median_range([r.e2e_p99 for r in wo])} | "
             f"{len(rs)} | {notes} |"
         )
     lines += [
@@ -1001,22 +1068,21 @@ def curve(name: str, unit: str, runs: dict[int, Run], per: str) -> str:
     )
 
 
-def median(values: list[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
-def fmt(value: float, digits: int = 1) -> str:
-    return "—" if value != value else f"{value:,.{digits}f}"
-
-
 def inbound_table(title: str, runs: dict[str, list[Run]]) -> str:
+    """
+    One table of case 1 (and 2): medians of the runs with their range
+    (L{median_range}); the ratios are of medians. The GroupServer-side
+    columns are the stand-in's: what the server under test makes GroupServer
+    spend per post.
+    """
     lines = [
         f"#### {title}",
         "",
-        "| server | msg/s e2e (median) | runs | gsmail ÷ this | gsmail-w2 ÷ this | ack p50/p99 ms | "
-        "e2e p50/p99 ms | light-load e2e p50/p99 ms | peak RSS MiB | CPU ms/msg | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | msg/s e2e | runs | gsmail ÷ this | gsmail-w2 ÷ this | ack p50 / p99 ms | "
+        "e2e p50 / p99 ms | light-load e2e p50 / p99 ms | peak RSS MiB (max) | CPU ms/msg | "
+        "GroupServer CPU ms/post | GroupServer requests · reads · wake-ups · bytes per post | "
+        "notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ours = median([r.msgs_per_s for r in runs.get("gsmail", [])])
     ours_w2 = median([r.msgs_per_s for r in runs.get("gsmail-w2", [])])
@@ -1027,13 +1093,18 @@ def inbound_table(title: str, runs: dict[str, list[Run]]) -> str:
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
         if kind in PIPE_KINDS:
             notes = (f"N ≤ {PIPE_MAX_N}; " + notes).strip("; ")
+
+        def m(name: str, digits: int = 1, rs: list[Run] = rs) -> str:
+            return median_range([getattr(r, name) for r in rs], digits)
+
         lines.append(
-            f"| {LABELS[kind]} | {fmt(tput)} | {len(rs)} | {fmt(ratio, 2)}× | {fmt(ratio_w2, 2)}× | "
-            f"{fmt(median([r.ack_p50 for r in rs]))} / {fmt(median([r.ack_p99 for r in rs]))} | "
-            f"{fmt(median([r.e2e_p50 for r in rs]))} / {fmt(median([r.e2e_p99 for r in rs]))} | "
-            f"{fmt(median([r.light_p50 for r in rs]))} / {fmt(median([r.light_p99 for r in rs]))} | "
-            f"{fmt(max(r.rss_mib for r in rs))} | "
-            f"{fmt(median([r.cpu_ms_per_msg for r in rs]), 2)} | {notes} |"
+            f"| {LABELS[kind]} | {m('msgs_per_s')} | {len(rs)} | {fmt(ratio, 2)}× | "
+            f"{fmt(ratio_w2, 2)}× | {m('ack_p50')} / {m('ack_p99')} | "
+            f"{m('e2e_p50')} / {m('e2e_p99')} | {m('light_p50')} / {m('light_p99')} | "
+            f"{fmt(max(r.rss_mib for r in rs))} | {m('cpu_ms_per_msg', 2)} | "
+            f"{m('gs_cpu_ms_per_post', 2)} | {m('gs_requests_per_post', 2)} · "
+            f"{m('gs_reads_per_post', 2)} · {m('gs_wakeups_per_post', 2)} · "
+            f"{m('gs_bytes_per_post', 0)} | {notes} |"
         )
     return "\n".join(lines)
 
@@ -1042,19 +1113,192 @@ def big_table(runs: dict[str, list[Run]]) -> str:
     lines = [
         "#### Case 3: one 200 MiB message over ESMTP",
         "",
-        "| server | time to ack s (median) | time to stored s | peak RSS MiB (max) | "
-        "CPU s | runs | notes |",
+        "| server | time to ack s | time to stored s | peak RSS MiB (max) | CPU s | runs | notes |",
         "|---|---|---|---|---|---|---|",
     ]
     for kind, rs in runs.items():
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
         lines.append(
-            f"| {LABELS[kind]} | {fmt(median([r.ack_p50 for r in rs]) / 1000, 2)} | "
-            f"{fmt(median([r.e2e_p50 for r in rs]) / 1000, 2)} | "
+            f"| {LABELS[kind]} | {median_range([r.ack_p50 / 1000 for r in rs], 2)} | "
+            f"{median_range([r.e2e_p50 / 1000 for r in rs], 2)} | "
             f"{fmt(max(r.rss_mib for r in rs))} | "
-            f"{fmt(median([r.cpu_ms_per_msg for r in rs]) / 1000, 2)} | {len(rs)} | {notes} |"
+            f"{median_range([r.cpu_ms_per_msg / 1000 for r in rs], 2)} | {len(rs)} | {notes} |"
         )
     return "\n".join(lines)
+
+
+#: --check: the load, and the bounds of a gross regression (nothing finer:
+#: the machine is shared, and a check that fails on noise gets ignored).
+CHECK_N = 300
+CHECK_SIZE = 4096
+CHECK_SESSIONS = 10
+CHECK_ROUNDS = 2
+CHECK_RECIPIENTS = 200
+CHECK_MIN_RATE_RATIO = 0.4
+CHECK_MAX_CPU_RATIO = 2.5
+CHECK_MAX_RSS_MIB = 256.0
+CHECK_TIME_LIMIT = 30.0
+
+
+def check_inbound_run(
+    kind: str, standin: StandIn, workdir: str, run_id: str, gsmail_options: list[str]
+) -> Run:
+    """
+    --check's inbound run: C{CHECK_N} distinct 4 KB messages over ESMTP from
+    smtpclient.py in C{CHECK_SESSIONS} sessions, each reply and each post
+    accounted for by Message-ID.
+    """
+    result = Run(sent=CHECK_N)
+    standin.reset()
+    target = Target(kind, False, standin, workdir, run_id, gsmail_options)
+    try:
+        cpu0 = cpu_seconds(target.pid)
+        gs_cpu0, gs_wakeups0 = cpu_seconds(standin.pid), wakeups(standin.pid)
+        sent = run_smtpclient(
+            target.port,
+            False,
+            CHECK_N,
+            CHECK_SIZE,
+            CHECK_TIME_LIMIT,
+            sessions=CHECK_SESSIONS,
+        )
+        records = sent["records"]
+        accepted = {r[0] for r in records if r[3] == 250}
+        result.bad_replies = CHECK_N - len(accepted)
+        stats = standin.wait_for(len(accepted), timeout=CHECK_TIME_LIMIT, idle=3.0)
+        time.sleep(0.5)  # a post stored twice would come late
+        stats = standin.stats()
+        result.gs_counts(
+            stats, cpu_seconds(standin.pid) - gs_cpu0, wakeups(standin.pid) - gs_wakeups0
+        )
+        result.cpu_ms_per_msg = (cpu_seconds(target.pid) - cpu0) * 1000 / max(1, len(accepted))
+        arrivals = standin._call("arrivals")
+        stored = [mid for mid, _ in arrivals]
+        result.posted = len(set(stored))
+        result.twice = len(stored) - len(set(stored))
+        result.lost = len(accepted - set(stored))
+        if records and stats["last"] is not None:
+            result.seconds = stats["last"] - min(r[1] for r in records)
+            result.msgs_per_s = result.posted / result.seconds
+        acks, e2e = latencies(sent, {mid: t for mid, t in arrivals})
+        result.ack_p50, result.ack_p99 = percentile(acks, 50), percentile(acks, 99)
+        result.e2e_p50, result.e2e_p99 = percentile(e2e, 50), percentile(e2e, 99)
+        result.rss_mib = peak_rss_mib(target.pid)
+        if sent["errors"]:
+            result.errors.append(f"client: {sent['errors']} errors")
+        target.process.check_alive()
+    except Exception as e:
+        result.errors.append(f"{e.__class__.__name__}: {e}"[:300])
+    finally:
+        target.stop()
+    return result
+
+
+def check(workdir: str, gsmail_options: list[str]) -> int:
+    """
+    --check: a short run that catches a gross regression, for CI. gsmail and
+    the minimal Twisted+treq peer, C{CHECK_ROUNDS} interleaved rounds, then
+    one VERP fan-out into smtp-sink. Prints the tables and the bounds it
+    applied; returns the exit status: 0, or 1 when a bound was crossed.
+    """
+    began = time.monotonic()
+    start_load = load_average()
+    standin = StandIn(workdir)
+    progress = Progress()
+    runs: dict[str, list[Run]] = {"gsmail": [], "twisted": []}
+    fan: Run | None = None
+    try:
+        for rnd in range(CHECK_ROUNDS):
+            for kind in runs:  # interleaved, so drift hits both alike
+                run_id, load = progress.start(f"check: {kind} ESMTP round {rnd + 1}")
+                r = check_inbound_run(kind, standin, workdir, run_id, gsmail_options)
+                r.load = load
+                log(
+                    f"  {fmt(r.msgs_per_s)} msg/s, {fmt(r.cpu_ms_per_msg, 2)} CPU ms/msg "
+                    f"{'; '.join(r.errors)}"
+                )
+                runs[kind].append(r)
+        run_id, load = progress.start(f"check: gsmail outbound {CHECK_RECIPIENTS} recipients")
+        fan = outbound_run(
+            "gsmail", CHECK_RECIPIENTS, standin, workdir, run_id, CHECK_TIME_LIMIT, gsmail_options
+        )
+        fan.load = load
+        fan.lost = max(0, CHECK_RECIPIENTS - fan.posted)
+        fan.twice = max(0, fan.posted - CHECK_RECIPIENTS)
+        log(f"  {fmt(fan.msgs_per_s)} recipients/s {'; '.join(fan.errors)}")
+    finally:
+        standin.stop()
+
+    ours, peer = runs["gsmail"], runs["twisted"]
+    rate = median([r.msgs_per_s for r in ours]) / median([r.msgs_per_s for r in peer])
+    cpu = median([r.cpu_ms_per_msg for r in ours]) / median([r.cpu_ms_per_msg for r in peer])
+    rss = max(r.rss_mib for r in ours)
+    failures: list[str] = []
+    for kind, rs in runs.items():
+        for r in rs:
+            failures += [f"{kind}: {e}" for e in r.errors]
+    for name, value in (
+        ("replies other than 250", sum(r.bad_replies for r in ours)),
+        ("posts lost", sum(r.lost for r in ours)),
+        ("posts stored twice", sum(r.twice for r in ours)),
+    ):
+        if value:
+            failures.append(f"gsmail: {value} {name}")
+    if not rate >= CHECK_MIN_RATE_RATIO:  # NaN fails too
+        failures.append(f"gsmail's msg/s is {fmt(rate, 2)}× the peer's")
+    if not cpu <= CHECK_MAX_CPU_RATIO:
+        failures.append(f"gsmail's CPU per message is {fmt(cpu, 2)}× the peer's")
+    if not rss <= CHECK_MAX_RSS_MIB:
+        failures.append(f"gsmail's peak RSS is {fmt(rss)} MiB")
+    if fan is not None and (fan.errors or fan.lost or fan.twice):
+        failures.append(
+            f"outbound: {fan.lost} lost, {fan.twice} twice {'; '.join(fan.errors)}".strip()
+        )
+
+    out = [
+        f"### gsmail benchmark check ({CHECK_ROUNDS} interleaved rounds; {os.cpu_count()} cores; "
+        f"{load_words(start_load)} at the start; {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"gsmail from {GSMAIL_ROOT})",
+        "",
+        "Figures: median of the runs (min–max).",
+        "",
+        inbound_table(
+            f"Check: inbound ESMTP, {CHECK_SIZE // 1024} KB, N = {CHECK_N}, "
+            f"{CHECK_SESSIONS} sessions (smtpclient.py)",
+            runs,
+        ),
+        "",
+        "| gsmail | posts lost | stored twice | replies other than 250 |",
+        "|---|---|---|---|",
+        f"| inbound | {sum(r.lost for r in ours)} | {sum(r.twice for r in ours)} | "
+        f"{sum(r.bad_replies for r in ours)} |",
+    ]
+    if fan is not None:
+        out += [
+            f"| outbound, {CHECK_RECIPIENTS} VERP recipients into smtp-sink "
+            f"({fmt(fan.msgs_per_s)} recipients/s) | {fan.lost} | {fan.twice} | "
+            f"{'; '.join(fan.errors) or '—'} |",
+        ]
+    out += [
+        "",
+        "Bounds of a gross regression (the run fails when one is crossed): no post lost or "
+        "stored twice, no reply other than 250; gsmail's msg/s (median) ≥ "
+        f"{CHECK_MIN_RATE_RATIO}× the peer's (now {fmt(rate, 2)}×); gsmail's CPU per message "
+        f"≤ {CHECK_MAX_CPU_RATIO}× the peer's (now {fmt(cpu, 2)}×); gsmail's peak RSS ≤ "
+        f"{CHECK_MAX_RSS_MIB:g} MiB (now {fmt(rss)}).",
+        "",
+        ("FAILED: " + "; ".join(failures)) if failures else "PASSED",
+        f"Total time {time.monotonic() - began:.0f} s.",
+    ]
+    text = "\n".join(out)
+    print(text)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        raw = {k: [vars(r) for r in v] for k, v in runs.items()}
+        json.dump({"load_at_start": start_load, **raw, "outbound": fan and vars(fan)}, f, indent=1)
+    shutil.rmtree(os.path.join(workdir, "standin"), ignore_errors=True)
+    return 1 if failures else 0
 
 
 def standin_capacity(standin: StandIn, quick: bool) -> str:
@@ -1098,6 +1342,11 @@ def standin_capacity(standin: StandIn, quick: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one run per case, small N")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="a short run for CI that fails (exit 1) only on a gross regression",
+    )
     parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated: 1 to 6")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--reps", type=int, help="runs per case (default 3; --quick 1)")
@@ -1146,6 +1395,11 @@ def main() -> None:
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not os.access(tool, os.X_OK):
             sys.exit(f"{tool} is missing: run bench/run.sh (apt-get install postfix)")
+    if args.check:
+        workdir = args.workdir or tempfile.mkdtemp(prefix="gsmail-check-")
+        os.makedirs(workdir, exist_ok=True)
+        log(f"work directory: {workdir}")
+        sys.exit(check(workdir, args.gsmail_option))
     cases = {int(c) for c in args.cases.split(",") if c}
     targets = [t for t in TARGETS if t in args.targets.split(",")]
     reps = args.reps or (1 if args.quick else 3)
@@ -1163,16 +1417,20 @@ def main() -> None:
     log(f"work directory: {workdir}")
     began = time.monotonic()
 
+    load = load_average()
     out: list[str] = [
-        f"### gsmail benchmarks ({'quick' if args.quick else 'full'}; {reps} run(s) per figure; "
-        f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; gsmail from {GSMAIL_ROOT})",
+        f"### gsmail benchmarks ({'quick' if args.quick else 'full'}; {reps} run(s) per figure, "
+        f"interleaved; {os.cpu_count()} cores; {load_words(load)} at the start; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}; gsmail from {GSMAIL_ROOT})",
+        "",
+        "Figures: median of the runs (min–max).",
         "",
     ]
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = {"load_at_start": load}
     standin = StandIn(workdir)
     try:
         out += [standin_capacity(standin, args.quick), ""]
-        counter = 0
+        progress = Progress()
         if cases & {1, 2}:
             for protocol in protocols:
                 for size in sizes:
@@ -1182,9 +1440,9 @@ def main() -> None:
                             for kind in targets:  # interleaved, so drift hits all alike
                                 if kind in PIPE_KINDS and (size > 4096 or i > 0):
                                     continue
-                                counter += 1
-                                run_id = f"r{counter:03d}"
-                                log(f"{run_id}: {kind} {protocol} {size} B N={n} rep {rep + 1}")
+                                run_id, load = progress.start(
+                                    f"{kind} {protocol} {size} B N={n} rep {rep + 1}"
+                                )
                                 light = (
                                     (25 if args.quick else 50)
                                     if 2 in cases and size <= 4096 and i == 0
@@ -1208,6 +1466,7 @@ def main() -> None:
                                     f"  {fmt(r.msgs_per_s)} msg/s, e2e p99 {fmt(r.e2e_p99)} ms "
                                     f"{'; '.join(r.errors)}"
                                 )
+                                r.load = load
                                 runs[kind].append(r)
                         runs = {k: v for k, v in runs.items() if v}
                         title = (
@@ -1225,9 +1484,7 @@ def main() -> None:
                 for kind in targets:
                     if kind in (*PIPE_KINDS, "sink", "gsmail-w2"):
                         continue
-                    counter += 1
-                    run_id = f"r{counter:03d}"
-                    log(f"{run_id}: {kind} 200 MiB rep {rep + 1}")
+                    run_id, load = progress.start(f"{kind} 200 MiB rep {rep + 1}")
                     r = big_run(
                         kind, path, standin, workdir, run_id, args.time_limit, args.gsmail_option
                     )
@@ -1235,6 +1492,7 @@ def main() -> None:
                         f"  stored after {fmt(r.e2e_p50 / 1000, 2)} s, RSS {fmt(r.rss_mib)} MiB "
                         f"{'; '.join(r.errors)}"
                     )
+                    r.load = load
                     big.setdefault(kind, []).append(r)
             os.unlink(path)
             out += [big_table(big), ""]
@@ -1245,9 +1503,9 @@ def main() -> None:
                 for kind in targets:
                     if kind not in IDLE_TARGETS:
                         continue
-                    counter += 1
-                    run_id = f"r{counter:03d}"
-                    log(f"{run_id}: {kind} {args.idle} idle sessions, burst rep {rep + 1}")
+                    run_id, load = progress.start(
+                        f"{kind} {args.idle} idle sessions, burst rep {rep + 1}"
+                    )
                     ir = idle_run(
                         kind,
                         args.idle,
@@ -1263,6 +1521,7 @@ def main() -> None:
                         f"{fmt(ir.rss_idle_mib)} MiB, burst {fmt(ir.with_idle.msgs_per_s)} / "
                         f"{fmt(ir.without_idle.msgs_per_s)} msg/s {'; '.join(ir.errors)}"
                     )
+                    ir.load = load
                     idle_runs.setdefault(kind, []).append(ir)
             out += [idle_table(args.idle, args.burst, idle_runs), ""]
             raw["case4"] = {
@@ -1274,6 +1533,7 @@ def main() -> None:
                         "hwm_idle_mib": r.hwm_idle_mib,
                         "with_idle": vars(r.with_idle),
                         "without_idle": vars(r.without_idle),
+                        "load": r.load,
                         "errors": r.errors,
                     }
                     for r in v
@@ -1285,9 +1545,9 @@ def main() -> None:
                 fan: dict[str, list[Run]] = {}
                 for rep in range(reps):
                     for kind in OUT_TARGETS:
-                        counter += 1
-                        run_id = f"r{counter:03d}"
-                        log(f"{run_id}: outbound {kind} {count} recipients rep {rep + 1}")
+                        run_id, load = progress.start(
+                            f"outbound {kind} {count} recipients rep {rep + 1}"
+                        )
                         r = outbound_run(
                             kind,
                             count,
@@ -1298,6 +1558,7 @@ def main() -> None:
                             args.gsmail_option,
                         )
                         log(f"  {fmt(r.msgs_per_s)} recipients/s {'; '.join(r.errors)}")
+                        r.load = load
                         fan.setdefault(kind, []).append(r)
                 out += [outbound_table(count, fan), ""]
                 raw[f"case5-{count}"] = {k: [vars(r) for r in v] for k, v in fan.items()}
@@ -1305,9 +1566,9 @@ def main() -> None:
                 batches: dict[str, list[Run]] = {}
                 for rep in range(reps):
                     for kind in ("gsmail", "postfix"):
-                        counter += 1
-                        run_id = f"r{counter:03d}"
-                        log(f"{run_id}: outbound {kind} {args.posts} posts x 50 rep {rep + 1}")
+                        run_id, load = progress.start(
+                            f"outbound {kind} {args.posts} posts x 50 rep {rep + 1}"
+                        )
                         r = outbound_run(
                             kind,
                             50,
@@ -1322,6 +1583,7 @@ def main() -> None:
                             f"  {fmt(r.msgs_per_s)} recipients/s, submitted in "
                             f"{fmt(r.ack_p50)} ms {'; '.join(r.errors)}"
                         )
+                        r.load = load
                         batches.setdefault(kind, []).append(r)
                 out += [posts_table(args.posts, 50, batches), ""]
                 raw["case5-posts"] = {k: [vars(r) for r in v] for k, v in batches.items()}
@@ -1329,9 +1591,7 @@ def main() -> None:
             grow_in: dict[int, Run] = {}
             grow_out: dict[int, Run] = {}
             for n in growth_ns:  # one run each: the 100k runs take minutes
-                counter += 1
-                run_id = f"r{counter:03d}"
-                log(f"{run_id}: growth, gsmail inbound ESMTP 4 KB N={n}")
+                run_id, load = progress.start(f"growth, gsmail inbound ESMTP 4 KB N={n}")
                 r = inbound_run(
                     "gsmail",
                     False,
@@ -1347,11 +1607,10 @@ def main() -> None:
                 )
                 r.ledger_bytes = ledger_bytes(workdir, run_id)
                 log(f"  {fmt(r.msgs_per_s)} msg/s, {fmt(r.cpu_ms_per_msg, 2)} CPU ms/msg")
+                r.load = load
                 grow_in[n] = r
             for n in growth_ns:
-                counter += 1
-                run_id = f"r{counter:03d}"
-                log(f"{run_id}: growth, gsmail outbound {n} recipients")
+                run_id, load = progress.start(f"growth, gsmail outbound {n} recipients")
                 r = outbound_run(
                     "gsmail",
                     n,
@@ -1362,6 +1621,7 @@ def main() -> None:
                     args.gsmail_option,
                 )
                 log(f"  {fmt(r.msgs_per_s)} recipients/s {'; '.join(r.errors)}")
+                r.load = load
                 grow_out[n] = r
             out += [growth_tables(grow_in, grow_out, args.time_limit_growth), ""]
             raw["case6"] = {

@@ -11,10 +11,15 @@ so the harness can compare it with its own send times).
     python bench/standin_server.py --dir DIR --token TOKEN [--groups example,dev]
         [--domain groups.example.com] [--inline] [--keep]
 
-Prints C{PORT <n>} on standard output once it listens on 127.0.0.1. Control:
+Prints C{PORT <n>} on standard output once it listens on 127.0.0.1, then
+C{CONTROL <n>}: a second port serving only the control pages, so that a
+harness polling them does not add to the counts below. Control (on either):
 
-  - C{GET /_bench/stats}: C{{"count": n, "first": t, "last": t}} (posts
-    stored since the last reset, times in monotonic seconds);
+  - C{GET /_bench/stats}: C{{"count": n, "first": t, "last": t, ...}}
+    (posts stored since the last reset, times in monotonic seconds), with
+    C{requests} per page and the counts of what reached the HTTP server:
+    C{connections} accepted, C{reads} (C{dataReceived} calls, one per
+    C{recv} that returned data) and C{bytes} read;
   - C{GET /_bench/arrivals}: C{[[message_id, t], ...]};
   - C{POST /_bench/reset}: forget the arrivals.
 
@@ -33,6 +38,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.protocols import policies
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -83,6 +89,37 @@ class BenchStandIn(StandIn):
             os.unlink(record.path)
 
 
+class CountingFactory(policies.WrappingFactory):
+    """
+    Counts what reaches the stand-in's HTTP server: connections accepted,
+    reads (C{dataReceived} calls: one per C{recv} that returned data) and
+    bytes read. Counts, unlike CPU time, do not move with the machine's load.
+    """
+
+    def __init__(self, wrapped: server.Site) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
+        self.counts = {"connections": 0, "reads": 0, "bytes": 0}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        self.counts["connections"] += 1
+        return super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+
+    def counted(self, data: bytes) -> None:
+        self.counts["reads"] += 1
+        self.counts["bytes"] += len(data)
+
+
+class _CountingProtocol(policies.ProtocolWrapper):
+    factory: CountingFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.counted(data)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+
+CountingFactory.protocol = _CountingProtocol
+
+
 class Root(Resource):
     """C{/_bench/...} control pages, everything else to the stand-in."""
 
@@ -91,6 +128,7 @@ class Root(Resource):
     def __init__(self, standin: BenchStandIn) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._standin = standin
+        self.counts: dict[str, int] = {}
         self._pages = standin.resource()
 
     def render(self, request: server.Request) -> Any:
@@ -105,6 +143,7 @@ class Root(Resource):
                 "first": arrivals[0][1] if arrivals else None,
                 "last": arrivals[-1][1] if arrivals else None,
                 "requests": dict(self._standin.requests),
+                **self.counts,
             }
         elif path == b"/_bench/arrivals":
             body = arrivals
@@ -112,6 +151,8 @@ class Root(Resource):
             self._standin.arrivals = []
             self._standin.requests.clear()
             self._standin.forget_archive()
+            for name in self.counts:
+                self.counts[name] = 0
             body = {"ok": True}
         else:
             request.setResponseCode(404)
@@ -148,10 +189,18 @@ def main() -> None:
         keep=args.keep,
         archive_once=args.archive_once,
     )
-    site = server.Site(Root(standin), requestFactory=standin.request_factory())
+    root = Root(standin)
+    site = server.Site(root, requestFactory=standin.request_factory())
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log
-    port = reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=1024)
+    counting = CountingFactory(site)
+    root.counts = counting.counts
+    port = reactor.listenTCP(args.port, counting, interface="127.0.0.1", backlog=1024)
     print(f"PORT {port.getHost().port}", flush=True)
+    control = server.Site(root)
+    control.log = lambda request: None  # type: ignore[method-assign]
+    print(
+        f"CONTROL {reactor.listenTCP(0, control, interface='127.0.0.1').getHost().port}", flush=True
+    )
     reactor.run()
 
 

@@ -25,7 +25,7 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
@@ -346,6 +346,27 @@ class MultipartBodyTests(SynchronousTestCase):
         self.assertEqual(
             parse_form(consumer.value(), body.boundary), {"form.email": b"dev@groups.example.com"}
         )
+        self.assertTrue(body.complete)
+
+    def test_small_message_in_memory_is_written_at_once(self) -> None:
+        """
+        A message the spool kept in memory, of at most one chunk, goes to
+        the transport in one write with no cooperator step: GroupServer gets
+        the request in one piece, as from a client that builds the whole body
+        first (bench/RESULTS.md, "What a post costs GroupServer").
+        """
+        data = b"Subject: s\n\n" + b"x" * 4096
+        prefix = b"X-Original-To: dev@groups.example.com\n"
+        message = MessageSource(prefix=prefix, path="/nonexistent", size=len(data), data=data)
+        steps = StepCooperator()
+        body = MultipartBody([("form.groupId", "dev")], message, cooperator=steps.cooperator)
+        consumer = ListConsumer()
+        self.successResultOf(body.startProducing(consumer))
+        self.assertEqual(len(consumer.writes), 1)
+        self.assertFalse(steps.step(), "a cooperator step was scheduled")
+        self.assertEqual(len(consumer.writes[0]), body.length)
+        fields = parse_form(consumer.writes[0], body.boundary)
+        self.assertEqual(base64.b64decode(fields["form.emailMessage"]), prefix + data)
         self.assertTrue(body.complete)
 
     def test_utf8_field_values(self) -> None:
@@ -763,11 +784,19 @@ class NotifyingClock(Clock):
 
 
 class TrackingFactory(WrappingFactory):
-    """Counts the server's open connections; tells when all are closed."""
+    """
+    Counts the server's open connections and those it ever accepted
+    (C{accepted}); tells when all are closed.
+    """
 
     def __init__(self, wrapped: Factory) -> None:
         super().__init__(wrapped)
         self._closed_waiters: list[Deferred[None]] = []
+        self.accepted = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.accepted += 1
+        return super().buildProtocol(addr)
 
     def unregisterProtocol(self, p: Protocol) -> None:
         super().unregisterProtocol(p)
@@ -1080,6 +1109,21 @@ class SocketClientTests(TestCase):
             await p
         self.assertEqual(gauge[0].most, 2)
         self.assertEqual(sorted(self.standin.posts("dev")), [b"m%d" % i for i in range(5)])
+
+    async def test_posts_reuse_connections(self) -> None:
+        """
+        Each post is one request to the add-email page, and posts share the
+        pool's connections: twelve posts, two at a time, open at most as
+        many connections as the pool keeps (concurrency + 2), not one each.
+        """
+        client = self.serve(concurrency=2)
+        for batch in range(6):
+            await gatherResults(
+                [ensureDeferred(_post(client, self, 2 * batch + i)) for i in range(2)]
+            )
+        self.assertEqual(dict(self.standin.requests), {"add": 12})
+        self.assertLessEqual(self.tracking.accepted, 4)
+        self.assertEqual(len(self.standin.posts("dev")), 12)
 
     async def test_tls_verified(self) -> None:
         """
