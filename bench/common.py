@@ -94,6 +94,11 @@ def fmt(value: float, digits: int = 1) -> str:
     return "—" if value != value else f"{value:,.{digits}f}"
 
 
+def times(value: float) -> str:
+    """A ratio as the tables show it: C{0.72×}; C{—} for NaN (nothing to compare with)."""
+    return "—" if value != value else f"{value:,.2f}×"
+
+
 def median_range(values: list[float], digits: int = 1) -> str:
     """
     The median of C{values} and, beside it, their range: C{"512.0 (480.2–530.9)"};

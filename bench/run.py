@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     peak_rss_mib,
     percentile,
     raise_fd_limit,
+    times,
     wait_for_log,
     wait_for_port,
     wakeups,
@@ -66,10 +67,15 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 SESSIONS = 20
 #: Targets in table order; the first is what the ratios are taken for.
 TARGETS = ("gsmail", "gsmail-w2", "twisted", "aiosmtpd", "pipe", "smtp2gs", "sink")
+#: Run only when named in --targets: the same servers with another number of
+#: posts in flight at once (what GroupServer's per-post CPU depends on).
+EXTRA_TARGETS = ("gsmail-c20", "twisted-c4")
 LABELS = {
     "gsmail": "gsmail (ledger + spool + RCPT lookup)",
     "gsmail-w2": "gsmail, inbound_workers = 2 (same guarantees)",
+    "gsmail-c20": "gsmail, post_concurrency = 20",
     "twisted": "peer: Twisted ESMTP + treq",
+    "twisted-c4": "peer: Twisted ESMTP + treq, at most 4 posts at once",
     "aiosmtpd": "peer: aiosmtpd + aiohttp",
     "pipe": "peer: process per message (smtp2gs shape)",
     "smtp2gs": "peer: process per message, gsmail's smtp2gs",
@@ -83,7 +89,9 @@ PIPE_MAX_N = 200
 IDLE_SESSIONS = 1000
 IDLE_TARGETS = ("gsmail", "twisted", "aiosmtpd")
 #: gsmail with inbound worker processes: the number of workers, by target.
-GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2}
+GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2, "gsmail-c20": 0}
+#: Extra lines of gsmail's configuration, by target.
+GSMAIL_OPTIONS = {"gsmail-c20": ["post_concurrency = 20"]}
 
 
 def log(message: str) -> None:
@@ -295,6 +303,7 @@ class Target:
         env = dict(os.environ)
         workers = GSMAIL_WORKERS.get(kind, 0)
         if kind in GSMAIL_WORKERS:
+            gsmail_options = [*gsmail_options, *GSMAIL_OPTIONS.get(kind, [])]
             if workers:
                 gsmail_options = [*gsmail_options, f"inbound_workers = {workers}"]
             for sub in ("spool", "ledger"):
@@ -348,6 +357,7 @@ class Target:
         else:
             script = {
                 "twisted": "twisted_treq.py",
+                "twisted-c4": "twisted_treq.py",
                 "aiosmtpd": "aiosmtpd_aiohttp.py",
                 "pipe": "pipe_front.py",
                 "smtp2gs": "pipe_front.py",
@@ -362,6 +372,7 @@ class Target:
                 "--token",
                 TOKEN,
                 *(["--lmtp"] if lmtp else []),
+                *(["--post-concurrency", "4"] if kind == "twisted-c4" else []),
             ]
             env["GS_LOCK"] = os.path.join(state, "smtp2gs.lock")
             if kind == "smtp2gs":
@@ -770,7 +781,7 @@ def _outbound_rows(runs: dict[str, list[Run]]) -> list[str]:
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
         rows.append(
             f"| {OUT_LABELS[kind]} | {median_range([r.msgs_per_s for r in rs])} | {len(rs)} | "
-            f"{fmt(ratio, 2)}× | {median_range([r.ack_p50 for r in rs])} | "
+            f"{times(ratio)} | {median_range([r.ack_p50 for r in rs])} | "
             f"{fmt(max(r.rss_mib for r in rs))} | "
             f"{median_range([r.cpu_ms_per_msg for r in rs], 3)} | {notes} |"
         )
@@ -1098,8 +1109,8 @@ def inbound_table(title: str, runs: dict[str, list[Run]]) -> str:
             return median_range([getattr(r, name) for r in rs], digits)
 
         lines.append(
-            f"| {LABELS[kind]} | {m('msgs_per_s')} | {len(rs)} | {fmt(ratio, 2)}× | "
-            f"{fmt(ratio_w2, 2)}× | {m('ack_p50')} / {m('ack_p99')} | "
+            f"| {LABELS[kind]} | {m('msgs_per_s')} | {len(rs)} | {times(ratio)} | "
+            f"{times(ratio_w2)} | {m('ack_p50')} / {m('ack_p99')} | "
             f"{m('e2e_p50')} / {m('e2e_p99')} | {m('light_p50')} / {m('light_p99')} | "
             f"{fmt(max(r.rss_mib for r in rs))} | {m('cpu_ms_per_msg', 2)} | "
             f"{m('gs_cpu_ms_per_post', 2)} | {m('gs_requests_per_post', 2)} · "
@@ -1245,9 +1256,9 @@ def check(workdir: str, gsmail_options: list[str]) -> int:
         if value:
             failures.append(f"gsmail: {value} {name}")
     if not rate >= CHECK_MIN_RATE_RATIO:  # NaN fails too
-        failures.append(f"gsmail's msg/s is {fmt(rate, 2)}× the peer's")
+        failures.append(f"gsmail's msg/s is {times(rate)} the peer's")
     if not cpu <= CHECK_MAX_CPU_RATIO:
-        failures.append(f"gsmail's CPU per message is {fmt(cpu, 2)}× the peer's")
+        failures.append(f"gsmail's CPU per message is {times(cpu)} the peer's")
     if not rss <= CHECK_MAX_RSS_MIB:
         failures.append(f"gsmail's peak RSS is {fmt(rss)} MiB")
     if fan is not None and (fan.errors or fan.lost or fan.twice):
@@ -1283,8 +1294,8 @@ def check(workdir: str, gsmail_options: list[str]) -> int:
         "",
         "Bounds of a gross regression (the run fails when one is crossed): no post lost or "
         "stored twice, no reply other than 250; gsmail's msg/s (median) ≥ "
-        f"{CHECK_MIN_RATE_RATIO}× the peer's (now {fmt(rate, 2)}×); gsmail's CPU per message "
-        f"≤ {CHECK_MAX_CPU_RATIO}× the peer's (now {fmt(cpu, 2)}×); gsmail's peak RSS ≤ "
+        f"{CHECK_MIN_RATE_RATIO}× the peer's (now {times(rate)}); gsmail's CPU per message "
+        f"≤ {CHECK_MAX_CPU_RATIO}× the peer's (now {times(cpu)}); gsmail's peak RSS ≤ "
         f"{CHECK_MAX_RSS_MIB:g} MiB (now {fmt(rss)}).",
         "",
         ("FAILED: " + "; ".join(failures)) if failures else "PASSED",
@@ -1401,7 +1412,7 @@ def main() -> None:
         log(f"work directory: {workdir}")
         sys.exit(check(workdir, args.gsmail_option))
     cases = {int(c) for c in args.cases.split(",") if c}
-    targets = [t for t in TARGETS if t in args.targets.split(",")]
+    targets = [t for t in (*TARGETS, *EXTRA_TARGETS) if t in args.targets.split(",")]
     reps = args.reps or (1 if args.quick else 3)
     ns = [int(x) for x in (args.n or ("1000" if args.quick else "2000,10000")).split(",")]
     sizes = [int(x) for x in args.sizes.split(",")]

@@ -5,6 +5,10 @@ in memory, the group is looked up once per address and cached forever, no
 ledger. The reply to DATA is sent once GroupServer answered (as gsmail does).
 
     python bench/peers/twisted_treq.py --port P --url http://127.0.0.1:S --token T [--lmtp]
+        [--post-concurrency N]
+
+--post-concurrency N: at most N posts in flight at once, the rest wait (as
+gsmail's post_concurrency); default: no limit.
 """
 
 import argparse
@@ -36,8 +40,9 @@ def form(fields, message=None):
 
 
 class GroupServer:
-    def __init__(self, url, token):
+    def __init__(self, url, token, post_concurrency=0):
         self.url = url.rstrip("/")
+        self.slots = defer.DeferredSemaphore(post_concurrency) if post_concurrency else None
         self.token = token
         pool = HTTPConnectionPool(reactor)
         pool.maxPersistentPerHost = 32
@@ -68,6 +73,15 @@ class GroupServer:
         group_id = await self.group(address)
         if group_id is None:
             raise smtp.SMTPServerError(550, "5.1.1 No such group")
+        if self.slots is not None:
+            await self.slots.acquire()
+            try:
+                return await self._add(group_id, message)
+            finally:
+                self.slots.release()
+        await self._add(group_id, message)
+
+    async def _add(self, group_id, message):
         await self.post(
             "gs-group-messages-add-email.html",
             {"form.groupId": group_id, "form.timeSource": "server", "form.actions.add": "Add"},
@@ -136,8 +150,9 @@ def main():
     parser.add_argument("--url", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--lmtp", action="store_true")
+    parser.add_argument("--post-concurrency", type=int, default=0)
     args = parser.parse_args()
-    factory = ServerFactory(GroupServer(args.url, args.token), args.lmtp)
+    factory = ServerFactory(GroupServer(args.url, args.token, args.post_concurrency), args.lmtp)
     reactor.listenTCP(args.port, factory, interface="127.0.0.1", backlog=1024)
     reactor.run()
 
