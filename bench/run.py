@@ -155,7 +155,7 @@ class Process:
 class StandIn:
     """The stand-in process and its control pages."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, extra: list[str] | None = None) -> None:
         directory = os.path.join(workdir, "standin")
         out = os.path.join(workdir, "standin.out")
         self._out = open(out, "wb")
@@ -170,6 +170,7 @@ class StandIn:
                 "--domain",
                 DOMAIN,
                 "--inline",
+                *(extra or []),
             ],
             stdout=self._out,
             stderr=subprocess.STDOUT,
@@ -1279,7 +1280,7 @@ def check(workdir: str, gsmail_options: list[str]) -> int:
             runs,
         ),
         "",
-        "| gsmail | posts lost | stored twice | replies other than 250 |",
+        "| gsmail | posts lost | stored twice | replies other than 250 (outbound: errors) |",
         "|---|---|---|---|",
         f"| inbound | {sum(r.lost for r in ours)} | {sum(r.twice for r in ours)} | "
         f"{sum(r.bad_replies for r in ours)} |",

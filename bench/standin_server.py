@@ -24,7 +24,9 @@ harness polling them does not add to the counts below. Control (on either):
   - C{POST /_bench/reset}: forget the arrivals.
 
 Stored messages are deleted once their Message-ID is read (a benchmark stores
-gigabytes otherwise); C{--keep} keeps them. Stops on SIGTERM/SIGINT.
+gigabytes otherwise); C{--keep} keeps them. C{--capture DIR} writes the
+first add-email requests, as read, into C{DIR} (bench/postcost.py replays
+them). Stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ reactor: Any = _reactor
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
 #: Bytes read from a stored post to find its Message-ID.
 _HEAD = 16 * 1024
+#: --capture: the add-email requests written, the first ones after the start.
+_CAPTURE_COUNT = 3
 
 
 def _message_id(path: str) -> str:
@@ -96,9 +100,11 @@ class CountingFactory(policies.WrappingFactory):
     bytes read. Counts, unlike CPU time, do not move with the machine's load.
     """
 
-    def __init__(self, wrapped: server.Site) -> None:
+    def __init__(self, wrapped: server.Site, capture: str | None = None) -> None:
         super().__init__(wrapped)  # type: ignore[no-untyped-call]
         self.counts = {"connections": 0, "reads": 0, "bytes": 0}
+        self._capture = capture
+        self._captured = 0
 
     def buildProtocol(self, addr: Any) -> Any:
         self.counts["connections"] += 1
@@ -107,6 +113,15 @@ class CountingFactory(policies.WrappingFactory):
     def counted(self, data: bytes) -> None:
         self.counts["reads"] += 1
         self.counts["bytes"] += len(data)
+        if (
+            self._capture
+            and self._captured < _CAPTURE_COUNT
+            and data.startswith(b"POST /gs-group-messages-add-email.html ")
+        ):
+            # One read is one whole request for a small post (postcost.py checks).
+            self._captured += 1
+            with open(os.path.join(self._capture, f"add-{self._captured}.req"), "wb") as f:
+                f.write(data)
 
 
 class _CountingProtocol(policies.ProtocolWrapper):
@@ -174,6 +189,10 @@ def main() -> None:
     )
     parser.add_argument("--keep", action="store_true", help="keep stored posts")
     parser.add_argument(
+        "--capture",
+        help="write the first add-email reads (whole requests, as read) into this directory",
+    )
+    parser.add_argument(
         "--archive-once",
         action="store_true",
         help="archive a post id once, as GroupServer does (bench/chaos.py)",
@@ -192,7 +211,7 @@ def main() -> None:
     root = Root(standin)
     site = server.Site(root, requestFactory=standin.request_factory())
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log
-    counting = CountingFactory(site)
+    counting = CountingFactory(site, args.capture)
     root.counts = counting.counts
     port = reactor.listenTCP(args.port, counting, interface="127.0.0.1", backlog=1024)
     print(f"PORT {port.getHost().port}", flush=True)
