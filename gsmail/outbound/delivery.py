@@ -219,7 +219,7 @@ def _log_delivery(
         f"{maillog.format_delay(max(0.0, now - started))}",
         reply.enhanced,
         maillog.delivery_status(reply.code, expired=r.state == EXPIRED),
-        r.last_reply,
+        r.last_reply if reply.is_success else _reply_line(reply),
         "outbound",
         log=log,
         attempts=r.attempts,

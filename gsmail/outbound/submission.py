@@ -354,6 +354,7 @@ class SubmissionServer(SMTPServer):
         if host is not None and not self.factory.anvil.auth_allowed(host):
             # A password guesser: refused without a check until its window
             # ends (the lock-out was logged once, by the anvil).
+            self._stage = None
             self._reply(auth_locked(host))
             self._close()
             return
@@ -416,8 +417,10 @@ class SubmissionServer(SMTPServer):
             log.info("{peer} authenticated as {user}", peer=self.session.peer, user=printable(user))
             self._reply(AUTH_OK)
         elif self._limited_host is not None:
-            # Counted per client and logged once per burst by the anvil;
-            # each failure is answered slowly (auth_failure_delay).
+            # Counted per client and logged once per burst by the anvil
+            # (not as a reject line per try); each failure is answered
+            # slowly (auth_failure_delay).
+            self._stage = None
             self.factory.anvil.auth_failed(self._limited_host)
             self._error(AUTH_FAILED, delay=self.factory.settings.auth_failure_delay)
         else:

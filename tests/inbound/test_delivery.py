@@ -577,9 +577,7 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         """An XVERP bounce is recorded (2.1.5) with the member and the group, once."""
         env = self.envelope("dev+bob=example.net@groups.example.com")
         report = dsn("bob@example.net")
-        self.assertEqual(
-            self.successResultOf(self.deliver(env, report)), [status.BOUNCE_RECORDED]
-        )
+        self.assertEqual(self.successResultOf(self.deliver(env, report)), [status.BOUNCE_RECORDED])
         self.successResultOf(
             self.deliver(self.envelope("dev+bob=example.net@groups.example.com"), report)
         )
@@ -591,9 +589,7 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         (250 2.0.0), and never reaches the ledger.
         """
         env = self.envelope("dev+bob=example.net@groups.example.com")
-        self.assertEqual(
-            self.successResultOf(self.deliver(env, MSG)), [status.BOUNCE_NOT_FAILURE]
-        )
+        self.assertEqual(self.successResultOf(self.deliver(env, MSG)), [status.BOUNCE_NOT_FAILURE])
         self.assertEqual(self.gs.bounces, [])
         self.assertEqual(
             self.successResultOf(self.deliver(env, dsn("bob@example.net"))),

@@ -483,9 +483,7 @@ class TransactionTests(DeliveryTestCase):
             route = verp.route(parse_mailbox(sender))
             assert route is not None
             if route.member_address is None:
-                self.assertEqual(
-                    verp.match_member(route, [member]), parse_mailbox(member), sender
-                )
+                self.assertEqual(verp.match_member(route, [member]), parse_mailbox(member), sender)
             else:
                 self.assertEqual(
                     (route.bounce_check, str(route.member_address)),
@@ -742,8 +740,10 @@ class OutcomeTests(DeliveryTestCase):
                 for e in events
                 if e.get("gsmail_event") == "delivery" and e["queue_id"] == envelope.id
             ],
-            [("deferred", "4.3.0"), ("deferred", "4.3.0"), ("expired", "4.3.0")],
+            [("deferred", "4.3.0")] * 3 + [("expired", "4.4.7")],
         )
+        [expired] = [e for e in events if e.get("status") == "expired"]
+        self.assertIn("status=expired (451 4.4.7 Delivery time expired", formatEvent(expired))
         self.assertGone(envelope)
         self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -1581,7 +1581,10 @@ class DSNTests(DeliveryTestCase):
         self.delivery()
         self.settle()
         [bounce] = self.bounces(self.smarthost)
-        self.assertEqual(parse_dsn(bounce.data), [DSNRecipient("a@example.net", "failed", "5.6.0", "a+old@example.net")])
+        self.assertEqual(
+            parse_dsn(bounce.data),
+            [DSNRecipient("a@example.net", "failed", "5.6.0", "a+old@example.net")],
+        )
         self.assertIn(b"Original-Envelope-Id: QQ+314\r\n", bounce.data)
         self.assertIn(b"Original-Recipient: rfc822;a+old@example.net\r\n", bounce.data)
 
@@ -1617,7 +1620,8 @@ class DSNTests(DeliveryTestCase):
         self.assertEqual(post.rcpt_params, ["", ""])
         self.assertEqual((report.sender, report.recipients), ("", [AUTHOR]))
         self.assertEqual(
-            parse_dsn(report.data), [DSNRecipient("a@example.net", "relayed", "2.0.0", "a@example.net")]
+            parse_dsn(report.data),
+            [DSNRecipient("a@example.net", "relayed", "2.0.0", "a@example.net")],
         )
         self.assertIn(b"Subject: Successful Mail Delivery Report", report.data)
         self.assertIn(b"Original-Envelope-Id: env-1", report.data)
