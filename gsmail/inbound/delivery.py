@@ -537,7 +537,7 @@ class DeliveryCore:
             group=route.group_id,
             log=log,
             kind=route.kind.value,
-            message_id=printable(message.identity),
+            message_id=printable(message.message_id or ""),
             session=session.id,
         )
         return reply

@@ -698,7 +698,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 len(recipients),
                 self.listener_name,
                 log=self.log,
-                message_id=printable(message.identity),
+                message_id=printable(message.message_id or ""),
             )
         self.setTimeout(None)  # the delivery has its own deadline
         count = len(recipients)
@@ -926,7 +926,9 @@ class SMTPServer(Protocol, TimeoutMixin):
                 if envelope.queue_id is None and self.assigns_queue_ids:
                     envelope.queue_id = maillog.new_queue_id()
                     envelope.arrived = self.factory.clock.seconds()
-                    maillog.client(envelope.queue_id, self.client, log=self.log)
+                    maillog.client(
+                        envelope.queue_id, self.client, log=self.log, listener=self.listener_name
+                    )
             if reply.is_success or reply.code in _LOCAL_TROUBLE or not session.limited:
                 self._reply(reply)
             else:

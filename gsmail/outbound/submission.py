@@ -184,7 +184,7 @@ class SubmissionCore:
         def queued(entry: Any) -> list[Reply]:
             self.alarm.succeeded()
             client = maillog.client_name(session.peer)
-            maillog.client(entry.id, client, log=log, session=session.id)
+            maillog.client(entry.id, client, log=log, session=session.id, listener="submission")
             maillog.queued(
                 entry.id,
                 str(envelope.sender) if envelope.sender else "",

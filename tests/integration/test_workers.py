@@ -45,8 +45,8 @@ from tests.util import TOKEN, make_config, port_of, start_service
 WAIT = 15.0
 #: How often L{eventually} looks again (seconds).
 POLL = 0.05
-#: The Message-ID in a delivery event's C{message_id} field: C{id:<x@example.org>}.
-MESSAGE_ID = re.compile(r"id:<(?P<id>.*)>")
+#: The Message-ID in a delivery event's C{message_id} field: C{<x@example.org>}.
+MESSAGE_ID = re.compile(r"<(?P<id>.*)>")
 
 _T = TypeVar("_T")
 
