@@ -25,8 +25,9 @@ The main process supervises:
     output; the main process re-emits it to its own observers (twistd's log
     file), with C{log_system} C{inbound-N} and the field C{gsmail_worker}
     (N); a mail log line (L{gsmail.maillog}) keeps its fields
-    (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). Anything on a worker's standard error (a Python crash) is logged
-    as an error line by line.
+    (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). Anything on a
+    worker's standard error (a Python crash) is logged as an error line by
+    line.
   - B{Restarts.} A worker that exits while gsmail runs is logged and started
     again: at once if it ran for a minute or more, else after a delay that
     doubles from C{restart_delay[0]} up to C{restart_delay[1]} seconds, so a

@@ -184,6 +184,9 @@ class SessionTests(SessionMixin, SynchronousTestCase):
         [connect] = of_kind(self.events, "connect")
         self.assertEqual((connect["listener"], connect["client"]), ("smtp", "unknown[192.0.2.1]"))
         self.assertRegex(qid, r"^[0-9A-F]{10}$")
+        # The Received field names the message by the same id, as Postfix's does.
+        [(_, posted, _)] = self.gs.posts
+        self.assertIn(f" (gsmail) with ESMTP id {qid}\n".encode(), posted)
 
     def test_unknown_group(self) -> None:
         """A RCPT to no group: Postfix's C{NOQUEUE: reject: RCPT} line with 550 5.1.1."""

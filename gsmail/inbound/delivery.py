@@ -197,7 +197,8 @@ def trace_fields(
     The addresses are written as received: the parser
     (L{gsmail.addresses.parse_mailbox}) refuses any with a control or
     line-breaking character (C{553}), so UTF-8 ones (RFC 6531) are safe
-    here. The HELO name is written by L{received_from}.
+    here. The HELO name is written by L{received_from}. The C{id} is the
+    message's queue id, as in Postfix, so the field leads to the log lines.
 
     @param when: the time of receipt, seconds since the epoch.
     """
@@ -208,7 +209,7 @@ def trace_fields(
         with_ = "UTF8" + with_.removeprefix("E")  # RFC 6531 §3.7.4
     received = (
         f"Received: {received_from(session)}\n"
-        f"\tby {hostname} (gsmail) with {with_} id {session.id}\n"
+        f"\tby {hostname} (gsmail) with {with_} id {envelope.queue_id or session.id}\n"
         f"\tfor <{recipient}>; {date}\n"
     )
     return (
@@ -586,7 +587,15 @@ class DeliveryCore:
             return succeed(status.TOO_MANY_HOPS)
         if route.kind is RouteKind.TABLE:
             sender = str(envelope.sender) if envelope.sender else ""
-            return self.actions.deliver(sender, session.peer, session.id, route, message, prefix)
+            return self.actions.deliver(
+                sender,
+                session.peer,
+                session.id,
+                route,
+                message,
+                prefix,
+                queue_id=envelope.queue_id or "NOQUEUE",
+            )
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )

@@ -147,7 +147,8 @@ class Session:
     @ivar helo: the HELO/EHLO/LHLO argument, or C{None} before it.
     @ivar extended: EHLO or LHLO (not HELO) was used.
     @ivar tls: TLS is active.
-    @ivar id: a short random id shared by the log and the Received field.
+    @ivar id: a short random id of the session, in some log events' fields
+        (the Received field has the message's queue id, L{Envelope.queue_id}).
     """
 
     peer: str
