@@ -792,6 +792,12 @@ class OutboundDelivery:
                 if self.mx is not None and not smarthost:
                     self.mx.mark_bad(address)
                 continue
+            summary = conn.tls_summary()
+            if summary is not None:
+                version, _, cipher = summary.partition(" with cipher ")
+                maillog.tls(
+                    "outbound", version, cipher, relay=f"{host.name}[{address}]:{port}", log=log
+                )
             if sts is not None and sts_tls is not None:
                 self._sts_connected(domain, sts, sts_tls, conn.tls_active)
             next_host = False
