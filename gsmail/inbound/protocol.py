@@ -265,6 +265,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         #: C{RCPT}, ...: L{_STAGES}): its refusal is logged as a C{reject}.
         self._stage: str | None = None
         self._stage_recipient: object = None
+        #: The last command's verb (Postfix's C{timeout after RCPT from ...}).
+        self._last_command = "CONNECT"
 
     # -- connection ------------------------------------------------------
     def connectionMade(self) -> None:
@@ -364,10 +366,19 @@ class SMTPServer(Protocol, TimeoutMixin):
             # Once, at info, without a traceback: scanners and broken clients are routine.
             assert self.session is not None
             self.log.info(
-                "TLS handshake failed from {peer}: {reason}",
+                "TLS handshake failed from {client}: {reason}",
+                client=self.client,
                 peer=self.session.peer,
                 # _closing mid-handshake: timeoutConnection aborted it.
                 reason="timed out" if self._closing else handshake_failure_reason(reason),
+                session=self.session.id,
+            )
+        elif not self._closing and self.session is not None:
+            # The client went without QUIT (Postfix's line).
+            self.log.info(
+                "lost connection after {command} from {client}",
+                command=self._last_command,
+                client=self.client,
                 session=self.session.id,
             )
         self.factory.connections -= 1
@@ -417,15 +428,17 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self.resetTimeout()
                 return
             self.log.info(
-                "DATA from {peer} too slow: {size} bytes in {seconds:.0f} s",
-                peer=self.session.peer if self.session else "?",
+                "timeout after DATA from {client}: {size} bytes in {seconds:.0f} s",
+                client=self.client,
                 size=arrived,
                 seconds=now - data.started,
             )
             self._reply(status.DATA_TOO_SLOW)
             self._close()
             return
-        self.log.info("Idle timeout for {peer}", peer=self.session.peer if self.session else "?")
+        self.log.info(
+            "timeout after {command} from {client}", command=self._last_command, client=self.client
+        )
         self._reply(status.IDLE_TIMEOUT)
         self._close()
 
@@ -511,6 +524,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         name = verb.lower() if handler is not None else "unknown"
         self._commands[name] = self._commands.get(name, 0) + 1
         self._stage = _STAGES.get(name)
+        self._last_command = name.upper()
         self._stage_recipient = arg[3:].strip() if name == "rcpt" else None
         if handler is None:
             self._error(status.UNRECOGNISED_COMMAND)
@@ -565,8 +579,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if settings.hard_error_limit and self._errors >= settings.hard_error_limit:
             assert self.session is not None
             self.log.info(
-                "Too many errors from {peer} ({count}); closing the session",
-                peer=self.session.peer,
+                "too many errors after {command} from {client} ({count}); closing the session",
+                command=self._last_command,
+                client=self.client,
                 count=self._errors,
                 session=self.session.id,
             )
@@ -1028,9 +1043,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             # RFC 3207 §6 / CVE-2011-0411: plaintext sent after STARTTLS must
             # not be run inside the TLS session.
             self.log.warn(
-                "Discarded {count} bytes pipelined after STARTTLS from {peer}",
+                "Discarded {count} bytes pipelined after STARTTLS from {client}",
                 count=len(self._buffer),
-                peer=self.session.peer,
+                client=self.client,
             )
             self._buffer.clear()
         self._reply(status.READY_FOR_TLS)
