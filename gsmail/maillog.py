@@ -2,7 +2,7 @@
 """
 Postfix-shaped log lines, each also a set of structured fields.
 
-Every line about a message or a session is made here, one way: the text
+Every line about a connection, a refusal or a message is made here, one way: the text
 (C{log_format}) is Postfix's line built from the event's own fields, so a
 reader of the log file sees what a Postfix log shows, and an observer (a
 JSON log, the metrics) reads the fields without parsing text. The shapes
@@ -22,7 +22,10 @@ notes; the C{NOQUEUE: reject:} line is C{smtpd_check.c}'s)::
 
 Every event has the field C{gsmail_event} (C{"connect"}, C{"disconnect"},
 C{"client"}, C{"queued"}, C{"delivery"}, C{"reject"}, C{"dsn"}, C{"tls"});
-the other fields are the builders' parameters, under the same names. Values
+the other fields are the builders' parameters, under the same names (plus
+C{delay_text}, the delay as the text shows it, and C{what}, the DSN's word
+in the text), and whatever extra fields a caller adds (C{session},
+C{message_id}, ...). Values
 from the network pass through L{gsmail.logtext.printable} before they are
 stored, so fields and text alike are one safe line each. No builder takes
 a password or the token.
@@ -316,9 +319,10 @@ def tls(
     **extra: Any,
 ) -> None:
     """
-    C{Anonymous TLS connection established from CLIENT: PROTOCOL with cipher
-    CIPHER} (smtpd; C{to RELAY} for smtp). C{listener}: the listener, or
-    C{"outbound"} with C{relay}.
+    C{TLS connection established from CLIENT: PROTOCOL with cipher CIPHER}
+    (smtpd's line, without its trust word; C{to RELAY} for smtp, RELAY as
+    C{host[address]:port}). C{listener}: the listener, or C{"outbound"}
+    with C{relay}.
     """
     fields: dict[str, Any] = {
         "gsmail_event": "tls",
