@@ -90,6 +90,8 @@ def makeService(options: Options) -> IService:
         raise SystemExit(EX_CONFIG) from None
     except StartupError as e:
         _exit(e)
+    # SIGHUP reads this file again (gsmail.reload).
+    service.config_file = True
     if parent.get("nodaemon", True):
         service.on_startup_failure = _exit
     if config.log_json and not parent.get("syslog"):
@@ -103,7 +105,8 @@ def json_log_observer(parent: Any) -> ILogObserver:
     JSON (L{twisted.logger.jsonFileLogObserver}, no record separator), with
     its fields, written where twistd would write its text log: C{--logfile}
     (C{-}: standard output; none: standard output with C{-n}, else
-    C{twistd.log}), rotated by size as twistd's own. twistd takes it from
+    C{twistd.log}), reopened on SIGHUP as twistd's own text log is
+    (L{gsmail.reload.log_files} finds it). twistd takes it from
     the application (L{GsmailService.setServiceParent}); C{--logger} still
     wins, and C{--syslog} keeps text. Read it back with
     L{twisted.logger.eventsFromJSONLogFile} (C{recordSeparator=""}) or jq.

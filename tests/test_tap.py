@@ -16,6 +16,7 @@ from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gsmail import maillog, tap
+from gsmail.reload import log_files
 from gsmail.service import GsmailService
 from gsmail.status import EX_CONFIG
 
@@ -98,6 +99,8 @@ class OptionsTests(SynchronousTestCase):
             observer = application.getComponent(ILogObserver, None)
             self.assertEqual(observer is not None, expected, option)
         assert observer is not None
+        # SIGHUP reopens it as it does twistd's text log (logrotate).
+        self.assertEqual([f.path for f in log_files([observer])], [os.path.abspath(logfile)])
         maillog.queued(
             "3F2A9C1E01", "a@example.org", 4213, 1, "smtp", log=Logger(observer=observer)
         )
