@@ -291,6 +291,23 @@ class SessionTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(queued["sender"], "")
         self.assertIn(": from=<>, ", formatEvent(queued))
 
+    def test_refused_connection(self) -> None:
+        """
+        A connection over C{max_connections}: connect, a reject at stage
+        CONNECT (no HELO or sender yet), disconnect with no command.
+        """
+        self.factory.settings = ServerSettings(hostname="mx.groups.example.com", max_connections=0)
+        self.run_session()
+        self.assertEqual(
+            mail_lines(self.events),
+            [
+                "connect from unknown[192.0.2.1]",
+                "NOQUEUE: reject: CONNECT from unknown[192.0.2.1]: 421 4.7.0"
+                f" {status.TOO_MANY_CONNECTIONS.text}; proto=SMTP",
+                "disconnect from unknown[192.0.2.1] commands=0",
+            ],
+        )
+
     def test_every_line_of_a_message_has_its_queue_id(self) -> None:
         """Every mail log line between client= and the delivery names the message's queue id."""
         self.run_session(
