@@ -74,7 +74,7 @@ class FormatTests(SynchronousTestCase):
             "RCPT",
             550,
             "5.1.1",
-            "No such group",
+            "No such group {0} {recipient}",
             client="unknown[192.0.2.1]",
             proto="ESMTP",
             listener="smtp",
@@ -87,6 +87,8 @@ class FormatTests(SynchronousTestCase):
         self.assertTrue(line.isprintable(), line)
         self.assertIn("helo=<x\\x0d\\x0aconnect from forged[1.2.3.4]>", line)
         self.assertIn("from=<\\x1b[2J@example.org>", line)
+        # Braces in a value are text, not a format field.
+        self.assertIn(": No such group {0} {recipient}; from=", line)
 
 
 class SessionMixin(CaptureMixin, CoreTestsMixin):
