@@ -244,7 +244,7 @@ class SessionTests(SessionMixin, SynchronousTestCase):
         self.assertEqual(
             formatEvent(reject),
             "NOQUEUE: reject: MAIL from unknown[192.0.2.1]: 552 5.3.4 Message size exceeds the"
-            " limit of 3000 bytes; proto=ESMTP helo=<mx.example.org>",
+            " limit of 3000 bytes; from=<alice@example.org> proto=ESMTP helo=<mx.example.org>",
         )
 
     def test_refused_data(self) -> None:

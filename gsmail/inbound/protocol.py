@@ -265,6 +265,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         #: C{RCPT}, ...: L{_STAGES}): its refusal is logged as a C{reject}.
         self._stage: str | None = None
         self._stage_recipient: object = None
+        #: MAIL's sender once parsed, for the reject line of a refused MAIL.
+        self._stage_sender: str | None = None
         #: The last command's verb (Postfix's C{timeout after RCPT from ...}).
         self._last_command = "CONNECT"
 
@@ -338,7 +340,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         """
         session = self.session
         envelope = envelope or self.envelope
-        sender = None
+        sender = self._stage_sender
         queue_id = None
         if envelope is not None:
             sender = str(envelope.sender) if envelope.sender else ""
@@ -524,6 +526,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         name = verb.lower() if handler is not None else "unknown"
         self._commands[name] = self._commands.get(name, 0) + 1
         self._stage = _STAGES.get(name)
+        self._stage_sender = None
         self._last_command = name.upper()
         self._stage_recipient = arg[3:].strip() if name == "rcpt" else None
         if handler is None:
@@ -815,6 +818,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         try:
             sender, rest = parse_path(arg[5:], allow_null=True)
+            self._stage_sender = str(sender) if sender is not None else ""
             params = parse_parameters(rest)
         except UnsafeAddressError:
             self._error(status.UNSAFE_SENDER)
