@@ -208,7 +208,11 @@ class StandIn:
         return dict(self._call("stats"))
 
     def arrivals(self) -> dict[str, float]:
-        return {mid: t for mid, t in self._call("arrivals")}
+        return {mid: t for mid, t in self.arrival_list()}
+
+    def arrival_list(self) -> list[tuple[str, float]]:
+        """(Message-ID, time stored) per post stored, a Message-ID twice if stored twice."""
+        return [(mid, t) for mid, t in self._call("arrivals")]
 
     def wait_for(self, count: int, timeout: float, idle: float = 5.0) -> dict[str, Any]:
         """Poll until C{count} posts arrived, C{timeout} passed, or none came for C{idle} s."""
@@ -1184,7 +1188,7 @@ def check_inbound_run(
             stats, cpu_seconds(standin.pid) - gs_cpu0, wakeups(standin.pid) - gs_wakeups0
         )
         result.cpu_ms_per_msg = (cpu_seconds(target.pid) - cpu0) * 1000 / max(1, len(accepted))
-        arrivals = standin._call("arrivals")
+        arrivals = standin.arrival_list()
         stored = [mid for mid, _ in arrivals]
         result.posted = len(set(stored))
         result.twice = len(stored) - len(set(stored))
