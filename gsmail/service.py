@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from OpenSSL import SSL
 from twisted.application import strports
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet import ssl
 from twisted.internet.address import UNIXAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
@@ -28,7 +28,13 @@ from twisted.python.failure import Failure
 from gsmail import status
 from gsmail.addresses import AddressError, parse_mailbox
 from gsmail.anvil import Anvil, ClientLimits
-from gsmail.config import ConfigError, GsmailConfig, mta_sts_cache_path, verp_key_path
+from gsmail.config import (
+    ConfigError,
+    GsmailConfig,
+    load_config,
+    mta_sts_cache_path,
+    verp_key_path,
+)
 from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
@@ -51,11 +57,21 @@ from gsmail.outbound.submission import (
 )
 from gsmail.outbound.tlsrpt import TLSReportCounts
 from gsmail.privileges import RunUser, prepare_state, secure_socket, state_paths
+from gsmail.reload import (
+    Reload,
+    ReloadError,
+    applied,
+    leave_rotation_to_logrotate,
+    load_contexts,
+    log_files,
+    needs_restart,
+    reopen_log_files,
+)
 from gsmail.routes import RouteTable, RouteTableError, load_routes
 from gsmail.signing import DKIMSigner, KeyRing, parse_key_specs
 from gsmail.startup import EX_CANTCREAT, StartupError, listen_failure, notify_systemd
 from gsmail.status import EX_CONFIG, Reply
-from gsmail.tlsconfig import ServerTLS, handshake_failure_reason, implicit_tls_endpoint
+from gsmail.tlsconfig import ServerTLS, implicit_tls_endpoint, unusable_reason
 from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
 
 if TYPE_CHECKING:
@@ -112,17 +128,8 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def _why(error: Exception) -> str:
-    """
-    A short reason a TLS file or C{ssl:} description cannot be used: OpenSSL's
-    reason, the OS error or our own message (never the files' contents).
-    """
-    if isinstance(error, SSL.Error):
-        reason = handshake_failure_reason(Failure(error))
-    elif isinstance(error, OSError):
-        reason = error.strerror or ""
-    else:
-        reason = str(error) if isinstance(error, ValueError) else ""
-    return f"{error.__class__.__name__} ({reason})" if reason else error.__class__.__name__
+    """A short reason a TLS file or C{ssl:} description cannot be used (L{unusable_reason})."""
+    return unusable_reason(error)
 
 
 def _with_tls_profile(
@@ -270,39 +277,80 @@ class InboundParts:
                 EX_CANTCREAT,
             ) from None
 
-    def reload_routes(self) -> Deferred[None]:
+    def prepare_reload(
+        self,
+        config: GsmailConfig,
+        restart: Sequence[str] = (),
+        own_tls: Sequence[ServerTLS] = (),
+        more_tls: Sequence[ServerTLS] = (),
+    ) -> Reload:
         """
-        Read the route file again (in a thread) and use it from the next
-        recipient on; a file that cannot be used is logged and the table in
-        use kept (SIGHUP).
+        Read what a reload to C{config} needs (blocking: in a thread): the
+        TLS contexts in use loaded again (C{tls_certificate}'s, and those of
+        C{own_tls} from their own files), the route file.
+
+        @param config: the configuration to run with (L{gsmail.reload.applied}).
+        @param restart: the options that changed but need a restart.
+        @param more_tls: contexts made from C{tls_certificate} besides this
+            process's listeners' (the submission listener's).
+        @raise ReloadError: something cannot be loaded; nothing was changed.
         """
-
-        def read() -> RouteTable:
-            return load_routes(self.config.routes, self.config.domains)
-
-        def loaded(table: RouteTable) -> None:
-            if table.uses_queue and self.core.actions.queue is None:
-                log.error(
-                    "Route file {path} not used: its forward, bcc or errors_to routes need"
-                    " the outbound queue (submission_endpoint)",
-                    path=self.config.routes,
-                )
-                return
-            self.core.routes = table
-            log.info(
-                "Route file {path} reloaded: {count} routes",
-                path=table.path,
-                count=len(table.entries),
+        configured = [] if self.settings.tls is None else [self.settings.tls]
+        configured += [tls for tls in more_tls if all(tls is not c for c in configured)]
+        contexts = load_contexts(config, configured, own_tls)
+        try:
+            table = load_routes(config.routes, config.domains)
+        except RouteTableError as e:
+            raise ReloadError(f"routes: {e}") from None
+        if table.uses_queue and (self.core.actions.queue is None or config.inbound_workers):
+            raise ReloadError(
+                f"routes: {config.routes} has forward, bcc or errors_to routes, which need the"
+                " outbound queue (submission_endpoint, and inbound_workers = 0)"
             )
+        return Reload(config, tuple(restart), table, contexts)
 
-        def failed(failure: Failure) -> None:
-            failure.trap(RouteTableError)
-            log.error("Route file not reloaded, the old table stays: {error}", error=failure.value)
+    def apply_reload(self, reload: Reload) -> None:
+        """
+        Apply a prepared reload (in the reactor thread; it only swaps
+        objects): new sessions get the new TLS contexts (running ones keep
+        theirs), the next recipient is checked against the new domains and
+        route table, and the group lookup cache is emptied.
+        """
+        config = reload.config
+        for in_use, loaded in reload.contexts:
+            in_use.take(loaded)
+        self.core.domains = config.domains
+        self.core.actions.srs_domain = config.srs_domain or config.domains[0]
+        self.core.routes = reload.routes
+        self.core.directory.clear()
+        self.config = config
 
-        d: Deferred[RouteTable] = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), read
+    def reload(self, config: GsmailConfig) -> Deferred[bool]:
+        """
+        Reload to C{config} (L{prepare_reload} in a thread, then
+        L{apply_reload}): what an inbound worker does when the main process
+        sends it the configuration it reloaded. A failure is logged and
+        changes nothing.
+
+        @return: fires with whether it was applied.
+        """
+        d = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self.prepare_reload, config
         )
-        return d.addCallbacks(loaded, failed)
+
+        def ready(reload: Reload) -> bool:
+            self.apply_reload(reload)
+            return True
+
+        def failed(failure: Failure) -> bool:
+            failure.trap(ReloadError)
+            log.error(
+                "Configuration not reloaded, everything stays as it was: {why}",
+                why=str(failure.value),
+            )
+            return False
+
+        return d.addCallbacks(ready, failed)
 
     async def wait_idle(self) -> None:
         """
@@ -358,6 +406,15 @@ class GsmailService(MultiService):
         self.run_as = run_as
         self.on_startup_failure: Callable[[StartupError], None] | None = None
         self._prepared = False
+        #: The configuration came from C{config.path} (C{twistd gsmail}):
+        #: a reload reads it again, and the SIGHUP handler is always installed.
+        self.config_file = False
+        self._reloading = DeferredLock()
+        self._hup_installed = False
+        self._previous_hup: Any = None
+        self._mx: MXResolver | None = None
+        # ssl: listeners' TLS contexts, read again from their files on reload.
+        self._own_tls: list[ServerTLS] = []
         blocking = _thread_runner(reactor)
         # Made in startService, after twistd dropped privileges, so that
         # its files belong to the user gsmail runs as.
@@ -452,7 +509,7 @@ class GsmailService(MultiService):
         auth = None
         if config.relayhost_username:
             auth = (config.relayhost_username, config.relayhost_password)
-        mx = MXResolver(self._dns, self.reactor)
+        mx = self._mx = MXResolver(self._dns, self.reactor)
         if config.mta_sts and not relayhost:
             # MX delivery only: a smarthost is the operator's choice, with
             # its own TLS options.
@@ -639,6 +696,7 @@ class GsmailService(MultiService):
                 self.reactor,
                 description,
                 "intermediate" if name == "submission" else self.config.tls_ciphers,
+                self._own_tls,
             )
         except Exception as e:
             raise ConfigError(
@@ -750,8 +808,7 @@ class GsmailService(MultiService):
         if self.metrics is not None:
             globalLogPublisher.addObserver(self.metrics)
             self.reactor.callWhenRunning(self._say_metrics)
-        if self.config.routes:
-            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        self._install_hangup()
         self.reactor.callWhenRunning(self._ready)
         if self.workers is not None:
             self._start_workers()
@@ -776,9 +833,135 @@ class GsmailService(MultiService):
                 problem=problem,
             )
 
+    def _install_hangup(self) -> None:
+        """
+        Reload on SIGHUP: always under twistd (L{config_file}) or with a
+        route file (as before); in an application that embeds gsmail, only
+        when no other handler is set (else it calls L{reload} itself). A
+        Python handler set before is called after ours (chained) and put
+        back when the service stops.
+        """
+        previous = signal.getsignal(signal.SIGHUP)
+        if not (
+            self.config_file
+            or self.config.routes
+            or previous in (signal.SIG_DFL, signal.SIG_IGN, None)
+        ):
+            return
+        try:
+            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
+        except ValueError:  # not the main thread: the embedding application's business
+            return
+        self._hup_installed = True
+        if self.config_file:
+            leave_rotation_to_logrotate(log_files())
+
     def _hangup(self, signum: int, frame: Any) -> None:
-        """SIGHUP: reload the route file (in the reactor's thread)."""
-        self.reactor.callFromThread(self.inbound.reload_routes)
+        """SIGHUP: reopen the log file and reload (in the reactor's thread)."""
+        self.reactor.callFromThread(self.hangup)
+        previous = self._previous_hup
+        if callable(previous):
+            previous(signum, frame)
+
+    def hangup(self) -> Deferred[bool]:
+        """
+        What SIGHUP does: reopen twistd's log file (for logrotate), then
+        L{reload}.
+
+        @return: fires with whether the configuration was applied.
+        """
+        try:
+            for path in reopen_log_files(log_files()):
+                log.info("Log file {path} reopened", path=path)
+        except OSError as e:
+            log.error("Cannot reopen the log file: {error}", error=e.strerror or e)
+        d = self.reload()
+
+        def failed(failure: Failure) -> bool:
+            log.failure("Reloading failed", failure)
+            return False
+
+        return d.addErrback(failed)
+
+    def reload(self, config: GsmailConfig | None = None) -> Deferred[bool]:
+        """
+        Reload: read the configuration file again (when L{config_file};
+        else take C{config}, or the running configuration: the TLS and route
+        files are read again), and apply what can change without a restart
+        (L{gsmail.reload}): accepted domains, the TLS certificate and key
+        (new sessions get the new one), the route file; the group lookup
+        and MX caches are emptied, the inbound workers reload the same way.
+        Options that need a restart are named in one warning and keep their
+        running values. If anything cannot be loaded, nothing changes and
+        one error line says why. Reloads run one after the other.
+
+        @return: fires with whether it was applied.
+        """
+        return self._reloading.run(lambda: Deferred.fromCoroutine(self._reload(config)))
+
+    async def _reload(self, config: GsmailConfig | None) -> bool:
+        # systemd (Type=notify, notify-reload): reloading, then ready again.
+        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            reload = await deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), self._prepare_reload, config
+            )
+        except ReloadError as e:
+            log.error(
+                "Configuration not reloaded, everything stays as it was: {why}", why=str(e)
+            )
+            notify_systemd("READY=1")
+            return False
+        self._apply_reload(reload)
+        notify_systemd("READY=1")
+        return True
+
+    def _prepare_reload(self, config: GsmailConfig | None) -> Reload:
+        """Everything a reload needs, read (blocking: in a thread)."""
+        running = self.config
+        if config is None and self.config_file:
+            try:
+                config = load_config(running.path, running.instance)
+            except ConfigError as e:
+                raise ReloadError(str(e)) from None
+        new = running if config is None else config
+        more_tls = []
+        if self.queue is not None and self.submission_factory.settings.tls is not None:
+            more_tls.append(self.submission_factory.settings.tls)
+        return self.inbound.prepare_reload(
+            applied(running, new), needs_restart(running, new), self._own_tls, more_tls
+        )
+
+    def _apply_reload(self, reload: Reload) -> None:
+        """Apply a prepared reload here, then in the inbound workers."""
+        config = reload.config
+        changed = [
+            name for name in ("domains", "tls_certificate", "tls_key", "routes", "srs_domain")
+            if getattr(config, name) != getattr(self.config, name)
+        ]
+        self.inbound.apply_reload(reload)
+        self.config = config
+        if self.outbound is not None:
+            self.outbound.local_domains = config.domains
+        if self._mx is not None:
+            self._mx.clear()
+        if self.workers is not None:
+            self.workers.reload(config)
+        if reload.restart:
+            log.warn(
+                "Configuration {path}: needs a restart: {options}",
+                path=config.path,
+                options=", ".join(reload.restart),
+            )
+        log.info(
+            "Configuration {path} reloaded ({changed}): domains {domains}, {tls},"
+            " {routes} routes; group and MX caches cleared",
+            path=config.path,
+            changed="changed: " + ", ".join(changed) if changed else "no option changed",
+            domains=" ".join(config.domains),
+            tls="TLS certificate read again" if reload.contexts else "no TLS",
+            routes=len(reload.routes.entries),
+        )
 
     def _imported(self, count: int) -> None:
         if count:
@@ -858,9 +1041,12 @@ class GsmailService(MultiService):
         self.workers.start(sockets, self.client.url)
 
     async def _stop(self) -> None:
-        previous = getattr(self, "_previous_hup", None)
-        if previous is not None:
-            signal.signal(signal.SIGHUP, previous)
+        if self._hup_installed:
+            # Put back what was there, unless a later handler replaced ours.
+            previous = self._previous_hup
+            if signal.getsignal(signal.SIGHUP) == self._hangup:
+                signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+            self._hup_installed = False
             self._previous_hup = None
         notify_systemd("STOPPING=1")
         if self.metrics is not None:

@@ -89,6 +89,8 @@ def makeService(options: Options) -> IService:
         raise SystemExit(EX_CONFIG) from None
     except StartupError as e:
         _exit(e)
+    # SIGHUP reads this file again (gsmail.reload).
+    service.config_file = True
     if parent.get("nodaemon", True):
         service.on_startup_failure = _exit
     return service

@@ -53,6 +53,7 @@ __all__ = [
     "handshake_failure_reason",
     "implicit_tls_endpoint",
     "is_tls_transport",
+    "unusable_reason",
 ]
 
 #: Mozilla Server Side TLS guidelines 6.0, "intermediate": the TLS 1.2
@@ -107,14 +108,20 @@ class ServerTLS:
     once, a new connection per handshake. Pass it to C{startTLS} (STARTTLS)
     or to an C{SSL4ServerEndpoint} (implicit TLS).
 
-    @ivar context: the configured C{OpenSSL.SSL.Context}; not to be changed.
+    @ivar context: the configured C{OpenSSL.SSL.Context}; not to be changed
+        (L{take} replaces it whole).
     @ivar profile: the name of the cipher profile (a key of
         L{CIPHER_PROFILES}).
+    @ivar files: the certificate, key and chain files it was loaded from
+        (C{""}: none), so a reload (SIGHUP) can read them again.
     """
 
-    def __init__(self, context: SSL.Context, profile: str) -> None:
+    def __init__(
+        self, context: SSL.Context, profile: str, files: tuple[str, str, str] = ("", "", "")
+    ) -> None:
         self.context = context
         self.profile = profile
+        self.files = files
 
     @classmethod
     def from_files(
@@ -162,7 +169,16 @@ class ServerTLS:
         context.set_session_id(_SESSION_ID_CONTEXT)
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
         # No set_alpn_select_callback: ALPN offers are ignored (see above).
-        return cls(context, profile)
+        return cls(context, profile, (certificate, key, chain))
+
+    def take(self, other: ServerTLS) -> None:
+        """
+        Use C{other}'s context (and files) for every handshake from now on
+        (a reload: a renewed certificate). Connections made already keep the
+        context they were made with; a pyOpenSSL connection holds its own.
+        """
+        self.context = other.context
+        self.files = other.files
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
         """A new server connection for one handshake (Twisted calls this)."""
@@ -186,7 +202,9 @@ def _pem_certificates(path: str) -> list[x509.Certificate]:
     ]
 
 
-def implicit_tls_endpoint(reactor: Any, description: str, profile: str) -> Any | None:
+def implicit_tls_endpoint(
+    reactor: Any, description: str, profile: str, made: list[ServerTLS] | None = None
+) -> Any | None:
     """
     For an C{ssl:} listener description (Twisted's syntax: C{ssl:PORT} with
     C{privateKey}, C{certKey}, C{extraCertChain}, C{interface}, C{backlog}),
@@ -197,6 +215,7 @@ def implicit_tls_endpoint(reactor: Any, description: str, profile: str) -> Any |
     Other descriptions give C{None}.
 
     @param profile: the cipher profile (L{CIPHER_PROFILES}).
+    @param made: the endpoint's L{ServerTLS} is appended to it (for reloads).
     @raise ValueError: the description is malformed or its files unusable.
     @raise OSError: a file cannot be read.
     @raise OpenSSL.SSL.Error: the key does not match the certificate.
@@ -224,6 +243,8 @@ def implicit_tls_endpoint(reactor: Any, description: str, profile: str) -> Any |
     tls = ServerTLS.from_files(
         keywords.get("certKey") or key, key, profile, chain=keywords.get("extraCertChain", "")
     )
+    if made is not None:
+        made.append(tls)
     from twisted.internet.endpoints import SSL4ServerEndpoint
 
     return SSL4ServerEndpoint(
@@ -233,6 +254,22 @@ def implicit_tls_endpoint(reactor: Any, description: str, profile: str) -> Any |
         backlog=int(keywords.get("backlog", 50)),
         interface=keywords.get("interface", ""),
     )
+
+
+def unusable_reason(error: Exception) -> str:
+    """
+    A short reason a certificate, key or C{ssl:} description cannot be used,
+    for one line: the exception's class and OpenSSL's reason, the OS error
+    or our own message (never the files' contents), such as
+    C{"Error (key values mismatch)"} or C{"FileNotFoundError (No such file or directory)"}.
+    """
+    if isinstance(error, SSL.Error):
+        reason = handshake_failure_reason(Failure(error))
+    elif isinstance(error, OSError):
+        reason = error.strerror or ""
+    else:
+        reason = str(error) if isinstance(error, ValueError) else ""
+    return f"{error.__class__.__name__} ({reason})" if reason else error.__class__.__name__
 
 
 def is_tls_transport(transport: object) -> bool:

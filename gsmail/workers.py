@@ -26,6 +26,12 @@ The main process supervises:
     file), with C{log_system} C{inbound-N} and the field C{gsmail_worker}
     (N). Anything on a worker's standard error (a Python crash) is logged
     as an error line by line.
+  - B{Reloads.} When the main process reloads (SIGHUP, L{gsmail.reload}) it
+    writes the configuration it now runs with to each worker's standard
+    input, as one more length-prefixed pickle (L{WorkerReload}); the worker
+    applies it as the main process did (new TLS contexts, domains, route
+    table, an empty group cache), or logs why not and keeps its own. A
+    worker started later gets it in its setup.
   - B{Restarts.} A worker that exits while gsmail runs is logged and started
     again: at once if it ran for a minute or more, else after a delay that
     doubles from C{restart_delay[0]} up to C{restart_delay[1]} seconds, so a
@@ -90,7 +96,7 @@ from zope.interface import implementer
 from gsmail.config import GsmailConfig
 from gsmail.inbound.spool import remove_process_files
 
-__all__ = ["InboundWorkers", "WorkerSetup", "main"]
+__all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main"]
 
 log = Logger()
 
@@ -133,25 +139,49 @@ class WorkerSetup:
     parent: int = 0
 
 
-def write_setup(setup: WorkerSetup) -> bytes:
-    """The bytes that carry C{setup} to a worker: a length, then a pickle."""
+@attrs.frozen
+class WorkerReload:
+    """
+    What a running worker is told when the main process reloaded.
+
+    @ivar config: the configuration to run with (C{url} as in the setup).
+    """
+
+    config: GsmailConfig
+
+
+def write_setup(setup: WorkerSetup | WorkerReload) -> bytes:
+    """The bytes that carry C{setup} (or a reload) to a worker: a length, then a pickle."""
     data = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
     return _LENGTH.pack(len(data)) + data
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    """C{size} bytes of C{stream}, or fewer when it ends first (a pipe may give them in parts)."""
+    parts = []
+    while size > 0:
+        part = stream.read(size)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
 
 
 def read_setup(stream: IO[bytes]) -> WorkerSetup:
     """
     Read a L{WorkerSetup} written by L{write_setup} (blocking: before the
-    reactor runs).
+    reactor runs). Reads no byte beyond it when C{stream} is unbuffered:
+    what follows (reloads) is read by the reactor.
 
     @raise EOFError: the stream ended first.
     @raise ValueError: it did not hold a setup.
     """
-    head = stream.read(_LENGTH.size)
+    head = _read_exactly(stream, _LENGTH.size)
     if len(head) != _LENGTH.size:
         raise EOFError("no worker setup on standard input")
     (length,) = _LENGTH.unpack(head)
-    data = stream.read(length)
+    data = _read_exactly(stream, length)
     if len(data) != length:
         raise EOFError("the worker setup on standard input was cut short")
     setup = pickle.loads(data)
@@ -242,6 +272,18 @@ class InboundWorkers:
         return self.reactor.spawnProcess(
             protocol, self.argv[0], self.argv, env=env, childFDs=self._child_fds
         )
+
+    def reload(self, config: GsmailConfig) -> None:
+        """
+        Have every running worker reload to C{config} (L{WorkerReload} on
+        its standard input); workers started from now on get it in their
+        setup.
+        """
+        self.config = config
+        message = write_setup(WorkerReload(attrs.evolve(config, url=self._url)))
+        for slot in self.slots:
+            if slot.pid is not None and slot.transport is not None:
+                slot.transport.write(message)
 
     def pids(self) -> list[int]:
         """The process ids of the workers running now."""
@@ -540,11 +582,22 @@ class _EventLines:
 
 @implementer(IReadDescriptor)
 class _ParentWatch:
-    """Calls C{on_close} when standard input ends: the main process closed it or died."""
+    """
+    Reads standard input after the setup: calls C{on_message} with each
+    message the main process writes (L{WorkerReload}), and C{on_close} when
+    it ends: the main process closed it or died.
+    """
 
-    def __init__(self, fd: int, on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        fd: int,
+        on_close: Callable[[], None],
+        on_message: Callable[[object], None] = lambda message: None,
+    ) -> None:
         self._fd = fd
         self._on_close = on_close
+        self._on_message = on_message
+        self._buffer = b""
         os.set_blocking(fd, False)
 
     def fileno(self) -> int:
@@ -552,12 +605,22 @@ class _ParentWatch:
 
     def doRead(self) -> Any:
         try:
-            data = os.read(self._fd, 4096)
+            data = os.read(self._fd, 1 << 16)
         except BlockingIOError:
             return None
         except OSError as e:
             return Failure(e)
-        return None if data else net_error.ConnectionDone()
+        if not data:
+            return net_error.ConnectionDone()
+        self._buffer += data
+        while len(self._buffer) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buffer)
+            end = _LENGTH.size + length
+            if len(self._buffer) < end:
+                break
+            data, self._buffer = self._buffer[_LENGTH.size : end], self._buffer[end:]
+            self._on_message(pickle.loads(data))
+        return None
 
     def connectionLost(self, reason: Failure) -> None:
         self._on_close()
@@ -590,6 +653,24 @@ class Worker:
             "Inbound worker {number} (pid {pid}) accepting",
             number=self.setup.number,
             pid=os.getpid(),
+        )
+
+    def message(self, message: object) -> None:
+        """A message from the main process: a reload (L{WorkerReload})."""
+        if not isinstance(message, WorkerReload):
+            log.error("Inbound worker {number}: unknown message", number=self.setup.number)
+            return
+
+        def done(applied: bool) -> None:
+            if applied:
+                log.info(
+                    "Inbound worker {number} reloaded: domains {domains}",
+                    number=self.setup.number,
+                    domains=" ".join(message.config.domains),
+                )
+
+        self.parts.reload(message.config).addCallback(done).addErrback(
+            lambda failure: log.failure("Inbound worker reload failed", failure)
         )
 
     async def stop(self) -> None:
@@ -629,7 +710,10 @@ def main() -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to standard error, logged as errors, not into the events
     try:
-        setup = read_setup(sys.stdin.buffer)
+        # Unbuffered: a reload written right after the setup stays in the
+        # pipe for the reactor (_ParentWatch), not in a read-ahead buffer.
+        with open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) as stdin:
+            setup = read_setup(stdin)
     except (EOFError, ValueError) as e:
         sys.stderr.write(f"gsmail worker: {e}\n")
         raise SystemExit(2) from None
@@ -654,7 +738,7 @@ def main() -> None:
         if reactor.running:
             reactor.stop()
 
-    reactor.addReader(_ParentWatch(sys.stdin.fileno(), parent_gone))
+    reactor.addReader(_ParentWatch(sys.stdin.fileno(), parent_gone, worker.message))
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: Deferred.fromCoroutine(worker.stop())
     )

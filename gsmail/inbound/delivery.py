@@ -94,6 +94,14 @@ class GroupDirectory:
         self._cache: OrderedDict[str, tuple[float, GroupInfo]] = OrderedDict()
         self._in_flight: dict[str, list[Deferred[GroupInfo]]] = {}
 
+    def clear(self) -> None:
+        """
+        Forget every cached answer (a reload, SIGHUP): the next lookup of
+        each address asks GroupServer. Lookups running now still answer
+        their waiters, and their answers are cached.
+        """
+        self._cache.clear()
+
     def will_ask(self, address: Address) -> bool:
         """
         Whether a lookup of C{address} now would send GroupServer a request:

@@ -330,6 +330,14 @@ class MXResolver:
 
     # -- public API ---------------------------------------------------------
 
+    def clear(self) -> None:
+        """
+        Forget the cached answers (a reload, SIGHUP: a site that moved its
+        MX is tried at its new hosts at once). Lookups running now go on;
+        the addresses marked bad stay marked until their time runs out.
+        """
+        self._cache.clear()
+
     def hosts(self, domain: str) -> Deferred[list[MXHost]]:
         """
         The hosts to try for mail to C{domain}, best first: ordered by MX

@@ -419,6 +419,6 @@ class ReloadTests(TestCase):
         self.assertEqual(await refusal(), b"5.7.1 second")
         table = service.core.routes
         write_routes(directory, "[a@groups.example.com]\nrejekt = 550 5.7.1 third\n")
-        await service.inbound.reload_routes()  # what SIGHUP runs, awaited here
+        self.assertFalse(await service.reload())  # what SIGHUP runs, awaited here
         self.assertIs(service.core.routes, table)
         self.assertEqual(await refusal(), b"5.7.1 second")
