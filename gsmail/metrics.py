@@ -109,6 +109,23 @@ def reply_class(dsn: object) -> str:
     return f"{first}xx" if first in ("2", "4", "5") else "other"
 
 
+class _Children:
+    """
+    A labelled metric's children by label values, kept: C{labels()} takes a
+    lock and builds a key each call, a few microseconds per log event.
+    """
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.cache.get(values)
+        if child is None:
+            child = self.cache[values] = self.metric.labels(*values)
+        return child
+
+
 class _Readings(Collector):
     """
     Gauges read at scrape time from the objects that know them (no
@@ -204,7 +221,16 @@ class Metrics:
         # Open sessions per (worker, listener): a worker that dies never
         # says disconnect, so its share is taken off when it exits.
         self._open: dict[tuple[object, str], int] = {}
-        self._children: dict[tuple[str, str], Any] = {}
+        self._by_sessions = _Children(self.sessions)
+        self._by_sessions_open = _Children(self.sessions_open)
+        self._by_messages = _Children(self.messages)
+        self._by_bytes = _Children(self.bytes_received)
+        self._by_recipients = _Children(self.recipients)
+        self._by_delay = _Children(self.delay)
+        self._by_rejects = _Children(self.rejects)
+        self._by_dsns = _Children(self.dsns)
+        self._by_tls = _Children(self.tls_sessions)
+        self._by_requests = _Children(self.requests)
         self._handlers: dict[str, Callable[[LogEvent], None]] = {
             "connect": self._connect,
             "disconnect": self._disconnect,
@@ -237,10 +263,10 @@ class Metrics:
 
     def _connect(self, event: LogEvent) -> None:
         listener = str(event["listener"])
-        self.sessions.labels(listener).inc()
+        self._by_sessions(listener).inc()
         key = (event.get("gsmail_worker"), listener)
         self._open[key] = self._open.get(key, 0) + 1
-        self.sessions_open.labels(listener).inc()
+        self._by_sessions_open(listener).inc()
 
     def _disconnect(self, event: LogEvent) -> None:
         listener = str(event["listener"])
@@ -249,7 +275,7 @@ class Metrics:
         if count <= 0:
             return  # its connect was before the observer (a restart of metrics)
         self._open[key] = count - 1
-        self.sessions_open.labels(listener).dec()
+        self._by_sessions_open(listener).dec()
 
     def worker_ended(self, number: int) -> None:
         """
@@ -257,34 +283,34 @@ class Metrics:
         a C{disconnect} event each.
         """
         for key in [k for k in self._open if k[0] == number]:
-            self.sessions_open.labels(key[1]).dec(self._open.pop(key))
+            self._by_sessions_open(key[1]).dec(self._open.pop(key))
 
     def _queued(self, event: LogEvent) -> None:
         listener = str(event["listener"])
         size = int(event["size"])
-        self.messages.labels(listener).inc()
-        self.bytes_received.labels(listener).inc(size)
+        self._by_messages(listener).inc()
+        self._by_bytes(listener).inc(size)
 
     def _delivery(self, event: LogEvent) -> None:
         listener = str(event["listener"])
         status = str(event["status"])
-        self.recipients.labels(listener, status, reply_class(event.get("dsn", ""))).inc()
+        self._by_recipients(listener, status, reply_class(event.get("dsn", ""))).inc()
         delay = event.get("delay")
         if delay is not None:
-            self.delay.labels(listener).observe(float(delay))
+            self._by_delay(listener).observe(float(delay))
 
     def _reject(self, event: LogEvent) -> None:
         dsn = event.get("dsn") or event.get("code", "")
-        self.rejects.labels(
+        self._by_rejects(
             str(event["listener"]), str(event.get("stage", "")), reply_class(dsn)
         ).inc()
 
     def _dsn(self, event: LogEvent) -> None:
-        self.dsns.labels(str(event["status"])).inc()
+        self._by_dsns(str(event["status"])).inc()
 
     def _tls(self, event: LogEvent) -> None:
         side = "client" if event.get("listener") == "outbound" else "server"
-        self.tls_sessions.labels(side, str(event.get("protocol", ""))).inc()
+        self._by_tls(side, str(event.get("protocol", ""))).inc()
 
     # -- measured ------------------------------------------------------------
 
@@ -294,11 +320,7 @@ class Metrics:
         C{bounce}) that ended with C{result} (the HTTP status, C{timeout} or
         C{error}) after C{seconds}.
         """
-        key = (page, result)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(page, result)
-        child.observe(seconds)
+        self._by_requests(page, result).observe(seconds)
 
     def observe_ledger_append(self, seconds: float, records: int) -> None:
         """One ledger append of C{records} records took C{seconds}."""
