@@ -19,9 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
+from tests.integration.test_clients import (
+    CLIENT_TIMEOUT,
+    EXAMPLE,
+    SENDER,
+    UNKNOWN_GROUP,
+    make_message,
+)
 from tests.integration.test_large import ROOT, TWISTD, TwistdProcess, free_port
 from tests.util import TOKEN, make_config, port_of, start_service
 
@@ -42,6 +48,39 @@ def send(port: int, message_id: str) -> dict[str, object]:
     """One message to the C{example} group over ESMTP (blocking)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
         return dict(client.sendmail(SENDER, [EXAMPLE], make_message(message_id)))
+
+
+def send_two(port: int, message_id: str) -> dict[str, object]:
+    """One message to an unknown group (refused at RCPT) and C{example} (blocking)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
+        return dict(client.sendmail(SENDER, [UNKNOWN_GROUP, EXAMPLE], make_message(message_id)))
+
+
+def require_mail_log() -> None:
+    """The counters need the structured mail log lines (gsmail.maillog)."""
+    try:
+        import gsmail.maillog  # noqa: F401
+    except ImportError:
+        raise SkipTest("needs gsmail.maillog (the structured mail log, branch h-logs)") from None
+
+
+async def scraped_until(
+    url: str, want: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    Scrape C{url} until every sample of C{want} has its value (log lines of
+    workers arrive up to 0.1 s late, disconnects after the reply to QUIT);
+    at most L{WAIT} seconds.
+    """
+    deadline = reactor.seconds() + WAIT  # type: ignore[attr-defined]
+    while True:
+        found = scrape((await deferToThread(get, url))[1])
+        if all(found.get(key) == v for key, v in want.items()):
+            return found
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            wrong = {key: found.get(key) for key, v in want.items() if found.get(key) != v}
+            raise AssertionError(f"after {WAIT:g} s, still {wrong}")
+        await deferLater(reactor, 0.1)  # type: ignore[arg-type]
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -98,6 +137,40 @@ class InProcessTests(TestCase):
         self.assertRegex(body, r"(?m)^groupserver: .* does not answer")
         self.assertEqual(len(body.splitlines()), 1, body)
 
+    async def test_mail_counters(self) -> None:
+        """
+        A session with one recipient refused and one delivered is counted
+        from the mail log events: session, message, bytes, recipient, reject.
+        """
+        require_mail_log()
+        config = make_config(
+            os.path.abspath(self.mktemp()), metrics_endpoint="tcp:0:interface=127.0.0.1"
+        )
+        service = start_service(self, config)
+        url = f"http://127.0.0.1:{port_of(service, 'metrics')}/metrics"
+        refused = await deferToThread(send_two, port_of(service, "smtp"), "m2@example.org")
+        self.assertEqual(list(refused), [UNKNOWN_GROUP])
+        smtp = (("listener", "smtp"),)
+        found = await scraped_until(
+            url,
+            {
+                ("gsmail_sessions_total", smtp): 1,
+                ("gsmail_sessions_open", smtp): 0,
+                ("gsmail_messages_total", smtp): 1,
+                (
+                    "gsmail_recipients_total",
+                    (("class", "2xx"), ("listener", "smtp"), ("status", "sent")),
+                ): 1,
+                (
+                    "gsmail_rejects_total",
+                    (("class", "5xx"), ("listener", "smtp"), ("stage", "RCPT")),
+                ): 1,
+            },
+        )
+        self.assertGreater(found[("gsmail_bytes_received_total", smtp)], 100)
+        self.assertEqual(found[("gsmail_delivery_delay_seconds_count", smtp)], 1)
+        self.assertEqual(found.get(("gsmail_log_events_unreadable_total", ())), 0)
+
     async def test_off_by_default(self) -> None:
         """Without C{metrics_endpoint} nothing listens and no observer is added."""
         service = start_service(self, make_config(os.path.abspath(self.mktemp())))
@@ -110,7 +183,9 @@ class TwistdTests(TestCase):
 
     timeout = 120
 
-    async def start(self, url: str, smtp_port: int, metrics_port: int) -> TwistdProcess:
+    async def start(
+        self, url: str, smtp_port: int, metrics_port: int, more: str = ""
+    ) -> TwistdProcess:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         config = os.path.join(directory, "gsconfig.ini")
@@ -122,7 +197,7 @@ class TwistdTests(TestCase):
                 "ledger_path = ledger/posted.log\nspool_dir = spool\nstandin_dir = standin\n"
                 "postmaster_maildir = postmaster\nroute_state_dir = routes\n"
                 "errors_dir = errors\nrejected_dir = rejected\nconnect_timeout = 2\n"
-                f"metrics_endpoint = tcp:{metrics_port}:interface=127.0.0.1\n"
+                f"metrics_endpoint = tcp:{metrics_port}:interface=127.0.0.1\n" + more
             )
         child = TwistdProcess()
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
@@ -145,6 +220,31 @@ class TwistdTests(TestCase):
                 self.fail("gsmail did not start:\n" + child.output.decode(errors="replace"))
             await deferLater(reactor, 0.05)  # type: ignore[arg-type]
         return child
+
+    async def test_workers_counted_once(self) -> None:
+        """
+        With two inbound worker processes, each message and session they
+        take is counted once, by the main process, from their relayed log
+        events.
+        """
+        require_mail_log()
+        smtp_port, metrics_port = free_port(), free_port()
+        await self.start("embedded", smtp_port, metrics_port, "inbound_workers = 2\n")
+        for n in range(6):
+            self.assertEqual(await deferToThread(send, smtp_port, f"w{n}@example.org"), {})
+        smtp = (("listener", "smtp"),)
+        await scraped_until(
+            f"http://127.0.0.1:{metrics_port}/metrics",
+            {
+                ("gsmail_sessions_total", smtp): 6,
+                ("gsmail_sessions_open", smtp): 0,
+                ("gsmail_messages_total", smtp): 6,
+                (
+                    "gsmail_recipients_total",
+                    (("class", "2xx"), ("listener", "smtp"), ("status", "sent")),
+                ): 6,
+            },
+        )
 
     async def test_scrape(self) -> None:
         """
