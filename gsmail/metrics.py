@@ -26,6 +26,11 @@ C{/readyz} (L{Readiness}) answers 200 when every listener is up, GroupServer
 answered its last check (a group-exists call, cached), the ledger and spool
 directories are writable and free space is above C{readyz_min_free}; else
 503 with one line per failed check.
+
+The exposition is C{prometheus_client.generate_latest} in the reactor
+thread (about 0.8 ms for 27 delivery series and the rest), not
+C{prometheus_client.twisted.MetricsResource}, which imports the global
+reactor and runs a WSGI app in its thread pool.
 """
 
 from __future__ import annotations

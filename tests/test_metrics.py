@@ -619,3 +619,18 @@ class DashboardTests(SynchronousTestCase):
                 self.assertIn(family, METRIC_NAMES, expr)
                 used.add(family)
         self.assertIn("gsmail_groupserver_request_seconds", used)
+
+
+class CheckTests(SynchronousTestCase):
+    """C{gsmail-check} checks C{metrics_endpoint} like the other endpoints."""
+
+    def test_endpoint(self) -> None:
+        from gsmail.check import Report, check_endpoints
+
+        for endpoint, expect_ok in (("tcp:9101:interface=127.0.0.1", True), ("tcp:99999", False)):
+            with self.subTest(endpoint=endpoint):
+                report = Report()
+                check_endpoints(make_config(self.mktemp(), metrics_endpoint=endpoint), None, report)
+                ok = [line for line in report.ok if line.startswith("metrics_endpoint")]
+                problems = [p for p in report.problems if p.startswith("metrics_endpoint")]
+                self.assertEqual((bool(ok), bool(problems)), (expect_ok, not expect_ok), report)

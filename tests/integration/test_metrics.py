@@ -171,6 +171,32 @@ class InProcessTests(TestCase):
         self.assertEqual(found[("gsmail_delivery_delay_seconds_count", smtp)], 1)
         self.assertEqual(found.get(("gsmail_log_events_unreadable_total", ())), 0)
 
+    def test_port_in_use(self) -> None:
+        """A metrics port in use stops the start with one line naming the option."""
+        import socket
+
+        from gsmail.service import makeService
+        from gsmail.startup import StartupError
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            port = taken.getsockname()[1]
+            config = make_config(
+                os.path.abspath(self.mktemp()),
+                metrics_endpoint=f"tcp:{port}:interface=127.0.0.1",
+            )
+            service = makeService(config, reactor)
+            error = self.assertRaises(StartupError, service.privilegedStartService)
+        self.assertTrue(
+            str(error).startswith(
+                f"metrics_endpoint 'tcp:{port}:interface=127.0.0.1': cannot listen"
+            ),
+            str(error),
+        )
+        for listener in service.listeners.values():  # those bound before it
+            listener._waitingForPort.addCallback(lambda p: p.stopListening())
+
     async def test_off_by_default(self) -> None:
         """Without C{metrics_endpoint} nothing listens and no observer is added."""
         service = start_service(self, make_config(os.path.abspath(self.mktemp())))
