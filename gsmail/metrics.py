@@ -219,7 +219,7 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(
-            "gsmail_ready", "1 when the last /readyz check passed, else 0", registry=r
+            "gsmail_ready", "1 when the readiness checks passed at this scrape, else 0", registry=r
         )
         self._readings = _Readings()
         r.register(self._readings)
@@ -586,9 +586,22 @@ class HealthResource(Resource):
     def render_GET(self, request: Request) -> bytes:
         return _not_found(request)
 
-    def _metrics(self, request: Request) -> bytes:
+    def _metrics(self, request: Request) -> bytes | int:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return self.metrics.exposition()
+        if self.readiness is None:
+            return self.metrics.exposition()
+        # The readiness checks first, so gsmail_ready is current (their
+        # GroupServer call is cached: one per ttl however often scraped).
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def render(_: object) -> None:
+            if not gone:
+                request.write(self.metrics.exposition())
+                request.finish()
+
+        Deferred.fromCoroutine(self.readiness.problems()).addBoth(render)
+        return NOT_DONE_YET
 
     def _healthz(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

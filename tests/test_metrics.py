@@ -479,13 +479,27 @@ class ResourceTests(SynchronousTestCase):
                 d.callback(object())
 
     def test_metrics(self) -> None:
-        """C{/metrics} is Prometheus's text format, parsed by prometheus_client."""
+        """
+        C{/metrics} is Prometheus's text format, parsed by prometheus_client;
+        the readiness checks run first, so C{gsmail_ready} is current.
+        """
         events(self.metrics, SESSION)
-        code, body, kind = self.fetch(self, "/metrics")
-        self.assertEqual(code, 200)
+        d = self.fetch.stub.get("http://metrics.example/metrics")
+        self.fetch.stub.flush()
+        self.assertNoResult(d)  # waiting for GroupServer
+        self.answer_lookups()
+        self.fetch.stub.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        kind = response.headers.getRawHeaders(b"content-type")[0].decode()
         self.assertTrue(kind.startswith("text/plain; version="), kind)
+        body = self.successResultOf(response.content()).decode()
         families = {f.name: f for f in text_string_to_metric_families(body)}
         self.assertEqual(families["gsmail_messages"].samples[0].value, 1)
+        self.assertEqual(families["gsmail_ready"].samples[0].value, 1)
+        # Within the probe's ttl a scrape does not ask GroupServer again.
+        self.assertEqual(self.fetch(self, "/metrics")[0], 200)
+        self.assertEqual(len(self.client.lookups), 1)
         # Counters and histograms also have a C{_created} gauge in this format.
         self.assertLessEqual({name.removesuffix("_created") for name in families}, METRIC_NAMES)
 

@@ -308,3 +308,5 @@ class TwistdTests(TestCase):
         self.assertEqual(code, 503, body)
         self.assertRegex(body, rf"(?m)^groupserver: .*127\.0\.0\.1:{closed}.* does not answer")
         self.assertNotIn(TOKEN, body)
+        code, text = await deferToThread(get, base + "/metrics")
+        self.assertEqual((code, scrape(text)[("gsmail_ready", ())]), (200, 0))
