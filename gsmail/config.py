@@ -167,6 +167,8 @@ class GsmailConfig:
     # drops root; "" group: the group gsmail runs as --------------------------
     unix_socket_group: str = ""
     unix_socket_mode: int = 0o660
+    # twistd's log as JSON lines (twisted.logger's eventAsJSON), not text
+    log_json: bool = False
     # -- signed VERP (gsmail.verp); "" key file: verp.key beside the ledger ---
     verp_key_file: str = ""
     verp_max_age: float = 14 * 24 * 3600.0
@@ -959,7 +961,8 @@ class _Reader:
         """
         How gsmail runs (L{gsmail.privileges}): C{unix_socket_group} (a group
         name or number that exists here; empty: the group gsmail runs as) and
-        C{unix_socket_mode} (octal, such as C{0660}; at most C{0777}).
+        C{unix_socket_mode} (octal, such as C{0660}; at most C{0777});
+        C{log_json} (a boolean).
         """
         group = (self.line(section, "unix_socket_group") or "").strip()
         if group:
@@ -979,7 +982,11 @@ class _Reader:
                     section, "unix_socket_mode", f"expected an octal mode such as 0660, got {value!r}"
                 )
             mode = int(value.lower().removeprefix("0o"), 8)
-        return {"unix_socket_group": group, "unix_socket_mode": mode}
+        return {
+            "unix_socket_group": group,
+            "unix_socket_mode": mode,
+            "log_json": self.boolean(section, "log_json"),
+        }
 
     def outbound(self, section: str, smtp: str | None) -> dict[str, Any]:
         """

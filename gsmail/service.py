@@ -22,7 +22,8 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from gsmail import status
@@ -394,6 +395,7 @@ class GsmailService(MultiService):
     @ivar run_as: the user twistd drops root to after
         C{privilegedStartService} (C{--uid}/C{--gid}), or C{None}: the state
         directories gsmail makes and its UNIX sockets are given to it.
+    @ivar log_observer: see L{setServiceParent}.
     @ivar on_startup_failure: called with the L{StartupError} when start-up
         fails, before it is raised (C{twistd gsmail} prints it as one line
         and exits); C{None}: the error is raised as it is.
@@ -405,6 +407,9 @@ class GsmailService(MultiService):
         self.reactor = reactor
         self.run_as = run_as
         self.on_startup_failure: Callable[[StartupError], None] | None = None
+        #: twistd's log observer instead of its text one (C{log_json}:
+        #: L{gsmail.tap.json_log_observer}), or C{None}.
+        self.log_observer: ILogObserver | None = None
         self._prepared = False
         #: The configuration came from C{config.path} (C{twistd gsmail}):
         #: a reload reads it again, and the SIGHUP handler is always installed.
@@ -713,6 +718,17 @@ class GsmailService(MultiService):
         svc.setName(name)
         self.listeners[name] = svc
         svc.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Join C{parent}; when it is twistd's application and L{log_observer}
+        is set, make that observer the application's C{ILogObserver}
+        component, which twistd installs instead of its text log (see
+        C{twisted.application.app.AppLogger.start}).
+        """
+        super().setServiceParent(parent)
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def _failing(self, error: Exception) -> None:
         """Hand a start-up failure to L{on_startup_failure}, if set."""

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 from twisted.application.service import IService
-from twisted.logger import LoggingFile
+from twisted.logger import ILogObserver, LoggingFile, jsonFileLogObserver
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from gsmail import __version__
 from gsmail.config import ConfigError, load_config
 from gsmail.startup import StartupError
 from gsmail.status import EX_CONFIG
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "json_log_observer"]
 
 
 class Options(usage.Options):
@@ -93,7 +94,32 @@ def makeService(options: Options) -> IService:
     service.config_file = True
     if parent.get("nodaemon", True):
         service.on_startup_failure = _exit
+    if config.log_json and not parent.get("syslog"):
+        service.log_observer = json_log_observer(parent)
     return service
+
+
+def json_log_observer(parent: Any) -> ILogObserver:
+    """
+    The observer C{log_json = true} gives twistd: each event as one line of
+    JSON (L{twisted.logger.jsonFileLogObserver}, no record separator), with
+    its fields, written where twistd would write its text log: C{--logfile}
+    (C{-}: standard output; none: standard output with C{-n}, else
+    C{twistd.log}), reopened on SIGHUP as twistd's own text log is
+    (L{gsmail.reload.log_files} finds it). twistd takes it from
+    the application (L{GsmailService.setServiceParent}); C{--logger} still
+    wins, and C{--syslog} keeps text. Read it back with
+    L{twisted.logger.eventsFromJSONLogFile} (C{recordSeparator=""}) or jq.
+
+    @param parent: twistd's options (C{logfile}, C{nodaemon}).
+    """
+    logfile = parent.get("logfile")
+    out: IO[Any]
+    if logfile == "-" or (not logfile and parent.get("nodaemon", True)):
+        out = sys.stdout
+    else:
+        out = LogFile.fromFullPath(logfile or "twistd.log")
+    return jsonFileLogObserver(out, recordSeparator="")
 
 
 def _exit(error: StartupError) -> NoReturn:

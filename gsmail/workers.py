@@ -24,8 +24,10 @@ The main process supervises:
   - B{Logs.} A worker writes every log event as one JSON line to its standard
     output; the main process re-emits it to its own observers (twistd's log
     file), with C{log_system} C{inbound-N} and the field C{gsmail_worker}
-    (N). Anything on a worker's standard error (a Python crash) is logged
-    as an error line by line.
+    (N); a mail log line (L{gsmail.maillog}) keeps its fields
+    (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). Anything on a
+    worker's standard error (a Python crash) is logged as an error line by
+    line.
   - B{Reloads.} When the main process reloads (SIGHUP, L{gsmail.reload}) it
     writes the configuration it now runs with to each worker's standard
     input, as one more length-prefixed pickle (L{WorkerReload}); the worker
@@ -96,7 +98,7 @@ from zope.interface import implementer
 from gsmail.config import GsmailConfig
 from gsmail.inbound.spool import remove_process_files
 
-__all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main"]
+__all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main", "relayed_fields"]
 
 log = Logger()
 
@@ -363,8 +365,9 @@ class _Worker(ProcessProtocol):
                 if record.get("ready"):
                     self._set_ready()
                 return
-            when, level_name, system, text = record
+            when, level_name, system, text, *more = record
             level = LogLevel.levelWithName(level_name)
+            fields = more[0] if more and isinstance(more[0], dict) else {}
         except (ValueError, TypeError, InvalidLogLevelError):
             log.error(
                 "Inbound worker {number} wrote a line that is not a log event: {line!r}",
@@ -374,6 +377,7 @@ class _Worker(ProcessProtocol):
             return
         self.workers.publisher(
             {
+                **{k: v for k, v in fields.items() if isinstance(k, str) and k not in _OWN_KEYS},
                 "log_format": "{gsmail_text}",
                 "gsmail_text": text,
                 "log_time": when,
@@ -523,6 +527,25 @@ def parent_alive(setup: WorkerSetup) -> bool:
     return not setup.parent or os.getppid() == setup.parent
 
 
+#: Keys of a relayed event the main process sets itself.
+_OWN_KEYS = frozenset({"gsmail_text", "gsmail_worker"})
+
+
+def relayed_fields(event: LogEvent) -> dict[str, Any]:
+    """
+    The fields of a worker's log event that go to the main process with its
+    text: those not of the logging system itself (C{log_*}) whose values
+    JSON keeps as they are (text, numbers, booleans, C{None}).
+    """
+    return {
+        key: value
+        for key, value in event.items()
+        if not key.startswith("log_")
+        and key not in _OWN_KEYS
+        and (value is None or isinstance(value, (str, int, float, bool)))
+    }
+
+
 @implementer(ILogObserver)
 class _EventLines:
     """
@@ -555,7 +578,12 @@ class _EventLines:
         system = event.get("log_system")
         if system is None:
             system = f"{event.get('log_namespace', '-')}#{level.name}"
-        line = json.dumps([event.get("log_time"), level.name, system, text]).encode("ascii")
+        record = [event.get("log_time"), level.name, system, text]
+        if "gsmail_event" in event:
+            # A mail log line (gsmail.maillog): its fields go too, so the
+            # main process's observers (a JSON log, the metrics) get them.
+            record.append(relayed_fields(event))
+        line = json.dumps(record).encode("ascii")
         self._pending.append(line + b"\n")
         if self._schedule is None or level in _URGENT:
             self.flush()

@@ -9,12 +9,14 @@ import io
 import os
 import sys
 
-from twisted.application.service import IServiceMaker
+from twisted.application.service import Application, IServiceMaker
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import ILogObserver, Logger, eventFromJSON, formatEvent
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from gsmail import tap
+from gsmail import maillog, tap
+from gsmail.reload import log_files
 from gsmail.service import GsmailService
 from gsmail.status import EX_CONFIG
 
@@ -70,6 +72,53 @@ class OptionsTests(SynchronousTestCase):
         assert isinstance(service, GsmailService)
         self.assertEqual(sorted(service.listeners), ["lmtp", "smtp"])
         self.assertEqual(service.client.url, "http://gs.example.com")
+
+    def test_log_json(self) -> None:
+        """
+        C{log_json = true}: the service gives twistd's application a JSON
+        log observer writing to C{--logfile}; each mail log line is one JSON
+        line whose fields read back intact (eventFromJSON). Without it, no
+        observer: twistd keeps its text log.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        base = (
+            "[webservice-default]\ntoken = t0ken\n[gsmail-default]\nurl = http://gs.example.com\n"
+            "smtp_endpoint = tcp:0:interface=127.0.0.1\ndomains = groups.example.com\n"
+            "ledger_path = ledger/posted.log\n"
+        )
+        logfile = os.path.join(directory, "gsmail.log")
+        for option, expected in (("", False), ("log_json = true\n", True)):
+            path = write(os.path.join(directory, "gsconfig.ini"), base + option)
+            options = tap.Options()
+            options.parseOptions(["--config", path])
+            options.parent = {"logfile": logfile, "nodaemon": True}  # type: ignore[attr-defined]
+            made = tap.makeService(options)
+            application = Application("gsmail")
+            made.setServiceParent(application)
+            observer = application.getComponent(ILogObserver, None)
+            self.assertEqual(observer is not None, expected, option)
+        assert observer is not None
+        # SIGHUP reopens it as it does twistd's text log (logrotate).
+        self.assertEqual([f.path for f in log_files([observer])], [os.path.abspath(logfile)])
+        maillog.queued(
+            "3F2A9C1E01", "a@example.org", 4213, 1, "smtp", log=Logger(observer=observer)
+        )
+        with open(logfile) as f:
+            lines = f.read().splitlines()
+        [line] = lines
+        event = eventFromJSON(line)
+        self.assertEqual(
+            {k: event[k] for k in ("gsmail_event", "queue_id", "sender", "size", "nrcpt")},
+            {
+                "gsmail_event": "queued",
+                "queue_id": "3F2A9C1E01",
+                "sender": "a@example.org",
+                "size": 4213,
+                "nrcpt": 1,
+            },
+        )
+        self.assertEqual(formatEvent(event), "3F2A9C1E01: from=<a@example.org>, size=4213, nrcpt=1")
 
     def test_bad_verp_key_file_exits_78(self) -> None:
         """

@@ -24,6 +24,7 @@ from twisted.logger import LogEvent, Logger, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from gsmail import maillog
 from gsmail.workers import (
     STABLE_AFTER,
     STOP_GRACE,
@@ -154,6 +155,49 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertEqual(event["log_time"], 1700000000.5)
         self.assertEqual(event["gsmail_worker"], 2)
+
+    def test_mail_log_fields_survive(self) -> None:
+        """
+        A mail log line (L{gsmail.maillog}) reaches the main process with its
+        fields, values and types intact, as well as its text; the relay's
+        own keys are not taken from the worker's fields.
+        """
+        workers = started(self)
+        out = io.BytesIO()
+        logger = Logger(namespace="gsmail.inbound.delivery", observer=_EventLines(out))
+        maillog.delivery(
+            "3F2A9C1E01",
+            "dev@groups.example.com",
+            "groupserver",
+            0.21,
+            "0.01/0/0.2",
+            "2.0.0",
+            "sent",
+            "Added to the group",
+            "smtp",
+            group="dev",
+            log=logger,
+            gsmail_worker=99,
+        )
+        workers.slots[1].outReceived(out.getvalue())
+        [event] = workers.events
+        self.assertEqual(
+            formatEvent(event),
+            "3F2A9C1E01: to=<dev@groups.example.com>, group=dev, relay=groupserver, delay=0.21,"
+            " delays=0.01/0/0.2, dsn=2.0.0, status=sent (Added to the group)",
+        )
+        self.assertEqual(
+            {key: event[key] for key in ("gsmail_event", "queue_id", "delay", "status", "group")},
+            {
+                "gsmail_event": "delivery",
+                "queue_id": "3F2A9C1E01",
+                "delay": 0.21,
+                "status": "sent",
+                "group": "dev",
+            },
+        )
+        self.assertEqual(event["gsmail_worker"], 2)
+        self.assertEqual(event["log_system"], "inbound-2 gsmail.inbound.delivery#info")
 
     def test_braces_and_failures(self) -> None:
         """Braces in the text survive, and a failure's traceback follows its text."""

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gsmail import status
+from gsmail import maillog, status
 from gsmail.addresses import (
     MAX_DOMAIN,
     Address,
@@ -205,7 +205,8 @@ def trace_fields(
     The addresses are written as received: the parser
     (L{gsmail.addresses.parse_mailbox}) refuses any with a control or
     line-breaking character (C{553}), so UTF-8 ones (RFC 6531) are safe
-    here. The HELO name is written by L{received_from}.
+    here. The HELO name is written by L{received_from}. The C{id} is the
+    message's queue id, as in Postfix, so the field leads to the log lines.
 
     @param when: the time of receipt, seconds since the epoch.
     """
@@ -216,7 +217,7 @@ def trace_fields(
         with_ = "UTF8" + with_.removeprefix("E")  # RFC 6531 §3.7.4
     received = (
         f"Received: {received_from(session)}\n"
-        f"\tby {hostname} (gsmail) with {with_} id {session.id}\n"
+        f"\tby {hostname} (gsmail) with {with_} id {envelope.queue_id or session.id}\n"
         f"\tfor <{recipient}>; {date}\n"
     )
     return (
@@ -338,11 +339,7 @@ class DeliveryCore:
                 return succeed(decided)
         route = route_recipient(recipient, self.domains, self.relay_prefix, self.verp)
         if route.kind is RouteKind.REJECT_RELAY:
-            log.info(
-                "Relay denied for {recipient} from {peer}",
-                recipient=printable(recipient),
-                peer=session.peer,
-            )
+            # Logged as a reject line by the listener.
             return succeed((status.RELAY_DENIED, None))
         if route.kind is RouteKind.RELAY:
             return succeed((status.RELAY_ADDRESS_OK, route))
@@ -470,8 +467,11 @@ class DeliveryCore:
     ) -> Deferred[list[Reply]]:
         posted = message if auth is None else auth.message
         field = b"" if auth is None else auth.field
+        checked = self.clock.seconds()
         work = [
-            self._deliver_one(session, envelope, route, posted, received, field)
+            self._deliver_one(session, envelope, route, posted, received, field).addCallback(
+                self._log_delivery, session, envelope, route, message, received, checked
+            )
             for route in envelope.recipients
         ]
         answered: Deferred[list[Reply]] = Deferred()
@@ -507,6 +507,50 @@ class DeliveryCore:
         all_done.addCallback(finished)
         return answered
 
+    def _log_delivery(
+        self,
+        reply: Reply,
+        session: Session,
+        envelope: Envelope,
+        route: Route,
+        message: SpooledMessage,
+        received: float,
+        checked: float,
+    ) -> Reply:
+        """
+        Log one recipient's outcome as Postfix's delivery line
+        (L{gsmail.maillog.delivery}): C{delays=a/b/c} are the seconds from the
+        queue id to the final dot (receiving), the authentication checks,
+        and the delivery (GroupServer's answer, or the route's actions).
+        """
+        now = self.clock.seconds()
+        arrived = envelope.arrived or received
+        if route.kind is RouteKind.TABLE and route.table is not None:
+            relay = "route:" + route.table.entry.name
+        else:
+            relay = "groupserver"
+        delays = "/".join(
+            maillog.format_delay(max(0.0, d))
+            for d in (received - arrived, checked - received, now - checked)
+        )
+        maillog.delivery(
+            envelope.queue_id or "NOQUEUE",
+            str(route.recipient),
+            relay,
+            max(0.0, now - arrived),
+            delays,
+            reply.enhanced,
+            maillog.delivery_status(reply.code),
+            reply.text,
+            session.listener,
+            group=route.group_id,
+            log=log,
+            kind=route.kind.value,
+            message_id=printable(message.message_id or ""),
+            session=session.id,
+        )
+        return reply
+
     def _deadline_passed(
         self, work: list[Deferred[Reply]], answered: Deferred[list[Reply]]
     ) -> None:
@@ -540,8 +584,9 @@ class DeliveryCore:
         prefix = trace_fields(session, envelope, route.recipient, self.hostname, received, auth)
         if self.max_hops and message.hops > self.max_hops:
             log.warn(
-                "Refused a message for {recipient} with {hops} Received fields ({message_id}):"
-                " a mail loop?",
+                "{queue_id}: refused a message for {recipient} with {hops} Received fields"
+                " ({message_id}): a mail loop?",
+                queue_id=envelope.queue_id or "NOQUEUE",
                 recipient=printable(route.recipient),
                 hops=message.hops,
                 message_id=printable(message.identity),
@@ -550,7 +595,15 @@ class DeliveryCore:
             return succeed(status.TOO_MANY_HOPS)
         if route.kind is RouteKind.TABLE:
             sender = str(envelope.sender) if envelope.sender else ""
-            return self.actions.deliver(sender, session.peer, session.id, route, message, prefix)
+            return self.actions.deliver(
+                sender,
+                session.peer,
+                session.id,
+                route,
+                message,
+                prefix,
+                queue_id=envelope.queue_id or "NOQUEUE",
+            )
         source = MessageSource(
             prefix=prefix, path=message.path, size=message.size, data=message.data
         )
@@ -559,15 +612,8 @@ class DeliveryCore:
         )
 
         def outcome(result: Outcome) -> Reply:
-            log.info(
-                "{kind} for {recipient} ({message_id}): {outcome}",
-                kind=route.kind.value,
-                recipient=printable(route.recipient),
-                message_id=printable(message.identity),
-                outcome=result.value,
-                group_id=route.group_id,
-                session=session.id,
-            )
+            # Logged as the delivery line (_log_delivery): a duplicate's
+            # reply says so.
             if result is Outcome.DONE:
                 return posting.success
             return status.ALREADY_DELIVERED
@@ -578,7 +624,9 @@ class DeliveryCore:
                 # A refusal is this site's configuration fault: an error.
                 emit = log.error if reply == status.GROUPSERVER_REFUSED else log.warn
                 emit(
-                    "{kind} for {recipient} failed: {reply_code} {enhanced_status} {detail}",
+                    "{queue_id}: {kind} for {recipient} failed: {reply_code} {enhanced_status}"
+                    " {detail}",
+                    queue_id=envelope.queue_id or "NOQUEUE",
                     kind=route.kind.value,
                     recipient=printable(route.recipient),
                     reply_code=reply.code,
@@ -590,8 +638,9 @@ class DeliveryCore:
                 )
             else:
                 log.failure(
-                    "{kind} for {recipient} failed",
+                    "{queue_id}: {kind} for {recipient} failed",
                     failure,
+                    queue_id=envelope.queue_id or "NOQUEUE",
                     kind=route.kind.value,
                     recipient=printable(route.recipient),
                 )

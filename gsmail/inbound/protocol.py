@@ -48,7 +48,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gsmail import status
+from gsmail import maillog, status
 from gsmail.addresses import (
     Address,
     AddressError,
@@ -62,6 +62,7 @@ from gsmail.addresses import (
 from gsmail.anvil import Anvil, ClientLimits, LookupGate
 from gsmail.eager import write_now
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, free_space
+from gsmail.logtext import printable
 from gsmail.status import Reply
 from gsmail.tlsconfig import connection_summary, handshake_failure_reason, is_tls_transport
 
@@ -146,7 +147,8 @@ class Session:
     @ivar helo: the HELO/EHLO/LHLO argument, or C{None} before it.
     @ivar extended: EHLO or LHLO (not HELO) was used.
     @ivar tls: TLS is active.
-    @ivar id: a short random id shared by the log and the Received field.
+    @ivar id: a short random id of the session, in some log events' fields
+        (the Received field has the message's queue id, L{Envelope.queue_id}).
     """
 
     peer: str
@@ -159,6 +161,8 @@ class Session:
     user: str | None = None
     #: Once the TLS handshake is done: version and cipher (L{connection_summary}).
     tls_summary: str | None = None
+    #: The listener's name in the log: C{smtp}, C{lmtp} or C{submission}.
+    listener: str = "smtp"
     #: The per-client abuse limits apply (L{gsmail.anvil}): an IP client of
     #: an ESMTP listener, not in the exception networks.
     limited: bool = False
@@ -193,6 +197,11 @@ class Envelope:
     recipients: list[Route] = attrs.field(factory=list)
     #: Other MAIL FROM parameters a listener accepted (e.g. XVERP, RET, ENVID).
     params: dict[str, str | None] = attrs.field(factory=dict)
+    #: The message's queue id (L{gsmail.maillog.new_queue_id}), given with the
+    #: first accepted recipient; C{None} before (Postfix's C{NOQUEUE}).
+    queue_id: str | None = None
+    #: When the queue id was given (the reactor's seconds): the start of C{delay=}.
+    arrived: float = 0.0
 
 
 class _DataState:
@@ -222,6 +231,11 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     log = Logger()
     protocol_name = "ESMTP"
+    #: The listener's name in the log (C{listener=}): C{smtp}, C{lmtp}, C{submission}.
+    listener_name = "smtp"
+    #: Give each message a queue id at its first recipient and log its
+    #: C{client=} and C{from=} lines here; submission's queue does instead.
+    assigns_queue_ids = True
     #: The per-client limits (L{gsmail.anvil}) apply to this listener's IP clients.
     client_limits = True
     factory: InboundFactory
@@ -245,6 +259,16 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.session: Session | None = None
         self.envelope: Envelope | None = None
         self._data: _DataState | None = None
+        #: Commands given, by lower-case verb, for the C{disconnect} line.
+        self._commands: dict[str, int] = {}
+        #: Postfix's name for the command waiting for its reply (C{MAIL},
+        #: C{RCPT}, ...: L{_STAGES}): its refusal is logged as a C{reject}.
+        self._stage: str | None = None
+        self._stage_recipient: object = None
+        #: MAIL's sender once parsed, for the reject line of a refused MAIL.
+        self._stage_sender: str | None = None
+        #: The last command's verb (Postfix's C{timeout after RCPT from ...}).
+        self._last_command = "CONNECT"
 
     # -- connection ------------------------------------------------------
     def connectionMade(self) -> None:
@@ -254,10 +278,12 @@ class SMTPServer(Protocol, TimeoutMixin):
             peer=_describe_peer(self.transport),
             protocol_name=self.protocol_name,
             tls=is_tls_transport(self.transport),  # an implicit-TLS (ssl:) listener
+            listener=self.listener_name,
         )
         self.factory.connections += 1
+        maillog.connect(self.listener_name, self.client, log=self.log)
         if self.factory.connections > settings.max_connections:
-            self.log.warn("Refused {peer}: too many connections", peer=self.session.peer)
+            self._log_reject("CONNECT", status.TOO_MANY_CONNECTIONS)
             self._reply(status.TOO_MANY_CONNECTIONS)
             self._close()
             return
@@ -268,6 +294,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.session.limited = True
             refusal = anvil.connected(host)
             if refusal is not None:
+                self._log_reject("CONNECT", refusal)
                 self._reply(refusal)
                 self._close()
                 return
@@ -278,11 +305,59 @@ class SMTPServer(Protocol, TimeoutMixin):
     def handshakeCompleted(self) -> None:
         assert self.session is not None
         self.session.tls_summary = connection_summary(self.transport.getHandle())
-        self.log.info(
-            "TLS connection established from {peer}: {tls}",
-            peer=self.session.peer,
-            tls=self.session.tls_summary,
+        version, _, cipher = self.session.tls_summary.partition(" with cipher ")
+        maillog.tls(
+            self.listener_name,
+            version,
+            cipher,
+            client=self.client,
+            log=self.log,
             session=self.session.id,
+        )
+
+    @property
+    def client(self) -> str:
+        """The client as the log names it (L{gsmail.maillog.client_name})."""
+        return maillog.client_name(self.session.peer if self.session else "unknown")
+
+    def _proto(self) -> str:
+        """Postfix's C{proto=}: C{ESMTP} after EHLO, C{SMTP} before or after HELO, C{LMTP}."""
+        if self.protocol_name == "LMTP":
+            return "LMTP"
+        return "ESMTP" if self.session is not None and self.session.extended else "SMTP"
+
+    def _log_reject(
+        self,
+        stage: str,
+        reply: Reply,
+        recipient: object = None,
+        envelope: Envelope | None = None,
+    ) -> None:
+        """
+        Log a refused command as Postfix's C{reject:} line (L{gsmail.maillog.reject}):
+        C{stage} is Postfix's word for the command (C{CONNECT}, C{HELO},
+        C{MAIL}, C{RCPT}, C{DATA}, C{END-OF-MESSAGE}, C{AUTH}).
+        """
+        session = self.session
+        envelope = envelope or self.envelope
+        sender = self._stage_sender
+        queue_id = None
+        if envelope is not None:
+            sender = str(envelope.sender) if envelope.sender else ""
+            queue_id = envelope.queue_id
+        maillog.reject(
+            stage,
+            reply.code,
+            reply.enhanced,
+            reply.text,
+            client=self.client,
+            proto=self._proto(),
+            listener=self.listener_name,
+            helo=session.helo if session else None,
+            sender=sender,
+            recipient=None if recipient is None else str(recipient),
+            queue_id=queue_id,
+            log=self.log,
         )
 
     def _tls_handshaking(self) -> bool:
@@ -293,13 +368,31 @@ class SMTPServer(Protocol, TimeoutMixin):
             # Once, at info, without a traceback: scanners and broken clients are routine.
             assert self.session is not None
             self.log.info(
-                "TLS handshake failed from {peer}: {reason}",
+                "TLS handshake failed from {client}: {reason}",
+                client=self.client,
                 peer=self.session.peer,
                 # _closing mid-handshake: timeoutConnection aborted it.
                 reason="timed out" if self._closing else handshake_failure_reason(reason),
                 session=self.session.id,
             )
+        elif not self._closing and self.session is not None:
+            # The client went without QUIT (Postfix's line).
+            self.log.info(
+                "lost connection after {command} from {client}",
+                command=self._last_command,
+                client=self.client,
+                session=self.session.id,
+            )
         self.factory.connections -= 1
+        if self.session is not None:
+            counts = " ".join(f"{verb}={count}" for verb, count in self._commands.items())
+            total = sum(self._commands.values())
+            maillog.disconnect(
+                self.listener_name,
+                self.client,
+                f"{counts} commands={total}" if counts else "commands=0",
+                log=self.log,
+            )
         if self._limited_host is not None and self.factory.anvil is not None:
             self.factory.anvil.disconnected(self._limited_host)
         if self._delay is not None and self._delay.active():
@@ -337,15 +430,17 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self.resetTimeout()
                 return
             self.log.info(
-                "DATA from {peer} too slow: {size} bytes in {seconds:.0f} s",
-                peer=self.session.peer if self.session else "?",
+                "timeout after DATA from {client}: {size} bytes in {seconds:.0f} s",
+                client=self.client,
                 size=arrived,
                 seconds=now - data.started,
             )
             self._reply(status.DATA_TOO_SLOW)
             self._close()
             return
-        self.log.info("Idle timeout for {peer}", peer=self.session.peer if self.session else "?")
+        self.log.info(
+            "timeout after {command} from {client}", command=self._last_command, client=self.client
+        )
         self._reply(status.IDLE_TIMEOUT)
         self._close()
 
@@ -354,6 +449,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
     def _reply(self, reply: Reply) -> None:
+        if self._stage is not None:
+            # The reply to the command of that stage: a refusal is logged.
+            stage, self._stage = self._stage, None
+            if reply.code >= 400:
+                self._log_reject(stage, reply, self._stage_recipient)
         if not self._closing:
             if self._buffer.find(b"\n") < 0:
                 # A client waiting for this reply gets it now, in one send(2)
@@ -423,6 +523,12 @@ class SMTPServer(Protocol, TimeoutMixin):
         handler = (
             getattr(self, "do_" + verb.upper(), None) if verb.isascii() and verb.isalpha() else None
         )
+        name = verb.lower() if handler is not None else "unknown"
+        self._commands[name] = self._commands.get(name, 0) + 1
+        self._stage = _STAGES.get(name)
+        self._stage_sender = None
+        self._last_command = name.upper()
+        self._stage_recipient = arg[3:].strip() if name == "rcpt" else None
         if handler is None:
             self._error(status.UNRECOGNISED_COMMAND)
             return True
@@ -476,8 +582,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         if settings.hard_error_limit and self._errors >= settings.hard_error_limit:
             assert self.session is not None
             self.log.info(
-                "Too many errors from {peer} ({count}); closing the session",
-                peer=self.session.peer,
+                "too many errors after {command} from {client} ({count}); closing the session",
+                command=self._last_command,
+                client=self.client,
                 count=self._errors,
                 session=self.session.id,
             )
@@ -593,15 +700,25 @@ class SMTPServer(Protocol, TimeoutMixin):
             error = status.EMPTY_MESSAGE
         if error is not None:
             data.spool.discard()
-            self._refused(error, len(recipients))
+            self._refused(error, envelope)
             return
         try:
             message = data.spool.finish()
         except OSError as e:
             error = self.factory.spool_alarm.failed(e, self.factory.spool_directory)
-            self._refused(error, len(recipients))
+            self._refused(error, envelope)
             return
         self.factory.spool_alarm.succeeded()
+        if envelope.queue_id is not None:
+            maillog.queued(
+                envelope.queue_id,
+                str(envelope.sender) if envelope.sender else "",
+                message.size,
+                len(recipients),
+                self.listener_name,
+                log=self.log,
+                message_id=printable(message.message_id or ""),
+            )
         self.setTimeout(None)  # the delivery has its own deadline
         count = len(recipients)
         d = self.factory.core.deliver(self.session, envelope, message)
@@ -611,16 +728,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         d.addBoth(self._after_delivery)
         self._wait_for(d)
 
-    def _refused(self, error: Reply, count: int) -> None:
-        """Refuse the message after the final dot: one reply, or C{count} on LMTP."""
-        assert self.session is not None
-        self.log.info(
-            "Message from {peer} refused: {reply_code} {enhanced_status}",
-            peer=self.session.peer,
-            reply_code=error.code,
-            enhanced_status=error.enhanced,
-        )
-        self._data_replies([error] * count)
+    def _refused(self, error: Reply, envelope: Envelope) -> None:
+        """Refuse the message after the final dot: one reply, or one per recipient on LMTP."""
+        self._log_reject("END-OF-MESSAGE", error, envelope=envelope)
+        self._data_replies([error] * len(envelope.recipients))
 
     def _delivery_failed(self, failure: Failure, count: int) -> list[Reply]:
         # The core maps every fault to a reply; this is the safety net, and it
@@ -707,6 +818,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         try:
             sender, rest = parse_path(arg[5:], allow_null=True)
+            self._stage_sender = str(sender) if sender is not None else ""
             params = parse_parameters(rest)
         except UnsafeAddressError:
             self._error(status.UNSAFE_SENDER)
@@ -810,6 +922,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._error(status.BAD_RECIPIENT_SYNTAX.with_text(f"Bad recipient address syntax: {e}"))
             return None
         assert recipient is not None
+        self._stage_recipient = recipient
         refusal = self.rcpt_parameters(params)
         if refusal is not None:
             self._error(refusal)
@@ -830,6 +943,12 @@ class SMTPServer(Protocol, TimeoutMixin):
                 if params:
                     route = attrs.evolve(route, params=tuple(params.items()))
                 envelope.recipients.append(route)
+                if envelope.queue_id is None and self.assigns_queue_ids:
+                    envelope.queue_id = maillog.new_queue_id()
+                    envelope.arrived = self.factory.clock.seconds()
+                    maillog.client(
+                        envelope.queue_id, self.client, log=self.log, listener=self.listener_name
+                    )
             if reply.is_success or reply.code in _LOCAL_TROUBLE or not session.limited:
                 self._reply(reply)
             else:
@@ -928,9 +1047,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             # RFC 3207 §6 / CVE-2011-0411: plaintext sent after STARTTLS must
             # not be run inside the TLS session.
             self.log.warn(
-                "Discarded {count} bytes pipelined after STARTTLS from {peer}",
+                "Discarded {count} bytes pipelined after STARTTLS from {client}",
                 count=len(self._buffer),
-                peer=self.session.peer,
+                client=self.client,
             )
             self._buffer.clear()
         self._reply(status.READY_FOR_TLS)
@@ -956,6 +1075,7 @@ class LMTPServer(SMTPServer):
     """
 
     protocol_name = "LMTP"
+    listener_name = "lmtp"
     # LMTP's client is the site's own MTA, which has done its own checks.
     client_limits = False
 
@@ -1039,6 +1159,18 @@ class InboundFactory(Factory):
             return self.spool_files.directory
         return self.spool_dir or tempfile.gettempdir()
 
+
+#: The commands whose refusals are logged as C{reject} lines, by verb, with
+#: Postfix's name for the stage.
+_STAGES = {
+    "helo": "HELO",
+    "ehlo": "HELO",
+    "lhlo": "HELO",
+    "mail": "MAIL",
+    "rcpt": "RCPT",
+    "data": "DATA",
+    "auth": "AUTH",
+}
 
 #: Replies that say gsmail (or GroupServer) is in trouble, not the client:
 #: never counted as the client's errors.

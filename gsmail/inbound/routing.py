@@ -415,6 +415,8 @@ class _Work:
     message: SpooledMessage
     prefix: bytes
     now: float
+    #: The message's queue id (L{gsmail.maillog}), first on its log lines.
+    queue_id: str = "NOQUEUE"
     header: Message | None = None
     seqno: int | None = None
     #: The file the actions use: trace fields, then the (rewritten) message.
@@ -522,39 +524,55 @@ class RouteActions:
         route: Route,
         message: SpooledMessage,
         prefix: bytes,
+        queue_id: str = "NOQUEUE",
     ) -> Deferred[Reply]:
         """
         Run C{route}'s entry for one recipient's copy.
 
         @param prefix: the trace fields for this recipient.
+        @param queue_id: the message's queue id, for the log.
         @return: fires with the reply (never fails): the action's own
             success, C{250 2.0.0 Delivered} when there were several, C{250
             2.0.0 Accepted} for a drop; a policy refusal (5xx naming the
             rule); the first failure (transient ones first).
         """
         assert route.table is not None
-        work = _Work(route.table, sender, client, session_id, message, prefix, self.clock.seconds())
+        work = _Work(
+            route.table, sender, client, session_id, message, prefix, self.clock.seconds(), queue_id
+        )
         return Deferred.fromCoroutine(self._deliver(work)).addErrback(self._bug, work)
 
     def _bug(self, failure: Failure, work: _Work) -> Reply:
-        log.failure("Route {route} failed", failure, route=work.match.entry.name)
+        log.failure(
+            "{queue_id}: route {route} failed",
+            failure,
+            route=work.match.entry.name,
+            queue_id=work.queue_id,
+        )
         return status.LOCAL_ERROR
 
     async def _deliver(self, work: _Work) -> Reply:
         entry = work.match.entry
         if entry.drops:
             log.info(
-                "Route {route}: message for {recipient} from <{sender}> dropped ({message_id})",
+                "{queue_id}: route {route}: message for {recipient} from <{sender}> dropped"
+                " ({message_id})",
                 route=entry.name,
                 recipient=printable(str(work.match.recipient)),
                 sender=printable(work.sender),
                 message_id=printable(work.message.identity),
+                queue_id=work.queue_id,
             )
             return status.ROUTE_DROPPED
         try:
             refusal = await self._check(work)
         except OSError as e:
-            log.error("Route {route}: cannot read the message: {error}", route=entry.name, error=e)
+            log.error(
+                "{queue_id}: route {route}: cannot read the message: {error}",
+                route=entry.name,
+                error=e,
+                queue_id=work.queue_id,
+            )
             return status.LOCAL_ERROR
         if refusal is not None:
             await self._refused(work, refusal)
@@ -565,7 +583,10 @@ class RouteActions:
             work.path, work.size = await self.blocking(lambda: self._prepare(work))
         except OSError as e:
             log.error(
-                "Route {route}: cannot prepare the message: {error}", route=entry.name, error=e
+                "{queue_id}: route {route}: cannot prepare the message: {error}",
+                route=entry.name,
+                error=e,
+                queue_id=work.queue_id,
             )
             return status.LOCAL_ERROR
         try:
@@ -664,7 +685,7 @@ class RouteActions:
                 await self._failed(work, e)
                 return e.reply
         log.info(
-            "Route {route} for {recipient} from <{sender}> ({message_id}): {actions}",
+            "{queue_id}: route {route} for {recipient} from <{sender}> ({message_id}): {actions}",
             route=entry.name,
             recipient=printable(str(work.match.recipient)),
             sender=printable(work.sender),
@@ -672,6 +693,7 @@ class RouteActions:
             actions=", ".join(name for name, _ in steps),
             seqno=work.seqno,
             session=work.session_id,
+            queue_id=work.queue_id,
         )
         return replies[0] if len(replies) == 1 else status.ROUTE_DELIVERED
 
@@ -704,7 +726,13 @@ class RouteActions:
             ) from None
         except Exception:
             f = Failure()
-            log.failure("Route {route}: {action} failed", f, route=entry.name, action=name)
+            log.failure(
+                "{queue_id}: route {route}: {action} failed",
+                f,
+                route=entry.name,
+                action=name,
+                queue_id=work.queue_id,
+            )
             raise _ActionFailed(
                 status.reply_for_exception(f.value), keep=True, why=f.getTraceback()
             ) from None
@@ -727,7 +755,12 @@ class RouteActions:
         entry = work.match.entry
         path = expand(entry.archive, work.substitutions(), _path_safe)
         await self.blocking(lambda: _store_maildir(path, work.path))
-        log.info("Route {route}: archived in {path}", route=entry.name, path=path)
+        log.info(
+            "{queue_id}: route {route}: archived in {path}",
+            route=entry.name,
+            path=path,
+            queue_id=work.queue_id,
+        )
         return status.ROUTE_ARCHIVED
 
     async def _forward(self, work: _Work, templates: tuple[str, ...], copy: bool = False) -> Reply:
@@ -741,7 +774,12 @@ class RouteActions:
             try:
                 target = parse_mailbox(text)
             except AddressError:
-                log.error("Route {route}: {address} is no address", route=entry.name, address=text)
+                log.error(
+                    "{queue_id}: route {route}: {address} is no address",
+                    route=entry.name,
+                    address=text,
+                    queue_id=work.queue_id,
+                )
                 return status.CONFIG_ERROR.with_text(f"Route {entry.name}: bad forward address")
             if str(target).lower() == str(work.match.recipient).lower() or (
                 target.domain in self.core.domains
@@ -750,9 +788,11 @@ class RouteActions:
                 and not entry.srs_bounce
             ):
                 log.warn(
-                    "Route {route}: not forwarding to {address}, which routes back here",
+                    "{queue_id}: route {route}: not forwarding to {address},"
+                    " which routes back here",
                     route=entry.name,
                     address=str(target),
+                    queue_id=work.queue_id,
                 )
                 continue
             targets.append(str(target))
@@ -770,19 +810,22 @@ class RouteActions:
         except Exception:
             f = Failure()
             log.error(
-                "Route {route}: cannot queue for {targets}: {error}",
+                "{queue_id}: route {route}: cannot queue for {targets}: {error}",
                 route=entry.name,
                 targets=", ".join(targets),
                 error=printable(str(f.value)),
+                queue_id=work.queue_id,
             )
             return status.LOCAL_ERROR
         log.info(
-            "Route {route}: {what} queued as {queue_id} for {targets} from <{sender}>",
+            "{queue_id}: route {route}: {what} queued as {forward_id} for {targets}"
+            " from <{sender}>",
             route=entry.name,
             what="copy" if copy else "forward",
-            queue_id=getattr(entry_, "id", "?"),
+            forward_id=getattr(entry_, "id", "?"),
             targets=", ".join(targets),
             sender=printable(sender),
+            queue_id=work.queue_id,
         )
         return status.ROUTE_FORWARDED
 
@@ -806,10 +849,11 @@ class RouteActions:
             call = self._resolve(entry.handler)
         except Exception:
             log.error(
-                "Route {route}: cannot load the handler {handler}: {error}",
+                "{queue_id}: route {route}: cannot load the handler {handler}: {error}",
                 route=entry.name,
                 handler=entry.handler,
                 error=Failure().getErrorMessage(),
+                queue_id=work.queue_id,
             )
             raise _ActionFailed(
                 status.CONFIG_ERROR.with_text(f"Route {entry.name}: its handler cannot be loaded"),
@@ -833,7 +877,12 @@ class RouteActions:
             raise
         except Exception:
             f = Failure()
-            log.failure("Route {route}: the handler raised", f, route=entry.name)
+            log.failure(
+                "{queue_id}: route {route}: the handler raised",
+                f,
+                route=entry.name,
+                queue_id=work.queue_id,
+            )
             # emailtunnel answers 451 when handle_envelope raises.
             raise _ActionFailed(status.HANDLER_FAILED, keep=True, why=f.getTraceback()) from None
         if result is None:
@@ -863,12 +912,13 @@ class RouteActions:
         )
         reply = await postmaster.deliver(work.sender, b"", message)
         log.info(
-            "postmaster from <{sender}> ({message_id}): {reply_code} {enhanced_status}",
+            "{queue_id}: postmaster from <{sender}> ({message_id}): {reply_code} {enhanced_status}",
             sender=printable(work.sender),
             message_id=printable(work.message.identity),
             reply_code=reply.code,
             enhanced_status=reply.enhanced,
             session=work.session_id,
+            queue_id=work.queue_id,
         )
         return reply
 
@@ -888,7 +938,7 @@ class RouteActions:
     async def _refused(self, work: _Work, refusal: Refusal) -> None:
         entry = work.match.entry
         log.info(
-            "Route {route} refused mail for {recipient} from <{sender}> ({message_id}):"
+            "{queue_id}: route {route} refused mail for {recipient} from <{sender}> ({message_id}):"
             " {reply_code} {enhanced_status} {rule}",
             route=entry.name,
             recipient=printable(str(work.match.recipient)),
@@ -897,6 +947,7 @@ class RouteActions:
             reply_code=refusal.reply.code,
             enhanced_status=refusal.reply.enhanced,
             rule=refusal.rule,
+            queue_id=work.queue_id,
         )
         sidecar = self._sidecar(work, refusal.reply, rule=refusal.rule)
         await self._keep(self.rejected_dir, work, sidecar, work.message.path, work.prefix)
@@ -938,7 +989,10 @@ class RouteActions:
             await self.queue.enqueue("", list(entry.errors_to), data)
         except Exception as e:
             log.error(
-                "Route {route}: cannot queue the Errors-To copy: {error}", route=entry.name, error=e
+                "{queue_id}: route {route}: cannot queue the Errors-To copy: {error}",
+                route=entry.name,
+                error=e,
+                queue_id=work.queue_id,
             )
 
 

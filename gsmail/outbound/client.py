@@ -831,6 +831,21 @@ class SMTPConnection:
     def __repr__(self) -> str:
         return f"<SMTPConnection tls={self.tls_active} usable={self.usable}>"
 
+    def tls_summary(self) -> str | None:
+        """
+        The TLS version and cipher of the session in Postfix's words
+        (L{gsmail.tlsconfig.connection_summary}), or C{None} without TLS.
+        """
+        if not self.tls_active:
+            return None
+        from gsmail.tlsconfig import connection_summary
+
+        try:
+            handle = self._protocol.transport.getHandle()
+        except Exception:
+            handle = None
+        return connection_summary(handle)
+
     @property
     def usable(self) -> bool:
         """C{False} once the connection failed, was aborted or quit."""

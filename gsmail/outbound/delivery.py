@@ -47,7 +47,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from gsmail import status
+from gsmail import maillog, status
 from gsmail.addresses import MAX_LOCAL_PART, Address, AddressError, encode_xverp, parse_mailbox
 from gsmail.outbound import backoff, dsn
 from gsmail.outbound.client import (
@@ -80,11 +80,6 @@ log = Logger()
 
 #: Recipients per transaction without VERP (gs.email sent 50).
 BATCH_SIZE = 50
-#: Deliveries are logged together: at most this many seconds after they
-#: happened, at most this many per event, and at once when delivery is idle.
-#: (A log event per recipient cost more than the delivery itself.)
-LOG_DELAY = 1.0
-LOG_BATCH = 1000
 #: Small messages kept in memory while they are delivered (oldest dropped).
 _MESSAGES_KEPT = 16
 #: Seconds a connection with nothing left to send stays open for more mail
@@ -205,43 +200,30 @@ SMARTHOST_TLS = TLSPolicy()
 MX_TLS = TLSPolicy(verify=False)
 
 
-@attrs.frozen
-class _Outcome:
+def _log_delivery(
+    envelope: Envelope, r: RecipientState, relay: str, reply: Reply, started: float, now: float
+) -> None:
     """
-    One recipient's outcome, for the log.
-
-    @ivar reply: the reply as recorded, e.g. C{"250 2.0.0 Ok"}.
-    @ivar state: the recipient's state after it.
+    One recipient's outcome as Postfix's smtp(8) line (L{gsmail.maillog.delivery}):
+    C{delay=} counts from the message's arrival in the queue, C{delays=a/b}
+    splits it into the time before this attempt and the attempt itself
+    (connection, TLS, the transaction).
     """
-
-    queue_id: str
-    recipient: str
-    remote: str
-    reply: str
-    state: str
-
-    def __str__(self) -> str:
-        return (
-            f"{self.queue_id} to <{self.recipient}> via {self.remote}: {self.reply} ({self.state})"
-        )
-
-
-class _Outcomes(list[_Outcome]):
-    """Outcomes logged as one event: one line each, formatted only if an observer asks."""
-
-    def __format__(self, spec: str) -> str:
-        return "\n".join(map(str, self))
-
-
-def _log_outcome(outcome: _Outcome) -> None:
-    """One outcome as an event of its own, with its fields."""
-    log.info(
-        "{queue_id} to <{recipient}> via {remote}: {reply} ({state})",
-        queue_id=outcome.queue_id,
-        recipient=outcome.recipient,
-        remote=outcome.remote,
-        reply=outcome.reply,
-        state=outcome.state,
+    arrived = envelope.created
+    maillog.delivery(
+        envelope.id,
+        r.address,
+        relay or "none",
+        max(0.0, now - arrived),
+        f"{maillog.format_delay(max(0.0, started - arrived))}/"
+        f"{maillog.format_delay(max(0.0, now - started))}",
+        reply.enhanced,
+        maillog.delivery_status(reply.code, expired=r.state == EXPIRED),
+        r.last_reply if reply.is_success else _reply_line(reply),
+        "outbound",
+        log=log,
+        attempts=r.attempts,
+        state=r.state,
     )
 
 
@@ -259,6 +241,8 @@ class _Job:
     transaction: Transaction | None = None
     #: The sender and recipients are known to be mailboxes (L{Transaction.checked}).
     checked: bool = False
+    #: When this attempt began (the reactor's seconds), for C{delays=}.
+    made: float = 0.0
 
 
 class OutboundDelivery:
@@ -300,13 +284,11 @@ class OutboundDelivery:
         destination that needs its slot of C{max_connections}, and is
         closed by L{when_idle} and L{stop}.
 
-    Each recipient's outcome is logged as one line (C{<queue id> to
-    <recipient> via <host>: <reply> (<state>)}). A failure or deferral, or a
-    delivery on its own, is an event of its own (fields C{queue_id},
-    C{recipient}, C{remote}, C{reply}, C{state}); deliveries under load are
-    logged together: events of up to L{LOG_BATCH} lines (field C{outcomes}),
-    at most L{LOG_DELAY} seconds late, and at once when nothing is being
-    delivered.
+    Each recipient's outcome is one event, Postfix's smtp(8) line
+    (L{gsmail.maillog.delivery}: C{ID: to=<rcpt>, relay=host, delay=S,
+    delays=a/b, dsn=X.Y.Z, status=sent|deferred|bounced|expired (reply)}),
+    with those values as fields (C{gsmail_event} C{"delivery"}, C{listener}
+    C{"outbound"}); a DSN queued is a C{"dsn"} event.
     """
 
     def __init__(
@@ -384,8 +366,6 @@ class OutboundDelivery:
         self._next_at: dict[str, float] = {}
         self._wakeups: list[tuple[float, str]] = []
         self._kicked = False
-        self._outcomes = _Outcomes()
-        self._log_timer: IDelayedCall | None = None
         self._messages: dict[str, bytes] = {}
         # Per message being delivered: its data path and MAIL parameters
         # (without and with XVERP), for L{_transaction}.
@@ -418,7 +398,6 @@ class OutboundDelivery:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._log_outcomes()
         return self.when_idle()
 
     def when_idle(self) -> Deferred[None]:
@@ -545,6 +524,7 @@ class OutboundDelivery:
             self._expire(envelope, due)
             return
         for job in self._jobs_for(envelope, due):
+            job.made = now
             self._submit(job)
 
     def _sign_later(self, envelope: Envelope, now: float) -> None:
@@ -812,6 +792,12 @@ class OutboundDelivery:
                 if self.mx is not None and not smarthost:
                     self.mx.mark_bad(address)
                 continue
+            summary = conn.tls_summary()
+            if summary is not None:
+                version, _, cipher = summary.partition(" with cipher ")
+                maillog.tls(
+                    "outbound", version, cipher, relay=f"{host.name}[{address}]:{port}", log=log
+                )
             if sts is not None and sts_tls is not None:
                 self._sts_connected(domain, sts, sts_tls, conn.tls_active)
             next_host = False
@@ -1050,10 +1036,11 @@ class OutboundDelivery:
             # The smarthost does not do VERP: one transaction per recipient.
             for i, r in enumerate(job.recipients):
                 sender = self._verp_sender(job.envelope.sender, r.address)
-                retry = await self._transact(conn, _Job(job.envelope, [r], sender), remote, last)
+                one = _Job(job.envelope, [r], sender, made=job.made)
+                retry = await self._transact(conn, one, remote, last)
                 if retry is not None:
                     rest = [retry[0].recipients[0], *job.recipients[i + 1 :]]
-                    return _Job(job.envelope, rest, job.sender, job.xverp), retry[1]
+                    return _Job(job.envelope, rest, job.sender, job.xverp, made=job.made), retry[1]
                 if not conn.usable:
                     break
             return None
@@ -1088,7 +1075,7 @@ class OutboundDelivery:
                 done = [r for r in job.recipients if r not in again]
                 if done:
                     await self._record(
-                        _Job(envelope, done, job.sender, job.xverp),
+                        _Job(envelope, done, job.sender, job.xverp, made=job.made),
                         replies,
                         remote,
                         next_hop_reports=reports,
@@ -1100,7 +1087,7 @@ class OutboundDelivery:
                     reply=f"{reply.code} {reply.status_line()}",
                     remote=remote,
                 )
-                return _Job(envelope, again, job.sender, job.xverp), reply
+                return _Job(envelope, again, job.sender, job.xverp, made=job.made), reply
         await self._record(job, replies, remote, next_hop_reports=reports)
         return None
 
@@ -1175,11 +1162,7 @@ class OutboundDelivery:
                 r.next_attempt = now + delay
                 self._waiting.add(envelope.id)
                 self._wake_at(envelope.id, r.next_attempt)
-            outcome = _Outcome(envelope.id, r.address, remote or "-", r.last_reply, r.state)
-            if r.state == DELIVERED:
-                self._note(outcome)
-            else:
-                _log_outcome(outcome)  # rare, and what an operator looks for
+            _log_delivery(envelope, r, remote, reply, job.made or now, now)
         await self._finish(envelope, job.sender, notices, job.recipients)
 
     @staticmethod
@@ -1204,6 +1187,8 @@ class OutboundDelivery:
             reply = Reply(
                 451, "4.4.7", f"Delivery time expired; last: {r.last_reply or 'no attempt'}"
             )
+            now = self.reactor.seconds()
+            _log_delivery(envelope, r, "none", reply, now, now)
             if dsn.notify_requests(r.notify, "FAILURE", verp=verp):
                 notices.append(self._notice(r, reply, "", "failed"))
         sender = envelope.sender
@@ -1302,26 +1287,6 @@ class OutboundDelivery:
         self._check_idle()
         self._schedule()
 
-    def _note(self, outcome: _Outcome) -> None:
-        """Log C{outcome} with the others of the next L{LOG_DELAY} seconds."""
-        self._outcomes.append(outcome)
-        if len(self._outcomes) >= LOG_BATCH:
-            self._log_outcomes()
-        elif self._log_timer is None:
-            self._log_timer = self.reactor.callLater(LOG_DELAY, self._log_outcomes)
-
-    def _log_outcomes(self) -> None:
-        """Log the outcomes noted so far, as one event."""
-        if self._log_timer is not None:
-            if self._log_timer.active():
-                self._log_timer.cancel()
-            self._log_timer = None
-        if len(self._outcomes) == 1:
-            _log_outcome(self._outcomes.pop())
-        elif self._outcomes:
-            outcomes, self._outcomes = self._outcomes, _Outcomes()
-            log.info("{outcomes}", outcomes=outcomes)
-
     async def _send_dsn(
         self, envelope: Envelope, sender: str, notices: list[dsn.FailedRecipient]
     ) -> None:
@@ -1359,10 +1324,11 @@ class OutboundDelivery:
             envelope_id=_envelope_id(envelope),
         )
         try:
-            await self.queue.enqueue("", [sender], message, sign=True)
+            entry = await self.queue.enqueue("", [sender], message, sign=True)
         except Exception:
             log.failure("Could not queue a DSN for {queue_id}", queue_id=envelope.id)
             return
+        maillog.dsn_queued(envelope.id, entry.id, notices[0].action, log=log)
         self.kick()
 
     def _check_idle(self) -> None:
@@ -1371,7 +1337,6 @@ class OutboundDelivery:
         parked = sum(len(p) for p in self._parked.values())
         if sum(self._workers.values()) > parked:
             return  # a transaction (or a connection being made) is running
-        self._log_outcomes()
         if not self._idle:
             return
         if parked:

@@ -1166,7 +1166,7 @@ class OutboundQueue:
                 pending=pending,
             )
         else:
-            self.log.info("Removed {queue_id}: done", queue_id=qid)
+            self.log.info("{queue_id}: removed", queue_id=qid)  # qmgr's line
 
     def _forget(self, qid: str) -> None:
         """Drop what the queue knows of a removed message; its waiting records fail."""

@@ -40,7 +40,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gsmail import status
+from gsmail import maillog, status
 from gsmail.addresses import Address, Route, RouteKind
 from gsmail.anvil import Anvil, auth_locked, parse_networks
 from gsmail.inbound.delivery import received_from
@@ -183,11 +183,15 @@ class SubmissionCore:
 
         def queued(entry: Any) -> list[Reply]:
             self.alarm.succeeded()
-            log.info(
-                "Queued {queue_id} from <{sender}> for {count} recipients (session {session})",
-                queue_id=entry.id,
-                sender=printable(envelope.sender or ""),
-                count=count,
+            client = maillog.client_name(session.peer)
+            maillog.client(entry.id, client, log=log, session=session.id, listener="submission")
+            maillog.queued(
+                entry.id,
+                str(envelope.sender) if envelope.sender else "",
+                message.size,
+                count,
+                "submission",
+                log=log,
                 session=session.id,
             )
             return [status.OK.with_text(f"Queued as {entry.id}")] * count
@@ -225,6 +229,9 @@ class SubmissionServer(SMTPServer):
     """
 
     factory: SubmissionFactory
+    listener_name = "submission"
+    # The outbound queue's id names the message from its client= line on.
+    assigns_queue_ids = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -347,6 +354,7 @@ class SubmissionServer(SMTPServer):
         if host is not None and not self.factory.anvil.auth_allowed(host):
             # A password guesser: refused without a check until its window
             # ends (the lock-out was logged once, by the anvil).
+            self._stage = None
             self._reply(auth_locked(host))
             self._close()
             return
@@ -409,13 +417,14 @@ class SubmissionServer(SMTPServer):
             log.info("{peer} authenticated as {user}", peer=self.session.peer, user=printable(user))
             self._reply(AUTH_OK)
         elif self._limited_host is not None:
-            # Counted per client and logged once per burst by the anvil;
-            # each failure is answered slowly (auth_failure_delay).
+            # Counted per client and logged once per burst by the anvil
+            # (not as a reject line per try); each failure is answered
+            # slowly (auth_failure_delay).
+            self._stage = None
             self.factory.anvil.auth_failed(self._limited_host)
             self._error(AUTH_FAILED, delay=self.factory.settings.auth_failure_delay)
         else:
-            log.warn("Failed AUTH from {peer}", peer=self.session.peer)
-            self._error(AUTH_FAILED)
+            self._error(AUTH_FAILED)  # logged as a reject line (AUTH)
 
     def data_started(self, spool: Spool) -> None:
         assert self.session is not None

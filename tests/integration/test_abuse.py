@@ -602,7 +602,7 @@ class AuthBruteForceTests(AbuseTestsMixin, TestCase):
         ]
         # The first failure and the lock-out: not one line per try (seven tries).
         self.assertEqual(len(lines), 2, lines)
-        self.assertIn("Failed AUTH from [127.0.0.1]", lines[0])
+        self.assertIn("Failed AUTH from [127.0.0.1]", lines[0])  # the anvil's line
         self.assertIn("AUTH locked for [127.0.0.1]", lines[1])
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gsmail.outbound.queue import PENDING
@@ -97,6 +98,9 @@ class SmarthostTLSTests(TestCase):
         With C{tls_ca} and C{tls_name} matching the smarthost's certificate,
         the message is relayed over TLS and leaves the queue.
         """
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         core, _, relay_port = self.listen(tls=True)
         service, port = self.start(relay_port, tls_name=NAME)
         qid = await deferToThread(submit, port, SENDER, ["member@far.test"], message("tls"))
@@ -104,6 +108,22 @@ class SmarthostTLSTests(TestCase):
         [got] = core.received
         self.assertEqual((got.sender, got.recipients), (SENDER, ["member@far.test"]))
         self.assertTrue(got.tls)
+        # The log: Postfix's "TLS connection established to" line, then the delivery.
+        [tls] = [
+            e for e in events if e.get("gsmail_event") == "tls" and e["listener"] == "outbound"
+        ]
+        self.assertEqual(
+            (tls["listener"], tls["relay"]), ("outbound", f"127.0.0.1[127.0.0.1]:{relay_port}")
+        )
+        self.assertRegex(tls["protocol"], r"^TLSv1\.[23]$")
+        self.assertTrue(
+            formatEvent(tls).startswith(
+                f"TLS connection established to 127.0.0.1[127.0.0.1]:{relay_port}: TLSv1."
+            ),
+            formatEvent(tls),
+        )
+        [sent] = [e for e in events if e.get("gsmail_event") == "delivery"]
+        self.assertEqual((sent["queue_id"], sent["status"]), (qid, "sent"))
 
     async def test_wrong_name_stays_queued(self) -> None:
         """

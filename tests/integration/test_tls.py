@@ -130,7 +130,7 @@ class ALPNTests(TLSServerTestCase):
         self.assertIn("No ALPN negotiated", output)
         self.assertIn("250-mx.groups.example.com", output)
         self.assertIn("221 ", output)
-        await self.tls_line("TLS connection established from [127.0.0.1]: TLSv1.3 with cipher TLS_")
+        await self.tls_line("TLS connection established from unknown[127.0.0.1]: TLSv1.3 with cipher TLS_")
 
     async def test_openssl_alpn_tls12(self) -> None:
         """The same over TLS 1.2: ECDHE with AES-GCM, no protocol selected."""
@@ -190,7 +190,7 @@ class TransactionTests(TLSServerTestCase):
         version, cipher = await self.send_over(ssl.TLSVersion.TLSv1_3, "tls13@example.org")
         self.assertEqual(version, "TLSv1.3")
         await self.tls_line(
-            f"TLS connection established from [127.0.0.1]: TLSv1.3 with cipher {cipher}"
+            f"TLS connection established from unknown[127.0.0.1]: TLSv1.3 with cipher {cipher}"
         )
 
     async def test_tls12(self) -> None:
@@ -199,7 +199,7 @@ class TransactionTests(TLSServerTestCase):
         self.assertEqual(version, "TLSv1.2")
         self.assertRegex(cipher, r"^ECDHE-ECDSA-(AES\d+-GCM-SHA\d+|CHACHA20-POLY1305)$")
         await self.tls_line(
-            f"TLS connection established from [127.0.0.1]: TLSv1.2 with cipher {cipher}"
+            f"TLS connection established from unknown[127.0.0.1]: TLSv1.2 with cipher {cipher}"
         )
 
 
@@ -216,8 +216,8 @@ class RefusedTests(TLSServerTestCase):
         output = await self.s_client("-starttls", "smtp", *args)
         self.assertIn("Cipher is (NONE)", output)
         self.assertNotIn("250-mx.groups.example.com", output)
-        line = await self.tls_line("TLS handshake failed from [127.0.0.1]: ")
-        self.assertEqual(line, f"TLS handshake failed from [127.0.0.1]: {reason}")
+        line = await self.tls_line("TLS handshake failed from unknown[127.0.0.1]: ")
+        self.assertEqual(line, f"TLS handshake failed from unknown[127.0.0.1]: {reason}")
         self.assertEqual(self.service.standin.posts("example"), [])
 
     async def test_tls11(self) -> None:
@@ -295,7 +295,7 @@ class AttackTests(TLSServerTestCase):
                 return client.closed_by_server()
 
         self.assertTrue(await deferToThread(talk))
-        return await self.tls_line("TLS handshake failed from [127.0.0.1]: ")
+        return await self.tls_line("TLS handshake failed from unknown[127.0.0.1]: ")
 
     async def test_http_instead_of_client_hello(self) -> None:
         """
@@ -303,14 +303,14 @@ class AttackTests(TLSServerTestCase):
         log has OpenSSL's reason, not a traceback.
         """
         line = await self.not_a_client_hello(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertEqual(line, "TLS handshake failed from [127.0.0.1]: http request")
+        self.assertEqual(line, "TLS handshake failed from unknown[127.0.0.1]: http request")
 
     async def test_smtp_instead_of_client_hello(self) -> None:
         """SMTP commands in plaintext instead of a ClientHello: "wrong version number"."""
         line = await self.not_a_client_hello(
             f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{EXAMPLE}>\r\n".encode()
         )
-        self.assertEqual(line, "TLS handshake failed from [127.0.0.1]: wrong version number")
+        self.assertEqual(line, "TLS handshake failed from unknown[127.0.0.1]: wrong version number")
         self.assertEqual(self.service.standin.posts("example"), [])
 
     async def test_client_leaves_mid_handshake(self) -> None:
@@ -326,7 +326,7 @@ class AttackTests(TLSServerTestCase):
                 client.replies(2)
 
         await deferToThread(talk)
-        await self.tls_line("TLS handshake failed from [127.0.0.1]: connection lost")
+        await self.tls_line("TLS handshake failed from unknown[127.0.0.1]: connection lost")
 
     async def test_stalled_handshake_closed(self) -> None:
         """
@@ -352,7 +352,7 @@ class AttackTests(TLSServerTestCase):
                     return True
 
         self.assertTrue(await deferToThread(talk))
-        await self.tls_line("TLS handshake failed from [127.0.0.1]: timed out")
+        await self.tls_line("TLS handshake failed from unknown[127.0.0.1]: timed out")
 
 
 class CompatTests(TLSServerTestCase):

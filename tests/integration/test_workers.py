@@ -45,11 +45,8 @@ from tests.util import TOKEN, make_config, port_of, start_service
 WAIT = 15.0
 #: How often L{eventually} looks again (seconds).
 POLL = 0.05
-#: A delivery log line: C{group for example@... (id:<x@example.org>): done}.
-DELIVERY = re.compile(
-    r"(group|relay|bounce) for \S+ \((id:<(?P<id>.*)>|sha256:\w+)\): "
-    r"(?P<outcome>done|duplicate|unknown)"
-)
+#: The Message-ID in a delivery event's C{message_id} field: C{<x@example.org>}.
+MESSAGE_ID = re.compile(r"<(?P<id>.*)>")
 
 _T = TypeVar("_T")
 
@@ -157,10 +154,19 @@ class Events:
         """The events of the main process itself."""
         return [e for e in self.events if "gsmail_worker" not in e]
 
-    def deliveries(self, events: list[LogEvent]) -> list[re.Match[str]]:
-        """The delivery lines among C{events}."""
-        found = (DELIVERY.search(self.text(e)) for e in events)
-        return [m for m in found if m is not None]
+    def deliveries(self, events: list[LogEvent]) -> list[LogEvent]:
+        """
+        The delivery events (L{gsmail.maillog.delivery}) among C{events}: from
+        a worker, their fields are relayed with the text.
+        """
+        return [e for e in events if e.get("gsmail_event") == "delivery"]
+
+    @staticmethod
+    def message_id(event: LogEvent) -> str:
+        """The Message-ID (without angle brackets) of a delivery event."""
+        found = MESSAGE_ID.fullmatch(event["message_id"])
+        assert found is not None, event["message_id"]
+        return found["id"]
 
     def errors(self) -> list[str]:
         """The text of every error or critical event, main process or worker."""
@@ -222,12 +228,15 @@ class InboundWorkerTests(TestCase):
         # Workers send info lines in batches, a moment after the fact.
         await self.relayed_deliveries(len(sent))
         relayed = self.log.deliveries(self.log.relayed())
-        self.assertEqual(sorted(m["id"] for m in relayed), sorted(sent))
-        self.assertEqual({m["outcome"] for m in relayed}, {"done"})
+        self.assertEqual(sorted(map(self.log.message_id, relayed)), sorted(sent))
+        # The fields came through the relay with the text, which was made from them.
+        self.assertEqual(
+            {(e["status"], e["reply"]) for e in relayed}, {("sent", "Added to the group")}
+        )
+        for e in relayed:
+            self.assertIn(f"{e['queue_id']}: to=<{e['recipient']}>, group=", e["gsmail_text"])
         self.assertEqual(self.log.deliveries(self.log.main()), [])
-        workers = {
-            e["gsmail_worker"] for e in self.log.relayed() if DELIVERY.search(e["gsmail_text"])
-        }
+        workers = {e["gsmail_worker"] for e in relayed}
         self.assertLessEqual(workers, {1, 2})
         self.assertTrue(
             all(
@@ -343,7 +352,7 @@ class InboundWorkerTests(TestCase):
         self.assertEqual(service.workers.pids(), [])
         # A stopping worker sends its last log lines before it exits.
         self.assertEqual(
-            sorted(m["id"] for m in self.log.deliveries(self.log.relayed())),
+            sorted(map(self.log.message_id, self.log.deliveries(self.log.relayed()))),
             ["before-stop@example.org", "lmtp@example.org"],
         )
         self.assertTrue(await deferToThread(refused, smtp))

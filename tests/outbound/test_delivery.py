@@ -33,7 +33,7 @@ from zope.interface import implementer
 from gsmail import status
 from gsmail.addresses import MAX_LOCAL_PART, BounceCheck, parse_mailbox
 from gsmail.outbound import backoff
-from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, LOG_DELAY, OutboundDelivery
+from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, OutboundDelivery
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
 from gsmail.outbound.mx import MXHost, NoSuchDomainError, RelayHost
 from gsmail.outbound.queue import (
@@ -483,9 +483,7 @@ class TransactionTests(DeliveryTestCase):
             route = verp.route(parse_mailbox(sender))
             assert route is not None
             if route.member_address is None:
-                self.assertEqual(
-                    verp.match_member(route, [member]), parse_mailbox(member), sender
-                )
+                self.assertEqual(verp.match_member(route, [member]), parse_mailbox(member), sender)
             else:
                 self.assertEqual(
                     (route.bounce_check, str(route.member_address)),
@@ -714,6 +712,7 @@ class OutcomeTests(DeliveryTestCase):
         delivery time expired (C{Action: failed}, so C{5.4.7}, RFC 3464
         §2.3.3), and the message leaves the queue.
         """
+        events = self.capture_log()
         self.smarthost.replies["slow@example.net"] = "451 4.3.0 Try later"
         envelope = self.enqueue(AUTHOR, ["slow@example.net"])
         self.delivery(lifetime=1000)
@@ -734,6 +733,17 @@ class OutcomeTests(DeliveryTestCase):
             parse_dsn(bounce.data), [DSNRecipient("slow@example.net", "failed", "5.4.7")]
         )
         self.assertIn(b"Delivery time expired", bounce.data)
+        # The log: deferred twice, then expired (Postfix's status=expired).
+        self.assertEqual(
+            [
+                (e["status"], e["dsn"])
+                for e in events
+                if e.get("gsmail_event") == "delivery" and e["queue_id"] == envelope.id
+            ],
+            [("deferred", "4.3.0")] * 3 + [("expired", "4.4.7")],
+        )
+        [expired] = [e for e in events if e.get("status") == "expired"]
+        self.assertIn("status=expired (451 4.4.7 Delivery time expired", formatEvent(expired))
         self.assertGone(envelope)
         self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -1196,14 +1206,8 @@ class FanOutTests(DeliveryTestCase):
 
     @staticmethod
     def logged(events: list[LogEvent]) -> list[str]:
-        """The outcome lines logged, in order, whether alone or together."""
-        lines = []
-        for e in events:
-            if "outcomes" in e:
-                lines += formatEvent(e).splitlines()
-            elif "queue_id" in e and "state" in e:
-                lines.append(formatEvent(e))
-        return lines
+        """The delivery lines logged (L{gsmail.maillog.delivery}), in order."""
+        return [formatEvent(e) for e in events if e.get("gsmail_event") == "delivery"]
 
     def test_verp_sender_not_a_mailbox(self) -> None:
         """
@@ -1228,82 +1232,95 @@ class FanOutTests(DeliveryTestCase):
         )
         self.flushLoggedErrors(ValueError)
 
-    def test_outcomes_logged_together(self) -> None:
+    def test_sent_lines(self) -> None:
         """
-        Each recipient's outcome has its own log line (queue id, recipient,
-        host, reply, state), and the lines of outcomes recorded together
-        come in one event rather than one event each.
+        Each recipient's outcome is one event, Postfix's smtp(8) line: queue
+        id, recipient, relay, delay, delays, dsn, status and the reply.
         """
         events = self.capture_log()
         self.delivery()
         envelope = self.enqueue(LIST, [f"m{i}@example.org" for i in range(3)], xverp=True)
         self.network.flush()
-        outcomes = [e for e in events if "outcomes" in e]
-        self.assertEqual(len(outcomes), 1)
         self.assertEqual(
-            sorted(formatEvent(outcomes[0]).splitlines()),
+            sorted(self.logged(events)),
             [
-                f"{envelope.id} to <m{i}@example.org> via {SMARTHOST.host}: "
-                "250 2.0.0 Queued (delivered)"
+                f"{envelope.id}: to=<m{i}@example.org>, relay={SMARTHOST.host}, delay=0,"
+                " delays=0/0, dsn=2.0.0, status=sent (250 2.0.0 Queued)"
                 for i in range(3)
             ],
+        )
+        [first, *_] = [e for e in events if e.get("gsmail_event") == "delivery"]
+        self.assertEqual(
+            {k: first[k] for k in ("queue_id", "relay", "dsn", "status", "listener", "delay")},
+            {
+                "queue_id": envelope.id,
+                "relay": SMARTHOST.host,
+                "dsn": "2.0.0",
+                "status": "sent",
+                "listener": "outbound",
+                "delay": 0.0,
+            },
         )
         self.settle()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_failure_logged_on_its_own(self) -> None:
+    def test_bounced_line_and_dsn(self) -> None:
         """
-        A failed recipient gets an event of its own at once, with the
-        fields an operator's tools read (queue id, recipient, reply, state).
+        A 5xx is C{status=bounced} with the reply, logged at once; the DSN
+        queued for it is a C{dsn} line naming both queue ids.
         """
         events = self.capture_log()
         self.smarthost.replies["gone@example.net"] = "550 5.1.1 No such user"
         self.delivery()
         envelope = self.enqueue(AUTHOR, ["gone@example.net", "bob@example.net"])
         self.network.flush()
-        # The failure at once, with its fields; the delivery with the others.
         self.assertEqual(
             [
-                (e["recipient"], e["state"], e["reply"])
+                (e["recipient"], e["state"], e["status"], e["dsn"], e["reply"])
                 for e in events
-                if e.get("queue_id") == envelope.id and "state" in e
+                if e.get("queue_id") == envelope.id and e.get("status") == "bounced"
             ],
-            [("gone@example.net", FAILED, "550 5.1.1 No such user")],
-        )
-        lines = self.logged(events)
-        self.assertEqual(
-            lines[0],
-            f"{envelope.id} to <gone@example.net> via {SMARTHOST.host}: "
-            "550 5.1.1 No such user (failed)",
+            [("gone@example.net", FAILED, "bounced", "5.1.1", "550 5.1.1 No such user")],
         )
         self.assertIn(
-            f"{envelope.id} to <bob@example.net> via {SMARTHOST.host}: 250 2.0.0 Queued (delivered)",
-            lines[1:],
+            f"{envelope.id}: to=<gone@example.net>, relay={SMARTHOST.host}, delay=0,"
+            " delays=0/0, dsn=5.1.1, status=bounced (550 5.1.1 No such user)",
+            self.logged(events),
+        )
+        self.assertIn(
+            f"{envelope.id}: to=<bob@example.net>, relay={SMARTHOST.host}, delay=0,"
+            " delays=0/0, dsn=2.0.0, status=sent (250 2.0.0 Queued)",
+            self.logged(events),
+        )
+        [report] = [e for e in events if e.get("gsmail_event") == "dsn"]
+        self.assertEqual((report["queue_id"], report["status"]), (envelope.id, "failed"))
+        self.assertNotEqual(report["dsn_queue_id"], envelope.id)
+        self.assertEqual(
+            formatEvent(report),
+            f"{envelope.id}: sender non-delivery notification: {report['dsn_queue_id']}",
         )
 
-    def test_outcomes_logged_within_a_second(self) -> None:
+    def test_deferred_line(self) -> None:
         """
-        While delivery goes on (a local delivery is still running), the
-        outcomes so far are logged one second after they happened; the rest
-        as soon as nothing is being delivered.
+        A 4xx is C{status=deferred}; C{delay} counts from the arrival in the
+        queue, C{delays} splits it: before this attempt / the attempt.
         """
         events = self.capture_log()
-        local: Deferred[Reply] = Deferred()
-        self.delivery(local_domains=(SITE,), local_delivery=lambda s, r, p: local)
-        envelope = self.enqueue(AUTHOR, [f"x@{SITE}", "bob@example.net"])
+        self.smarthost.replies["later@example.net"] = "451 4.3.0 Try later"
+        self.delivery()
+        envelope = self.enqueue(AUTHOR, ["later@example.net"])
         self.network.flush()
-        self.assertEqual(self.smarthost.transactions(), [(AUTHOR, ["bob@example.net"])])
-        self.assertEqual(self.logged(events), [])
-        self.clock.advance(LOG_DELAY)
-        bob = (
-            f"{envelope.id} to <bob@example.net> via {SMARTHOST.host}: 250 2.0.0 Queued (delivered)"
+        self.clock.advance(3600)  # past the first retry
+        self.network.flush()
+        line = (
+            f"{envelope.id}: to=<later@example.net>, relay={SMARTHOST.host}, delay={{}},"
+            " delays={}/0, dsn=4.3.0, status=deferred (451 4.3.0 Try later)"
         )
-        self.assertEqual(self.logged(events), [bob])
-        local.callback(status.BOUNCE_RECORDED)
-        self.network.flush()
-        self.assertEqual(len(self.logged(events)), 2)
-        self.settle()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.logged(events), [line.format(0, 0), line.format(3600, 3600)])
+        self.assertEqual(
+            [e["status"] for e in events if e.get("gsmail_event") == "delivery"],
+            ["deferred", "deferred"],
+        )
 
     def test_next_message_waits_for_the_record(self) -> None:
         """
@@ -1564,7 +1581,10 @@ class DSNTests(DeliveryTestCase):
         self.delivery()
         self.settle()
         [bounce] = self.bounces(self.smarthost)
-        self.assertEqual(parse_dsn(bounce.data), [DSNRecipient("a@example.net", "failed", "5.6.0", "a+old@example.net")])
+        self.assertEqual(
+            parse_dsn(bounce.data),
+            [DSNRecipient("a@example.net", "failed", "5.6.0", "a+old@example.net")],
+        )
         self.assertIn(b"Original-Envelope-Id: QQ+314\r\n", bounce.data)
         self.assertIn(b"Original-Recipient: rfc822;a+old@example.net\r\n", bounce.data)
 
@@ -1600,7 +1620,8 @@ class DSNTests(DeliveryTestCase):
         self.assertEqual(post.rcpt_params, ["", ""])
         self.assertEqual((report.sender, report.recipients), ("", [AUTHOR]))
         self.assertEqual(
-            parse_dsn(report.data), [DSNRecipient("a@example.net", "relayed", "2.0.0", "a@example.net")]
+            parse_dsn(report.data),
+            [DSNRecipient("a@example.net", "relayed", "2.0.0", "a@example.net")],
         )
         self.assertIn(b"Subject: Successful Mail Delivery Report", report.data)
         self.assertIn(b"Original-Envelope-Id: env-1", report.data)
