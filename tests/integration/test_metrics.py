@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.integration.test_clients import (
     CLIENT_TIMEOUT,
@@ -54,14 +54,6 @@ def send_two(port: int, message_id: str) -> dict[str, object]:
     """One message to an unknown group (refused at RCPT) and C{example} (blocking)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=CLIENT_TIMEOUT) as client:
         return dict(client.sendmail(SENDER, [UNKNOWN_GROUP, EXAMPLE], make_message(message_id)))
-
-
-def require_mail_log() -> None:
-    """The counters need the structured mail log lines (gsmail.maillog)."""
-    try:
-        import gsmail.maillog  # noqa: F401
-    except ImportError:
-        raise SkipTest("needs gsmail.maillog (the structured mail log, branch h-logs)") from None
 
 
 async def scraped_until(
@@ -142,7 +134,6 @@ class InProcessTests(TestCase):
         A session with one recipient refused and one delivered is counted
         from the mail log events: session, message, bytes, recipient, reject.
         """
-        require_mail_log()
         config = make_config(
             os.path.abspath(self.mktemp()), metrics_endpoint="tcp:0:interface=127.0.0.1"
         )
@@ -253,7 +244,6 @@ class TwistdTests(TestCase):
         take is counted once, by the main process, from their relayed log
         events.
         """
-        require_mail_log()
         smtp_port, metrics_port = free_port(), free_port()
         await self.start("embedded", smtp_port, metrics_port, "inbound_workers = 2\n")
         for n in range(6):
