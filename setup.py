@@ -57,6 +57,8 @@ setup(
         "dnspython>=2.4",
         "pyspf>=2.0.14",
         "publicsuffixlist>=1.0",
+        # The metrics endpoint (gsmail.metrics; metrics_endpoint).
+        "prometheus-client>=0.17",
     ],
     entry_points={
         "console_scripts": [

@@ -74,7 +74,7 @@ def effective_settings(config: GsmailConfig) -> list[str]:
     """
     C{name = value} for every option whose value is not the default, as
     C{postconf -n} lists them, in the order of L{GsmailConfig}. Durations
-    are in seconds (C{s}), C{max_size} in MiB, modes in octal. The token
+    are in seconds (C{s}), C{max_size} and C{readyz_min_free} in MiB, modes in octal. The token
     and the passwords are never listed.
     """
     lines = []
@@ -96,7 +96,7 @@ def _show(name: str, value: Any) -> str:
         return ", ".join(str(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}s"
-    if name == "max_size":
+    if name in ("max_size", "readyz_min_free"):
         return f"{value / (1024 * 1024):g}"
     if name == "unix_socket_mode":
         return f"{value:04o}"
@@ -108,7 +108,13 @@ def check_endpoints(config: GsmailConfig, user: RunUser | None, report: Report) 
     from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
-    for option in ("smtp_endpoint", "lmtp_endpoint", "submission_endpoint", "standin_endpoint"):
+    for option in (
+        "smtp_endpoint",
+        "lmtp_endpoint",
+        "submission_endpoint",
+        "standin_endpoint",
+        "metrics_endpoint",
+    ):
         description = getattr(config, option)
         if not description or (option == "standin_endpoint" and config.url != "embedded"):
             continue

@@ -235,6 +235,9 @@ class GsmailConfig:
     force_tls: bool = False
     queuepath: str = ""
     processorthread: bool = True
+    # -- metrics and health (gsmail.metrics); "" endpoint: off ------------------
+    metrics_endpoint: str = ""
+    readyz_min_free: int = 100 * 1024 * 1024  # bytes (MiB in the file); 0: off
 
 
 #: Options read from the [smtp-NAME] section, by GsmailConfig field.
@@ -335,6 +338,7 @@ def load_config(path: str, instance: str = "default") -> GsmailConfig:
     config = attrs.evolve(config, **reader.routes(gsmail, config.domains))
     config = attrs.evolve(config, **reader.running(gsmail))
     config = attrs.evolve(config, **reader.outbound(gsmail, smtp))
+    config = attrs.evolve(config, **reader.monitoring(gsmail))
     return attrs.evolve(config, **reader.deliverability(gsmail))
 
 
@@ -783,9 +787,11 @@ class _Reader:
             )
         return count
 
-    def size(self, section: str, option: str) -> int:
+    def size(self, section: str, option: str, zero: bool = False) -> int:
         """
         A size written in MiB (fractions allowed), returned in bytes.
+
+        @param zero: C{0} is allowed (it turns the option off).
         """
         value = self.line(section, option)
         if value is None:
@@ -797,6 +803,8 @@ class _Reader:
         if not math.isfinite(mebibytes):
             raise self.error(section, option, f"expected a number of MiB, got {value!r}")
         size = int(mebibytes * _MIB)
+        if zero and mebibytes == 0:
+            return 0
         if size < 1:
             raise self.error(section, option, f"must be more than 0 MiB, got {value!r}")
         return size
@@ -1117,6 +1125,17 @@ class _Reader:
             "authentication_results": self.boolean(section, "authentication_results"),
             "auth_check_time": check_time,
             "auth_check_exceptions": exceptions,
+        }
+
+    def monitoring(self, section: str) -> dict[str, Any]:
+        """
+        C{metrics_endpoint} (an endpoint string; empty: off) and
+        C{readyz_min_free} (MiB, like C{max_size}; C{0}: no free-space check)
+        (L{gsmail.metrics}).
+        """
+        return {
+            "metrics_endpoint": self.endpoint(section, "metrics_endpoint"),
+            "readyz_min_free": self.size(section, "readyz_min_free", zero=True),
         }
 
     def mx_tls(self, section: str) -> str:

@@ -646,6 +646,9 @@ class GroupServerClient:
             # CPU, and none of them is of use for these four pages.
             self._agent = agent
         self._http = http_client
+        #: Called with (page, result, seconds) after each request: result is
+        #: the HTTP status, C{"timeout"} or C{"error"} (L{gsmail.metrics}).
+        self.observe_request: Callable[[str, str, float], None] | None = None
 
     def set_url(self, url: str) -> None:
         """
@@ -685,7 +688,7 @@ class GroupServerClient:
 
     # -- the four pages -----------------------------------------------------
 
-    def lookup_group(self, address: str) -> Deferred[GroupInfo]:
+    def lookup_group(self, address: str, *, quiet: bool = False) -> Deferred[GroupInfo]:
         """
         Ask the group-exists page (C{/gs-group-messages-add-group-exists.html})
         which group has C{address}.
@@ -697,13 +700,15 @@ class GroupServerClient:
             a login or maintenance page; a body that is neither JSON with a
             C{groupId} nor a form page), 4.3.5 (the form again with an
             error status: a wrong token), 4.4.7 (timeout).
+        @param quiet: no log line for an answer (C{/readyz}'s repeated
+            check); failures are still logged.
         """
         fields = [
             ("form.email", address),
             ("form.token", self._token),
             ("form.actions.check", "Check"),
         ]
-        return Deferred.fromCoroutine(self._lookup(address, fields))
+        return Deferred.fromCoroutine(self._lookup(address, fields, quiet))
 
     def add_post(
         self, group_id: str, message: MessageSource, time_source: str = "server"
@@ -771,9 +776,13 @@ class GroupServerClient:
 
     # -- internals ------------------------------------------------------------
 
-    async def _lookup(self, address: str, fields: list[tuple[str, str]]) -> GroupInfo:
+    async def _lookup(
+        self, address: str, fields: list[tuple[str, str]], quiet: bool = False
+    ) -> GroupInfo:
         async with self._other_slots:
-            code, body = await self._call("exists", None, fields, None, idempotent=True, acts=False)
+            code, body = await self._call(
+                "exists", None, fields, None, idempotent=True, acts=False, quiet=quiet
+            )
         if code != 200:
             raise _status_error(code, acts=False)
         try:
@@ -843,6 +852,7 @@ class GroupServerClient:
         *,
         idempotent: bool,
         acts: bool,
+        quiet: bool = False,
     ) -> tuple[int, bytes]:
         """
         POST to C{page}, once, or twice for an idempotent call whose pooled
@@ -855,7 +865,9 @@ class GroupServerClient:
         attempts = 2 if idempotent else 1
         for attempt in range(1, attempts + 1):
             try:
-                return await self._call_once(page, group_id, fields, message, acts=acts)
+                return await self._call_once(
+                    page, group_id, fields, message, acts=acts, quiet=quiet
+                )
             except _StaleConnection as stale:
                 if attempt < attempts:
                     self.log.info(
@@ -875,8 +887,10 @@ class GroupServerClient:
         message: MessageSource | None,
         *,
         acts: bool,
+        quiet: bool = False,
     ) -> tuple[int, bytes]:
         start = self._reactor.seconds()
+        result = "error"
         timed_out = False
         deadline: IDelayedCall | None = None
 
@@ -902,10 +916,12 @@ class GroupServerClient:
         deadline = self._reactor.callLater(self._response_timeout, give_up)
         try:
             code, content = await exchange
+            result = str(code)
         except Exception as e:
             if not timed_out:
                 if _is_cancellation(e):
                     # Our caller cancelled: no error of ours, no retry.
+                    result = "cancelled"
                     raise CancelledError() from None
                 error = self._map_failure(page, e, body, acts)
                 self._log_failure(page, group_id, start, error)
@@ -917,6 +933,7 @@ class GroupServerClient:
                 raise error from None
             # Cancelled by give_up: whatever the exchange raised on its way
             # out (CancelledError, ResponseFailed wrapping it...).
+            result = "timeout"
             error = GroupServerError(
                 status.GROUPSERVER_TIMEOUT,
                 f"no answer from the {page} page within {self._response_timeout:g} s",
@@ -927,7 +944,9 @@ class GroupServerClient:
         finally:
             if deadline.active():
                 deadline.cancel()
-        if page not in _LOGGED_BY_CALLER:
+            if self.observe_request is not None:
+                self.observe_request(page, result, self._reactor.seconds() - start)
+        if page not in _LOGGED_BY_CALLER and not quiet:
             self.log.info(
                 "GroupServer {page} page answered {status} in {elapsed:.3f} s",
                 page=page,

@@ -376,6 +376,9 @@ class PostLedger:
         self._wrote = False  # this process wrote the file
         self._idle: list[Deferred[None]] = []
         self._closed: _Observer[None] = _Observer()
+        #: Called with (seconds, records) after each append that worked
+        #: (L{gsmail.metrics}); the seconds include the hand-off to C{sync}.
+        self.observe_append: Callable[[float, int], None] | None = None
 
     def __repr__(self) -> str:
         return f"<PostLedger {self.path!r} {self._state.value}>"
@@ -543,6 +546,14 @@ class PostLedger:
         if self._state is _State.OPEN:
             self._catch_up()
         return self._lookup(key)
+
+    @property
+    def write_failed(self) -> bool:
+        """
+        The last write failed (a full disk, EIO): every call is answered
+        451 until a write works again (C{/readyz} reports it).
+        """
+        return self._write_failed
 
     def __len__(self) -> int:
         """
@@ -910,7 +921,10 @@ class PostLedger:
                         self._needs_rewrite = False
                         self._release_held()
                     else:
+                        started = self._clock.seconds()
                         await self._append(b"".join(line for line, _ in batch))
+                        if self.observe_append is not None:
+                            self.observe_append(self._clock.seconds() - started, len(batch))
                 except Exception as exc:
                     self._needs_rewrite = True
                     if not self._write_failed:

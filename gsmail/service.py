@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import strports
@@ -22,7 +22,7 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
@@ -74,6 +74,9 @@ from gsmail.startup import EX_CANTCREAT, StartupError, listen_failure, notify_sy
 from gsmail.status import EX_CONFIG, Reply
 from gsmail.tlsconfig import ServerTLS, implicit_tls_endpoint, unusable_reason
 from gsmail.verp import VerpKeyError, VerpPolicy, unsigned_until
+
+if TYPE_CHECKING:
+    from gsmail.metrics import Metrics, Readiness
 
 __all__ = ["makeService", "GsmailService"]
 
@@ -452,6 +455,10 @@ class GsmailService(MultiService):
         self.tls_report: TLSReportCounts | None = None
         if config.submission_endpoint:
             self._make_outbound(config, settings, blocking)
+        self.metrics: Metrics | None = None
+        self.readiness: Readiness | None = None
+        if config.metrics_endpoint:
+            self._make_metrics(config)
         if self.core.routes.uses_queue and (self.queue is None or config.inbound_workers):
             raise ConfigError(
                 f"{config.path}: [gsmail-*] routes: {config.routes} has forward, bcc or"
@@ -589,6 +596,71 @@ class GsmailService(MultiService):
         self.control = ControlService(control_path(config), ControlFactory(control), self.reactor)
         self.control.setServiceParent(self)
 
+    def _make_metrics(self, config: GsmailConfig) -> None:
+        """
+        The metrics (L{gsmail.metrics}) and their HTTP listener, service
+        C{"metrics"}: the client, the ledger and the queue report to them;
+        log events are counted from L{startService} on.
+        """
+        # Imported here: an embedding without metrics does not load prometheus_client.
+        from gsmail.metrics import GroupServerProbe, Metrics, Readiness, make_site
+
+        metrics = self.metrics = Metrics(self.reactor)
+        self.client.observe_request = metrics.observe_request
+        self.ledger.observe_append = metrics.observe_ledger_append
+        metrics.watch_posts(self.client)
+        metrics.watch_ledger(self.ledger)
+        directories = {
+            "ledger": os.path.dirname(os.path.abspath(config.ledger_path)),
+            "spool": config.spool_dir,
+        }
+        if self.queue is not None:
+            metrics.watch_queue(self.queue)
+            directories["queue"] = config.queue_dir
+        metrics.watch_disk(directories)
+        if self.workers is not None:
+            self.workers.on_exit = metrics.worker_ended
+        ledger = self.ledger
+        self.readiness = Readiness(
+            listeners=self._listener_problems,
+            probe=GroupServerProbe(self.client, f"gsmail-readyz@{config.domains[0]}", self.reactor),
+            writable=directories,
+            min_free=config.readyz_min_free,
+            ledger_ok=lambda: (
+                f"ledger: the last write to {ledger.path} failed" if ledger.write_failed else None
+            ),
+            metrics=metrics,
+        )
+        try:
+            svc = strports.service(
+                config.metrics_endpoint, make_site(metrics, self.readiness), reactor=self.reactor
+            )
+        except Exception as e:
+            raise listen_failure("metrics_endpoint", config.metrics_endpoint, e) from None
+        svc.setName("metrics")
+        svc.setServiceParent(self)
+
+    def _listener_problems(self) -> list[str]:
+        """For C{/readyz}: a line per listener that is not listening (or no worker ready)."""
+        problems = []
+        for name, svc in self.listeners.items():
+            if self.workers is not None and name in ("smtp", "lmtp"):
+                continue  # the workers accept on these
+            waiting = getattr(svc, "_waitingForPort", None)
+            if (
+                not svc.running
+                or waiting is None
+                or not waiting.called
+                or isinstance(waiting.result, Failure)
+            ):
+                configured = getattr(self.config, f"{name}_endpoint")
+                problems.append(f"{name}_endpoint: not listening on {configured}")
+        if self.workers is not None:
+            slots = self.workers.slots
+            if not any(slot.ready for slot in slots):
+                problems.append(f"inbound_workers: none of the {len(slots)} workers is ready")
+        return problems
+
     def _deliver_locally(self, sender: str, recipient: str, path: str) -> Deferred[Reply]:
         """
         Mail from the outbound queue to this site's own domains (DSNs to VERP
@@ -685,7 +757,7 @@ class GsmailService(MultiService):
                 try:
                     service.privilegedStartService()
                 except Exception as e:
-                    if name not in self.listeners:
+                    if name not in self.listeners and name != "metrics":
                         raise
                     description = getattr(self.config, f"{name}_endpoint")
                     raise listen_failure(f"{name}_endpoint", description, e) from None
@@ -749,6 +821,9 @@ class GsmailService(MultiService):
         if self.config.url == "embedded":
             self._start_standin()
         super().startService()
+        if self.metrics is not None:
+            globalLogPublisher.addObserver(self.metrics)
+            self.reactor.callWhenRunning(self._say_metrics)
         self._install_hangup()
         self.reactor.callWhenRunning(self._ready)
         if self.workers is not None:
@@ -922,6 +997,11 @@ class GsmailService(MultiService):
         log.info("gsmail ready: {listening}", listening=listening)
         notify_systemd(f"READY=1\nSTATUS=Taking mail: {listening}")
 
+    def _say_metrics(self) -> None:
+        log.info(
+            "Metrics, /healthz and /readyz on {where}", where=_where(self, "metrics", "http://")
+        )
+
     def _start_standin(self) -> None:
         from gsmail.standin import make_demo_standin
 
@@ -954,8 +1034,12 @@ class GsmailService(MultiService):
         )
 
     def port(self, name: str) -> Any:
-        """The listening port of the C{"smtp"} or C{"lmtp"} listener (after start)."""
-        return self.listeners[name]._waitingForPort.result
+        """
+        The listening port of the C{"smtp"}, C{"lmtp"}, C{"submission"} or
+        C{"metrics"} listener (after start).
+        """
+        service = self.listeners.get(name) or self.getServiceNamed(name)
+        return service._waitingForPort.result
 
     def _start_workers(self) -> None:
         """
@@ -981,6 +1065,8 @@ class GsmailService(MultiService):
             self._hup_installed = False
             self._previous_hup = None
         notify_systemd("STOPPING=1")
+        if self.metrics is not None:
+            globalLogPublisher.removeObserver(self.metrics)
         if self.workers is not None:
             # Workers first: they stop accepting and finish their deliveries.
             await self.workers.stop()
@@ -1100,15 +1186,19 @@ def _has_mode(description: str) -> bool:
     return any(part.strip().startswith("mode=") for part in description.split(":")[1:])
 
 
-def _where(service: GsmailService, name: str) -> str:
-    """Where listener C{name} listens, as an operator writes it (C{127.0.0.1:25}, a path)."""
+def _where(service: GsmailService, name: str, scheme: str = "") -> str:
+    """
+    Where listener C{name} listens, as an operator writes it (C{127.0.0.1:25},
+    a path); C{scheme} goes before a TCP address.
+    """
     try:
         address = service.port(name).getHost()
     except Exception:
         return str(getattr(service.config, f"{name}_endpoint"))
     if isinstance(address, UNIXAddress):
         return os.fsdecode(address.name or b"?")
-    return f"{address.host}:{address.port}"
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    return f"{scheme}{host}:{address.port}" if scheme else f"{address.host}:{address.port}"
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:

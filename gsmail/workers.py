@@ -229,6 +229,9 @@ class InboundWorkers:
         self._listeners: tuple[tuple[str, int, int], ...] = ()
         self._child_fds: dict[int, Any] = {}
         self._url = config.url
+        #: Called with a worker's number when its process has ended (the
+        #: metrics forget its open sessions).
+        self.on_exit: Callable[[int], None] | None = None
 
     def start(self, ports: dict[str, Any], url: str) -> None:
         """
@@ -414,6 +417,8 @@ class _Worker(ProcessProtocol):
         self._kill = None
         if pid is not None:
             self._remove_spool_files(pid)
+        if self.workers.on_exit is not None:
+            self.workers.on_exit(self.number)
         if not self.workers.running:
             waits, self._exit_waits = self._exit_waits, []
             for d in waits:
