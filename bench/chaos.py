@@ -182,6 +182,8 @@ def run(
             "--domain",
             DOMAIN,
             "--archive-once",
+            "--threads",
+            "0",  # no Zope thread limit: the posts' own time only
         ],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": ROOT},

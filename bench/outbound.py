@@ -151,7 +151,17 @@ class PrivatePostfix:
     use XVERP. Needs root and the C{postfix} user (Debian's package).
     """
 
-    def __init__(self, relay_port: int) -> None:
+    def __init__(
+        self,
+        relay_port: int,
+        params: dict[str, str] | None = None,
+        services: list[str] | None = None,
+    ) -> None:
+        """
+        @param params: more C{main.cf} parameters (bench/burst.py: the
+            site's domain piped into a command), over the defaults.
+        @param services: more C{master.cf} lines.
+        """
         # Not under the work directory (mode 0700): Postfix's own user must reach it.
         self.directory = tempfile.mkdtemp(prefix="gsmail-bench-pf-", dir="/tmp")
         os.chmod(self.directory, 0o755)
@@ -184,6 +194,7 @@ class PrivatePostfix:
             "smtp_tls_security_level": "none",
             "maillog_file": os.path.join(self.directory, "maillog"),
             "maillog_file_prefixes": self.directory,
+            **(params or {}),
         }
         with open(os.path.join(etc, "main.cf"), "w") as f:
             f.writelines(f"{k} = {v}\n" for k, v in params.items())
@@ -205,6 +216,7 @@ class PrivatePostfix:
             "anvil unix - - n - 1 anvil",
             "scache unix - - n - 1 scache",
             "postlog unix-dgram n - n - 1 postlogd",
+            *(services or []),
         ]
         with open(os.path.join(etc, "master.cf"), "w") as f:
             f.writelines(s + "\n" for s in services)

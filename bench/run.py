@@ -170,6 +170,8 @@ class StandIn:
                 "--domain",
                 DOMAIN,
                 "--inline",
+                "--threads",
+                "0",  # no Zope thread limit unless extra says so (bench/burst.py)
                 *(extra or []),
             ],
             stdout=self._out,

@@ -10,6 +10,7 @@ so the harness can compare it with its own send times).
 
     python bench/standin_server.py --dir DIR --token TOKEN [--groups example,dev]
         [--domain groups.example.com] [--inline] [--keep]
+        [--threads 4] [--post-delay SECONDS]
 
 Prints C{PORT <n>} on standard output once it listens on 127.0.0.1, then
 C{CONTROL <n>}: a second port serving only the control pages, so that a
@@ -19,7 +20,9 @@ harness polling them does not add to the counts below. Control (on either):
     (posts stored since the last reset, times in monotonic seconds), with
     C{requests} per page and the counts of what reached the HTTP server:
     C{connections} accepted, C{reads} (C{dataReceived} calls, one per
-    C{recv} that returned data) and C{bytes} read;
+    C{recv} that returned data) and C{bytes} read, and the most HTTP
+    connections open at once (C{open_peak}) and requests waiting for a
+    worker thread at once (C{waiting_peak}) since the last reset;
   - C{GET /_bench/arrivals}: C{[[message_id, t], ...]};
   - C{POST /_bench/reset}: forget the arrivals.
 
@@ -27,6 +30,13 @@ Stored messages are deleted once their Message-ID is read (a benchmark stores
 gigabytes otherwise); C{--keep} keeps them. C{--capture DIR} writes the
 first add-email requests, as read, into C{DIR} (bench/postcost.py replays
 them). Stops on SIGTERM/SIGINT.
+
+A slow GroupServer (bench/burst.py): C{--post-delay S} makes every add-email
+request take S seconds more (a real wait on the reactor's clock, inside the
+add's transaction: L{gsmail.standin.Faults.delay}), and C{--threads N}
+serves at most N requests of the pages at once, the rest waiting in arrival
+order, as Zope 2's ZServer hands each request, once read, to one of its
+C{zserver-threads} worker threads (default 4, Zope 2's; C{0}: no limit).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import DeferredSemaphore
 from twisted.protocols import policies
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -47,7 +58,7 @@ from twisted.web.resource import Resource
 # Run from a checkout: the tree's gsmail, not an installed copy.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gsmail.standin import PostRecord, StandIn  # noqa: E402
+from gsmail.standin import Faults, PostRecord, StandIn  # noqa: E402
 
 reactor: Any = _reactor
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
@@ -55,6 +66,10 @@ _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.IGNORECASE | re.MUL
 _HEAD = 16 * 1024
 #: --capture: the add-email requests written, the first ones after the start.
 _CAPTURE_COUNT = 3
+#: Zope 2's default number of worker threads (zope.conf C{zserver-threads}:
+#: "The default is 4"; ZServer 4.0 made it 2 for Zope 4, which GroupServer
+#: does not run on).
+ZOPE_THREADS = 4
 
 
 def _message_id(path: str) -> str:
@@ -102,13 +117,29 @@ class CountingFactory(policies.WrappingFactory):
 
     def __init__(self, wrapped: server.Site, capture: str | None = None) -> None:
         super().__init__(wrapped)  # type: ignore[no-untyped-call]
-        self.counts = {"connections": 0, "reads": 0, "bytes": 0}
+        self.counts = {"connections": 0, "reads": 0, "bytes": 0, "open_peak": 0}
+        self.open = 0
         self._capture = capture
         self._captured = 0
 
     def buildProtocol(self, addr: Any) -> Any:
         self.counts["connections"] += 1
         return super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)  # type: ignore[no-untyped-call]
+        self.open += 1
+        self.counts["open_peak"] = max(self.counts["open_peak"], self.open)
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)  # type: ignore[no-untyped-call]
+        self.open -= 1
+
+    def reset(self) -> None:
+        """Zero the counts; the peak starts again from the connections open now."""
+        for name in self.counts:
+            self.counts[name] = 0
+        self.counts["open_peak"] = self.open
 
     def counted(self, data: bytes) -> None:
         self.counts["reads"] += 1
@@ -136,20 +167,40 @@ CountingFactory.protocol = _CountingProtocol
 
 
 class Root(Resource):
-    """C{/_bench/...} control pages, everything else to the stand-in."""
+    """
+    C{/_bench/...} control pages, everything else to the stand-in, at most
+    C{threads} requests at once (0: no limit), as Zope's worker threads.
+    """
 
     isLeaf = True
 
-    def __init__(self, standin: BenchStandIn) -> None:
+    def __init__(self, standin: BenchStandIn, threads: int = 0) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._standin = standin
-        self.counts: dict[str, int] = {}
+        self.counting: CountingFactory | None = None
         self._pages = standin.resource()
+        self._threads = DeferredSemaphore(threads) if threads > 0 else None
+        self.waiting_peak = 0
+
+    def _serve_page(self, request: server.Request) -> Any:
+        threads = self._threads
+        if threads is None:
+            return self._pages.render(request)
+
+        def run(_: object) -> None:
+            # Released when the answer is written or the client went away.
+            request.notifyFinish().addBoth(lambda _: threads.release())
+            if self._pages.render(request) != server.NOT_DONE_YET:
+                raise RuntimeError("the stand-in answered synchronously")
+
+        threads.acquire().addCallback(run)
+        self.waiting_peak = max(self.waiting_peak, len(threads.waiting))
+        return server.NOT_DONE_YET
 
     def render(self, request: server.Request) -> Any:
         path = request.path
         if not path.startswith(b"/_bench/"):
-            return self._pages.render(request)
+            return self._serve_page(request)
         request.setHeader(b"content-type", b"application/json")
         arrivals = self._standin.arrivals
         if path == b"/_bench/stats":
@@ -158,7 +209,8 @@ class Root(Resource):
                 "first": arrivals[0][1] if arrivals else None,
                 "last": arrivals[-1][1] if arrivals else None,
                 "requests": dict(self._standin.requests),
-                **self.counts,
+                **(self.counting.counts if self.counting else {}),
+                "waiting_peak": self.waiting_peak,
             }
         elif path == b"/_bench/arrivals":
             body = arrivals
@@ -166,8 +218,9 @@ class Root(Resource):
             self._standin.arrivals = []
             self._standin.requests.clear()
             self._standin.forget_archive()
-            for name in self.counts:
-                self.counts[name] = 0
+            if self.counting is not None:
+                self.counting.reset()
+            self.waiting_peak = len(self._threads.waiting) if self._threads else 0
             body = {"ok": True}
         else:
             request.setResponseCode(404)
@@ -197,6 +250,18 @@ def main() -> None:
         action="store_true",
         help="archive a post id once, as GroupServer does (bench/chaos.py)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=ZOPE_THREADS,
+        help="requests served at once, as Zope's worker threads (0: no limit)",
+    )
+    parser.add_argument(
+        "--post-delay",
+        type=float,
+        default=0.0,
+        help="seconds every add-email request takes beyond its work (GroupServer's time)",
+    )
     args = parser.parse_args()
     groups = {f"{g}@{args.domain}": g for g in args.groups.split(",") if g}
     standin = BenchStandIn(
@@ -208,11 +273,13 @@ def main() -> None:
         keep=args.keep,
         archive_once=args.archive_once,
     )
-    root = Root(standin)
+    if args.post_delay > 0:
+        standin.faults = Faults(delay=args.post_delay, pages=frozenset({"add"}))
+    root = Root(standin, args.threads)
     site = server.Site(root, requestFactory=standin.request_factory())
     site.log = lambda request: None  # type: ignore[method-assign]  # no access log
     counting = CountingFactory(site, args.capture)
-    root.counts = counting.counts
+    root.counting = counting
     port = reactor.listenTCP(args.port, counting, interface="127.0.0.1", backlog=1024)
     print(f"PORT {port.getHost().port}", flush=True)
     control = server.Site(root)
