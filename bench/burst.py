@@ -3,7 +3,7 @@ A burst against a slow GroupServer (issue 14, item 4).
 
     python bench/burst.py [--rounds 2] [--n 1000] [--sessions 50] [--size 4096]
         [--post-delay 0.3] [--zope-threads 4] [--time-limit 420]
-        [--targets gsmail-c4,gsmail-c8,gsmail-c16,gsmail-c32,gsmail-c4-d2,postfix-pipe]
+        [--targets gsmail-c2,gsmail-c4,gsmail-c8,gsmail-c16,gsmail-c32,gsmail-c4-d2,postfix-pipe]
 
 Real GroupServer (Zope) takes hundreds of milliseconds per post. The
 stand-in (bench/standin_server.py) is made that slow: every add-email
@@ -17,7 +17,7 @@ GroupServer's post id does not merge them) of C{--size} bytes go from
 C{--sessions} persistent SMTP sessions (bench/smtpclient.py, back to back)
 to each target, a fresh server per run, the targets interleaved per round:
 
-  - C{gsmail-cN}: gsmail with C{post_concurrency = N};
+  - C{gsmail-cN}: gsmail with C{post_concurrency = N} (2, 4, 8, 16, 32);
   - C{gsmail-c4-d2}: C{post_concurrency = 4}, C{reply_deadline = 2}: what a
     sender sees when the deadline passes before GroupServer answers;
   - C{postfix-pipe}: a private Postfix (bench/outbound.py's instance) that
@@ -34,10 +34,12 @@ replies other than 250, posts lost (answered 250, never stored) and stored
 twice (by Message-ID), posts stored although answered 4xx (a real sender
 retries them and GroupServer's post id archives them once), the most HTTP
 connections open at the stand-in and requests waiting for a Zope thread at
-once, and the peak RSS of the server's processes (summed over the process
-tree, sampled every 0.2 s; Postfix: master, its daemons and the pipe
-commands; PSS, so shared pages count once). Prints one Markdown table (medians, min–max beside) and writes it,
-with every run's figures as JSON, into the work directory it names.
+once, a site visitor's wait for a web page (asked every 0.5 s; it waits for
+a Zope thread like a post), and the peak memory of the server's processes
+(summed PSS over the process tree, sampled every 0.2 s; Postfix: master, its
+daemons and the pipe commands). Prints one Markdown table (medians, min–max
+beside) and writes it, with every run's figures as JSON, into the work
+directory it names.
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ import collections
 import json
 import os
 import pwd
+import signal
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,6 +76,7 @@ from run import Progress, StandIn, Target, load_words, log, run_smtpclient  # no
 
 #: gsmail's extra configuration lines per target; C{postfix-pipe} is not gsmail.
 GSMAIL_TARGETS: dict[str, list[str]] = {
+    "gsmail-c2": ["post_concurrency = 2"],
     "gsmail-c4": ["post_concurrency = 4"],
     "gsmail-c8": ["post_concurrency = 8"],
     "gsmail-c16": ["post_concurrency = 16"],
@@ -79,6 +85,7 @@ GSMAIL_TARGETS: dict[str, list[str]] = {
 }
 TARGETS = (*GSMAIL_TARGETS, "postfix-pipe")
 LABELS = {
+    "gsmail-c2": "gsmail, `post_concurrency = 2`",
     "gsmail-c4": "gsmail, `post_concurrency = 4`",
     "gsmail-c8": "gsmail, `post_concurrency = 8`",
     "gsmail-c16": "gsmail, `post_concurrency = 16`",
@@ -92,6 +99,8 @@ SAMPLE_INTERVAL = 0.2
 IDLE_AFTER = 10.0
 #: The user pipe(8) runs the command as.
 PIPE_USER = "nobody"
+#: How often the visitor asks the stand-in for a page during a run, in seconds.
+VISIT_INTERVAL = 0.5
 
 
 @dataclass
@@ -111,6 +120,9 @@ class BurstRun:
     stored_after_4xx: int = 0
     gs_open_peak: int = 0
     gs_waiting_peak: int = 0
+    #: A site visitor's wait for a page during the run (p50, the longest).
+    visit_p50: float = float("nan")
+    visit_max: float = float("nan")
     pss_peak_mib: float = float("nan")
     #: gsmail: VmHWM of its process.
     hwm_mib: float = float("nan")
@@ -160,6 +172,38 @@ class TreeSampler:
         self._sample()
         self._stop.set()
         self._thread.join(5)
+
+
+class Visitor:
+    """
+    A site visitor: asks the stand-in for a web page (any page not one of
+    the mail pages: answered at once, 404) every L{VISIT_INTERVAL} seconds
+    in a thread, and times the answer. The page waits for a Zope thread like
+    every request, so this is what the burst costs the site's web users.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url + "/groups/example/index.html"
+        self.waits: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(VISIT_INTERVAL):
+            began = time.monotonic()
+            try:
+                with urllib.request.urlopen(self.url, timeout=60) as response:
+                    response.read()
+            except urllib.error.HTTPError:
+                pass  # the stand-in's 404: an answer all the same
+            except OSError:
+                continue
+            self.waits.append(time.monotonic() - began)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(65)
 
 
 class PipePostfix:
@@ -220,12 +264,14 @@ def burst_run(
     standin.reset()
     server: Target | PipePostfix | None = None
     sampler: TreeSampler | None = None
+    visitor: Visitor | None = None
     try:
         if kind == "postfix-pipe":
             server = PipePostfix(standin.url)
         else:
             server = Target("gsmail", False, standin, workdir, run_id, GSMAIL_TARGETS[kind])
         sampler = TreeSampler(server.pid)
+        visitor = Visitor(standin.url)
         began = time.monotonic()
         sent = run_smtpclient(
             server.port, False, args.n, args.size, args.time_limit, sessions=args.sessions
@@ -236,6 +282,9 @@ def burst_run(
         stats = standin.wait_for(result.sent, left, idle=IDLE_AFTER)
         if stats["count"] < result.sent and time.monotonic() - began >= args.time_limit:
             result.errors.append(f"cut at {args.time_limit:g} s")
+        visitor.stop()
+        result.visit_p50 = percentile(visitor.waits, 50)
+        result.visit_max = max(visitor.waits, default=float("nan"))
         arrivals = standin.arrival_list()
         stored = collections.Counter(mid for mid, _ in arrivals)
         replies = [r[2] - r[1] for r in records]
@@ -259,6 +308,8 @@ def burst_run(
     except Exception as e:
         result.errors.append(f"{e.__class__.__name__}: {e}"[:300])
     finally:
+        if visitor is not None:
+            visitor.stop()
         if sampler is not None:
             sampler.stop()
             result.pss_peak_mib = sampler.pss_peak_mib
@@ -290,8 +341,9 @@ def table(args: argparse.Namespace, runs: dict[str, list[BurstRun]], load: str) 
         "",
         "| server | reply p50 s | reply p99 s | last reply s | all posted s "
         "| replies ≠ 250 (per run) | lost / twice (all runs) | stored though 4xx "
-        "| peak GS connections | peak waiting for a Zope thread | peak memory MiB, PSS (processes) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak GS connections | peak waiting for a Zope thread | a visitor's page p50 / longest s "
+        "| peak memory MiB, PSS (processes) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, each in runs.items():
         lines.append(
@@ -308,6 +360,8 @@ def table(args: argparse.Namespace, runs: dict[str, list[BurstRun]], load: str) 
                     median_range([float(r.stored_after_4xx) for r in each], 0),
                     median_range([float(r.gs_open_peak) for r in each], 0),
                     median_range([float(r.gs_waiting_peak) for r in each], 0),
+                    f"{median_range([r.visit_p50 for r in each], 2)} / "
+                    f"{median_range([r.visit_max for r in each], 2)}",
                     f"{median_range([r.pss_peak_mib for r in each])} "
                     f"({fmt(max(r.processes_peak for r in each), 0)})",
                 ]
@@ -347,6 +401,8 @@ def main() -> None:
     )
     parser.add_argument("--targets", default=",".join(TARGETS))
     args = parser.parse_args()
+    # SIGTERM ends the run through the finally clauses: no server left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     targets = [t for t in args.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)
     if unknown:
