@@ -428,7 +428,7 @@ class Metrics:
         )
         self.unreadable = Counter(
             "gsmail_log_events_unreadable",
-            "Log events with gsmail_event whose fields could not be counted",
+            "Log events with gsmail_event, or worker snapshots, that could not be counted",
             registry=r,
         )
         #: This process's GroupServer requests and ledger appends.

@@ -27,7 +27,10 @@ The main process supervises:
     (N); a mail log line (L{gsmail.maillog}) keeps its fields
     (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). Anything on a
     worker's standard error (a Python crash) is logged as an error line by
-    line.
+    line. A line that is a JSON object is for the main process itself, not
+    a log event: C{{"ready": true}} once the worker accepts, and
+    C{{"metrics": snapshot}}, the worker's measured figures every few
+    seconds (L{gsmail.metrics.FigurePusher}), handed to C{on_metrics}.
   - B{Reloads.} When the main process reloads (SIGHUP, L{gsmail.reload}) it
     writes the configuration it now runs with to each worker's standard
     input, as one more length-prefixed pickle (L{WorkerReload}); the worker
