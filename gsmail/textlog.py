@@ -94,8 +94,8 @@ class TextLogObserver:
         self._outFile = out
         self._encoding: str | None = None if ioType(out) is str else "utf-8"
         self._time_format = time_format
-        self._second: int | None = None
-        self._stamp = ""
+        # (second, its stamp), replaced as one: events may come from threads.
+        self._cached: tuple[int, str] = (-1, "")
 
     def __call__(self, event: LogEvent) -> None:
         text = self.format(event)
@@ -145,9 +145,10 @@ class TextLogObserver:
             return formatTime(when, self._time_format)
         if second < 0 or when - second >= 0.999999:
             return formatTime(when, self._time_format)
-        if second != self._second:
-            self._second, self._stamp = second, formatTime(when, self._time_format)
-        return self._stamp
+        cached = self._cached
+        if second != cached[0]:
+            cached = self._cached = (second, formatTime(when, self._time_format))
+        return cached[1]
 
 
 def text_log_observer(parent: Any) -> TextLogObserver:
