@@ -620,6 +620,7 @@ class GsmailService(MultiService):
         metrics.watch_disk(directories)
         if self.workers is not None:
             self.workers.on_exit = metrics.worker_ended
+            self.workers.on_metrics = metrics.worker_figures
         ledger = self.ledger
         self.readiness = Readiness(
             listeners=self._listener_problems,
