@@ -91,7 +91,6 @@ from twisted.logger import (
     LogEvent,
     Logger,
     LogLevel,
-    formatEvent,
     globalLogBeginner,
     globalLogPublisher,
 )
@@ -100,6 +99,7 @@ from zope.interface import implementer
 
 from gsmail.config import GsmailConfig
 from gsmail.inbound.spool import remove_process_files
+from gsmail.textlog import event_text
 
 __all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main", "relayed_fields"]
 
@@ -580,7 +580,7 @@ class _EventLines:
         self._pending: list[bytes] = []
 
     def __call__(self, event: LogEvent) -> None:
-        text = formatEvent(event)
+        text = event_text(event)
         failure = event.get("log_failure")
         if failure is not None:
             text = f"{text}\n{failure.getTraceback()}".rstrip("\n")
