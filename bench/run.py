@@ -39,6 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 #: Where gsmail (daemon and smtp2gs) is imported from: the checkout, or --gsmail-root.
 GSMAIL_ROOT = ROOT
+#: Where the target gsmail-before runs gsmail from (--before-root).
+BEFORE_ROOT = ""
 sys.path.insert(0, HERE)
 
 from common import (  # noqa: E402
@@ -69,10 +71,11 @@ SESSIONS = 20
 TARGETS = ("gsmail", "gsmail-w2", "twisted", "aiosmtpd", "pipe", "smtp2gs", "sink")
 #: Run only when named in --targets: the same servers with another number of
 #: posts in flight at once (what GroupServer's per-post CPU depends on).
-EXTRA_TARGETS = ("gsmail-c20", "twisted-c4")
+EXTRA_TARGETS = ("gsmail-before", "gsmail-c20", "twisted-c4")
 LABELS = {
     "gsmail": "gsmail (ledger + spool + RCPT lookup)",
     "gsmail-w2": "gsmail, inbound_workers = 2 (same guarantees)",
+    "gsmail-before": "gsmail from --before-root",
     "gsmail-c20": "gsmail, post_concurrency = 20",
     "twisted": "peer: Twisted ESMTP + treq",
     "twisted-c4": "peer: Twisted ESMTP + treq, at most 4 posts at once",
@@ -89,7 +92,7 @@ PIPE_MAX_N = 200
 IDLE_SESSIONS = 1000
 IDLE_TARGETS = ("gsmail", "twisted", "aiosmtpd")
 #: gsmail with inbound worker processes: the number of workers, by target.
-GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2, "gsmail-c20": 0}
+GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2, "gsmail-c20": 0, "gsmail-before": 0}
 #: Extra lines of gsmail's configuration, by target.
 GSMAIL_OPTIONS = {"gsmail-c20": ["post_concurrency = 20"]}
 
@@ -339,7 +342,8 @@ class Target:
                     )
                 )
             # The tree's gsmail, not an installed copy; twistd's default log file.
-            env["PYTHONPATH"] = GSMAIL_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+            root = BEFORE_ROOT if kind == "gsmail-before" else GSMAIL_ROOT
+            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
             argv = [
                 sys.executable,
                 "-c",
@@ -1403,10 +1407,19 @@ def main() -> None:
         help="run gsmail from this source tree instead of the checkout (a before/after "
         "table: e.g. git archive BEFORE | tar -x -C DIR)",
     )
+    parser.add_argument(
+        "--before-root",
+        help="the source tree the target gsmail-before runs gsmail from, interleaved with "
+        "gsmail's runs (a before/after table from one run)",
+    )
     args = parser.parse_args()
-    global GSMAIL_ROOT, PIPE_MAX_N
+    global GSMAIL_ROOT, BEFORE_ROOT, PIPE_MAX_N
     if args.gsmail_root:
         GSMAIL_ROOT = os.path.abspath(args.gsmail_root)
+    if "gsmail-before" in args.targets.split(","):
+        if not args.before_root:
+            sys.exit("the target gsmail-before needs --before-root DIR")
+        BEFORE_ROOT = os.path.abspath(args.before_root)
     if args.quick:
         PIPE_MAX_N = 100
 

@@ -39,6 +39,7 @@ import os
 import pwd
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO, cast
 
@@ -77,12 +78,17 @@ def effective_settings(config: GsmailConfig) -> list[str]:
     are in seconds (C{s}), C{max_size} and C{readyz_min_free} in MiB, modes in octal. The token
     and the passwords are never listed.
     """
+    # What load_config puts in when the file is silent (GsmailConfig's own
+    # default is the empty string for these).
+    file_defaults = {"spool_dir": tempfile.gettempdir(), "hostname": socket.getfqdn()}
     lines = []
     for field in attrs.fields(GsmailConfig):
         if field.name in _HIDDEN:
             continue
         value = getattr(config, field.name)
         if field.default is not attrs.NOTHING and value == field.default:
+            continue
+        if file_defaults.get(field.name) == value:
             continue
         lines.append(f"{field.name} = {_show(field.name, value)}")
     secret = config.token

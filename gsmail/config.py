@@ -95,6 +95,25 @@ class ConfigError(Exception):
     """
 
 
+#: The header fields DKIM signs when present (C{dkim_sign_headers};
+#: L{gsmail.signing}); C{List-*} stands for every field whose name starts
+#: with C{List-} (RFC 2369, 2919).
+DEFAULT_SIGN_HEADERS: tuple[str, ...] = (
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "In-Reply-To",
+    "References",
+    "List-*",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+)
+
+
 @attrs.frozen
 class GsmailConfig:
     """
@@ -202,20 +221,7 @@ class GsmailConfig:
     # -- deliverability (gsmail.signing, gsmail.inbound.authresults) -----------
     # DKIM keys, DOMAIN:SELECTOR:KEYFILE each (file names made absolute)
     dkim_keys: tuple[str, ...] = ()
-    dkim_sign_headers: tuple[str, ...] = (
-        "From",
-        "To",
-        "Cc",
-        "Subject",
-        "Date",
-        "Message-ID",
-        "In-Reply-To",
-        "References",
-        "List-*",
-        "MIME-Version",
-        "Content-Type",
-        "Content-Transfer-Encoding",
-    )
+    dkim_sign_headers: tuple[str, ...] = DEFAULT_SIGN_HEADERS
     arc_seal: bool = False
     # SPF, DKIM and DMARC checks of mail from the internet (ESMTP listener)
     authentication_results: bool = True

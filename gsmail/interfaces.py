@@ -6,11 +6,31 @@ shape of a spooled message handed to it.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import attrs
 from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
-__all__ = ["GroupInfo", "MessageSource", "IGroupServer"]
+__all__ = ["GroupInfo", "MessageSource", "IGroupServer", "Enqueue"]
+
+
+class Enqueue(Protocol):
+    """
+    What the inbound side needs of the outbound queue
+    (L{gsmail.outbound.queue.OutboundQueue.enqueue}): forwarded postmaster
+    mail and route actions that send mail on (C{forward}, C{bcc}) queue it.
+    """
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: list[str],
+        data: bytes | str,
+        *,
+        xverp: bool = False,
+        params: dict[str, str] | None = None,
+    ) -> Deferred[Any]: ...
 
 
 @attrs.frozen

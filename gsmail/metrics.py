@@ -16,11 +16,27 @@ Where the figures come from:
     counts every worker's mail once; a worker never serves metrics.
   - B{measured}: GroupServer request latency (L{observe_request}, hooked into
     L{gsmail.groupserver.GroupServerClient}) and ledger appends
-    (L{observe_ledger_append}, hooked into L{gsmail.ledger.PostLedger}). With
-    workers these exist only for the main process's own client and ledger.
+    (L{observe_ledger_append}, hooked into L{gsmail.ledger.PostLedger}),
+    recorded in a L{Measured} (plain bucket counts: no lock, no registry).
   - B{read at scrape time}: posts in flight and waiting, ledger records,
     the outbound queue (messages, recipients, age of the oldest), free disk
     space; no bookkeeping on the hot path.
+  - B{inbound workers' snapshots}: each worker process records its own
+    measured figures in a L{Measured} and, every L{PUSH_INTERVAL} seconds
+    when they changed (L{FigurePusher}) and once as it stops, sends the main
+    process one snapshot of them with its posts in flight and waiting and
+    its ledger records: a control line on its standard output
+    (L{gsmail.workers}), which the main process hands to
+    L{Metrics.worker_figures} and never logs. The main process keeps each
+    worker's latest snapshot (they are cumulative: one replaces the last)
+    and adds them to its own figures at scrape time: histograms and post
+    gauges summed, ledger records the largest (every process remembers the
+    same shared file, as far as it has read it). When a worker exits, its
+    last histograms go to a retired total, so the sums never go down when
+    its successor starts from zero (Prometheus counters are monotonic).
+    Not prometheus_client's multiprocess mode: that needs an environment
+    variable before import and global state, wrong for an embeddable
+    library.
 
 C{/readyz} (L{Readiness}) answers 200 when every listener is up, GroupServer
 answered its last check (a group-exists call, cached), the ledger and spool
@@ -35,7 +51,9 @@ reactor and runs a WSGI app in its thread pool.
 
 from __future__ import annotations
 
+import json
 import os
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -47,8 +65,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.logger import ILogObserver, LogEvent
@@ -60,6 +79,8 @@ from zope.interface import implementer
 
 __all__ = [
     "Metrics",
+    "Measured",
+    "FigurePusher",
     "Readiness",
     "GroupServerProbe",
     "HealthResource",
@@ -75,6 +96,10 @@ REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 LEDGER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 #: Delivery delay buckets: seconds (inbound) to days (outbound retries).
 DELAY_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400, 432000)
+
+#: Seconds between an inbound worker's snapshots of its measured figures
+#: (sent only when they changed, and once as the worker stops).
+PUSH_INTERVAL = 5.0
 
 #: The metric families gsmail exports (the names Prometheus shows, before
 #: the C{_total}, C{_bucket}, C{_sum}, C{_count} and C{_created} suffixes).
@@ -114,6 +139,180 @@ def reply_class(dsn: object) -> str:
     return f"{first}xx" if first in ("2", "4", "5") else "other"
 
 
+class _Buckets:
+    """
+    One histogram series: observations per bucket (not cumulative; the last
+    is above the largest bound, C{+Inf}) and their sum.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus's le is "less than or equal": bisect_left finds it.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def add(self, counts: Sequence[int], total: float) -> None:
+        for i, count in enumerate(counts):
+            self.counts[i] += count
+        self.total += total
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """C{(le, count)} pairs as C{HistogramMetricFamily} takes them."""
+        pairs = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            pairs.append((floatToGoString(bound), float(running)))
+        return pairs
+
+
+class Measured:
+    """
+    The directly measured figures of one process: GroupServer requests by
+    page and result (L{REQUEST_BUCKETS}), ledger appends
+    (L{LEDGER_BUCKETS}). Called in the reactor thread only, so it takes no
+    lock: a bisect and two additions per observation.
+
+    A L{snapshot} is plain JSON (lists, numbers, text), cumulative since the
+    process started; L{from_snapshot} reads one back and L{add} sums.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], _Buckets] = {}
+        self.ledger_append = _Buckets(LEDGER_BUCKETS)
+
+    def observe_request(self, page: str, result: str, seconds: float) -> None:
+        """One GroupServer request (see L{Metrics.observe_request})."""
+        series = self.requests.get((page, result))
+        if series is None:
+            series = self.requests[(page, result)] = _Buckets(REQUEST_BUCKETS)
+        series.observe(seconds)
+
+    def observe_ledger_append(self, seconds: float, records: int) -> None:
+        """One ledger append of C{records} records took C{seconds}."""
+        self.ledger_append.observe(seconds)
+
+    def snapshot(self, gauges: dict[str, float] | None = None) -> dict[str, Any]:
+        """
+        Everything, as JSON-ready data: C{{"requests": [[page, result,
+        counts, sum], ...], "ledger_append": [counts, sum], "gauges":
+        {name: value}}}, C{counts} per bucket, not cumulative.
+        """
+        return {
+            "requests": [
+                [page, result, list(s.counts), s.total]
+                for (page, result), s in self.requests.items()
+            ],
+            "ledger_append": [list(self.ledger_append.counts), self.ledger_append.total],
+            "gauges": dict(gauges or {}),
+        }
+
+    def add(self, other: Measured) -> None:
+        """Add C{other}'s observations to these."""
+        for key, series in other.requests.items():
+            mine = self.requests.get(key)
+            if mine is None:
+                mine = self.requests[key] = _Buckets(REQUEST_BUCKETS)
+            mine.add(series.counts, series.total)
+        self.ledger_append.add(other.ledger_append.counts, other.ledger_append.total)
+
+    @classmethod
+    def from_snapshot(cls, data: object) -> tuple[Measured, dict[str, float]]:
+        """
+        Read a L{snapshot} back (from another process: checked).
+
+        @return: the figures and the gauges.
+        @raise ValueError: C{data} is not a snapshot of this version.
+        """
+        if not isinstance(data, dict):
+            raise ValueError("not a snapshot")
+        figures = cls()
+        try:
+            for page, result, counts, total in data["requests"]:
+                series = _Buckets(REQUEST_BUCKETS)
+                series.add(_counts(counts, len(REQUEST_BUCKETS) + 1), float(total))
+                figures.requests[(str(page), str(result))] = series
+            counts, total = data["ledger_append"]
+            figures.ledger_append.add(_counts(counts, len(LEDGER_BUCKETS) + 1), float(total))
+            gauges = {str(k): float(v) for k, v in data["gauges"].items()}
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a snapshot: {e}") from None
+        return figures, gauges
+
+
+def _counts(counts: object, size: int) -> list[int]:
+    """Bucket counts from a snapshot: C{size} whole numbers, none negative."""
+    if not isinstance(counts, list) or len(counts) != size:
+        raise ValueError("bucket counts of another size")
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise ValueError("bucket counts that are not counts")
+    return counts
+
+
+class FigurePusher:
+    """
+    The worker side: sends L{Measured.snapshot} of C{measured} (with
+    C{gauges()}) through C{send} every L{PUSH_INTERVAL} seconds when it
+    changed since the last one sent, and in L{stop}.
+
+    @param clock: the reactor (C{callLater}).
+    @param send: writes one snapshot to the main process (blocking is fine:
+        a few hundred bytes to a pipe).
+    @param gauges: the values read now: C{posts_in_flight},
+        C{posts_waiting}, C{ledger_records}.
+    """
+
+    def __init__(
+        self,
+        measured: Measured,
+        clock: Any,
+        send: Callable[[dict[str, Any]], None],
+        gauges: Callable[[], dict[str, float]],
+        interval: float = PUSH_INTERVAL,
+    ) -> None:
+        self.measured = measured
+        self.clock = clock
+        self.send = send
+        self.gauges = gauges
+        self.interval = interval
+        self._last = ""
+        self._call: Any = None
+
+    def start(self) -> None:
+        """Send now and every C{interval} seconds from now on."""
+        self.push()
+
+    def push(self) -> None:
+        """Send a snapshot if the figures changed; schedule the next."""
+        self._call = self.clock.callLater(self.interval, self.push)
+        self._send()
+
+    def stop(self) -> None:
+        """No more pushes; send the last snapshot (if it changed)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            gauges = self.gauges()
+        except Exception:
+            gauges = {}
+        snapshot = self.measured.snapshot(gauges)
+        text = json.dumps(snapshot, sort_keys=True)
+        if text == self._last:
+            return
+        self._last = text
+        self.send(snapshot)
+
+
 class _Children:
     """
     A labelled metric's children by label values, kept: C{labels()} takes a
@@ -145,6 +344,33 @@ class _Readings(Collector):
     def collect(self) -> Iterator[Metric]:
         for source in self.sources:
             yield from source()
+
+
+class _MeasuredCollector(Collector):
+    """
+    The measured histograms at scrape time: the main process's own figures
+    plus the inbound workers' (L{Metrics.measured_total}).
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        total = self.metrics.measured_total()
+        requests = HistogramMetricFamily(
+            "gsmail_groupserver_request_seconds",
+            "GroupServer requests by page and result (HTTP status, timeout or error)",
+            labels=["page", "result"],
+        )
+        for (page, result), series in sorted(total.requests.items()):
+            requests.add_metric([page, result], series.cumulative(), series.total)
+        yield requests
+        ledger = HistogramMetricFamily(
+            "gsmail_ledger_append_seconds",
+            "Post ledger appends: write and fsync of a group of records",
+        )
+        ledger.add_metric([], total.ledger_append.cumulative(), total.ledger_append.total)
+        yield ledger
 
 
 @implementer(ILogObserver)
@@ -202,22 +428,16 @@ class Metrics:
         )
         self.unreadable = Counter(
             "gsmail_log_events_unreadable",
-            "Log events with gsmail_event whose fields could not be counted",
+            "Log events with gsmail_event, or worker snapshots, that could not be counted",
             registry=r,
         )
-        self.requests = Histogram(
-            "gsmail_groupserver_request_seconds",
-            "GroupServer requests by page and result (HTTP status, timeout or error)",
-            ["page", "result"],
-            buckets=REQUEST_BUCKETS,
-            registry=r,
-        )
-        self.ledger_append = Histogram(
-            "gsmail_ledger_append_seconds",
-            "Post ledger appends: write and fsync of a group of records",
-            buckets=LEDGER_BUCKETS,
-            registry=r,
-        )
+        #: This process's GroupServer requests and ledger appends.
+        self.measured = Measured()
+        #: Inbound workers' latest snapshots by worker number: figures, gauges.
+        self._workers: dict[int, tuple[Measured, dict[str, float]]] = {}
+        #: The last figures of worker processes that exited.
+        self._retired = Measured()
+        r.register(_MeasuredCollector(self))
         self.ready = Gauge(
             "gsmail_ready", "1 when the readiness checks passed at this scrape, else 0", registry=r
         )
@@ -235,7 +455,6 @@ class Metrics:
         self._by_rejects = _Children(self.rejects)
         self._by_dsns = _Children(self.dsns)
         self._by_tls = _Children(self.tls_sessions)
-        self._by_requests = _Children(self.requests)
         self._handlers: dict[str, Callable[[LogEvent], None]] = {
             "connect": self._connect,
             "disconnect": self._disconnect,
@@ -289,6 +508,34 @@ class Metrics:
         """
         for key in [k for k in self._open if k[0] == number]:
             self._by_sessions_open(key[1]).dec(self._open.pop(key))
+        # Its successor counts from zero: keep what it counted, drop its gauges.
+        last = self._workers.pop(number, None)
+        if last is not None:
+            self._retired.add(last[0])
+
+    def worker_figures(self, number: int, snapshot: object) -> None:
+        """
+        Inbound worker C{number}'s L{Measured.snapshot}, sent by its
+        L{FigurePusher}: it replaces the worker's previous one. One that
+        cannot be read (a bug) is counted in
+        C{gsmail_log_events_unreadable} and dropped.
+        """
+        try:
+            self._workers[number] = Measured.from_snapshot(snapshot)
+        except ValueError:
+            self.unreadable.inc()
+
+    def measured_total(self) -> Measured:
+        """This process's measured figures plus every worker's, running and retired."""
+        total = Measured()
+        total.add(self.measured)
+        total.add(self._retired)
+        for figures, _ in self._workers.values():
+            total.add(figures)
+        return total
+
+    def _worker_gauges(self, name: str) -> list[float]:
+        return [gauges[name] for _, gauges in self._workers.values() if name in gauges]
 
     def _queued(self, event: LogEvent) -> None:
         listener = str(event["listener"])
@@ -325,46 +572,57 @@ class Metrics:
         C{bounce}) that ended with C{result} (the HTTP status, C{timeout} or
         C{error}) after C{seconds}.
         """
-        self._by_requests(page, result).observe(seconds)
+        self.measured.observe_request(page, result, seconds)
 
     def observe_ledger_append(self, seconds: float, records: int) -> None:
         """One ledger append of C{records} records took C{seconds}."""
-        self.ledger_append.observe(seconds)
+        self.measured.observe_ledger_append(seconds, records)
 
     # -- read at scrape time --------------------------------------------------
 
     def watch_posts(self, client: Any) -> None:
         """
         Export C{client}'s posts in flight and waiting for a slot
-        (L{gsmail.groupserver.GroupServerClient}'s C{post_concurrency}).
+        (L{gsmail.groupserver.GroupServerClient}'s C{post_concurrency}),
+        plus those of the inbound workers' last snapshots (each has
+        C{post_concurrency} slots of its own).
         """
 
         def read() -> Iterator[Metric]:
             yield GaugeMetricFamily(
                 "gsmail_posts_in_flight",
                 "Adds and relays sent to GroupServer, awaiting the answer",
-                value=client.in_flight_posts,
+                value=client.in_flight_posts + sum(self._worker_gauges("posts_in_flight")),
             )
             yield GaugeMetricFamily(
                 "gsmail_posts_waiting",
                 "Adds and relays waiting for one of the post_concurrency slots",
-                value=client.queued_posts,
+                value=client.queued_posts + sum(self._worker_gauges("posts_waiting")),
             )
 
         self._readings.sources.append(read)
 
     def watch_ledger(self, ledger: Any) -> None:
-        """Export the number of keys C{ledger} (a L{gsmail.ledger.PostLedger}) remembers."""
+        """
+        Export the number of keys C{ledger} (a L{gsmail.ledger.PostLedger})
+        remembers, or the largest number an inbound worker's last snapshot
+        has: every process shares the file and remembers what it wrote and
+        what it read back of the others' records, so a sum would count a
+        post once per process.
+        """
 
         def read() -> Iterator[Metric]:
+            counts = self._worker_gauges("ledger_records")
             try:
-                count = len(ledger)
+                counts.append(len(ledger))
             except Exception:
-                return  # not open (yet, or any more)
+                pass  # not open (yet, or any more)
+            if not counts:
+                return
             yield GaugeMetricFamily(
                 "gsmail_ledger_records",
                 "Posts the ledger remembers (not expired)",
-                value=count,
+                value=max(counts),
             )
 
         self._readings.sources.append(read)

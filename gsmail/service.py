@@ -407,8 +407,8 @@ class GsmailService(MultiService):
         self.reactor = reactor
         self.run_as = run_as
         self.on_startup_failure: Callable[[StartupError], None] | None = None
-        #: twistd's log observer instead of its text one (C{log_json}:
-        #: L{gsmail.tap.json_log_observer}), or C{None}.
+        #: twistd's log observer instead of its own (L{gsmail.textlog}'s
+        #: text, or with C{log_json} L{gsmail.tap.json_log_observer}), or C{None}.
         self.log_observer: ILogObserver | None = None
         self._prepared = False
         #: The configuration came from C{config.path} (C{twistd gsmail}):
@@ -620,6 +620,7 @@ class GsmailService(MultiService):
         metrics.watch_disk(directories)
         if self.workers is not None:
             self.workers.on_exit = metrics.worker_ended
+            self.workers.on_metrics = metrics.worker_figures
         ledger = self.ledger
         self.readiness = Readiness(
             listeners=self._listener_problems,

@@ -40,6 +40,8 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from gsmail.config import DEFAULT_SIGN_HEADERS
+
 __all__ = [
     "DEFAULT_SIGN_HEADERS",
     "DKIMKeyError",
@@ -55,23 +57,6 @@ __all__ = [
     "public_key_matches",
     "record_name",
 ]
-
-#: The header fields signed when present (C{dkim_sign_headers}); C{List-*}
-#: stands for every field whose name starts with C{List-} (RFC 2369, 2919).
-DEFAULT_SIGN_HEADERS: Final = (
-    "From",
-    "To",
-    "Cc",
-    "Subject",
-    "Date",
-    "Message-ID",
-    "In-Reply-To",
-    "References",
-    "List-*",
-    "MIME-Version",
-    "Content-Type",
-    "Content-Transfer-Encoding",
-)
 
 RSA_SHA256: Final = "rsa-sha256"
 ED25519_SHA256: Final = "ed25519-sha256"

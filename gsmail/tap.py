@@ -19,6 +19,7 @@ from gsmail import __version__
 from gsmail.config import ConfigError, load_config
 from gsmail.startup import StartupError
 from gsmail.status import EX_CONFIG
+from gsmail.textlog import text_log_observer
 
 __all__ = ["Options", "makeService", "json_log_observer"]
 
@@ -94,8 +95,12 @@ def makeService(options: Options) -> IService:
     service.config_file = True
     if parent.get("nodaemon", True):
         service.on_startup_failure = _exit
-    if config.log_json and not parent.get("syslog"):
+    if parent.get("syslog") or parent.get("logger"):
+        pass  # twistd's own observer: syslog, or the one --logger names
+    elif config.log_json:
         service.log_observer = json_log_observer(parent)
+    else:
+        service.log_observer = text_log_observer(parent)
     return service
 
 

@@ -27,7 +27,10 @@ The main process supervises:
     (N); a mail log line (L{gsmail.maillog}) keeps its fields
     (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). Anything on a
     worker's standard error (a Python crash) is logged as an error line by
-    line.
+    line. A line that is a JSON object is for the main process itself, not
+    a log event: C{{"ready": true}} once the worker accepts, and
+    C{{"metrics": snapshot}}, the worker's measured figures every few
+    seconds (L{gsmail.metrics.FigurePusher}), handed to C{on_metrics}.
   - B{Reloads.} When the main process reloads (SIGHUP, L{gsmail.reload}) it
     writes the configuration it now runs with to each worker's standard
     input, as one more length-prefixed pickle (L{WorkerReload}); the worker
@@ -88,7 +91,6 @@ from twisted.logger import (
     LogEvent,
     Logger,
     LogLevel,
-    formatEvent,
     globalLogBeginner,
     globalLogPublisher,
 )
@@ -97,6 +99,7 @@ from zope.interface import implementer
 
 from gsmail.config import GsmailConfig
 from gsmail.inbound.spool import remove_process_files
+from gsmail.textlog import event_text
 
 __all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main", "relayed_fields"]
 
@@ -232,6 +235,9 @@ class InboundWorkers:
         #: Called with a worker's number when its process has ended (the
         #: metrics forget its open sessions).
         self.on_exit: Callable[[int], None] | None = None
+        #: Called with a worker's number and the snapshot of its measured
+        #: figures it sent (L{gsmail.metrics.Metrics.worker_figures}).
+        self.on_metrics: Callable[[int, object], None] | None = None
 
     def start(self, ports: dict[str, Any], url: str) -> None:
         """
@@ -364,6 +370,10 @@ class _Worker(ProcessProtocol):
             if isinstance(record, dict):
                 if record.get("ready"):
                     self._set_ready()
+                if "metrics" in record and self.workers.on_metrics is not None:
+                    # Its measured figures (gsmail.metrics.FigurePusher): for
+                    # the metrics, never for the log.
+                    self.workers.on_metrics(self.number, record["metrics"])
                 return
             when, level_name, system, text, *more = record
             level = LogLevel.levelWithName(level_name)
@@ -570,7 +580,7 @@ class _EventLines:
         self._pending: list[bytes] = []
 
     def __call__(self, event: LogEvent) -> None:
-        text = formatEvent(event)
+        text = event_text(event)
         failure = event.get("log_failure")
         if failure is not None:
             text = f"{text}\n{failure.getTraceback()}".rstrip("\n")
@@ -663,13 +673,47 @@ class Worker:
     listening on the inherited sockets.
     """
 
-    def __init__(self, setup: WorkerSetup, reactor: Any) -> None:
+    def __init__(
+        self,
+        setup: WorkerSetup,
+        reactor: Any,
+        send_metrics: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         from gsmail.service import InboundParts
 
         self.setup = setup
         self.reactor = reactor
         self.parts = InboundParts(setup.config, reactor, setup.config.url)
         self.ports: list[Any] = []
+        self.pusher: Any = None
+        if setup.config.metrics_endpoint and send_metrics is not None:
+            self._measure(send_metrics)
+
+    def _measure(self, send: Callable[[dict[str, Any]], None]) -> None:
+        """
+        Record GroupServer requests and ledger appends, and send their
+        snapshot to the main process every few seconds
+        (L{gsmail.metrics.FigurePusher}), which adds them to its metrics.
+        """
+        from gsmail.metrics import FigurePusher, Measured
+
+        measured = Measured()
+        client, ledger = self.parts.client, self.parts.ledger
+        client.observe_request = measured.observe_request
+        ledger.observe_append = measured.observe_ledger_append
+
+        def gauges() -> dict[str, float]:
+            found: dict[str, float] = {
+                "posts_in_flight": client.in_flight_posts,
+                "posts_waiting": client.queued_posts,
+            }
+            try:
+                found["ledger_records"] = len(ledger)
+            except Exception:
+                pass  # not open (yet, or any more)
+            return found
+
+        self.pusher = FigurePusher(measured, self.reactor, send, gauges)
 
     def start(self) -> None:
         """Load the ledger and accept on the inherited sockets (blocking: at start)."""
@@ -677,6 +721,8 @@ class Worker:
         for name, fd, family in self.setup.listeners:
             self.ports.append(adopt(self.reactor, fd, family, self.parts.factory(name == "lmtp")))
             os.close(fd)  # the port holds its own duplicate
+        if self.pusher is not None:
+            self.pusher.start()
         log.info(
             "Inbound worker {number} (pid {pid}) accepting",
             number=self.setup.number,
@@ -707,6 +753,8 @@ class Worker:
             await port.stopListening()
         await self.parts.wait_idle()
         await self.parts.close()
+        if self.pusher is not None:
+            self.pusher.stop()  # the last figures, after the last fsync
 
 
 def adopt(reactor: Any, fd: int, family: int, factory: Any) -> Any:
@@ -754,7 +802,14 @@ def main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     observer = _EventLines(out, reactor.callLater)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    worker = Worker(setup, reactor)
+
+    def send_metrics(snapshot: dict[str, Any]) -> None:
+        try:
+            observer.control(metrics=snapshot)
+        except (OSError, ValueError):
+            pass  # the main process is gone: standard input tells us too
+
+    worker = Worker(setup, reactor, send_metrics)
     try:
         worker.start()
     except Exception:

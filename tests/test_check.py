@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+from socket import getfqdn
 
 import attrs
 from twisted.internet import reactor
@@ -44,6 +45,19 @@ class SettingsTests(SynchronousTestCase):
         self.assertIn("idle_timeout = 60s", lines)
         self.assertIn(f"domains = {DOMAIN}", lines)
         self.assertFalse([line for line in lines if line.startswith("max_recipients")])
+
+    def test_defaults_load_config_fills_in(self) -> None:
+        """
+        C{spool_dir} and C{hostname} left out of the file (the temporary
+        directory, this host's name) are not listed; set, they are.
+        """
+        config = make_config(self.mktemp(), spool_dir=tempfile.gettempdir(), hostname=getfqdn())
+        lines = effective_settings(config)
+        self.assertFalse([line for line in lines if line.startswith(("spool_dir", "hostname"))])
+        config = make_config(self.mktemp(), spool_dir="/var/spool/gsmail-in", hostname="mx.x.org")
+        lines = effective_settings(config)
+        self.assertIn("spool_dir = /var/spool/gsmail-in", lines)
+        self.assertIn("hostname = mx.x.org", lines)
 
     def test_never_secrets(self) -> None:
         """The token and the passwords are never shown, even pasted into another option."""

@@ -6,6 +6,7 @@ and the Grafana dashboard in C{conf/}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,27 +14,35 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, capturedLogs, globalLogPublisher, textFileLogObserver
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.check import effective_settings
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.metrics import (
     METRIC_NAMES,
+    PUSH_INTERVAL,
+    REQUEST_BUCKETS,
+    FigurePusher,
     GroupServerProbe,
     HealthResource,
+    Measured,
     Metrics,
     Readiness,
     reply_class,
 )
 from gsmail.status import GROUPSERVER_UNREACHABLE, GroupServerError
+from gsmail.workers import _EventLines
 from tests.test_config import ConfigFileTestCase
 from tests.test_groupserver import InMemory
+from tests.test_workers import started
 from tests.util import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -648,3 +657,236 @@ class CheckTests(SynchronousTestCase):
                 ok = [line for line in report.ok if line.startswith("metrics_endpoint")]
                 problems = [p for p in report.problems if p.startswith("metrics_endpoint")]
                 self.assertEqual((bool(ok), bool(problems)), (expect_ok, not expect_ok), report)
+
+
+class _Posts:
+    """A GroupServer client's post gauges, as L{Metrics.watch_posts} reads them."""
+
+    def __init__(self, in_flight: int = 0, waiting: int = 0) -> None:
+        self.in_flight_posts = in_flight
+        self.queued_posts = waiting
+
+
+class _Ledger:
+    """A ledger that remembers C{count} posts, as L{Metrics.watch_ledger} reads it."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def measured(adds: Iterable[float] = (), appends: Iterable[float] = ()) -> Measured:
+    """A worker's figures: GroupServer adds (200) and ledger appends of those seconds."""
+    figures = Measured()
+    for seconds in adds:
+        figures.observe_request("add", "200", seconds)
+    for seconds in appends:
+        figures.observe_ledger_append(seconds, 1)
+    return figures
+
+
+def histogram(metrics: Metrics, name: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of histogram C{name} (buckets, count, sum)."""
+    return {key: v for key, v in samples(metrics).items() if key[0].startswith(name + "_")}
+
+
+class WorkerFiguresTests(SynchronousTestCase):
+    """
+    Inbound workers' measured figures: their snapshots, relayed to the main
+    process and added to its own at scrape time.
+    """
+
+    def setUp(self) -> None:
+        self.metrics = Metrics(Clock())
+        self.client = _Posts()
+        self.ledger = _Ledger(0)
+        self.metrics.watch_posts(self.client)
+        self.metrics.watch_ledger(self.ledger)
+        self.log = io.StringIO()
+        self.workers = started(self)
+        # The main process's text log (twistd's), where relayed events go.
+        self.workers.publisher = textFileLogObserver(self.log)
+        self.workers.on_metrics = self.metrics.worker_figures
+        self.workers.on_exit = self.metrics.worker_ended
+
+    def push(self, number: int, figures: Measured, **gauges: float) -> None:
+        """Worker C{number} sends its snapshot, the way a worker process does."""
+        out = io.BytesIO()
+        FigurePusher(
+            figures, Clock(), lambda s: _EventLines(out).control(metrics=s), gauges.copy
+        ).stop()
+        self.workers.slots[number - 1].outReceived(out.getvalue())
+
+    def count(self, page: str = "add", result: str = "200") -> float | None:
+        return value(
+            self.metrics, "gsmail_groupserver_request_seconds_count", page=page, result=result
+        )
+
+    def test_round_trip(self) -> None:
+        """
+        A worker's snapshot, relayed as a line of its standard output, shows
+        in the main process's scrape exactly as the same observations made
+        in the main process would: every bucket, count and sum; nothing of
+        it goes to the text log.
+        """
+        adds, appends = (0.3, 0.3, 7.0, 500.0), (0.0004, 0.002)
+        figures = measured(adds, appends)
+        figures.observe_request("exists", "timeout", 5.0)
+        self.push(1, figures, posts_in_flight=2, posts_waiting=1, ledger_records=9)
+        direct = Metrics(Clock())
+        for seconds in adds:
+            direct.observe_request("add", "200", seconds)
+        for seconds in appends:
+            direct.observe_ledger_append(seconds, 1)
+        direct.observe_request("exists", "timeout", 5.0)
+        for name in ("gsmail_groupserver_request_seconds", "gsmail_ledger_append_seconds"):
+            with self.subTest(name=name):
+                self.assertEqual(histogram(self.metrics, name), histogram(direct, name))
+        # The buckets are prometheus_client's own Histogram's (le inclusive).
+        registry = CollectorRegistry()
+        reference = Histogram(
+            "gsmail_groupserver_request_seconds",
+            "",
+            ["page", "result"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        for seconds in adds:
+            reference.labels("add", "200").observe(seconds)
+        expected = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if s.labels.get("page") == "add" and not s.name.endswith("_created")
+        }
+        found = histogram(self.metrics, "gsmail_groupserver_request_seconds")
+        self.assertEqual({k: v for k, v in found.items() if ("page", "add") in k[1]}, expected)
+        self.assertEqual(self.count(), 4)
+        self.assertEqual(
+            value(
+                self.metrics,
+                "gsmail_groupserver_request_seconds_bucket",
+                page="add",
+                result="200",
+                le="0.5",
+            ),
+            2,
+        )
+        self.assertEqual(value(self.metrics, "gsmail_posts_in_flight"), 2)
+        self.assertEqual(value(self.metrics, "gsmail_posts_waiting"), 1)
+        self.assertEqual(value(self.metrics, "gsmail_ledger_records"), 9)
+        self.assertEqual(self.log.getvalue(), "")
+        self.assertEqual(value(self.metrics, "gsmail_log_events_unreadable_total"), 0)
+
+    def test_summed(self) -> None:
+        """
+        Histograms and post gauges are the main process's plus every
+        worker's; ledger records the largest any process remembers (they
+        share one file).
+        """
+        self.metrics.observe_request("add", "200", 0.1)
+        self.metrics.observe_ledger_append(0.001, 1)
+        self.client.in_flight_posts, self.ledger.count = 1, 4
+        self.push(1, measured([0.2, 0.2], [0.001]), posts_in_flight=2, ledger_records=7)
+        self.push(2, measured([0.3, 0.3, 0.3]), posts_in_flight=3, posts_waiting=5)
+        self.assertEqual(self.count(), 6)
+        sum_ = value(
+            self.metrics, "gsmail_groupserver_request_seconds_sum", page="add", result="200"
+        )
+        self.assertAlmostEqual(sum_ or 0, 1.4)
+        self.assertEqual(value(self.metrics, "gsmail_ledger_append_seconds_count"), 2)
+        self.assertEqual(value(self.metrics, "gsmail_posts_in_flight"), 6)
+        self.assertEqual(value(self.metrics, "gsmail_posts_waiting"), 5)
+        self.assertEqual(value(self.metrics, "gsmail_ledger_records"), 7)
+
+    def test_snapshot_replaces_the_last(self) -> None:
+        """Snapshots are cumulative: a worker's next one replaces its last, it is not added."""
+        figures = measured([0.2, 0.2])
+        self.push(1, figures, posts_in_flight=4)
+        self.assertEqual(self.count(), 2)
+        figures.observe_request("add", "200", 0.2)
+        self.push(1, figures, posts_in_flight=0)
+        self.assertEqual(self.count(), 3)
+        self.assertEqual(value(self.metrics, "gsmail_posts_in_flight"), 0)
+
+    def test_restarted_worker_monotonic(self) -> None:
+        """
+        When a worker exits, its last figures stay in the totals and its
+        successor's, counted from zero, add to them: no count goes down.
+        Its gauges go with it.
+        """
+        self.push(1, measured([0.2] * 5, [0.001] * 2), posts_in_flight=3)
+        self.push(2, measured([0.2]))
+        self.assertEqual(self.count(), 6)
+        with capturedLogs():
+            self.workers.slots[0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.count(), 6)
+        self.assertEqual(value(self.metrics, "gsmail_ledger_append_seconds_count"), 2)
+        self.assertEqual(value(self.metrics, "gsmail_posts_in_flight"), 0)
+        self.workers.clock.advance(1.0)  # its successor starts
+        self.assertEqual(len(self.workers.spawned), 3)
+        self.push(1, measured([0.2]), posts_in_flight=1)
+        self.assertEqual(self.count(), 7)
+        self.assertEqual(value(self.metrics, "gsmail_ledger_append_seconds_count"), 2)
+        self.assertEqual(value(self.metrics, "gsmail_posts_in_flight"), 1)
+
+    def test_unreadable_snapshot(self) -> None:
+        """
+        A snapshot that cannot be read (a bug: buckets of another size, not
+        counts) is counted as unreadable and dropped; the worker's last good
+        one stays.
+        """
+        self.push(1, measured([0.2]))
+        good = measured([0.2, 0.2]).snapshot()
+        bad = [
+            {**good, "requests": [["add", "200", [1, 2], 0.4]]},
+            {**good, "requests": [["add", "200", [-1] * (len(REQUEST_BUCKETS) + 1), 0.4]]},
+            {**good, "ledger_append": None},
+            {**good, "gauges": []},
+            ["not", "a", "snapshot"],
+        ]
+        for n, snapshot in enumerate(bad, 1):
+            with self.subTest(snapshot=snapshot):
+                line = json.dumps({"metrics": snapshot}).encode() + b"\n"
+                self.workers.slots[0].outReceived(line)
+                self.assertEqual(value(self.metrics, "gsmail_log_events_unreadable_total"), n)
+                self.assertEqual(self.count(), 1)
+        self.assertEqual(self.log.getvalue(), "")
+
+
+class FigurePusherTests(SynchronousTestCase):
+    """The worker side: when snapshots are sent."""
+
+    def test_only_when_changed(self) -> None:
+        """
+        A snapshot at start, then one every L{PUSH_INTERVAL} seconds only
+        if the figures or gauges changed, and a last one at stop (if they
+        changed); none after.
+        """
+        clock = Clock()
+        figures = Measured()
+        gauges = {"posts_in_flight": 0.0}
+        sent: list[dict[str, Any]] = []
+        pusher = FigurePusher(figures, clock, sent.append, gauges.copy)
+        pusher.start()
+        self.assertEqual(len(sent), 1)
+        clock.advance(PUSH_INTERVAL)
+        self.assertEqual(len(sent), 1)  # nothing changed
+        figures.observe_request("add", "200", 0.1)
+        clock.advance(PUSH_INTERVAL - 0.5)
+        self.assertEqual(len(sent), 1)
+        clock.advance(0.5)
+        self.assertEqual(len(sent), 2)
+        gauges["posts_in_flight"] = 1.0
+        clock.advance(PUSH_INTERVAL)
+        self.assertEqual(len(sent), 3)
+        self.assertEqual(sent[-1]["gauges"], {"posts_in_flight": 1.0})
+        figures.observe_ledger_append(0.01, 3)
+        pusher.stop()
+        self.assertEqual(len(sent), 4)
+        self.assertEqual(sum(sent[-1]["ledger_append"][0]), 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        pusher.stop()
+        self.assertEqual(len(sent), 4)

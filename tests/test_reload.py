@@ -36,6 +36,7 @@ from gsmail.reload import (
     reopen_log_files,
 )
 from gsmail.service import GsmailService, makeService
+from gsmail.textlog import TextLogObserver
 from gsmail.tlsconfig import ServerTLS
 from gsmail.workers import WorkerReload, _ParentWatch, write_setup
 from tests.integration.test_clients import make_certificate
@@ -198,6 +199,8 @@ class LogFileTests(SynchronousTestCase):
         self.addCleanup(log_file.close)
         observer = textFileLogObserver(log_file)
         self.assertEqual(log_files([object(), observer, observer]), [log_file])
+        # gsmail's own text observer (what twistd gsmail runs with) is found too.
+        self.assertEqual(log_files([object(), TextLogObserver(log_file)]), [log_file])  # type: ignore[arg-type]
         log_file.write("before\n")
         os.rename(log_file.path, log_file.path + ".1")  # logrotate
         self.assertEqual(reopen_log_files([log_file]), [log_file.path])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 
 from twisted.application.service import Application, IServiceMaker
@@ -19,6 +20,7 @@ from gsmail import maillog, tap
 from gsmail.reload import log_files
 from gsmail.service import GsmailService
 from gsmail.status import EX_CONFIG
+from gsmail.textlog import TextLogObserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,9 +79,11 @@ class OptionsTests(SynchronousTestCase):
         """
         C{log_json = true}: the service gives twistd's application a JSON
         log observer writing to C{--logfile}; each mail log line is one JSON
-        line whose fields read back intact (eventFromJSON). Without it, no
-        observer: twistd keeps its text log.
+        line whose fields read back intact (eventFromJSON). Without it,
+        gsmail's text observer (L{gsmail.textlog}), writing to the same file.
         """
+        previous = signal.getsignal(signal.SIGUSR1)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
         directory = self.mktemp()
         os.makedirs(directory)
         base = (
@@ -97,7 +101,10 @@ class OptionsTests(SynchronousTestCase):
             application = Application("gsmail")
             made.setServiceParent(application)
             observer = application.getComponent(ILogObserver, None)
-            self.assertEqual(observer is not None, expected, option)
+            self.assertEqual(isinstance(observer, TextLogObserver), not expected, option)
+            if not expected:
+                for log_file in log_files([observer]):
+                    log_file.close()
         assert observer is not None
         # SIGHUP reopens it as it does twistd's text log (logrotate).
         self.assertEqual([f.path for f in log_files([observer])], [os.path.abspath(logfile)])
@@ -119,6 +126,29 @@ class OptionsTests(SynchronousTestCase):
             },
         )
         self.assertEqual(formatEvent(event), "3F2A9C1E01: from=<a@example.org>, size=4213, nrcpt=1")
+
+    def test_syslog_and_logger_keep_twistd_observer(self) -> None:
+        """
+        C{--syslog} and C{--logger}: no observer from gsmail, text or JSON;
+        twistd's syslog observer, or the one named, writes the log.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        base = (
+            "[webservice-default]\ntoken = t0ken\n[gsmail-default]\nurl = http://gs.example.com\n"
+            "smtp_endpoint = tcp:0:interface=127.0.0.1\ndomains = groups.example.com\n"
+            "ledger_path = ledger/posted.log\n"
+        )
+        for option in ("", "log_json = true\n"):
+            path = write(os.path.join(directory, "gsconfig.ini"), base + option)
+            for parent in ({"syslog": True}, {"logger": lambda: print}):
+                options = tap.Options()
+                options.parseOptions(["--config", path])
+                options.parent = parent  # type: ignore[attr-defined]
+                made = tap.makeService(options)
+                application = Application("gsmail")
+                made.setServiceParent(application)
+                self.assertIsNone(application.getComponent(ILogObserver, None), (option, parent))
 
     def test_bad_verp_key_file_exits_78(self) -> None:
         """

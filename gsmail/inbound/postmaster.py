@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from gsmail import status
 from gsmail.inbound.spool import SpooledMessage
+from gsmail.interfaces import Enqueue
 from gsmail.logtext import printable
 from gsmail.status import Reply
 
@@ -106,18 +107,6 @@ class MaildirPostmaster:
         return status.POSTMASTER_STORED
 
 
-class _Queue(TypingProtocol):
-    def enqueue(
-        self,
-        sender: str,
-        recipients: list[str],
-        data: bytes | str,
-        *,
-        xverp: bool = False,
-        params: dict[str, str] | None = None,
-    ) -> Deferred[Any]: ...
-
-
 class ForwardPostmaster:
     """
     Forwards postmaster mail to an outside address through the outbound
@@ -131,7 +120,7 @@ class ForwardPostmaster:
     @param blocking: runs the copy in a thread.
     """
 
-    def __init__(self, queue: _Queue, address: str, spool_dir: str, blocking: Blocking) -> None:
+    def __init__(self, queue: Enqueue, address: str, spool_dir: str, blocking: Blocking) -> None:
         self.queue = queue
         self.address = address
         self.spool_dir = spool_dir

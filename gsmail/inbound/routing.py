@@ -48,7 +48,7 @@ from gsmail import status
 from gsmail.addresses import Address, AddressError, Route, RouteKind, parse_mailbox
 from gsmail.inbound.postmaster import Postmaster
 from gsmail.inbound.spool import SpooledMessage
-from gsmail.interfaces import IGroupServer, MessageSource
+from gsmail.interfaces import Enqueue, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger
 from gsmail.logtext import printable
 from gsmail.posting import plan_posting
@@ -107,18 +107,6 @@ NNTP_DROPPED = frozenset(
         "lines",
     }
 )
-
-
-class _Queue(Protocol):
-    def enqueue(
-        self,
-        sender: str,
-        recipients: list[str],
-        data: bytes | str,
-        *,
-        xverp: bool = False,
-        params: dict[str, str] | None = None,
-    ) -> Deferred[Any]: ...
 
 
 class _CoreParts(Protocol):
@@ -315,17 +303,7 @@ def make_article(path: str, newsgroup: str, hostname: str, out: IO[bytes]) -> No
     5536 §3.1 requires one). Blocking.
     """
     with open(path, "rb") as f:
-        head: list[bytes] = []
-        for line in f:
-            if line in (b"\n", b"\r\n"):
-                break
-            head.append(line)
-        fields: list[list[bytes]] = []
-        for line in head:
-            if line[:1] in (b" ", b"\t") and fields:
-                fields[-1].append(line)
-            else:
-                fields.append([line])
+        fields = _header_fields(f)
         kept = [
             b"".join(lines)
             for lines in fields
@@ -469,7 +447,7 @@ class RouteActions:
         self.rejected_dir = rejected_dir
         self.srs_domain = srs_domain
         self.nntp = nntp if nntp is not None else nntp_post(blocking)
-        self.queue: _Queue | None = None
+        self.queue: Enqueue | None = None
         self.srs: SrsCodec | None = None
         self._handlers: dict[str, Callable[..., Any]] = {}
         self._locks: dict[str, DeferredLock] = {}
@@ -1067,23 +1045,31 @@ def _read_message(path: str, size: int, needs_text: bool) -> tuple[Message, int,
     return header, body_size, "\n".join(parts)
 
 
+def _header_fields(f: IO[bytes]) -> list[list[bytes]]:
+    """
+    Read the header section of the message in C{f} up to and including
+    the empty line that ends it (left unread: the body follows in C{f}),
+    as one list of raw lines per field (the first line, then its
+    continuation lines).
+    """
+    fields: list[list[bytes]] = []
+    for line in f:
+        if line in (b"\n", b"\r\n"):
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    return fields
+
+
 def _rewrite(f: IO[bytes], out: IO[bytes], entry: RouteEntry, subs: Substitutions) -> None:
     """
     Copy the message in C{f} to C{out} with the entry's rewriting applied
     to its header section; the body is copied as it is. Blocking.
     """
     rewrite = entry.rewrite
-    head: list[bytes] = []
-    for line in f:
-        if line in (b"\n", b"\r\n"):
-            break
-        head.append(line)
-    fields: list[list[bytes]] = []
-    for raw in head:
-        if raw[:1] in (b" ", b"\t") and fields:
-            fields[-1].append(raw)
-        else:
-            fields.append([raw])
+    fields = _header_fields(f)
     removed = {name.lower() for name in rewrite.remove_header}
     removed |= {name.lower() for name, _ in rewrite.set_header}
     if rewrite.sequence_header:

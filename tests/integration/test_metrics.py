@@ -242,14 +242,16 @@ class TwistdTests(TestCase):
         """
         With two inbound worker processes, each message and session they
         take is counted once, by the main process, from their relayed log
-        events.
+        events; their GroupServer requests, ledger appends and post gauges
+        reach the main process's scrape in their snapshots (every
+        C{PUSH_INTERVAL} seconds), summed, and are not written to the log.
         """
         smtp_port, metrics_port = free_port(), free_port()
-        await self.start("embedded", smtp_port, metrics_port, "inbound_workers = 2\n")
+        child = await self.start("embedded", smtp_port, metrics_port, "inbound_workers = 2\n")
         for n in range(6):
             self.assertEqual(await deferToThread(send, smtp_port, f"w{n}@example.org"), {})
         smtp = (("listener", "smtp"),)
-        await scraped_until(
+        found = await scraped_until(
             f"http://127.0.0.1:{metrics_port}/metrics",
             {
                 ("gsmail_sessions_total", smtp): 6,
@@ -259,8 +261,34 @@ class TwistdTests(TestCase):
                     "gsmail_recipients_total",
                     (("class", "2xx"), ("listener", "smtp"), ("status", "sent")),
                 ): 6,
+                # The main process posts none of them: these are the workers'.
+                (
+                    "gsmail_groupserver_request_seconds_count",
+                    (("page", "add"), ("result", "200")),
+                ): 6,
+                ("gsmail_posts_in_flight", ()): 0,
+                ("gsmail_posts_waiting", ()): 0,
             },
         )
+        self.assertEqual(
+            found[
+                (
+                    "gsmail_groupserver_request_seconds_bucket",
+                    (("le", "+Inf"), ("page", "add"), ("result", "200")),
+                )
+            ],
+            6,
+        )
+        self.assertGreater(
+            found[("gsmail_groupserver_request_seconds_sum", (("page", "add"), ("result", "200")))],
+            0,
+        )
+        self.assertGreaterEqual(found[("gsmail_ledger_append_seconds_count", ())], 1)
+        self.assertGreaterEqual(found[("gsmail_ledger_records", ())], 1)
+        self.assertEqual(found.get(("gsmail_log_events_unreadable_total", ())), 0)
+        # The snapshots are not log lines.
+        self.assertIn(b"Inbound worker 2", child.output)
+        self.assertNotIn(b"ledger_append", child.output)
 
     async def test_scrape(self) -> None:
         """
