@@ -49,6 +49,15 @@ __all__ = ["GroupDirectory", "Lookup", "DeliveryCore", "trace_fields", "received
 
 log = Logger()
 
+#: The reply to recipients still being delivered at C{reply_deadline}.
+_LATE = status.TOO_BUSY.with_text(
+    "GroupServer has not finished yet; try again later (it will not be posted twice)"
+)
+#: Added to a delivery line's text when the outcome came after that reply.
+_AFTER_DEADLINE = (
+    f"; after the reply deadline: the client was told {_LATE.code} {_LATE.enhanced}"
+)
+
 
 @attrs.frozen
 class Lookup:
@@ -468,15 +477,17 @@ class DeliveryCore:
         posted = message if auth is None else auth.message
         field = b"" if auth is None else auth.field
         checked = self.clock.seconds()
+        answered: Deferred[list[Reply]] = Deferred()
         work = [
             self._deliver_one(session, envelope, route, posted, received, field).addCallback(
-                self._log_delivery, session, envelope, route, message, received, checked
+                self._log_delivery, session, envelope, route, message, received, checked, answered
             )
             for route in envelope.recipients
         ]
-        answered: Deferred[list[Reply]] = Deferred()
         left = max(0.0, self.reply_deadline - (self.clock.seconds() - received))
-        timer = self.clock.callLater(left, self._deadline_passed, work, answered)
+        timer = self.clock.callLater(
+            left, self._deadline_passed, work, answered, envelope.queue_id or "NOQUEUE"
+        )
 
         def finished(replies: list[Reply]) -> None:
             if timer.active():
@@ -516,14 +527,19 @@ class DeliveryCore:
         message: SpooledMessage,
         received: float,
         checked: float,
+        answered: Deferred[list[Reply]],
     ) -> Reply:
         """
         Log one recipient's outcome as Postfix's delivery line
         (L{gsmail.maillog.delivery}): C{delays=a/b/c} are the seconds from the
         queue id to the final dot (receiving), the authentication checks,
-        and the delivery (GroupServer's answer, or the route's actions).
+        and the delivery (GroupServer's answer, or the route's actions). An
+        outcome that came after the client was answered (C{reply_deadline})
+        says so, and what the client was told, in the text and in the field
+        C{after_deadline}.
         """
         now = self.clock.seconds()
+        late = answered.called
         arrived = envelope.arrived or received
         if route.kind is RouteKind.TABLE and route.table is not None:
             relay = "route:" + route.table.entry.name
@@ -541,9 +557,10 @@ class DeliveryCore:
             delays,
             reply.enhanced,
             maillog.delivery_status(reply.code),
-            reply.text,
+            reply.text + (_AFTER_DEADLINE if late else ""),
             session.listener,
             group=route.group_id,
+            after_deadline=late,
             log=log,
             kind=route.kind.value,
             message_id=printable(message.message_id or ""),
@@ -552,15 +569,16 @@ class DeliveryCore:
         return reply
 
     def _deadline_passed(
-        self, work: list[Deferred[Reply]], answered: Deferred[list[Reply]]
+        self, work: list[Deferred[Reply]], answered: Deferred[list[Reply]], queue_id: str
     ) -> None:
-        late = status.TOO_BUSY.with_text(
-            "GroupServer has not finished yet; try again later (it will not be posted twice)"
-        )
-        replies = [cast(Reply, w.result) if w.called else late for w in work]
+        replies = [cast(Reply, w.result) if w.called else _LATE for w in work]
         log.warn(
-            "Reply deadline passed with {count} deliveries running",
+            "{queue_id}: reply deadline passed with {count} deliveries running: the client"
+            " is told {code} {enhanced}; their outcome is logged when it comes",
+            queue_id=queue_id,
             count=sum(not w.called for w in work),
+            code=_LATE.code,
+            enhanced=_LATE.enhanced,
         )
         answered.callback(replies)
 

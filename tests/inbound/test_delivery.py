@@ -554,6 +554,45 @@ class DeliveryTests(CoreTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.gs.posts), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_reply_deadline_logged(self) -> None:
+        """
+        The log says the client was told 451 at the deadline (one warning
+        with the queue id), and the delivery line that comes later says
+        its success came after that reply, in the text and as a field.
+        """
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.gs.hold = True
+        envelope = self.envelope("dev@groups.example.com")
+        envelope.queue_id = "4B1D0C0FFE"
+        d = self.core.deliver(self.session, envelope, self.message(MSG))
+        self.clock.advance(540)
+        self.successResultOf(d)
+        [warning] = [e for e in events if "deadline passed" in formatEvent(e)]
+        self.assertEqual(
+            formatEvent(warning),
+            "4B1D0C0FFE: reply deadline passed with 1 deliveries running: the client is told"
+            " 451 4.4.5; their outcome is logged when it comes",
+        )
+        self.gs.held[0].callback(None)
+        [line] = [e for e in events if e.get("gsmail_event") == "delivery"]
+        self.assertTrue(line["after_deadline"])
+        self.assertEqual(line["status"], "sent")
+        self.assertIn(
+            "; after the reply deadline: the client was told 451 4.4.5)", formatEvent(line)
+        )
+
+    def test_delivery_in_time_not_marked(self) -> None:
+        """A delivery answered within the deadline has C{after_deadline} false."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.successResultOf(self.deliver(self.envelope("dev@groups.example.com"), MSG))
+        [line] = [e for e in events if e.get("gsmail_event") == "delivery"]
+        self.assertFalse(line["after_deadline"])
+        self.assertNotIn("deadline", formatEvent(line))
+
     def test_retry_joins_running_post(self) -> None:
         """A retry arriving while the first post still runs joins it: one post."""
         self.gs.hold = True
