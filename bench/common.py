@@ -144,6 +144,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process itself, in seconds: without its children."""
+    return sum(int(x) for x in _stat_fields(pid)[11:13]) / _CLK_TCK
+
+
 def cpu_seconds(pid: int) -> float:
     """
     utime + stime of a process, its reaped children (cutime + cstime) and its

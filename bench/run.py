@@ -55,6 +55,7 @@ from common import (  # noqa: E402
     median,
     median_range,
     memory_mib,
+    own_cpu_seconds,
     peak_rss_mib,
     percentile,
     raise_fd_limit,
@@ -71,11 +72,12 @@ SESSIONS = 20
 TARGETS = ("gsmail", "gsmail-w2", "twisted", "aiosmtpd", "pipe", "smtp2gs", "sink")
 #: Run only when named in --targets: the same servers with another number of
 #: posts in flight at once (what GroupServer's per-post CPU depends on).
-EXTRA_TARGETS = ("gsmail-before", "gsmail-c20", "twisted-c4")
+EXTRA_TARGETS = ("gsmail-before", "gsmail-w2-before", "gsmail-c20", "twisted-c4")
 LABELS = {
     "gsmail": "gsmail (ledger + spool + RCPT lookup)",
     "gsmail-w2": "gsmail, inbound_workers = 2 (same guarantees)",
     "gsmail-before": "gsmail from --before-root",
+    "gsmail-w2-before": "gsmail from --before-root, inbound_workers = 2",
     "gsmail-c20": "gsmail, post_concurrency = 20",
     "twisted": "peer: Twisted ESMTP + treq",
     "twisted-c4": "peer: Twisted ESMTP + treq, at most 4 posts at once",
@@ -92,7 +94,15 @@ PIPE_MAX_N = 200
 IDLE_SESSIONS = 1000
 IDLE_TARGETS = ("gsmail", "twisted", "aiosmtpd")
 #: gsmail with inbound worker processes: the number of workers, by target.
-GSMAIL_WORKERS = {"gsmail": 0, "gsmail-w2": 2, "gsmail-c20": 0, "gsmail-before": 0}
+GSMAIL_WORKERS = {
+    "gsmail": 0,
+    "gsmail-w2": 2,
+    "gsmail-c20": 0,
+    "gsmail-before": 0,
+    "gsmail-w2-before": 2,
+}
+#: Targets that run gsmail from --before-root.
+BEFORE_TARGETS = ("gsmail-before", "gsmail-w2-before")
 #: Extra lines of gsmail's configuration, by target.
 GSMAIL_OPTIONS = {"gsmail-c20": ["post_concurrency = 20"]}
 
@@ -342,7 +352,7 @@ class Target:
                     )
                 )
             # The tree's gsmail, not an installed copy; twistd's default log file.
-            root = BEFORE_ROOT if kind == "gsmail-before" else GSMAIL_ROOT
+            root = BEFORE_ROOT if kind in BEFORE_TARGETS else GSMAIL_ROOT
             env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
             argv = [
                 sys.executable,
@@ -433,6 +443,9 @@ class Run:
     light_p99: float = float("nan")
     rss_mib: float = float("nan")
     cpu_ms_per_msg: float = float("nan")
+    #: With inbound workers: the main process's own share of cpu_ms_per_msg
+    #: (the log relay, the text log); the rest is the workers'.
+    main_cpu_ms_per_msg: float = float("nan")
     seconds: float = float("nan")
     ledger_bytes: float = float("nan")
     #: The GroupServer side (the stand-in process) during the throughput load:
@@ -537,6 +550,7 @@ def inbound_run(
     target = Target(kind, lmtp, standin, workdir, run_id, gsmail_options)
     try:
         cpu0 = cpu_seconds(target.pid)
+        main_cpu0 = own_cpu_seconds(target.pid)
         gs_cpu0, gs_wakeups0 = cpu_seconds(standin.pid), wakeups(standin.pid)
         start = time.monotonic()
         argv = [
@@ -576,6 +590,9 @@ def inbound_run(
         result.seconds = end - start
         result.msgs_per_s = result.posted / result.seconds if result.seconds > 0 else float("nan")
         result.cpu_ms_per_msg = (cpu_seconds(target.pid) - cpu0) * 1000 / max(1, result.posted)
+        if GSMAIL_WORKERS.get(kind):
+            main_cpu = own_cpu_seconds(target.pid) - main_cpu0
+            result.main_cpu_ms_per_msg = main_cpu * 1000 / max(1, result.posted)
         if result.posted < n:
             result.errors.append(f"only {result.posted} of {n} posts arrived")
         target.process.check_alive()
@@ -1115,6 +1132,9 @@ def inbound_table(title: str, runs: dict[str, list[Run]]) -> str:
         notes = "; ".join(sorted({e for r in rs for e in r.errors}))[:160]
         if kind in PIPE_KINDS:
             notes = (f"N ≤ {PIPE_MAX_N}; " + notes).strip("; ")
+        if GSMAIL_WORKERS.get(kind):
+            share = median_range([r.main_cpu_ms_per_msg for r in rs], 2)
+            notes = (f"main process {share} of the CPU ms/msg; " + notes).strip("; ")
 
         def m(name: str, digits: int = 1, rs: list[Run] = rs) -> str:
             return median_range([getattr(r, name) for r in rs], digits)
@@ -1416,9 +1436,9 @@ def main() -> None:
     global GSMAIL_ROOT, BEFORE_ROOT, PIPE_MAX_N
     if args.gsmail_root:
         GSMAIL_ROOT = os.path.abspath(args.gsmail_root)
-    if "gsmail-before" in args.targets.split(","):
+    if set(BEFORE_TARGETS) & set(args.targets.split(",")):
         if not args.before_root:
-            sys.exit("the target gsmail-before needs --before-root DIR")
+            sys.exit("the targets gsmail-before and gsmail-w2-before need --before-root DIR")
         BEFORE_ROOT = os.path.abspath(args.before_root)
     if args.quick:
         PIPE_MAX_N = 100
@@ -1513,7 +1533,7 @@ def main() -> None:
             big: dict[str, list[Run]] = {}
             for rep in range(reps):
                 for kind in targets:
-                    if kind in (*PIPE_KINDS, "sink", "gsmail-w2"):
+                    if kind in (*PIPE_KINDS, "sink", "gsmail-w2", "gsmail-w2-before"):
                         continue
                     run_id, load = progress.start(f"{kind} 200 MiB rep {rep + 1}")
                     r = big_run(

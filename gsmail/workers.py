@@ -99,7 +99,7 @@ from zope.interface import implementer
 
 from gsmail.config import GsmailConfig
 from gsmail.inbound.spool import remove_process_files
-from gsmail.textlog import event_text
+from gsmail.textlog import event_text, held_writes
 
 __all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main", "relayed_fields"]
 
@@ -360,9 +360,12 @@ class _Worker(ProcessProtocol):
                 )
             return
         *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            if line:
-                self._line(line)
+        # A worker writes its lines in batches (LOG_DELAY): the text log
+        # writes each batch at once, not a system call per line.
+        with held_writes():
+            for line in lines:
+                if line:
+                    self._line(line)
 
     def _line(self, line: bytes) -> None:
         try:

@@ -33,7 +33,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from gsmail import maillog
 from gsmail.reload import log_files, reopen_log_files
-from gsmail.textlog import TextLogObserver, event_text, text_log_observer
+from gsmail.textlog import TextLogObserver, event_text, held_writes, text_log_observer
 
 
 def twistd_line(event: dict[str, Any]) -> str | None:
@@ -220,6 +220,93 @@ class WriteTests(SynchronousTestCase):
         self.assertEqual(
             out.getvalue().decode("utf-8"), twistd_line({"log_format": "née", "log_time": 0.0})
         )
+
+
+class CountingFile(io.BytesIO):
+    """A file that counts its writes and flushes (each one a system call on a real log file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+class HeldWritesTests(SynchronousTestCase):
+    """L{held_writes}: a batch of events written together."""
+
+    def test_one_write_for_the_batch(self) -> None:
+        """
+        Within L{held_writes} nothing is written; when it ends, every line,
+        in order and the same bytes as without it, with one write and one
+        flush.
+        """
+        events = sample_events()
+        plain, batched = CountingFile(), CountingFile()
+        for event in events:
+            TextLogObserver(plain)(event)
+        observer = TextLogObserver(batched)
+        with held_writes():
+            for event in events:
+                observer(event)
+            with held_writes():  # nested: still held until the outermost ends
+                observer({"log_format": "inner", "log_time": 0.0})
+            self.assertEqual((batched.getvalue(), batched.writes), (b"", 0))
+        self.assertEqual(
+            batched.getvalue(),
+            plain.getvalue() + twistd_line({"log_format": "inner", "log_time": 0.0}).encode(),
+        )
+        self.assertEqual((batched.writes, batched.flushes), (1, 1))
+        self.assertGreater(plain.writes, 15)
+
+    def test_written_when_the_block_fails(self) -> None:
+        """Lines held when the block raises are written all the same."""
+        out = CountingFile()
+        observer = TextLogObserver(out)
+        with self.assertRaises(ZeroDivisionError):
+            with held_writes():
+                observer({"log_format": "before the error", "log_time": 0.0})
+                raise ZeroDivisionError()
+        self.assertIn(b"before the error", out.getvalue())
+        with held_writes():
+            pass
+        self.assertEqual(out.writes, 1)
+
+    def test_other_threads_not_held(self) -> None:
+        """An event from another thread is written at once."""
+        import threading
+
+        out = CountingFile()
+        observer = TextLogObserver(out)
+        with held_writes():
+            observer({"log_format": "held", "log_time": 0.0})
+            thread = threading.Thread(
+                target=observer, args=({"log_format": "from a thread", "log_time": 0.0},)
+            )
+            thread.start()
+            thread.join(10)
+            self.assertIn(b"from a thread", out.getvalue())
+            self.assertNotIn(b"held", out.getvalue())
+        self.assertIn(b"held", out.getvalue())
+
+    def test_unwritable_log(self) -> None:
+        """A log that cannot be written does not fail the block, nor the other logs."""
+
+        class Broken(CountingFile):
+            def write(self, data: Any) -> int:
+                raise OSError("disk full")
+
+        good = CountingFile()
+        with held_writes():
+            TextLogObserver(Broken())({"log_format": "lost", "log_time": 0.0})
+            TextLogObserver(good)({"log_format": "kept", "log_time": 0.0})
+        self.assertIn(b"kept", good.getvalue())
 
 
 class ReopenTests(SynchronousTestCase):

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gsmail import maillog
+from gsmail.textlog import TextLogObserver
 from gsmail.workers import (
     STABLE_AFTER,
     STOP_GRACE,
@@ -37,6 +38,7 @@ from gsmail.workers import (
     write_setup,
 )
 from tests.integration.test_large import ROOT
+from tests.test_textlog import CountingFile
 from tests.util import TOKEN, make_config
 
 
@@ -235,6 +237,28 @@ class RelayTests(SynchronousTestCase):
             slot.outReceived(piece)
         self.assertEqual(
             [formatEvent(e) for e in workers.events], ["event 0", "event 1", "event 2"]
+        )
+
+    def test_one_text_log_write_per_read(self) -> None:
+        """
+        The lines of one read from a worker reach the text log with one
+        write (a worker writes its info lines in batches: one system call
+        per batch in the main process, not one per line), each line as it
+        would be written alone.
+        """
+        workers = started(self)
+        out = CountingFile()
+        workers.publisher = TextLogObserver(out)
+        data = b"".join(
+            self.line({"log_format": f"event {n}", "log_level": LogLevel.info, "log_time": 1.0})
+            for n in range(3)
+        )
+        workers.slots[0].outReceived(data)
+        self.assertEqual(out.writes, 1)
+        lines = out.getvalue().decode().splitlines()
+        self.assertEqual(
+            [line.split(" ", 1)[1] for line in lines],
+            [f"[inbound-1 -#info] event {n}" for n in range(3)],
         )
 
     def test_garbage_logged_once(self) -> None:
