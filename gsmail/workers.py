@@ -25,7 +25,9 @@ The main process supervises:
     output; the main process re-emits it to its own observers (twistd's log
     file), with C{log_system} C{inbound-N} and the field C{gsmail_worker}
     (N); a mail log line (L{gsmail.maillog}) keeps its fields
-    (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). Anything on a
+    (C{gsmail_event}, C{queue_id}, ...: L{relayed_fields}). A worker writes
+    its info lines in batches (L{LOG_DELAY}), and the lines of one read
+    reach the text log with one write (L{gsmail.textlog.held_writes}). Anything on a
     worker's standard error (a Python crash) is logged as an error line by
     line. A line that is a JSON object is for the main process itself, not
     a log event: C{{"ready": true}} once the worker accepts, and
