@@ -115,9 +115,7 @@ def too_many_connections(host: str) -> Reply:
 
 def connection_rate_exceeded(host: str, unit: float) -> Reply:
     """C{421 4.7.0} for a client over its connection rate limit."""
-    return Reply(
-        421, "4.7.0", f"Too many connections from [{host}] in {unit:g} s; try again later"
-    )
+    return Reply(421, "4.7.0", f"Too many connections from [{host}] in {unit:g} s; try again later")
 
 
 #: A RCPT past a lookup cap (per session or per client): transient, so a
@@ -127,9 +125,7 @@ LOOKUP_LIMIT = Reply(450, "4.7.1", "Too many recipient lookups; try again later"
 
 def auth_locked(host: str) -> Reply:
     """C{421 4.7.0} for a client over its AUTH failure limit (RFC 4954 §6 leaves it to us)."""
-    return Reply(
-        421, "4.7.0", f"Too many authentication failures from [{host}]; try again later"
-    )
+    return Reply(421, "4.7.0", f"Too many authentication failures from [{host}]; try again later")
 
 
 class Anvil:

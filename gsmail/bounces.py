@@ -141,7 +141,9 @@ def classify(message: bytes) -> FailureReport:
         if failed:
             return FailureReport("dsn", frozenset(failed))
         delayed = any(block.action == "delayed" for block in blocks)
-        return FailureReport("dsn", frozenset(), "delay notice" if delayed else "no failed recipient")
+        return FailureReport(
+            "dsn", frozenset(), "delay notice" if delayed else "no failed recipient"
+        )
     parsed = BytesParser(policy=compat32).parsebytes(message)
     try:
         from flufl.bounce import scan_message
@@ -285,4 +287,3 @@ class BounceScreen:
         note = report.note or f"reports other recipients ({len(report.failed)})"
         self._dropped("not a failure report", route, note)
         return status.BOUNCE_NOT_FAILURE
-

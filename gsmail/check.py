@@ -396,10 +396,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", "--instance", default="default")
     parser.add_argument("-u", "--uid", help="the user gsmail runs as (twistd --uid)")
     parser.add_argument("-g", "--gid", help="its group (twistd --gid)")
+    parser.add_argument("--offline", action="store_true", help="do not ask GroupServer or DNS")
     parser.add_argument(
-        "--offline", action="store_true", help="do not ask GroupServer or DNS"
+        "--version", action="version", version=f"gsmail-check (gsmail) {__version__}"
     )
-    parser.add_argument("--version", action="version", version=f"gsmail-check (gsmail) {__version__}")
     return parser
 
 
@@ -477,4 +477,3 @@ def _run(config: GsmailConfig, user: RunUser | None, network: bool) -> Report:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
-

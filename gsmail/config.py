@@ -985,7 +985,9 @@ class _Reader:
         if value is not None:
             if not re.fullmatch(r"0?[0-7]{3}|0o[0-7]{3}", value.lower()):
                 raise self.error(
-                    section, "unix_socket_mode", f"expected an octal mode such as 0660, got {value!r}"
+                    section,
+                    "unix_socket_mode",
+                    f"expected an octal mode such as 0660, got {value!r}",
                 )
             mode = int(value.lower().removeprefix("0o"), 8)
         return {

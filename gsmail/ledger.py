@@ -727,7 +727,9 @@ class PostLedger:
         now = self._clock.seconds()
         cutoff = max(now - self._ttl + 60, now - 86400)
         return {
-            k for k, e in self._entries.items() if e.time > cutoff and e.outcome is Outcome.DUPLICATE
+            k
+            for k, e in self._entries.items()
+            if e.time > cutoff and e.outcome is Outcome.DUPLICATE
         }
 
     def _restore(self, what: str) -> None:

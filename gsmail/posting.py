@@ -148,8 +148,7 @@ async def _bounce(client: IGroupServer, posting: Posting, member: str, group: st
         if not e.outcome_unknown:
             raise
         log.warn(
-            "Bounce of {member} from {group} may or may not be recorded ({detail});"
-            " not repeated",
+            "Bounce of {member} from {group} may or may not be recorded ({detail}); not repeated",
             member=member,
             group=group,
             detail=e.detail,
@@ -157,4 +156,3 @@ async def _bounce(client: IGroupServer, posting: Posting, member: str, group: st
         return
     if found is False:
         posting.success = status.BOUNCE_NO_MEMBER
-

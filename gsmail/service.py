@@ -924,9 +924,7 @@ class GsmailService(MultiService):
                 self.reactor, self.reactor.getThreadPool(), self._prepare_reload, config
             )
         except ReloadError as e:
-            log.error(
-                "Configuration not reloaded, everything stays as it was: {why}", why=str(e)
-            )
+            log.error("Configuration not reloaded, everything stays as it was: {why}", why=str(e))
             notify_systemd("READY=1")
             return False
         self._apply_reload(reload)
@@ -953,7 +951,8 @@ class GsmailService(MultiService):
         """Apply a prepared reload here, then in the inbound workers."""
         config = reload.config
         changed = [
-            name for name in ("domains", "tls_certificate", "tls_key", "routes", "srs_domain")
+            name
+            for name in ("domains", "tls_certificate", "tls_key", "routes", "srs_domain")
             if getattr(config, name) != getattr(self.config, name)
         ]
         self.inbound.apply_reload(reload)
@@ -992,7 +991,8 @@ class GsmailService(MultiService):
         """Say that gsmail takes mail: in the log, and to systemd (C{Type=notify})."""
         kinds = {"smtp": "ESMTP", "lmtp": "LMTP", "submission": "submission (ESMTP)"}
         listening = ", ".join(
-            f"{kinds[name]} on {_where(self, name)}" for name in ("smtp", "lmtp", "submission")
+            f"{kinds[name]} on {_where(self, name)}"
+            for name in ("smtp", "lmtp", "submission")
             if name in self.listeners
         )
         log.info("gsmail ready: {listening}", listening=listening)

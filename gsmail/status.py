@@ -156,7 +156,9 @@ NO_SUCH_GROUP_CACHED = Reply(450, "4.1.1", "No such group when last asked; try a
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing", EX_TEMPFAIL)
 CONFIG_ERROR = Reply(451, "4.3.5", "Error with the configuration file", EX_CONFIG)
 GROUPSERVER_UNREACHABLE = Reply(451, "4.4.4", "Error connecting to GroupServer", EX_PROTOCOL)
-GROUPSERVER_BAD_REPLY = Reply(451, "4.5.0", "Could not decode the reply from GroupServer", EX_PROTOCOL)
+GROUPSERVER_BAD_REPLY = Reply(
+    451, "4.5.0", "Could not decode the reply from GroupServer", EX_PROTOCOL
+)
 # A page's status message said it refused the request (alert-error): a wrong
 # token or a field GroupServer would not take. A fault of this site's
 # configuration, not the sender's: transient (groupserver-protocol.md).

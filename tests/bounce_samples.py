@@ -25,8 +25,10 @@ def dsn(
     """
     boundary = "8C2E51A0F3.1700000000/mx.example.org"
     original_line = f"Original-Recipient: rfc822;{original}\n" if original else ""
-    subject = "Delayed Mail (still being retried)" if action == "delayed" else (
-        "Undelivered Mail Returned to Sender"
+    subject = (
+        "Delayed Mail (still being retried)"
+        if action == "delayed"
+        else ("Undelivered Mail Returned to Sender")
     )
     return (
         f"Received: by {reporting_mta} (Postfix) id 8C2E51A0F3; Tue, 14 Nov 2023 22:13:20 +0000\n"

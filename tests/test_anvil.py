@@ -25,9 +25,7 @@ class AnvilTestCase(SynchronousTestCase):
         return Anvil(ClientLimits(**limits), self.clock)  # type: ignore[arg-type]
 
     def logged(self) -> list[str]:
-        return [
-            formatEvent(e) for e in self.events if e.get("log_namespace") == "gsmail.anvil"
-        ]
+        return [formatEvent(e) for e in self.events if e.get("log_namespace") == "gsmail.anvil"]
 
 
 class ConnectionTests(AnvilTestCase):

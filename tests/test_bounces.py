@@ -67,7 +67,8 @@ class ClassifyTests(SynchronousTestCase):
     def test_postfix_failed(self) -> None:
         """A Postfix DSN with C{Action: failed}, C{Status: 5.1.1}: a failure of that recipient."""
         self.assertEqual(
-            classify(dsn("Alice@Example.org")), FailureReport("dsn", frozenset({"alice@example.org"}))
+            classify(dsn("Alice@Example.org")),
+            FailureReport("dsn", frozenset({"alice@example.org"})),
         )
 
     def test_delay_notice(self) -> None:
@@ -112,7 +113,9 @@ class ClassifyTests(SynchronousTestCase):
         message = build_dsn(
             reporting_mta="mx.groups.example.com",
             original_sender="dev+alice=example.org@groups.example.com",
-            recipients=[FailedRecipient("alice@example.org", status.Reply(550, "5.1.1", "No"), "mx")],
+            recipients=[
+                FailedRecipient("alice@example.org", status.Reply(550, "5.1.1", "No"), "mx")
+            ],
             original_path=path,
             arrival=NOW,
             now=NOW,
@@ -121,9 +124,7 @@ class ClassifyTests(SynchronousTestCase):
 
     def test_base64_delivery_status(self) -> None:
         """A delivery-status part in base64 (Exchange does this) is read."""
-        report = (
-            b"Final-Recipient: rfc822;alice@example.org\r\nAction: failed\r\nStatus: 5.2.2\r\n"
-        )
+        report = b"Final-Recipient: rfc822;alice@example.org\r\nAction: failed\r\nStatus: 5.2.2\r\n"
         message = (
             b"From: postmaster@example.org\nTo: x@groups.example.com\nSubject: Undeliverable\n"
             b"MIME-Version: 1.0\n"
@@ -148,7 +149,9 @@ class ClassifyTests(SynchronousTestCase):
 
     def test_out_of_office(self) -> None:
         """A vacation reply naming the member is no failure report."""
-        self.assertEqual(classify(out_of_office()), FailureReport("none", frozenset(), "auto-reply"))
+        self.assertEqual(
+            classify(out_of_office()), FailureReport("none", frozenset(), "auto-reply")
+        )
 
     def test_plain_mail(self) -> None:
         """Plain mail that says "550 user unknown" is no failure report."""
@@ -252,9 +255,7 @@ class ScreenTests(SynchronousTestCase):
         self.failureResultOf(self.screen.check(self.route(), message), OSError)
 
     def logged(self) -> list[str]:
-        return [
-            formatEvent(e) for e in self.events if e.get("log_namespace") == "gsmail.bounces"
-        ]
+        return [formatEvent(e) for e in self.events if e.get("log_namespace") == "gsmail.bounces"]
 
     def test_signed_failure(self) -> None:
         """A valid tag and a failure report for its member: the member."""
@@ -294,9 +295,7 @@ class ScreenTests(SynchronousTestCase):
 
     def test_no_key(self) -> None:
         """A signed address smtp2gs cannot check (key file unreadable): 451 4.3.5, retried."""
-        route = Route(
-            RouteKind.BOUNCE, ALICE, group_address=GROUP, bounce_check=BounceCheck.NO_KEY
-        )
+        route = Route(RouteKind.BOUNCE, ALICE, group_address=GROUP, bounce_check=BounceCheck.NO_KEY)
         reply = self.check(route, dsn("alice@example.org"))
         assert isinstance(reply, status.Reply)
         self.assertEqual((reply.code, reply.enhanced), (451, "4.3.5"))

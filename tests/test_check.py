@@ -83,7 +83,10 @@ class RunChecksTests(TestCase):
         os.chmod(self.directory, 0o755)
         self.addCleanup(shutil.rmtree, self.directory, True)
         self.standin = StandIn(
-            os.path.join(self.directory, "standin"), TOKEN, {f"example@{DOMAIN}": "example"}, clock=reactor
+            os.path.join(self.directory, "standin"),
+            TOKEN,
+            {f"example@{DOMAIN}": "example"},
+            clock=reactor,
         )
         port = reactor.listenTCP(0, self.standin.site(), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -126,7 +129,9 @@ class RunChecksTests(TestCase):
         config = attrs.evolve(self.config(), token="wrong-token-123")  # type: ignore[misc]
         report = await run_checks(config, reactor, None)
         [problem] = report.problems
-        self.assertIn(f"url {self.url}: 4.3.5 GroupServer refused the request (check the token", problem)
+        self.assertIn(
+            f"url {self.url}: 4.3.5 GroupServer refused the request (check the token", problem
+        )
         self.assertNotIn("wrong-token-123", problem)
 
     async def test_groupserver_down(self) -> None:
@@ -142,7 +147,10 @@ class RunChecksTests(TestCase):
         report = await run_checks(config, reactor, None)
         self.assertEqual(report.problems, [])
         [elsewhere, missing] = report.warnings
-        self.assertIn("MX of lists.example.com: mx.elsewhere.example.com (192.0.2.1): not this host", elsewhere)
+        self.assertIn(
+            "MX of lists.example.com: mx.elsewhere.example.com (192.0.2.1): not this host",
+            elsewhere,
+        )
         self.assertIn("MX of nosuch.example.com: 5.1.2", missing)
 
     async def test_broken(self) -> None:
@@ -157,14 +165,19 @@ class RunChecksTests(TestCase):
             tls_certificate=chain,
             tls_key=key,
         )
-        report = await run_checks(config, reactor, None, network=False, now=NOW + datetime.timedelta(days=3))  # type: ignore[arg-type]
+        report = await run_checks(
+            config, reactor, None, network=False, now=NOW + datetime.timedelta(days=3)
+        )  # type: ignore[arg-type]
         [port, directory, expired] = report.problems
         self.assertIn("smtp_endpoint 'tcp:99999': cannot listen: the port must be 0 to 65535", port)
         self.assertIn("the socket's directory /nonexistent/gsmail does not exist", directory)
         self.assertIn("expired on", expired)
         _, other_key, _ = make_chain(os.path.join(self.directory, "tls2"))
         report = await run_checks(
-            self.config(tls_certificate=chain, tls_key=other_key), reactor, None, network=False  # type: ignore[arg-type]
+            self.config(tls_certificate=chain, tls_key=other_key),
+            reactor,
+            None,
+            network=False,  # type: ignore[arg-type]
         )
         [mismatch] = report.problems
         self.assertIn("tls_certificate: ", mismatch)
@@ -173,7 +186,9 @@ class RunChecksTests(TestCase):
     async def test_expiring_soon(self) -> None:
         """A certificate with less than two weeks left is a warning."""
         chain, key, _ = make_chain(os.path.join(self.directory, "tls"))
-        report = await run_checks(self.config(tls_certificate=chain, tls_key=key), reactor, None, network=False)  # type: ignore[arg-type]
+        report = await run_checks(
+            self.config(tls_certificate=chain, tls_key=key), reactor, None, network=False
+        )  # type: ignore[arg-type]
         [warning] = report.warnings
         self.assertIn("(0 days): renew it", warning)
 
@@ -187,7 +202,10 @@ class RunChecksTests(TestCase):
         user = RunUser(65534, 65534, "nobody", frozenset({65534}))
         report = await run_checks(config, reactor, user, network=False)  # type: ignore[arg-type]
         [problem] = report.problems
-        self.assertIn(f"ledger_path: nobody cannot write {ledger} (root:root 0755): chown -R nobody:nogroup {ledger}", problem)
+        self.assertIn(
+            f"ledger_path: nobody cannot write {ledger} (root:root 0755): chown -R nobody:nogroup {ledger}",
+            problem,
+        )
 
 
 class CommandTests(TestCase):
@@ -223,7 +241,9 @@ class CommandTests(TestCase):
 
     async def test_broken(self) -> None:
         """Exit 78 and one line per problem on standard error."""
-        path = self.write("smtp_endpoint = tcp:notaport\nlmtp_endpoint = unix:/nonexistent/x/l.sock\n")
+        path = self.write(
+            "smtp_endpoint = tcp:notaport\nlmtp_endpoint = unix:/nonexistent/x/l.sock\n"
+        )
         out, err, code = await self.command("-m", "gsmail.check", "--offline", "--config", path)
         self.assertEqual(code, EX_CONFIG)
         lines = err.splitlines()
@@ -243,7 +263,9 @@ class CommandTests(TestCase):
         """twistd gsmail --check runs the same checks and exits with their status."""
         path = self.write("smtp_endpoint = tcp:notaport\n")
         twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-        out, err, code = await self.command("-c", twistd, "-n", "--pidfile=", "gsmail", "--config", path, "--check")
+        out, err, code = await self.command(
+            "-c", twistd, "-n", "--pidfile=", "gsmail", "--config", path, "--check"
+        )
         self.assertEqual(code, EX_CONFIG, out + err)
         self.assertIn("smtp_endpoint 'tcp:notaport'", err)
 
@@ -311,10 +333,16 @@ class DKIMCheckTests(TestCase):
         )
         mismatch, missing = self.dkim(report.problems)
         self.assertIn(f"MISMATCH: {DOMAIN}:gs2: the record has k=rsa, the key is ed25519", mismatch)
-        self.assertIn(f"publish instead: gs2._domainkey.{DOMAIN}. IN TXT \"v=DKIM1; k=ed25519; p=", mismatch)
-        self.assertIn(f"MISSING: {DOMAIN}:gs3: no DKIM record at gs3._domainkey.{DOMAIN}; publish: ", missing)
+        self.assertIn(
+            f'publish instead: gs2._domainkey.{DOMAIN}. IN TXT "v=DKIM1; k=ed25519; p=', mismatch
+        )
+        self.assertIn(
+            f"MISSING: {DOMAIN}:gs3: no DKIM record at gs3._domainkey.{DOMAIN}; publish: ", missing
+        )
         [unusable] = self.dkim(report.warnings)
-        self.assertIn(f"{DOMAIN}:gs4: the DKIM key {self.directory}/dkim/gs4.key is neither PEM", unusable)
+        self.assertIn(
+            f"{DOMAIN}:gs4: the DKIM key {self.directory}/dkim/gs4.key is neither PEM", unusable
+        )
         self.assertIn("mail it signs waits in the queue until it can be used", unusable)
 
     async def test_offline(self) -> None:

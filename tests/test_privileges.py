@@ -52,21 +52,28 @@ class SocketOptionsTests(SynchronousTestCase):
 
     def test_given(self) -> None:
         """A group by name or number; a mode in octal, with or without the leading 0."""
-        self.assertEqual(self.load("unix_socket_group = root\nunix_socket_mode = 0600\n"), ("root", 0o600))
+        self.assertEqual(
+            self.load("unix_socket_group = root\nunix_socket_mode = 0600\n"), ("root", 0o600)
+        )
         self.assertEqual(self.load("unix_socket_group = 0\nunix_socket_mode = 666\n"), ("0", 0o666))
 
     def test_unknown_group(self) -> None:
         """A group this host does not have is a one-line configuration error."""
         with self.assertRaises(ConfigError) as caught:
             self.load("unix_socket_group = no-such-group-here\n")
-        self.assertIn("unix_socket_group: no such group on this host: 'no-such-group-here'", str(caught.exception))
+        self.assertIn(
+            "unix_socket_group: no such group on this host: 'no-such-group-here'",
+            str(caught.exception),
+        )
 
     def test_bad_mode(self) -> None:
         """A mode that is not three octal digits is refused."""
         for value in ("rw-rw----", "0999", "66", "06600"):
             with self.assertRaises(ConfigError) as caught:
                 self.load(f"unix_socket_mode = {value}\n")
-            self.assertIn("unix_socket_mode: expected an octal mode such as 0660", str(caught.exception))
+            self.assertIn(
+                "unix_socket_mode: expected an octal mode such as 0660", str(caught.exception)
+            )
 
 
 class RunUserTests(SynchronousTestCase):
@@ -119,7 +126,14 @@ class PrepareStateTests(SynchronousTestCase):
         directory = os.path.abspath(self.mktemp())
         config = make_config(directory)
         prepare_state(state_paths(config), None)
-        for name in ("ledger", "spool", "standin", "postmaster/new", "postmaster/cur", "postmaster/tmp"):
+        for name in (
+            "ledger",
+            "spool",
+            "standin",
+            "postmaster/new",
+            "postmaster/cur",
+            "postmaster/tmp",
+        ):
             self.assertTrue(os.path.isdir(os.path.join(directory, name)), name)
 
     def test_given_to_the_run_user(self) -> None:
@@ -156,8 +170,13 @@ class PrepareStateTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, EX_NOPERM)
         message = str(caught.exception)
         self.assertNotIn("\n", message)
-        names = " ".join(os.path.join(directory, name) for name in ("ledger", "spool", "postmaster", "routes", "errors", "rejected", "standin"))
-        self.assertIn(f"ledger_path: nobody cannot write {directory}/ledger (root:root 0755)", message)
+        names = " ".join(
+            os.path.join(directory, name)
+            for name in ("ledger", "spool", "postmaster", "routes", "errors", "rejected", "standin")
+        )
+        self.assertIn(
+            f"ledger_path: nobody cannot write {directory}/ledger (root:root 0755)", message
+        )
         self.assertTrue(message.endswith(f"chown -R nobody:nogroup {names}"), message)
 
     def test_file_left_by_root(self) -> None:
@@ -172,7 +191,9 @@ class PrepareStateTests(SynchronousTestCase):
         os.chmod(config.ledger_path, 0o600)
         with self.assertRaises(StartupError) as caught:
             prepare_state(state_paths(config), user)
-        self.assertIn(f"nobody cannot write {config.ledger_path} (root:root 0600)", str(caught.exception))
+        self.assertIn(
+            f"nobody cannot write {config.ledger_path} (root:root 0600)", str(caught.exception)
+        )
         self.assertIn(f"chown -R nobody:nogroup {directory}/ledger", str(caught.exception))
 
     def test_shared_spool(self) -> None:
@@ -207,4 +228,6 @@ class SecureSocketTests(SynchronousTestCase):
             user = RunUser(NOBODY, NOBODY, "nobody", frozenset({NOBODY}))
             secure_socket("lmtp_endpoint", path, None, "", user)
             info = os.stat(path)
-            self.assertEqual((info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)), (NOBODY, NOBODY, 0o640))
+            self.assertEqual(
+                (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)), (NOBODY, NOBODY, 0o640)
+            )

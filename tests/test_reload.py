@@ -135,7 +135,9 @@ class RestartOptionTests(SynchronousTestCase):
         self.assertEqual(
             needs_restart(self.running, new), ["smtp_endpoint", "inbound_workers", "ledger_path"]
         )
-        self.assertEqual(applied(self.running, new), attrs.evolve(self.running, domains=("new.example",)))
+        self.assertEqual(
+            applied(self.running, new), attrs.evolve(self.running, domains=("new.example",))
+        )
 
     def test_tls_on_or_off(self) -> None:
         """Removing the certificate (or adding the first one) needs a restart: STARTTLS is offered or not."""
@@ -332,7 +334,8 @@ class ServiceReloadTests(TestCase):
         port = port_of(self.service, "smtp")
         make_certificate(os.path.join(self.directory, "c"))
         shutil.copy(
-            os.path.join(self.directory, "c", "key.pem"), os.path.join(self.directory, "tls", "key.pem")
+            os.path.join(self.directory, "c", "key.pem"),
+            os.path.join(self.directory, "tls", "key.pem"),
         )
         write_config(self.directory, domains="new.example")
         self.assertFalse(await self.service.reload())

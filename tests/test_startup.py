@@ -30,7 +30,9 @@ def os_error(number: int) -> OSError:
 class ListenFailureTests(SynchronousTestCase):
     """What an operator reads when a listener cannot be made."""
 
-    def check(self, error: BaseException, code: int, text: str, description: str = "tcp:25") -> None:
+    def check(
+        self, error: BaseException, code: int, text: str, description: str = "tcp:25"
+    ) -> None:
         failure = listen_failure("smtp_endpoint", description, error)
         self.assertIsInstance(failure, StartupError)
         self.assertEqual(failure.code, code)
@@ -48,7 +50,11 @@ class ListenFailureTests(SynchronousTestCase):
             EX_CONFIG,
             "unknown keyword 'bogus'",
         )
-        self.check(OverflowError("bind(): port must be 0-65535."), EX_CONFIG, "cannot listen: the port must be 0 to 65535")
+        self.check(
+            OverflowError("bind(): port must be 0-65535."),
+            EX_CONFIG,
+            "cannot listen: the port must be 0 to 65535",
+        )
 
     def test_os_errors(self) -> None:
         """Each bind(2) error gets its words and its sysexits value."""
@@ -59,7 +65,9 @@ class ListenFailureTests(SynchronousTestCase):
             errno.ENOENT: (EX_CANTCREAT, "the socket's directory does not exist"),
         }
         for number, (code, start) in cases.items():
-            failure = listen_failure("lmtp_endpoint", "unix:/x", CannotListenError("", 25, os_error(number)))
+            failure = listen_failure(
+                "lmtp_endpoint", "unix:/x", CannotListenError("", 25, os_error(number))
+            )
             self.assertEqual(failure.code, code)
             self.assertIn(f"cannot listen: {start}", str(failure))
 

@@ -124,7 +124,9 @@ class CodecTests(SynchronousTestCase):
             # tag made on another day. It does not verify here.
             self.assertEqual(check, BounceCheck.BAD_TAG, changed)
         for bad in ("", "short", tag + "a", tag[:-1] + "1", tag[:-1] + "!"):
-            self.assertEqual(verify_tag(bad, GROUP, ALICE, [KEY], NOW, MAX_AGE), BounceCheck.BAD_TAG)
+            self.assertEqual(
+                verify_tag(bad, GROUP, ALICE, [KEY], NOW, MAX_AGE), BounceCheck.BAD_TAG
+            )
 
     def test_expiry(self) -> None:
         """
@@ -250,7 +252,9 @@ class PolicyTests(SynchronousTestCase):
         route = route_recipient(address, ("groups.example.com",), "p-", verp)
         self.assertEqual((route.kind, route.bounce_check), (RouteKind.BOUNCE, BounceCheck.SIGNED))
         self.assertEqual((route.group_address, route.member_address), (GROUP, ALICE))
-        forged = Address(address.local[:-1] + ("a" if address.local[-1] != "a" else "b"), GROUP.domain)
+        forged = Address(
+            address.local[:-1] + ("a" if address.local[-1] != "a" else "b"), GROUP.domain
+        )
         route = route_recipient(forged, ("groups.example.com",), "p-", verp)
         self.assertEqual((route.kind, route.bounce_check), (RouteKind.BOUNCE, BounceCheck.BAD_TAG))
         route = route_recipient(GROUP, ("groups.example.com",), "p-", verp)
@@ -315,7 +319,9 @@ class PolicyTests(SynchronousTestCase):
         clock = at(NOW)
         signed = policy(clock).sender(GROUP, ALICE)
         keyless = VerpPolicy(clock, unsigned_until=ALWAYS)
-        self.assertEqual(str(keyless.sender(GROUP, ALICE)), "dev+alice=example.org@groups.example.com")
+        self.assertEqual(
+            str(keyless.sender(GROUP, ALICE)), "dev+alice=example.org@groups.example.com"
+        )
         route = keyless.route(signed)
         assert route is not None
         self.assertEqual(route.bounce_check, BounceCheck.NO_KEY)
@@ -432,6 +438,11 @@ class ParseFuzzTests(SynchronousTestCase):
             self.assertIsNotNone(route.group_address)
             self.assertIn(
                 route.bounce_check,
-                (BounceCheck.BAD_TAG, BounceCheck.EXPIRED, BounceCheck.UNSIGNED_LATE,
-                 BounceCheck.SIGNED_SHORT, BounceCheck.SIGNED),
+                (
+                    BounceCheck.BAD_TAG,
+                    BounceCheck.EXPIRED,
+                    BounceCheck.UNSIGNED_LATE,
+                    BounceCheck.SIGNED_SHORT,
+                    BounceCheck.SIGNED,
+                ),
             )

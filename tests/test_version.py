@@ -46,7 +46,9 @@ class PackageVersionTests(SynchronousTestCase):
 
     def test_pep440(self) -> None:
         """gsmail.__version__ is a PEP 440 release version, and setup.py reads it from there."""
-        self.assertRegex(gsmail.__version__, r"^\d+\.\d+\.\d+((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$")
+        self.assertRegex(
+            gsmail.__version__, r"^\d+\.\d+\.\d+((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$"
+        )
         with open(os.path.join(ROOT, "setup.py"), encoding="utf-8") as f:
             setup = f.read()
         self.assertNotRegex(setup, r"version=\"\d")

@@ -146,7 +146,9 @@ def listen_dns(reactor: Any, factory: Any, tries: int = 20) -> tuple[Any, Any]:
     from twisted.names import dns
 
     for _ in range(tries):
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1")
+        udp = reactor.listenUDP(
+            0, dns.DNSDatagramProtocol(controller=factory), interface="127.0.0.1"
+        )
         try:
             tcp = reactor.listenTCP(udp.getHost().port, factory, interface="127.0.0.1")
         except CannotListenError:

@@ -54,9 +54,7 @@ _LATE = status.TOO_BUSY.with_text(
     "GroupServer has not finished yet; try again later (it will not be posted twice)"
 )
 #: Added to a delivery line's text when the outcome came after that reply.
-_AFTER_DEADLINE = (
-    f"; after the reply deadline: the client was told {_LATE.code} {_LATE.enhanced}"
-)
+_AFTER_DEADLINE = f"; after the reply deadline: the client was told {_LATE.code} {_LATE.enhanced}"
 
 
 @attrs.frozen

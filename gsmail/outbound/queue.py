@@ -903,15 +903,12 @@ class OutboundQueue:
             # A warning per message; the error, once per broken key, is
             # delivery's (OutboundDelivery._resign), which retries.
             self.log.warn(
-                "Queued {queue_id} unsigned: {reason}; it is not sent until it can be"
-                " DKIM-signed",
+                "Queued {queue_id} unsigned: {reason}; it is not sent until it can be DKIM-signed",
                 queue_id=qid,
                 reason=signing[0],
             )
         elif signing and signing[0]:
-            self.log.warn(
-                "Queued {queue_id} unsigned: {reason}", queue_id=qid, reason=signing[0]
-            )
+            self.log.warn("Queued {queue_id} unsigned: {reason}", queue_id=qid, reason=signing[0])
         for observer in self._watchers:
             try:
                 observer(envelope)

@@ -200,18 +200,14 @@ class ProbeTests(LimitsTestCase):
 
     def test_exempt_client_not_delayed(self) -> None:
         """A client in the exceptions (a local Postfix) gets every refusal at once."""
-        self.factory = self.make_factory(
-            SETTINGS, exceptions=(ip_network("192.0.2.1/32"),)
-        )
+        self.factory = self.make_factory(SETTINGS, exceptions=(ip_network("192.0.2.1/32"),))
         _, t = self.probe(50)
         self.assertEqual(codes(t).count("550 5.1.1"), 50)
         self.assertFalse(t.disconnecting)
 
     def test_bad_commands_close_any_client(self) -> None:
         """20 bad commands close even an exempt client's session (as before the limits)."""
-        self.factory = self.make_factory(
-            SETTINGS, exceptions=(ip_network("192.0.2.1/32"),)
-        )
+        self.factory = self.make_factory(SETTINGS, exceptions=(ip_network("192.0.2.1/32"),))
         proto, t = self.connect()
         proto.dataReceived(b"FOO\r\n" * 25)
         self.assertEqual(codes(t)[-2:], ["500 5.5.2", "421 4.7.0"])

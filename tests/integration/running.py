@@ -48,7 +48,9 @@ def ensure_group(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:
-        subprocess.run([require_tool("groupadd", "/usr/sbin/groupadd"), "--system", name], check=True)
+        subprocess.run(
+            [require_tool("groupadd", "/usr/sbin/groupadd"), "--system", name], check=True
+        )
         return grp.getgrnam(name).gr_gid
 
 
@@ -197,7 +199,9 @@ except (OSError, smtplib.SMTPException) as e:
 """
 
 
-def client_argv(python: str, where: str, protocol: str, recipient: str, message_id: str) -> list[str]:
+def client_argv(
+    python: str, where: str, protocol: str, recipient: str, message_id: str
+) -> list[str]:
     """The command line of L{CLIENT}."""
     return [python, "-c", CLIENT, where, protocol, recipient, message_id]
 

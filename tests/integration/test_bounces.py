@@ -284,9 +284,7 @@ class EndToEndTests(TestCase):
         for _ in range(2):
             for member in members:
                 report = crlf(dsn(member, to=senders[member]))
-                answers = await deferToThread(
-                    send_once, port, [senders[member]], report, sender=""
-                )
+                answers = await deferToThread(send_once, port, [senders[member]], report, sender="")
                 assert answers.data is not None
                 self.assertIn(
                     smtplib_codes(answers.data),

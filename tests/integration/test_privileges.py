@@ -64,7 +64,7 @@ def write_config(directory: str) -> str:
             "domains = groups.example.com\nhostname = mx.groups.example.com\n"
             "ledger_path = state/ledger/posted.log\nspool_dir = state/spool\n"
             "standin_dir = state/standin\npostmaster_maildir = state/postmaster\n"
-                "route_state_dir = state/routes\nerrors_dir = state/errors\nrejected_dir = state/rejected\n"
+            "route_state_dir = state/routes\nerrors_dir = state/errors\nrejected_dir = state/rejected\n"
         )
     os.chmod(path, 0o644)
     return path
@@ -120,9 +120,7 @@ class DropPrivilegesTests(TestCase):
             self, self.gsmail("--uid", RUN_USER, "--gid", RUN_USER), env=self.env, path=ROOT
         )
         await wait_for(child, "gsmail ready")
-        self.assertEqual(
-            self.owner(self.socket), (user.pw_uid, ensure_group(SOCKET_GROUP), 0o660)
-        )
+        self.assertEqual(self.owner(self.socket), (user.pw_uid, ensure_group(SOCKET_GROUP), 0o660))
         self.assertEqual(await self.send_as(CLIENT_USER, "drop-1@example.org"), "sent")
         refused = await self.send_as(OUTSIDER, "drop-2@example.org")
         self.assertIn("PermissionError", refused)
@@ -131,7 +129,9 @@ class DropPrivilegesTests(TestCase):
         with open(os.path.join(posts, post), "rb") as f:
             self.assertIn(b"Message-ID: <drop-1@example.org>", f.read())
         for name in ("state", "state/ledger", "state/spool", "state/standin", "state/postmaster"):
-            self.assertEqual(self.owner(os.path.join(self.directory, name))[:2], (user.pw_uid, user.pw_gid), name)
+            self.assertEqual(
+                self.owner(os.path.join(self.directory, name))[:2], (user.pw_uid, user.pw_gid), name
+            )
         self.assertEqual(os.stat(os.path.join(posts, post)).st_uid, user.pw_uid)
         self.assertIn(await stop(child), (0, -15), child.output)
         self.assertFalse(os.path.exists(self.socket))

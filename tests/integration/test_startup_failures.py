@@ -54,7 +54,13 @@ class StartupFailureTests(TestCase):
         os.chmod(path, 0o644)
         return path
 
-    async def start(self, endpoint: str, python: str = sys.executable, prefix: tuple[str, ...] = (), path: tuple[str, ...] = (ROOT,)) -> Child:
+    async def start(
+        self,
+        endpoint: str,
+        python: str = sys.executable,
+        prefix: tuple[str, ...] = (),
+        path: tuple[str, ...] = (ROOT,),
+    ) -> Child:
         config = self.write_config(endpoint)
         argv = [*prefix, *twistd_argv(python, "gsmail", "--config", config)]
         return await run_to_end(self, argv, env=python_env(path), path=self.directory)
@@ -96,7 +102,10 @@ class StartupFailureTests(TestCase):
 
     async def test_socket_directory_missing(self) -> None:
         """A UNIX socket whose directory does not exist, with a lock file or without: 73."""
-        for endpoint in ("unix:/nonexistent/gsmail/lmtp.sock", "unix:/nonexistent/gsmail/lmtp.sock:lockfile=1"):
+        for endpoint in (
+            "unix:/nonexistent/gsmail/lmtp.sock",
+            "unix:/nonexistent/gsmail/lmtp.sock:lockfile=1",
+        ):
             child = await self.start(endpoint)
             self.assertOneLine(child, EX_CANTCREAT, "the socket's directory does not exist")
 

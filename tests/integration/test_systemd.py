@@ -87,7 +87,12 @@ class UnitFileTests(TestCase):
                 f.write(text)
         child = await run_to_end(
             self,
-            [analyze, "verify", os.path.join(directory, "gsmail.service"), os.path.join(directory, "gsmail.socket")],
+            [
+                analyze,
+                "verify",
+                os.path.join(directory, "gsmail.service"),
+                os.path.join(directory, "gsmail.socket"),
+            ],
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
         )
         self.assertEqual((child.ended.result, child.output), (0, ""))
@@ -97,9 +102,16 @@ class UnitFileTests(TestCase):
         found = dict(settings(unit_text("gsmail.service")))
         self.assertEqual(found["Type"], "notify")
         self.assertIn("twistd -n --pidfile= gsmail --config ", found["ExecStart"])
-        self.assertEqual((found["User"], found["StateDirectory"], found["RuntimeDirectory"]), ("gsmail", "gsmail", "gsmail"))
+        self.assertEqual(
+            (found["User"], found["StateDirectory"], found["RuntimeDirectory"]),
+            ("gsmail", "gsmail", "gsmail"),
+        )
         self.assertEqual(found["AmbientCapabilities"], "CAP_NET_BIND_SERVICE")
-        for key, value in [("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"), ("PrivateTmp", "yes")]:
+        for key, value in [
+            ("ProtectSystem", "strict"),
+            ("NoNewPrivileges", "yes"),
+            ("PrivateTmp", "yes"),
+        ]:
             self.assertEqual(found[key], value)
         dropin = dict(settings(unit_text("gsmail.service.d/socket-activated.conf")))
         self.assertEqual(dropin["AmbientCapabilities"], "")

@@ -130,7 +130,9 @@ class ALPNTests(TLSServerTestCase):
         self.assertIn("No ALPN negotiated", output)
         self.assertIn("250-mx.groups.example.com", output)
         self.assertIn("221 ", output)
-        await self.tls_line("TLS connection established from unknown[127.0.0.1]: TLSv1.3 with cipher TLS_")
+        await self.tls_line(
+            "TLS connection established from unknown[127.0.0.1]: TLSv1.3 with cipher TLS_"
+        )
 
     async def test_openssl_alpn_tls12(self) -> None:
         """The same over TLS 1.2: ECDHE with AES-GCM, no protocol selected."""

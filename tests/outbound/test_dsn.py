@@ -526,7 +526,9 @@ class BuildTests(SynchronousTestCase):
         self.assertEqual(parts[2].get_content_type(), "text/rfc822-headers")
         self.assertNotIn(b"Secret body line", raw)
         self.assertIn("relayed to a mail system", parts[0].get_content())
-        self.assertEqual(parse_dsn(raw), [DSNRecipient("a@example.org", "relayed", "2.0.0", "a@example.org")])
+        self.assertEqual(
+            parse_dsn(raw), [DSNRecipient("a@example.org", "relayed", "2.0.0", "a@example.org")]
+        )
 
     def test_success_delivered(self) -> None:
         """Delivered into the site's own groups: C{Action: delivered}, the reply's 2.x.x code."""

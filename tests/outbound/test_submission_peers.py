@@ -315,7 +315,9 @@ class DSNPeerTests(TestCase):
         post, report = core.received
         self.assertEqual(post.recipients, (member(1),))
         self.assertEqual((report.sender, report.recipients), ("", (APP,)))
-        self.assertEqual(parse_dsn(report.data), [DSNRecipient(member(1), "relayed", "2.0.0", member(1))])
+        self.assertEqual(
+            parse_dsn(report.data), [DSNRecipient(member(1), "relayed", "2.0.0", member(1))]
+        )
         self.assertIn(b"Original-Envelope-Id: env-7\n", report.data)
         self.assertIn(f"Original-Recipient: rfc822;{member(1)}\n".encode(), report.data)
 
