@@ -169,7 +169,7 @@ def check_tls(config: GsmailConfig, report: Report, now: datetime.datetime) -> N
         return
     from cryptography import x509
 
-    from gsmail.service import load_tls
+    from gsmail.inbound.parts import load_tls
 
     try:
         load_tls(config)

@@ -8,7 +8,7 @@ listeners as before (as root, before C{twistd -u} drops privileges), stops
 accepting on them itself, and starts N worker processes
 (C{python -m gsmail.workers}) that inherit the listening sockets. Each worker
 runs its own reactor with the whole inbound side
-(L{gsmail.service.InboundParts}: GroupServer client, delivery core, spool
+(L{gsmail.inbound.parts.InboundParts}: GroupServer client, delivery core, spool
 files) and accepts from the shared sockets; the kernel hands each new
 connection to one of them. They share the post ledger file, which is safe
 for several processes (L{gsmail.ledger}: claims are byte locks, records are
@@ -100,6 +100,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gsmail.config import GsmailConfig
+from gsmail.inbound.parts import InboundParts
 from gsmail.inbound.spool import remove_process_files
 from gsmail.textlog import event_text, held_writes
 
@@ -674,7 +675,7 @@ class _ParentWatch:
 
 class Worker:
     """
-    The inside of one worker process: its L{gsmail.service.InboundParts},
+    The inside of one worker process: its L{gsmail.inbound.parts.InboundParts},
     listening on the inherited sockets.
     """
 
@@ -684,8 +685,6 @@ class Worker:
         reactor: Any,
         send_metrics: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        from gsmail.service import InboundParts
-
         self.setup = setup
         self.reactor = reactor
         self.parts = InboundParts(setup.config, reactor, setup.config.url)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from gsmail.config import ConfigError, load_config
-from gsmail.service import load_tls
+from gsmail.inbound.parts import load_tls
 from gsmail.tlsconfig import (
     COMPAT_CIPHERS,
     INTERMEDIATE_CIPHERS,

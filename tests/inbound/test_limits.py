@@ -20,10 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.anvil import Anvil, ClientLimits
 from gsmail.inbound.delivery import DeliveryCore
+from gsmail.inbound.parts import with_backlog
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
 from gsmail.ledger import PostLedger
 from gsmail.outbound.submission import PasswordChecker, SubmissionCore, SubmissionFactory
-from gsmail.service import with_backlog
 from tests.inbound.test_delivery import FakeGroupServer
 from tests.inbound.test_protocol import TLSStringTransport, codes
 from tests.outbound.test_submission import FakeQueue
