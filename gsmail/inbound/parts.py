@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service,tests.test_workers -*-
+# -*- test-case-name: tests.test_workers,tests.test_reload,tests.inbound.test_limits -*-
 """
 The inbound side of gsmail, whole: L{InboundParts} (GroupServer client,
 post ledger, delivery core, spool, listeners' factories), which the main
