@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -47,6 +48,38 @@ class TwistdProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
+
+
+def spawn_gsmail(
+    test: TestCase,
+    directory: str,
+    config: str,
+    stop_signal: int | None = signal.SIGTERM,
+) -> tuple[TwistdProcess, Any]:
+    """
+    Start C{twistd -n --pidfile= gsmail --config CONFIG} in C{directory}
+    with this checkout on C{PYTHONPATH}; return its protocol and process.
+    Unless C{stop_signal} is C{None} (the caller cleans up itself), a
+    cleanup sends it that signal if it still runs and waits for its end.
+    """
+    child = TwistdProcess()
+    process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        child,
+        sys.executable,
+        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        path=directory,
+    )
+    if stop_signal is not None:
+        signal_number = stop_signal
+
+        async def stop() -> None:
+            if not child.ended.called:
+                process.signalProcess(signal_number)
+                await child.ended
+
+        test.addCleanup(stop)
+    return child, process
 
 
 def peak_rss(pid: int) -> int:
@@ -115,21 +148,7 @@ class LargeMessageTests(TestCase):
                 "standin_groups = example\nmax_size = 200\nledger_path = ledger/posted.log\n"
                 "spool_dir = spool\nstandin_dir = standin\n"
             )
-        child = TwistdProcess()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            child,
-            sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=directory,
-        )
-
-        async def stop() -> None:
-            if not child.ended.called:
-                process.signalProcess(signal.SIGTERM)
-                await child.ended
-
-        self.addCleanup(stop)
+        child, process = spawn_gsmail(self, directory, config)
         deadline = reactor.seconds() + 30  # type: ignore[attr-defined]
         while b"Embedded GroupServer stand-in" not in child.output:
             if child.ended.called or reactor.seconds() > deadline:  # type: ignore[attr-defined]

@@ -9,9 +9,7 @@ down.
 from __future__ import annotations
 
 import os
-import signal
 import smtplib
-import sys
 import urllib.error
 import urllib.request
 
@@ -28,7 +26,7 @@ from tests.integration.test_clients import (
     UNKNOWN_GROUP,
     make_message,
 )
-from tests.integration.test_large import ROOT, TWISTD, TwistdProcess, free_port
+from tests.integration.test_large import TwistdProcess, free_port, spawn_gsmail
 from tests.util import TOKEN, make_config, port_of, start_service
 
 #: The longest any one wait lasts (seconds).
@@ -216,21 +214,7 @@ class TwistdTests(TestCase):
                 "errors_dir = errors\nrejected_dir = rejected\nconnect_timeout = 2\n"
                 f"metrics_endpoint = tcp:{metrics_port}:interface=127.0.0.1\n" + more
             )
-        child = TwistdProcess()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            child,
-            sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=directory,
-        )
-
-        async def stop() -> None:
-            if not child.ended.called:
-                process.signalProcess(signal.SIGTERM)
-                await child.ended
-
-        self.addCleanup(stop)
+        child, process = spawn_gsmail(self, directory, config)
         deadline = reactor.seconds() + WAIT  # type: ignore[attr-defined]
         while b"Metrics, /healthz and /readyz on" not in child.output:
             if child.ended.called or reactor.seconds() > deadline:  # type: ignore[attr-defined]

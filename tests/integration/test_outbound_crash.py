@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 from collections import Counter
 from typing import Any
 
@@ -33,7 +32,7 @@ from twisted.trial.unittest import TestCase
 from gsmail.addresses import parse_mailbox
 from gsmail.outbound.queue import read_queue
 from gsmail.verp import parse_verp
-from tests.integration.test_large import ROOT, TWISTD, TwistdProcess, free_port
+from tests.integration.test_large import TwistdProcess, free_port, spawn_gsmail
 from tests.integration.test_outbound_mx import (
     GROUP,
     ScriptedCore,
@@ -89,21 +88,7 @@ class CrashRecoveryTests(TestCase):
         self, directory: str, config: str, port: int
     ) -> tuple[TwistdProcess, Any]:
         """Run C{twistd -n gsmail}; fire once its submission port accepts connections."""
-        child = TwistdProcess()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            child,
-            sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=directory,
-        )
-
-        async def stop() -> None:
-            if not child.ended.called:
-                process.signalProcess(signal.SIGKILL)
-                await child.ended
-
-        self.addCleanup(stop)
+        child, process = spawn_gsmail(self, directory, config, signal.SIGKILL)
         deadline = reactor.seconds() + 30
         while not await deferToThread(port_open, port):
             if child.ended.called or reactor.seconds() > deadline:

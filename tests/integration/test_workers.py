@@ -20,7 +20,6 @@ import signal
 import smtplib
 import socket
 import stat
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ from zope.interface import implementer
 
 from gsmail.service import GsmailService
 from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
-from tests.integration.test_large import ROOT, TWISTD, TwistdProcess, free_port
+from tests.integration.test_large import free_port, spawn_gsmail
 from tests.util import TOKEN, make_config, port_of, start_service
 
 #: The longest any one wait in these tests lasts (seconds).
@@ -529,14 +528,7 @@ class MainProcessKilledTests(TestCase):
         workers accept (C{ready}), or once both worker processes exist.
         Fails if it cannot bind the port.
         """
-        child = TwistdProcess()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
-            child,
-            sys.executable,
-            [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
-            env=dict(os.environ, PYTHONPATH=ROOT),
-            path=directory,
-        )
+        child, process = spawn_gsmail(self, directory, config, None)
         main_pid = process.pid
         seen: set[int] = set()
 
