@@ -24,6 +24,7 @@ from gsmail.config import (
     parse_bool,
     parse_duration,
 )
+from tests.util import ROOT
 
 TOKEN = "Tk-9f8e7d6c5b4a"
 FQDN = "mx.test.example"
@@ -106,9 +107,6 @@ class ConfigFileTestCase(SynchronousTestCase):
 
     def load(self, gsmail: Mapping[str, str | None] = {}, **kwargs: str | None) -> GsmailConfig:
         return load_config(self.write(ini(gsmail, **kwargs)))
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ParseDurationTests(SynchronousTestCase):

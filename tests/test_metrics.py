@@ -43,9 +43,7 @@ from gsmail.workers import _EventLines
 from tests.test_config import ConfigFileTestCase
 from tests.test_groupserver import InMemory
 from tests.test_workers import started
-from tests.util import make_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.util import ROOT, make_config
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

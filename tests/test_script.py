@@ -35,7 +35,6 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-import gsmail
 from gsmail import script, status
 from gsmail.config import ConfigError, PipeConfig, load_pipe_config
 from gsmail.groupserver import GroupServerClient
@@ -46,7 +45,7 @@ from gsmail.standin import StandIn
 from gsmail.status import Reply
 from tests import util
 from tests.bounce_samples import dsn
-from tests.util import make_config, port_of, start_service
+from tests.util import ROOT, make_config, port_of, start_service
 
 TOKEN: Final = "pipe-T0ken-never-printed"
 GROUPS: Final = {"example@groups.example.com": "example", "dev@groups.example.com": "dev"}
@@ -54,7 +53,6 @@ EXAMPLE: Final = "example@groups.example.com"
 SENDER: Final = "alice@example.org"
 
 #: The project's directory, for the child processes' C{PYTHONPATH}.
-ROOT: Final = os.path.dirname(os.path.dirname(os.path.abspath(gsmail.__file__)))
 
 #: A status line: an RFC 3463 code, then a space (never a colon).
 STATUS_LINE: Final = re.compile(r"[245]\.\d{1,3}\.\d{1,3} \S")

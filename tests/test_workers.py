@@ -37,9 +37,8 @@ from gsmail.workers import (
     read_setup,
     write_setup,
 )
-from tests.integration.test_large import ROOT
 from tests.test_textlog import CountingFile
-from tests.util import TOKEN, make_config
+from tests.util import ROOT, TOKEN, make_config
 
 
 class FakeTransport:

@@ -1,8 +1,8 @@
 """
-Helpers for the tests that run gsmail as an operator does: C{twistd -n
-gsmail} in a child process (as root dropping to a user, under
-C{systemd-socket-activate}, ...), test users, and a short LMTP/SMTP client
-run as another user.
+Helpers for the tests that run gsmail as an operator does (as root dropping
+to a user, under C{systemd-socket-activate}, ...): test users, and a short
+LMTP/SMTP client run as another user. The child processes themselves
+(C{twistd -n gsmail} and others) are started with L{tests.util.run_child}.
 """
 
 from __future__ import annotations
@@ -10,28 +10,13 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 
 from tests.util import require_tool
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-#: twistd, run as C{python -c TWISTD ...} (no console script needed).
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-
-#: How long a child gets to start or to stop, in seconds.
-WAIT = 30.0
 
 
 def require_root() -> None:
@@ -73,105 +58,6 @@ def ensure_user(name: str, groups: Sequence[str] = ()) -> pwd.struct_passwd:
         usermod = require_tool("usermod", "/usr/sbin/usermod")
         subprocess.run([usermod, "--append", "--groups", ",".join(groups), name], check=True)
     return pwd.getpwnam(name)
-
-
-class Child(ProcessProtocol):
-    """A child process: collects its output (stdout and stderr apart) and its exit status."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: Deferred[int | None] = Deferred()
-        self.transport: Any = None
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        code = getattr(value, "exitCode", None)
-        self.ended.callback(code if code is not None else -(getattr(value, "signal", 0) or 0))
-
-    @property
-    def output(self) -> str:
-        return (self.out + self.err).decode(errors="replace")
-
-
-async def run_child(
-    test: TestCase,
-    argv: Sequence[str],
-    *,
-    env: dict[str, str] | None = None,
-    path: str | None = None,
-    child: Child | None = None,
-) -> Child:
-    """
-    Start C{argv}; the test's cleanup kills it (SIGKILL) if it still runs.
-    """
-    child = child or Child()
-    process = reactor.spawnProcess(  # type: ignore[attr-defined]
-        child, argv[0], list(argv), env=env if env is not None else dict(os.environ), path=path
-    )
-
-    async def kill() -> None:
-        if not child.ended.called:
-            process.signalProcess(signal.SIGKILL)
-            await child.ended
-
-    test.addCleanup(kill)
-    return child
-
-
-async def wait_for(child: Child, text: str, timeout: float = WAIT) -> None:
-    """
-    Wait until C{text} is in the child's output.
-
-    @raise AssertionError: it ended first, or C{timeout} seconds passed.
-    """
-    deadline = reactor.seconds() + timeout
-    while text not in child.output:
-        if child.ended.called:
-            raise AssertionError(f"ended before {text!r}:\n{child.output}")
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"no {text!r} after {timeout:g} s:\n{child.output}")
-        await deferLater(reactor, 0.05, lambda: None)
-
-
-async def stop(child: Child, timeout: float = WAIT) -> int | None:
-    """SIGTERM the child and return its exit status (it must end within C{timeout})."""
-    if not child.ended.called:
-        child.transport.signalProcess(signal.SIGTERM)
-    d = child.ended
-    d.addTimeout(timeout, reactor)
-    return await d
-
-
-async def run_to_end(
-    test: TestCase, argv: Sequence[str], env: dict[str, str] | None = None, path: str | None = None
-) -> Child:
-    """Run C{argv} to its end (at most L{WAIT} seconds)."""
-    child = await run_child(test, argv, env=env, path=path)
-    d = child.ended
-    d.addTimeout(WAIT, reactor)
-    await d
-    return child
-
-
-def twistd_argv(python: str, *arguments: str) -> list[str]:
-    """C{python -c TWISTD -n --pidfile= ARGUMENTS...}."""
-    return [python, "-c", TWISTD, "-n", "--pidfile=", *arguments]
-
-
-def python_env(path: Sequence[str] = (ROOT,), **more: str) -> dict[str, str]:
-    """An environment that imports this checkout's gsmail (and C{path})."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env["PYTHONPATH"] = ":".join(path)
-    env.update(more)
-    return env
 
 
 #: A small LMTP or SMTP client for another user: argv is the socket path

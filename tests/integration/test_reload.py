@@ -28,9 +28,21 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.integration.running import ROOT, Child, python_env, run_child, stop, twistd_argv
 from tests.test_reload import new_certificate, peer_certificate, write_config
-from tests.util import DOMAIN, TOKEN, make_config, port_of, require_tool, start_service
+from tests.util import (
+    DOMAIN,
+    ROOT,
+    TOKEN,
+    Child,
+    make_config,
+    port_of,
+    python_env,
+    require_tool,
+    run_child,
+    start_service,
+    stop,
+    twistd_argv,
+)
 
 #: Polls of the log (every 50 ms) before a test gives up.
 POLLS = 400

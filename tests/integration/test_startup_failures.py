@@ -19,15 +19,8 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.startup import EX_CANTCREAT, EX_NOPERM, EX_OSERR
 from gsmail.status import EX_CONFIG
-from tests.integration.running import (
-    ROOT,
-    Child,
-    python_env,
-    require_root,
-    run_to_end,
-    twistd_argv,
-)
-from tests.util import TOKEN
+from tests.integration.running import require_root
+from tests.util import ROOT, TOKEN, Child, python_env, run_to_end, twistd_argv
 
 
 class StartupFailureTests(TestCase):

@@ -37,8 +37,7 @@ from zope.interface import implementer
 
 from gsmail.service import GsmailService
 from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
-from tests.integration.test_large import free_port, spawn_gsmail
-from tests.util import TOKEN, make_config, port_of, start_service
+from tests.util import TOKEN, Child, free_port, make_config, port_of, spawn_gsmail, start_service
 
 #: The longest any one wait in these tests lasts (seconds).
 WAIT = 15.0
@@ -520,46 +519,28 @@ class MainProcessKilledTests(TestCase):
             )
         return path
 
-    async def start_gsmail(
-        self, directory: str, config: str, *, ready: bool = True
-    ) -> tuple[Any, Any]:
+    async def start_gsmail(self, directory: str, config: str, *, ready: bool = True) -> Child:
         """
-        Run C{twistd -n gsmail}; return its protocol and process once both
-        workers accept (C{ready}), or once both worker processes exist.
-        Fails if it cannot bind the port.
+        Run C{twistd -n gsmail}; return it once both workers accept
+        (C{ready}), or once both worker processes exist. Fails if it cannot
+        bind the port. The cleanup kills it and what is left of its process
+        group (its workers) with SIGKILL.
         """
-        child, process = spawn_gsmail(self, directory, config, None)
-        main_pid = process.pid
-        seen: set[int] = set()
-
-        async def stop() -> None:
-            seen.update(children(main_pid))
-            if not child.ended.called:
-                process.signalProcess(signal.SIGKILL)
-                await child.ended
-            for pid in seen:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-        self.addCleanup(stop)
+        child = await spawn_gsmail(self, directory, config, signal.SIGKILL)
 
         def started() -> bool:
             if child.ended.called:
-                raise AssertionError(
-                    "gsmail did not start:\n" + child.output.decode(errors="replace")
-                )
+                raise AssertionError("gsmail did not start:\n" + child.output)
             if ready:
-                return child.output.count(b") accepting") >= 2
-            seen.update(children(main_pid))
-            return len(seen) >= 2
+                return child.output.count(") accepting") >= 2
+            return len(children(child.pid)) >= 2
 
         await eventually(started, "both workers", timeout=30)
-        seen.update(children(main_pid))  # killed by the cleanup if still alive
-        return child, process
+        return child
 
-    async def kill_main(self, child: Any, process: Any, workers: list[int]) -> None:
+    async def kill_main(self, child: Child, workers: list[int]) -> None:
         """SIGKILL the main process; its C{workers} must end within five seconds."""
-        process.signalProcess(signal.SIGKILL)
+        child.signal(signal.SIGKILL)
         await bounded(child.ended)
         await eventually(
             partial(lambda pids: not any(alive(pid) for pid in pids), workers),
@@ -583,31 +564,31 @@ class MainProcessKilledTests(TestCase):
         os.makedirs(directory)
         port = free_port()
         config = self.write_config(directory, port)
-        child, process = await self.start_gsmail(directory, config)
+        child = await self.start_gsmail(directory, config)
         sent = []
         for kill in range(self.KILLS):
             sent.append(f"kill-{kill}@example.org")
             self.assertEqual(await deferToThread(send, port, sent[-1]), {})
-            workers = children(process.pid)
+            workers = children(child.pid)
             self.assertEqual(len(workers), 2, workers)
-            await self.kill_main(child, process, workers)
-            child, process = await self.start_gsmail(directory, config)
-            self.assertNotIn(b"Address already in use", child.output)
+            await self.kill_main(child, workers)
+            child = await self.start_gsmail(directory, config)
+            self.assertNotIn("Address already in use", child.output)
 
         for _ in range(self.KILLS):
-            await self.kill_main(child, process, children(process.pid))
-            child, process = await self.start_gsmail(directory, config, ready=False)
-            self.assertNotIn(b"Address already in use", child.output)
-        await self.kill_main(child, process, children(process.pid))
-        child, process = await self.start_gsmail(directory, config)
+            await self.kill_main(child, children(child.pid))
+            child = await self.start_gsmail(directory, config, ready=False)
+            self.assertNotIn("Address already in use", child.output)
+        await self.kill_main(child, children(child.pid))
+        child = await self.start_gsmail(directory, config)
 
         # Standard input held open elsewhere: only PR_SET_PDEATHSIG tells
         # the workers their main process died.
-        workers = children(process.pid)
+        workers = children(child.pid)
         for pid in workers:
-            self.addCleanup(os.close, hold_stdin(process.pid, pid))
-        await self.kill_main(child, process, workers)
-        child, process = await self.start_gsmail(directory, config)
+            self.addCleanup(os.close, hold_stdin(child.pid, pid))
+        await self.kill_main(child, workers)
+        child = await self.start_gsmail(directory, config)
 
         sent.append("last@example.org")
         self.assertEqual(await deferToThread(send, port, sent[-1]), {})
@@ -617,5 +598,5 @@ class MainProcessKilledTests(TestCase):
             with open(os.path.join(new, name), "rb") as f:
                 posted.append(f.read())
         self.assertEqual(sorted(message_ids(posted)), sorted(sent))
-        process.signalProcess(signal.SIGTERM)
+        child.signal(signal.SIGTERM)
         await bounded(child.ended, 30)
