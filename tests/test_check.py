@@ -23,8 +23,8 @@ from gsmail.check import effective_settings, run_checks
 from gsmail.privileges import RunUser
 from gsmail.standin import StandIn
 from gsmail.status import EX_CONFIG, EX_OK
+from tests.certificates import make_chain
 from tests.outbound.test_mx import MX, A, MemoryZone
-from tests.test_tlsconfig import make_chain
 from tests.util import DOMAIN, ROOT, TOKEN, listen_dns, make_config, twistd_argv
 
 NOW = datetime.datetime.now(datetime.UTC)

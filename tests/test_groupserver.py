@@ -8,18 +8,14 @@ and its streaming multipart body producer on its own.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import ipaddress
 import os
 from collections.abc import Callable
 from typing import Any
 
 import multipart
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
@@ -48,6 +44,7 @@ from gsmail.groupserver import (
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.standin import StandIn
 from gsmail.status import GroupServerError
+from tests.certificates import self_signed
 from tests.test_answers import page as answer_page
 
 TOKEN = "s3cret-T0ken-never-logged"
@@ -834,34 +831,6 @@ class _ConcurrencyGauge(Resource):
         return self.inner.render(request)
 
 
-def self_signed() -> tuple[bytes, bytes]:
-    """A certificate and key (PEM) for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 @implementer(IOpenSSLContextFactory)
 class ServerTLS:
     """
@@ -1130,7 +1099,8 @@ class SocketClientTests(TestCase):
         Over https the server's certificate is verified: an unknown
         self-signed certificate is 4.4.4 unreachable; trusting it works.
         """
-        cert, key = self_signed()
+        issued = self_signed("127.0.0.1", ips=["127.0.0.1"], ca=True)
+        cert, key = issued.cert_pem, issued.key_pem
         client = self.serve(tls=(cert, key))
         error = await self.assertFails(
             client.lookup_group("dev@groups.example.com"), status.GROUPSERVER_UNREACHABLE
@@ -1147,7 +1117,8 @@ class SocketClientTests(TestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        cert, key = self_signed()
+        issued = self_signed("127.0.0.1", ips=["127.0.0.1"], ca=True)
+        cert, key = issued.cert_pem, issued.key_pem
         client = self.serve(tls=(cert, key), verify_tls=False)
         self.assertEqual((await client.lookup_group("dev@groups.example.com")).group_id, "dev")
         self.assertTrue(any("NOT verified" in str(e.get("log_format")) for e in events))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import smtplib
-import ssl
 from typing import Any
 
 import attrs
@@ -39,7 +37,7 @@ from gsmail.service import GsmailService, makeService
 from gsmail.textlog import TextLogObserver
 from gsmail.tlsconfig import ServerTLS
 from gsmail.workers import WorkerReload, _ParentWatch, write_setup
-from tests.integration.test_clients import make_certificate
+from tests.certificates import make_certificate, new_certificate, peer_certificate
 from tests.util import DOMAIN, TOKEN, make_config, port_of
 
 #: Polls (every 50 ms) before a test gives up waiting.
@@ -73,27 +71,6 @@ def write_config(directory: str, domains: str = DOMAIN, more: str = "") -> str:
     with open(path, "w") as f:
         f.write(CONFIG.format(token=TOKEN, domains=domains, more=more))
     return path
-
-
-def new_certificate(directory: str, name: str) -> bytes:
-    """A new certificate and key, moved over C{directory}/tls/ (as certbot renews); its DER."""
-    cert, key, pem = make_certificate(os.path.join(directory, name))
-    os.makedirs(os.path.join(directory, "tls"), exist_ok=True)
-    os.replace(cert, os.path.join(directory, "tls", "cert.pem"))
-    os.replace(key, os.path.join(directory, "tls", "key.pem"))
-    return ssl.PEM_cert_to_DER_cert(pem)
-
-
-def peer_certificate(port: int) -> bytes:
-    """The certificate a new STARTTLS session on C{port} gets (blocking: in a thread)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.starttls(context=context)
-        der = client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
-    assert der is not None
-    return der
 
 
 async def wait_until(predicate: Any, what: str) -> None:

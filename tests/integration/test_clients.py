@@ -14,8 +14,6 @@ shared with C{test_faults} and C{test_corpus}.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import smtplib
@@ -26,10 +24,6 @@ from types import TracebackType
 from typing import TypeVar
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
@@ -38,6 +32,7 @@ from gsmail import status
 from gsmail.service import GsmailService
 from gsmail.status import Reply
 from tests.bounce_samples import dsn
+from tests.certificates import make_certificate
 from tests.util import DOMAIN, make_config, port_of, require_tool, start_service
 
 #: Seconds a blocking client waits for any one read or write.
@@ -282,53 +277,6 @@ class RawClient:
         if self._buffer:
             raise AssertionError(f"plaintext left before the handshake: {self._buffer!r}")
         self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
-
-
-def make_certificate(directory: str) -> tuple[str, str, str]:
-    """
-    A self-signed certificate for C{mx.groups.example.com} and C{127.0.0.1}.
-
-    @return: the certificate file, the key file (both PEM) and the
-        certificate as PEM text, for a client's trust store.
-    """
-    os.makedirs(directory, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.groups.example.com")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("mx.groups.example.com"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    cert_path = os.path.join(directory, "cert.pem")
-    key_path = os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(cert_pem)
-    with open(key_path, "wb") as f:
-        f.write(key_pem)
-    return cert_path, key_path, cert_pem.decode("ascii")
 
 
 # -- the tests -----------------------------------------------------------------

@@ -54,8 +54,8 @@ from gsmail.outbound.delivery import OutboundDelivery
 from gsmail.service import GsmailService
 from gsmail.status import Reply
 from gsmail.verp import parse_verp
+from tests.certificates import make_certificate
 from tests.integration.postfix import PrivatePostfix
-from tests.integration.test_clients import make_certificate
 from tests.util import make_config, require_tool, start_service
 
 #: The group that sends, and the members' domain.

@@ -27,11 +27,10 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from twisted.internet import reactor, ssl
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
@@ -56,6 +55,7 @@ from gsmail.outbound.queue import DELIVERED, FAILED, PENDING
 from gsmail.outbound.queue import Envelope as QueuedEnvelope
 from gsmail.service import GsmailService, makeService
 from gsmail.status import Reply
+from tests.certificates import make_pki
 from tests.util import listen_dns, make_config, start_service
 
 #: How long any one wait in these tests may take, in seconds.
@@ -184,91 +184,6 @@ async def stop_receivers(ports: list[Any], factories: list[CountingFactory]) -> 
         "the receiving servers' connections to close",
         lambda: all(f.connections == 0 for f in factories),
     )
-
-
-# -- certificates -----------------------------------------------------------------
-@attrs.frozen
-class TestPKI:
-    """A test CA and one server certificate it signed (PEM)."""
-
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-
-    def server_options(self) -> Any:
-        """The server TLS context for STARTTLS."""
-        return ssl.PrivateCertificate.loadPEM(self.key_pem + self.cert_pem).options()
-
-
-_pki: dict[str, TestPKI] = {}
-
-
-def make_pki(name: str) -> TestPKI:
-    """A CA and a certificate for DNS name C{name} (EC P-256, valid a day); cached."""
-    if name in _pki:
-        return _pki[name]
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gsmail test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = TestPKI(
-        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
-        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    _pki[name] = pki
-    return pki
 
 
 # -- DNS ------------------------------------------------------------------------------

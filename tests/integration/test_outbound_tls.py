@@ -23,14 +23,13 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.outbound.queue import PENDING
 from gsmail.service import GsmailService
-from tests.integration.test_clients import make_certificate
+from tests.certificates import make_certificate, make_pki
 from tests.integration.test_outbound_mx import (
     SENDER,
     CountingFactory,
     ScriptedCore,
     attempted,
     gone,
-    make_pki,
     message,
     queued,
     receiver,

@@ -28,7 +28,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.test_reload import new_certificate, peer_certificate, write_config
+from tests.certificates import new_certificate, peer_certificate
+from tests.test_reload import write_config
 from tests.util import (
     DOMAIN,
     ROOT,

@@ -27,7 +27,7 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
 from gsmail.service import GsmailService
-from tests.integration.test_clients import make_certificate
+from tests.certificates import make_certificate
 from tests.integration.test_outbound import (
     GROUP,
     SmtpSink,
