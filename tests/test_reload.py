@@ -38,10 +38,7 @@ from gsmail.textlog import TextLogObserver
 from gsmail.tlsconfig import ServerTLS
 from gsmail.workers import WorkerReload, _ParentWatch, write_setup
 from tests.certificates import make_certificate, new_certificate, peer_certificate
-from tests.util import DOMAIN, TOKEN, make_config, port_of
-
-#: Polls (every 50 ms) before a test gives up waiting.
-POLLS = 200
+from tests.util import DOMAIN, TOKEN, eventually, make_config, port_of
 
 CONFIG = """\
 [webservice-default]
@@ -71,15 +68,6 @@ def write_config(directory: str, domains: str = DOMAIN, more: str = "") -> str:
     with open(path, "w") as f:
         f.write(CONFIG.format(token=TOKEN, domains=domains, more=more))
     return path
-
-
-async def wait_until(predicate: Any, what: str) -> None:
-    """Poll the reactor until C{predicate()} (at most L{POLLS} times)."""
-    for _ in range(POLLS):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"waited 10 s for {what}")
 
 
 class RestartOptionTests(SynchronousTestCase):
@@ -336,7 +324,7 @@ class ServiceReloadTests(TestCase):
         """SIGHUP runs the reload under twistd (config_file)."""
         write_config(self.directory, domains="new.example")
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_until(lambda: self.service.core.domains == ("new.example",), "the reload")
+        await eventually(lambda: self.service.core.domains == ("new.example",), "the reload")
 
 
 class HandlerTests(TestCase):
@@ -386,7 +374,7 @@ class HandlerTests(TestCase):
         service.startService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), service._hangup)
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_until(lambda: calls, "the previous handler")
+        await eventually(lambda: calls, "the previous handler")
         self.assertEqual(calls, [signal.SIGHUP])
         await service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), own)

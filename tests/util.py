@@ -13,8 +13,8 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -43,6 +43,12 @@ TWISTD = (
 
 #: How long a child gets to start or to stop, in seconds.
 WAIT = 30.0
+
+#: How long L{eventually} waits by default, in seconds: a bound for a test
+#: that fails, long enough for a delivery on a loaded machine.
+EVENTUALLY = 60.0
+
+_T = TypeVar("_T")
 
 
 def require_tool(name: str, *candidates: str) -> str:
@@ -189,6 +195,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """
+    Whether something listens on 127.0.0.1:C{port}, read from
+    C{/proc/net/tcp} so that asking opens no session (smtp-sink counts them).
+    """
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp", encoding="ascii") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+                return True
+    return False
+
+
+async def eventually(
+    predicate: Callable[[], object],
+    what: str | Callable[[], str],
+    timeout: float = EVENTUALLY,
+    interval: float = 0.05,
+) -> None:
+    """
+    Poll C{predicate} on the real reactor every C{interval} seconds until
+    it is true.
+
+    @param what: what is waited for, or a function that says what was seen,
+        for the failure message.
+    @raise AssertionError: still false after C{timeout} seconds.
+    """
+    reactor = _reactor()
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"waited {timeout:g} s for {said}")
+        await deferLater(reactor, interval, lambda: None)
+
+
+async def bounded(d: Deferred[_T], timeout: float = WAIT) -> _T:
+    """The result of C{d}, which must fire within C{timeout} seconds."""
+    d.addTimeout(timeout, _reactor())
+    return await d
 
 
 def _reactor() -> Any:

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -40,7 +39,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.util import DOMAIN, require_tool
+from tests.util import DOMAIN, free_port, require_tool
 
 __all__ = ["Delivery", "PrivatePostfix", "ProcessResult", "run_process"]
 
@@ -205,7 +204,7 @@ class PrivatePostfix:
         self.queue_directory = os.path.join(self.directory, "queue")
         self.data_directory = os.path.join(self.directory, "data")
         self.maillog = os.path.join(self.directory, "maillog")
-        self.port = _free_port()
+        self.port = free_port()
 
     def __repr__(self) -> str:
         return f"<PrivatePostfix {self.directory} smtpd 127.0.0.1:{self.port}>"
@@ -503,14 +502,6 @@ def _require_root_and_postfix_user() -> None:
     if os.environ.get("CI"):
         raise AssertionError(problem)
     raise SkipTest(problem)
-
-
-def _free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago (see L{PrivatePostfix.port})."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _process_group_alive(group: int) -> bool:

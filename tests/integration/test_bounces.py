@@ -34,9 +34,8 @@ from tests.integration.test_outbound import (
     gs_email_send,
     queue_empty,
     submission_port,
-    wait_until,
 )
-from tests.util import DOMAIN, make_config, port_of, require_tool, start_service
+from tests.util import DOMAIN, eventually, make_config, port_of, require_tool, start_service
 
 GROUP = f"dev@{DOMAIN}"
 ALICE = "alice@example.org"
@@ -272,7 +271,7 @@ class EndToEndTests(TestCase):
             gs_email_send, submission_port(service), GROUP, members, group_message("Bounced")
         )
         self.assertEqual(submission.refused, {})
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and len(sink.transactions()) == 2,
             lambda: f"{describe_queue(service)}; {sink.describe()}",
         )

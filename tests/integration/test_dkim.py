@@ -56,11 +56,10 @@ from tests.integration.test_outbound import (
     describe_queue,
     group_message,
     gs_email_send,
-    wait_until,
 )
 from tests.integration.test_outbound_mx import capture_log
 from tests.test_signing import DNSStub, key_file, verify_all
-from tests.util import DOMAIN, listen_dns, make_config, port_of
+from tests.util import DOMAIN, eventually, listen_dns, make_config, port_of
 
 MEMBERS = ["alice@members.example.org", "bob@members.example.net", "carol@members.example.com"]
 #: What the receiving server answers a member it is told to defer.
@@ -173,7 +172,7 @@ class SignedCopiesTests(SigningTestCase):
             replies = [r.last_reply for e in queue.envelopes() for r in e.pending()]
             return len(self.core.received) == 2 and any(s.startswith("451") for s in replies)
 
-        await wait_until(bob_deferred, lambda: describe_queue(first))
+        await eventually(bob_deferred, lambda: describe_queue(first))
         await first.stopService()
 
         self.core.defer.clear()
@@ -183,7 +182,7 @@ class SignedCopiesTests(SigningTestCase):
         self.assertEqual([r.address for r in waiting.pending()], [MEMBERS[1]])
         # gsmail-queue flush: the deferred member is due now.
         QueueControl(second.queue, second.outbound, reactor).flush()
-        await wait_until(lambda: len(self.core.received) == 3, lambda: describe_queue(second))
+        await eventually(lambda: len(self.core.received) == 3, lambda: describe_queue(second))
 
         copies = self.copies()
         self.assertEqual(sorted(copies), sorted(MEMBERS))
@@ -223,7 +222,7 @@ class CorruptedKeyTests(SigningTestCase):
         self.patch(ring, "get", counting_get)
         events = capture_log(self)
         await self.submit(service, group_message("Broken key"))
-        await wait_until(lambda: reads.count("gs1") >= 5, lambda: f"key read {reads}")
+        await eventually(lambda: reads.count("gs1") >= 5, lambda: f"key read {reads}")
 
         self.assertEqual(self.core.received, [])
         [envelope] = service.queue.envelopes()
@@ -238,7 +237,7 @@ class CorruptedKeyTests(SigningTestCase):
 
         with open(self.rsa.path, "wb") as f:
             f.write(good)
-        await wait_until(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
+        await eventually(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
         for member, data in self.copies().items():
             self.assertEqual(verify_all(data, self.dns), BOTH, member)
 
@@ -303,7 +302,7 @@ class ARCSealTests(SigningTestCase):
             + body
         ).replace(b"\n", b"\r\n")
         await self.submit(service, resent)
-        await wait_until(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
+        await eventually(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
 
         for member, data in self.copies().items():
             wire = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

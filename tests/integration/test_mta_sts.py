@@ -55,9 +55,8 @@ from tests.integration.test_outbound_mx import (
     capture_log,
     receiver,
     stop_receivers,
-    wait_until,
 )
-from tests.util import listen_dns, make_config, start_service
+from tests.util import eventually, listen_dns, make_config, start_service
 
 SENDER = "owner@groups.example.com"
 
@@ -285,7 +284,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@enforce.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         cores = self.network.cores
         self.assertEqual(cores[PLAIN].received, [])
         self.assertEqual(
@@ -311,7 +310,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@badcert.test")
-        await wait_until("an attempt", attempted_by(outbound, queue_id))
+        await eventually(attempted_by(outbound, queue_id), "an attempt")
         envelope = outbound.queue.get(queue_id)
         assert envelope is not None
         recipient = envelope.recipients[0]
@@ -328,7 +327,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@testing.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         self.assertEqual(
             [(r.recipients, r.tls) for r in self.network.cores[WRONG_NAME].received],
             [(["member@testing.test"], True)],
@@ -345,7 +344,7 @@ class MTASTSDeliveryTests(TestCase):
         """A domain without a policy gets its mail as before (here in clear)."""
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@plain.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         self.assertEqual(
             [(r.recipients, r.tls) for r in self.network.cores[PLAIN].received],
             [(["member@plain.test"], False)],
@@ -360,7 +359,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         first = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(first, "one@cached.test")
-        await wait_until("delivery", lambda: first.queue.get(queue_id) is None)
+        await eventually(lambda: first.queue.get(queue_id) is None, "delivery")
         await first.stop()
         self.assertEqual(os.listdir(first.sts.cache.directory).count("cached.test.json"), 1)
 
@@ -369,7 +368,7 @@ class MTASTSDeliveryTests(TestCase):
         self.network.pages.status = 500
         restarted = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(restarted, "two@cached.test")
-        await wait_until("delivery", lambda: restarted.queue.get(queue_id) is None)
+        await eventually(lambda: restarted.queue.get(queue_id) is None, "delivery")
         self.assertEqual(self.network.cores[PLAIN].received, [])
         self.assertEqual(
             [r.recipients for r in self.network.cores[VERIFIED].received],
@@ -395,7 +394,7 @@ class MTASTSDeliveryTests(TestCase):
         )
         outbound.delivery.mta_sts = outbound.sts
         queue_id = await self.send(outbound, "member@enforce.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         self.assertEqual(
             [r.recipients for r in self.network.cores[PLAIN].received], [["member@enforce.test"]]
         )

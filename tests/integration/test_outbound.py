@@ -28,10 +28,9 @@ import os
 import re
 import shutil
 import smtplib
-import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -41,7 +40,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -56,17 +54,13 @@ from gsmail.status import Reply
 from gsmail.verp import parse_verp
 from tests.certificates import make_certificate
 from tests.integration.postfix import PrivatePostfix
-from tests.util import make_config, require_tool, start_service
+from tests.util import eventually, free_port, listening, make_config, require_tool, start_service
 
 #: The group that sends, and the members' domain.
 GROUP = "example@groups.example.com"
 MEMBERS = "members.example.org"
 #: gs.email's C{max_batch}: recipients per submission (gs/email/core.py).
 GS_EMAIL_BATCH: Final = 50
-#: Seconds any one wait for mail to arrive may take.
-DELIVERY_TIMEOUT: Final = 60.0
-#: How often the waits look, in seconds.
-POLL_INTERVAL: Final = 0.1
 
 #: The reply the test's receiving server gives a refused member.
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
@@ -113,44 +107,6 @@ def group_message(subject: str, body: bytes = b"Hello, members.\r\n") -> bytes:
         f"Message-ID: <{subject.replace(' ', '.')}@groups.example.com>\r\n"
         f"\r\n"
     ).encode() + body
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def listening(port: int) -> bool:
-    """
-    Whether something listens on 127.0.0.1:C{port}, read from
-    C{/proc/net/tcp} so that asking opens no session (smtp-sink counts them).
-    """
-    wanted = f"0100007F:{port:04X}"
-    with open("/proc/net/tcp", encoding="ascii") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
-                return True
-    return False
-
-
-async def wait_until(
-    condition: Callable[[], bool], describe: Callable[[], str], timeout: float = DELIVERY_TIMEOUT
-) -> None:
-    """
-    Poll C{condition} every L{POLL_INTERVAL} seconds until it holds.
-
-    @param describe: what was seen, for the failure message.
-    @raise AssertionError: it did not hold within C{timeout} seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"not within {timeout} s: {describe()}")
-        await deferLater(reactor, POLL_INTERVAL, lambda: None)
 
 
 # -- GroupServer's mailer ----------------------------------------------------------
@@ -305,7 +261,7 @@ class SmtpSink:
             await self._process.ended
 
         self._test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-        await wait_until(
+        await eventually(
             lambda: listening(self.port) or self._process.ended.called,
             lambda: f"smtp-sink did not listen on {self.port}: {self._output()}",
             timeout=10,
@@ -536,7 +492,7 @@ class GroupServerMailerTests(TestCase):
         self.assertEqual([s.refused for s in submissions], [{}] * 20)
         self.assertNotIn(None, [s.tls for s in submissions], "a batch was sent in clear")
 
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service), lambda: f"{describe_queue(service)}; {sink.describe()}"
         )
         found = sink.transactions()
@@ -575,11 +531,11 @@ class RefusedMemberTests(TestCase):
         )
         self.assertEqual([s.refused for s in submissions], [{}, {}])
 
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and bool(service.standin.bounces()),
             lambda: f"{describe_queue(service)}; bounces {service.standin.bounces()}",
         )
-        await wait_until(lambda: factory.connections == 0, lambda: "the connection stays open")
+        await eventually(lambda: factory.connections == 0, lambda: "the connection stays open")
         self.assertEqual(service.standin.bounces(), [(member(13), GROUP)])
         # The DSN may be queued before or after the second batch is submitted.
         [dsn] = [e for e in enqueued if e[0] == ""]
@@ -615,11 +571,11 @@ class RefusedMemberTests(TestCase):
         )
         self.assertEqual(submission.refused, {})
 
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and len(enqueued) >= 3,
             lambda: f"{describe_queue(service)}; queued {enqueued}",
         )
-        await wait_until(lambda: factory.connections == 0, lambda: "the connection stays open")
+        await eventually(lambda: factory.connections == 0, lambda: "the connection stays open")
         self.assertEqual(
             enqueued,
             [("", (member(13),)), (remote_list, (member(13),)), ("", (dsn_address,))],
@@ -670,7 +626,7 @@ class PostfixSmarthostTests(TestCase):
         def sent() -> int:
             return sum(1 for d in postfix.deliveries() if d.status == "sent")
 
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and sent() >= count,
             lambda: (
                 f"{describe_queue(service)}; Postfix sent {sent()}; {sink.describe()}\n"
@@ -739,11 +695,11 @@ class BatchAndBodyTests(TestCase):
         )
         self.assertEqual(refused, {})
 
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service), lambda: f"{describe_queue(service)}; {sink.describe()}"
         )
         await outbound(service).when_idle()
-        await wait_until(
+        await eventually(
             lambda: sink.counters()["sess"] >= 1 and sink.counters()["mesg"] == 3,
             lambda: f"smtp-sink counted {sink.counters()}",
             timeout=10,
@@ -784,7 +740,7 @@ class BatchAndBodyTests(TestCase):
         )
         self.assertEqual(refused, {})
 
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service), lambda: f"{describe_queue(service)}; {sink.describe()}"
         )
         [found] = sink.transactions()
@@ -816,8 +772,8 @@ class BatchAndBodyTests(TestCase):
         )
         self.assertEqual(refused, {})
 
-        await wait_until(lambda: queue_empty(service), lambda: describe_queue(service))
-        await wait_until(lambda: factory.connections == 0, lambda: "the connection stays open")
+        await eventually(lambda: queue_empty(service), lambda: describe_queue(service))
+        await eventually(lambda: factory.connections == 0, lambda: "the connection stays open")
         [got] = core.received
         self.assertEqual(got.body, "8BITMIME")
         self.assertTrue(got.data.endswith(original.replace(b"\r\n", b"\n")))

@@ -38,9 +38,8 @@ from tests.integration.test_outbound_mx import (
     receiver,
     stop_receivers,
     submit,
-    wait_until,
 )
-from tests.util import Child, free_port, spawn_gsmail
+from tests.util import Child, eventually, free_port, spawn_gsmail
 
 log = Logger()
 
@@ -113,9 +112,9 @@ class CrashRecoveryTests(TestCase):
             submit, submission_port, GROUP, RECIPIENTS, message("crash"), xverp=True
         )
         # Poll often: the kill should land mid-delivery, near KILL_AT.
-        await wait_until(
-            f"{KILL_AT} recipients at the smarthost",
+        await eventually(
             lambda: len(core.recipients()) >= KILL_AT,
+            f"{KILL_AT} recipients at the smarthost",
             timeout=60,
         )
         child.signal(signal.SIGKILL)
@@ -124,13 +123,13 @@ class CrashRecoveryTests(TestCase):
         self.assertLess(at_kill, len(RECIPIENTS), "the kill came after the whole delivery")
 
         child = await self.start_gsmail(directory, config, submission_port)
-        await wait_until(
-            "every recipient at the smarthost",
+        await eventually(
             lambda: set(core.recipients()) >= set(RECIPIENTS),
+            "every recipient at the smarthost",
             timeout=90,
         )
-        await wait_until(
-            "the queue to empty", lambda: not read_queue(os.path.join(directory, "queue"))
+        await eventually(
+            lambda: not read_queue(os.path.join(directory, "queue")), "the queue to empty"
         )
         child.signal(signal.SIGTERM)
         await child.ended

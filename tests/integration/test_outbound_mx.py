@@ -56,10 +56,7 @@ from gsmail.outbound.queue import Envelope as QueuedEnvelope
 from gsmail.service import GsmailService, makeService
 from gsmail.status import Reply
 from tests.certificates import make_pki
-from tests.util import listen_dns, make_config, start_service
-
-#: How long any one wait in these tests may take, in seconds.
-WAIT = 20.0
+from tests.util import eventually, listen_dns, make_config, start_service
 
 # The receiving hosts, by role.
 GOOD = "127.0.0.2"  # accepts everything
@@ -180,9 +177,9 @@ async def stop_receivers(ports: list[Any], factories: list[CountingFactory]) -> 
     """Stop listening, then wait (bounded) until every server connection is gone."""
     for port in ports:
         await port.stopListening()
-    await wait_until(
-        "the receiving servers' connections to close",
+    await eventually(
         lambda: all(f.connections == 0 for f in factories),
+        "the receiving servers' connections to close",
     )
 
 
@@ -249,13 +246,6 @@ ZONE = [
 
 
 # -- waiting, submitting, logs ------------------------------------------------------
-async def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll C{check} every 50 ms; fail naming C{what} after C{timeout} seconds."""
-    deadline = reactor.seconds() + timeout
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await deferLater(reactor, 0.05)
 
 
 def message(subject: str) -> bytes:
@@ -437,7 +427,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@a.test"], message("failover"))
-        await wait_until("delivery via mx3.a.test", gone(service, qid))
+        await eventually(gone(service, qid), "delivery via mx3.a.test")
         [got] = self.network.cores[GOOD].received
         self.assertEqual((got.sender, got.recipients), (SENDER, ["member@a.test"]))
         self.assertIn(b"Subject: failover\n", got.data)
@@ -453,7 +443,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@b.test"], message("later"))
-        await wait_until("the first attempt", attempted(service, qid))
+        await eventually(attempted(service, qid), "the first attempt")
         now = reactor.seconds()
         envelope = queued(service, qid)
         assert envelope is not None
@@ -472,16 +462,16 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@d.test"], message("backup"))
-        await wait_until(
-            "delivery via mx2.d.test, or the attempt to end",
+        await eventually(
             lambda: bool(self.network.cores[GOOD].received) or attempted(service, qid)(),
+            "delivery via mx2.d.test, or the attempt to end",
         )
         self.assertEqual(
             [t.recipients for t in self.network.cores[GOOD].received],
             [["member@d.test"]],
             "not delivered via the backup MX host after 451 to MAIL",
         )
-        await wait_until("the message to leave the queue", gone(service, qid))
+        await eventually(gone(service, qid), "the message to leave the queue")
 
     async def test_550_bounces_to_the_verp_address(self) -> None:
         """
@@ -494,9 +484,9 @@ class MXDeliveryTests(TestCase):
         qid = await deferToThread(
             submit, port, GROUP, ["member@c.test"], message("bounce"), xverp=True
         )
-        await wait_until("the bounce to be recorded", lambda: bool(service.standin.bounces()))
+        await eventually(lambda: bool(service.standin.bounces()), "the bounce to be recorded")
         self.assertEqual(service.standin.bounces(), [("member@c.test", GROUP)])
-        await wait_until("the queue to empty", lambda: not envelopes(service))
+        await eventually(lambda: not envelopes(service), "the queue to empty")
         self.assertEqual(self.network.cores[REJECT_550].rcpt_calls, 1)
         self.assertEqual(self.network.cores[REJECT_550].received, [])
         outcomes = [
@@ -511,10 +501,10 @@ class MXDeliveryTests(TestCase):
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, [recipient], message("no such"))
         good = self.network.cores[GOOD]
-        await wait_until("the DSN at the sender's MX host", lambda: bool(good.received))
+        await eventually(lambda: bool(good.received), "the DSN at the sender's MX host")
         [dsn] = good.received
         self.assertEqual((dsn.sender, dsn.recipients), ("", [SENDER]))
-        await wait_until("the queue to empty", lambda: not envelopes(service))
+        await eventually(lambda: not envelopes(service), "the queue to empty")
         self.assertTrue(gone(service, qid)())
         return parse_dsn(dsn.data)
 
@@ -547,7 +537,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start(mx_tls="encrypt")
         qid = await deferToThread(submit, port, SENDER, ["member@plain.test"], message("tls"))
-        await wait_until("the first attempt", attempted(service, qid))
+        await eventually(attempted(service, qid), "the first attempt")
         envelope = queued(service, qid)
         assert envelope is not None
         [r] = envelope.recipients
@@ -563,7 +553,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@tls.test"], message("may"))
-        await wait_until("delivery via mx.tls.test", gone(service, qid))
+        await eventually(gone(service, qid), "delivery via mx.tls.test")
         [got] = self.network.cores[STARTTLS].received
         self.assertEqual(got.recipients, ["member@tls.test"])
         self.assertTrue(got.tls)
@@ -581,12 +571,12 @@ class MXDeliveryTests(TestCase):
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@slow.test"], message("slow"))
         slow = self.network.cores[SLOW]
-        await wait_until("the final dot at the slow host", lambda: bool(slow.received))
+        await eventually(lambda: bool(slow.received), "the final dot at the slow host")
         cpu, wall = time.process_time(), reactor.seconds()
         await deferLater(reactor, SLOW_REPLY / 2)
         cpu, wall = time.process_time() - cpu, reactor.seconds() - wall
         self.assertLess(cpu, wall / 4, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting")
-        await wait_until("the delivery to be recorded", gone(service, qid))
+        await eventually(gone(service, qid), "the delivery to be recorded")
 
 
 class ServiceLifecycleTests(TestCase):

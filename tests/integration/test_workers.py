@@ -7,8 +7,8 @@ threads. Each test asserts what a sender sees (replies), what the groups got
 the main process) and what is left behind (processes, ports, spool files,
 socket files).
 
-Every wait is bounded: L{eventually} polls the real reactor for at most
-L{WAIT} seconds, and every client socket has a timeout.
+Every wait is bounded: L{tests.util.eventually} polls the real reactor for
+a bounded time, and every client socket has a timeout.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -37,12 +34,18 @@ from zope.interface import implementer
 
 from gsmail.service import GsmailService
 from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
-from tests.util import TOKEN, Child, free_port, make_config, port_of, spawn_gsmail, start_service
+from tests.util import (
+    TOKEN,
+    Child,
+    bounded,
+    eventually,
+    free_port,
+    make_config,
+    port_of,
+    spawn_gsmail,
+    start_service,
+)
 
-#: The longest any one wait in these tests lasts (seconds).
-WAIT = 15.0
-#: How often L{eventually} looks again (seconds).
-POLL = 0.05
 #: The Message-ID in a delivery event's C{message_id} field: C{<x@example.org>}.
 MESSAGE_ID = re.compile(r"<(?P<id>.*)>")
 
@@ -50,25 +53,6 @@ _T = TypeVar("_T")
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """
-    Wait on the real reactor until C{predicate()} is true.
-
-    @raise AssertionError: still false after C{timeout} seconds; says C{what}.
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        await deferLater(reactor, POLL, lambda: None)
-
-
-async def bounded(d: Deferred[_T], timeout: float = WAIT) -> _T:
-    """The result of C{d}, which must fire within C{timeout} seconds."""
-    d.addTimeout(timeout, reactor)
-    return await d
 
 
 def in_parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:

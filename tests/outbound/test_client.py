@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,7 +60,7 @@ from gsmail.outbound.client import (
 from gsmail.status import Reply
 from tests.certificates import new_ca
 from tests.inbound.test_protocol import FakeCore
-from tests.util import require_tool
+from tests.util import free_port, require_tool
 
 reactor: Any = _reactor
 
@@ -1860,13 +1859,6 @@ class InMemoryTests(SynchronousTestCase):
 
 
 # -- real sockets ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Process(ProcessProtocol):
