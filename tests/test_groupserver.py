@@ -26,7 +26,6 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IOpenSSLContext
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, Cooperator
 from twisted.logger import globalLogPublisher
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -46,6 +45,7 @@ from gsmail.standin import StandIn
 from gsmail.status import GroupServerError
 from tests.certificates import self_signed
 from tests.test_answers import page as answer_page
+from tests.util import TrackingFactory
 
 TOKEN = "s3cret-T0ken-never-logged"
 GROUPS = {"dev@groups.example.com": "dev", "ops@groups.example.com": "ops"}
@@ -777,37 +777,6 @@ class NotifyingClock(Clock):
             d.callback(None)
         else:
             self._waiters.append((n, delay, d))
-        return d
-
-
-class TrackingFactory(WrappingFactory):
-    """
-    Counts the server's open connections and those it ever accepted
-    (C{accepted}); tells when all are closed.
-    """
-
-    def __init__(self, wrapped: Factory) -> None:
-        super().__init__(wrapped)
-        self._closed_waiters: list[Deferred[None]] = []
-        self.accepted = 0
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        self.accepted += 1
-        return super().buildProtocol(addr)
-
-    def unregisterProtocol(self, p: Protocol) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._closed_waiters = self._closed_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def when_all_closed(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if not self.protocols:
-            d.callback(None)
-        else:
-            self._closed_waiters.append(d)
         return d
 
 

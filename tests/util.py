@@ -18,13 +18,15 @@ from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from gsmail.config import GsmailConfig
 from gsmail.service import GsmailService, makeService
+from gsmail.standin import StandIn
 
 TOKEN = "test-token-0123456789"
 DOMAIN = "groups.example.com"
@@ -398,3 +400,74 @@ async def run_to_end(
     d.addTimeout(WAIT, _reactor())
     await d
     return child
+
+
+class TrackingFactory(WrappingFactory):
+    """
+    Wraps a server's factory: counts its open connections and those it
+    ever accepted (C{accepted}); tells when all are closed.
+    """
+
+    def __init__(self, wrapped: Factory) -> None:
+        super().__init__(wrapped)
+        self._waiters: list[Deferred[None]] = []
+        self.accepted = 0
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+    def unregisterProtocol(self, p: Protocol) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def when_all_closed(self) -> Deferred[None]:
+        """Fires once no connection is open (at once if none is)."""
+        d: Deferred[None] = Deferred()
+        if self.protocols:
+            self._waiters.append(d)
+        else:
+            d.callback(None)
+        return d
+
+
+class StandInServer:
+    """
+    The GroupServer stand-in (L{gsmail.standin.StandIn}) serving C{groups}
+    (address to group id) on a free port of 127.0.0.1, at C{url}. Its delays
+    (L{gsmail.standin.Faults.delay}) run on C{clock}, by default a clock of
+    the test's, so that no test waits for them; it is stopped in the test's
+    cleanup once every request finished and every connection closed.
+    """
+
+    def __init__(
+        self,
+        test: TestCase,
+        groups: dict[str, str],
+        token: str = TOKEN,
+        *,
+        clock: Any = None,
+        directory: str | None = None,
+    ) -> None:
+        reactor = _reactor()
+        self._own_clock = clock is None
+        self.clock = Clock() if clock is None else clock
+        self.standin = StandIn(
+            directory or test.mktemp(), token, groups, clock=self.clock, reactor=reactor
+        )
+        self.factory = TrackingFactory(self.standin.site())
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        test.addCleanup(lambda: Deferred.fromCoroutine(self.stop()))
+
+    async def stop(self) -> None:
+        """Let delayed requests finish, stop listening, wait for every connection to close."""
+        self.standin.faults.reset()
+        if self._own_clock:
+            self.clock.advance(3600)  # delayed requests finish
+        await self.standin.when_idle()
+        await self.port.stopListening()
+        await self.factory.when_all_closed()

@@ -30,10 +30,10 @@ from tests.integration.running import (
     client_argv,
     ensure_group,
     ensure_user,
+    pipe_runtime,
     require_root,
     system_python,
 )
-from tests.integration.test_postfix_pipe import pipe_runtime
 from tests.util import ROOT, TOKEN, python_env, run_child, run_to_end, stop, twistd_argv, wait_for
 
 #: The user gsmail runs as, the group its LMTP socket is given to, a user

@@ -110,7 +110,7 @@ class StartupFailureTests(TestCase):
     async def test_permission_denied(self) -> None:
         """Port 25 for a user that is not root: 77, saying what would allow it."""
         require_root()
-        from tests.integration.test_postfix_pipe import pipe_runtime, pipe_user
+        from tests.integration.running import pipe_runtime, pipe_user
 
         user = pipe_user()
         python, path = await pipe_runtime(user)
