@@ -24,8 +24,8 @@ from gsmail.privileges import RunUser
 from gsmail.standin import StandIn
 from gsmail.status import EX_CONFIG, EX_OK
 from tests.certificates import make_chain
-from tests.outbound.test_mx import MX, A, MemoryZone
 from tests.util import DOMAIN, ROOT, TOKEN, listen_dns, make_config, twistd_argv
+from tests.zones import MX, A, MemoryZone
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -273,8 +273,8 @@ class DKIMCheckTests(TestCase):
 
     def setUp(self) -> None:
         from gsmail.signing import KeyRing, KeySpec
-        from tests.integration.test_authresults import txt
         from tests.test_signing import key_file
+        from tests.zones import txt
 
         self.directory = tempfile.mkdtemp(prefix="gsmail-test-check-")
         os.chmod(self.directory, 0o755)

@@ -113,8 +113,6 @@ def system_python() -> str:
 
 #: The unprivileged user pipe(8) runs the command as in these tests.
 PIPE_USER: Final = "nobody"
-
-
 #: Modules the command imports while it posts.
 PROBE: Final = "import gsmail.script, gsmail.groupserver, gsmail.ledger, twisted.internet.reactor"
 

@@ -30,7 +30,7 @@ from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gsmail.service import GsmailService
-from tests.integration.test_clients import EXAMPLE, RawClient, RawReply, strip_trace
+from tests.integration.clients import EXAMPLE, RawClient, RawReply, strip_trace
 from tests.util import make_config, port_of, start_service
 
 HELLO = {"smtp": b"EHLO client.example.org\r\n", "lmtp": b"LHLO client.example.org\r\n"}

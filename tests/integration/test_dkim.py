@@ -47,8 +47,8 @@ from gsmail.outbound import delivery as delivery_module
 from gsmail.service import GsmailService, makeService
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
 from gsmail.status import Reply
-from tests.integration.test_authresults import Zone, results_of, txt
 from tests.integration.test_authresults import message as internet_message
+from tests.integration.test_authresults import results_of
 from tests.integration.test_outbound import (
     GROUP,
     RefusingCore,
@@ -60,6 +60,7 @@ from tests.integration.test_outbound import (
 from tests.integration.test_outbound_mx import capture_log
 from tests.test_signing import DNSStub, key_file, verify_all
 from tests.util import DOMAIN, eventually, listen_dns, make_config, port_of
+from tests.zones import MemoryZone, txt
 
 MEMBERS = ["alice@members.example.org", "bob@members.example.net", "carol@members.example.com"]
 #: What the receiving server answers a member it is told to defer.
@@ -255,7 +256,8 @@ class ARCSealTests(SigningTestCase):
         """
         sender_keys = os.path.abspath(self.mktemp())
         sender_key = KeySpec("sender.example", "sel", key_file(sender_keys, "sender.key"))
-        zone = Zone(
+        zone = MemoryZone(
+            b"",
             [
                 (b"sender.example", txt("v=spf1 ip4:127.0.0.1 -all")),
                 (b"_dmarc.sender.example", txt("v=DMARC1; p=reject")),
@@ -263,7 +265,7 @@ class ARCSealTests(SigningTestCase):
                     b"sel._domainkey.sender.example",
                     txt(f"v=DKIM1; k=rsa; p={KeyRing([sender_key]).get(sender_key).public}"),
                 ),
-            ]
+            ],
         )
         factory = server.DNSServerFactory(authorities=[zone], verbose=0)
         factory.noisy = False

@@ -22,7 +22,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gsmail.service import GsmailService
-from tests.integration.test_clients import RawClient
+from tests.integration.clients import RawClient
 from tests.util import TOKEN, bounded, eventually, make_config, port_of, start_service
 
 USER = "groupserver"

@@ -19,13 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_clients import (
-    CLIENT_TIMEOUT,
-    EXAMPLE,
-    SENDER,
-    UNKNOWN_GROUP,
-    make_message,
-)
+from tests.integration.clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, UNKNOWN_GROUP, make_message
 from tests.util import (
     TOKEN,
     Child,

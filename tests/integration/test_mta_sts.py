@@ -47,16 +47,9 @@ from gsmail.outbound.queue import PENDING, OutboundQueue
 from gsmail.outbound.tlsrpt import TLSReportCounts, read_day
 from gsmail.service import GsmailService
 from tests.certificates import TestCA, new_ca
-from tests.integration.test_outbound_mx import (
-    MX,
-    A,
-    MemoryZone,
-    ScriptedCore,
-    capture_log,
-    receiver,
-    stop_receivers,
-)
+from tests.integration.test_outbound_mx import ScriptedCore, capture_log, receiver, stop_receivers
 from tests.util import eventually, listen_dns, make_config, start_service
+from tests.zones import MX, A, MemoryZone
 
 SENDER = "owner@groups.example.com"
 
@@ -171,7 +164,7 @@ async def start_network(test: TestCase, directory: str) -> Network:
         raise AssertionError("no port was free on all of 127.0.0.2-4 in 20 tries")
     test.addCleanup(stop_receivers, ports, list(factories.values()))
 
-    authority = MemoryZone(ZONE)
+    authority = MemoryZone(b"test", ZONE)
     zone = server.DNSServerFactory(authorities=[authority], verbose=0)
     zone.noisy = False
     udp, tcp = listen_dns(reactor, zone)

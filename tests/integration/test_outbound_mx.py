@@ -36,7 +36,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.names import authority, dns, server
+from twisted.names import server
 from twisted.trial.unittest import TestCase
 from zope.interface import provider
 
@@ -57,6 +57,7 @@ from gsmail.service import GsmailService, makeService
 from gsmail.status import Reply
 from tests.certificates import make_pki
 from tests.util import eventually, listen_dns, make_config, start_service
+from tests.zones import MX, A, MemoryZone
 
 # The receiving hosts, by role.
 GOOD = "127.0.0.2"  # accepts everything
@@ -184,29 +185,6 @@ async def stop_receivers(ports: list[Any], factories: list[CountingFactory]) -> 
 
 
 # -- DNS ------------------------------------------------------------------------------
-class MemoryZone(authority.FileAuthority):
-    """The zone C{test}, held in memory; names without records answer NXDOMAIN."""
-
-    def __init__(self, records: list[tuple[bytes, Any]]) -> None:
-        self._records = records
-        super().__init__(None)
-
-    def loadFile(self, filename: object) -> None:
-        soa = dns.Record_SOA(
-            mname=b"ns.test", rname=b"hostmaster.test", serial=1, minimum=60, expire=60, ttl=60
-        )
-        self.soa = (b"test", soa)
-        self.records = {b"test": [soa]}
-        for name, record in self._records:
-            self.records.setdefault(name.lower(), []).append(record)
-
-
-def MX(preference: int, name: bytes) -> dns.Record_MX:
-    return dns.Record_MX(preference, name, ttl=300)
-
-
-def A(address: str) -> dns.Record_A:
-    return dns.Record_A(address, ttl=300)
 
 
 ZONE = [
@@ -343,7 +321,7 @@ async def start_network(test: TestCase, directory: str) -> Network:
     test.addCleanup(stop_receivers, ports, list(factories.values()))
     test.addCleanup(down.close)
 
-    zone = server.DNSServerFactory(authorities=[MemoryZone(ZONE)], verbose=0)
+    zone = server.DNSServerFactory(authorities=[MemoryZone(b"test", ZONE)], verbose=0)
     zone.noisy = False
     udp, tcp = listen_dns(reactor, zone)
     test.addCleanup(udp.stopListening)

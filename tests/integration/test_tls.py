@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.service import GsmailService
 from tests.certificates import make_certificate, make_chain
-from tests.integration.test_clients import (
+from tests.integration.clients import (
     CLIENT_TIMEOUT,
     EXAMPLE,
     SENDER,

@@ -33,7 +33,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from gsmail.service import GsmailService
-from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
+from tests.integration.clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
 from tests.util import (
     TOKEN,
     Child,
