@@ -27,7 +27,7 @@ from gsmail.addresses import Address, parse_mailbox
 from gsmail.service import GsmailService
 from tests.bounce_samples import dsn, out_of_office, plain_mail, qmail_bounce
 from tests.integration.clients import codes, send_once, smtplib_codes
-from tests.integration.test_outbound import (
+from tests.integration.mailer import (
     SmtpSink,
     describe_queue,
     group_message,

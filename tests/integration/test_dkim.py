@@ -47,9 +47,7 @@ from gsmail.outbound import delivery as delivery_module
 from gsmail.service import GsmailService, makeService
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
 from gsmail.status import Reply
-from tests.integration.test_authresults import message as internet_message
-from tests.integration.test_authresults import results_of
-from tests.integration.test_outbound import (
+from tests.integration.mailer import (
     GROUP,
     RefusingCore,
     decoded,
@@ -57,7 +55,9 @@ from tests.integration.test_outbound import (
     group_message,
     gs_email_send,
 )
-from tests.integration.test_outbound_mx import capture_log
+from tests.integration.mx import capture_log
+from tests.integration.test_authresults import message as internet_message
+from tests.integration.test_authresults import results_of
 from tests.test_signing import DNSStub, key_file, verify_all
 from tests.util import DOMAIN, eventually, listen_dns, make_config, port_of
 from tests.zones import MemoryZone, txt

@@ -47,7 +47,7 @@ from gsmail.outbound.queue import PENDING, OutboundQueue
 from gsmail.outbound.tlsrpt import TLSReportCounts, read_day
 from gsmail.service import GsmailService
 from tests.certificates import TestCA, new_ca
-from tests.integration.test_outbound_mx import ScriptedCore, capture_log, receiver, stop_receivers
+from tests.integration.mx import ScriptedCore, capture_log, receiver, stop_receivers
 from tests.util import eventually, listen_dns, make_config, start_service
 from tests.zones import MX, A, MemoryZone
 

@@ -31,14 +31,7 @@ from twisted.trial.unittest import TestCase
 from gsmail.addresses import parse_mailbox
 from gsmail.outbound.queue import read_queue
 from gsmail.verp import parse_verp
-from tests.integration.test_outbound_mx import (
-    GROUP,
-    ScriptedCore,
-    message,
-    receiver,
-    stop_receivers,
-    submit,
-)
+from tests.integration.mx import GROUP, ScriptedCore, message, receiver, stop_receivers, submit
 from tests.util import Child, eventually, free_port, spawn_gsmail
 
 log = Logger()

@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 from gsmail.outbound.queue import PENDING
 from gsmail.service import GsmailService
 from tests.certificates import make_certificate, make_pki
-from tests.integration.test_outbound_mx import (
+from tests.integration.mx import (
     SENDER,
     CountingFactory,
     ScriptedCore,

@@ -25,7 +25,7 @@ from gsmail.config import ConfigError
 from gsmail.inbound.routing import RoutedMessage
 from gsmail.report import collect
 from gsmail.service import makeService
-from tests.integration.test_outbound import refusing_server
+from tests.integration.mailer import refusing_server
 from tests.util import DOMAIN, eventually, make_config, port_of, start_service
 
 OTHER = "lists.example.com"

@@ -28,7 +28,7 @@ from twisted.trial.unittest import TestCase
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
 from gsmail.service import GsmailService
 from tests.certificates import make_certificate
-from tests.integration.test_outbound import (
+from tests.integration.mailer import (
     GROUP,
     SmtpSink,
     decoded,
