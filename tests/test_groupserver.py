@@ -17,14 +17,12 @@ import multipart
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IOpenSSLContextFactory
+from twisted.internet.interfaces import IConsumer, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
@@ -44,11 +42,12 @@ from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.standin import StandIn
 from gsmail.status import GroupServerError
 from tests.certificates import self_signed
+from tests.fakes import GS_GROUPS as GROUPS
+from tests.fakes import GS_TOKEN as TOKEN
+from tests.fakes import InMemory, StepCooperator
 from tests.test_answers import page as answer_page
 from tests.util import TrackingFactory
 
-TOKEN = "s3cret-T0ken-never-logged"
-GROUPS = {"dev@groups.example.com": "dev", "ops@groups.example.com": "ops"}
 ALL_BYTES = bytes(range(256)) * 3
 
 
@@ -99,36 +98,6 @@ class ListConsumer:
 
     def value(self) -> bytes:
         return b"".join(self.writes)
-
-
-class StepCooperator:
-    """A Cooperator that does one step of work each time L{step} is called."""
-
-    def __init__(self) -> None:
-        self.pending: list[Callable[[], None]] = []
-        self.cooperator = Cooperator(
-            scheduler=self._schedule, terminationPredicateFactory=lambda: lambda: True
-        )
-
-    def _schedule(self, f: Callable[[], None]) -> IDelayedCall:
-        self.pending.append(f)
-        return _Uncancellable()
-
-    def step(self) -> bool:
-        """Run one step; C{False} when no step was scheduled."""
-        if not self.pending:
-            return False
-        self.pending.pop(0)()
-        return True
-
-    def run(self) -> None:
-        while self.step():
-            pass
-
-
-class _Uncancellable:
-    def cancel(self) -> None:
-        pass
 
 
 def parse_form(body: bytes, boundary: str) -> dict[str, bytes]:
@@ -388,45 +357,6 @@ class MultipartBodyTests(SynchronousTestCase):
 
 
 # -- in memory, against the stand-in's resource -----------------------------
-
-
-class InMemory:
-    """
-    A client talking to a resource through treq's in-memory agent, with a
-    L{Clock} for the client's timers and the stand-in's delays.
-    """
-
-    def __init__(
-        self,
-        testcase: SynchronousTestCase,
-        resource: Resource | None = None,
-        wrap: Callable[[Resource], Resource] | None = None,
-        **kw: Any,
-    ):
-        self.clock = Clock()
-        self.standin = StandIn(testcase.mktemp(), TOKEN, GROUPS, clock=self.clock, reactor=None)
-        self.resource = resource or self.standin.resource()
-        if wrap is not None:
-            self.resource = wrap(self.resource)
-        self.agent = RequestTraversalAgent(self.resource)
-        self.steps = StepCooperator()
-        kw.setdefault("response_timeout", 30.0)
-        self.client = GroupServerClient(
-            self.clock,  # type: ignore[arg-type]
-            "http://groups.example.com/",
-            kw.pop("token", TOKEN),
-            http_client=HTTPClient(self.agent),
-            cooperator=self.steps.cooperator,
-            **kw,
-        )
-
-    def pump(self) -> None:
-        """Move every byte and run every ready step."""
-        for _ in range(50):
-            self.agent.flush()
-            if not self.steps.step():
-                self.agent.flush()
-                return
 
 
 class _Fixed(Resource):

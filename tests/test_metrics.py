@@ -40,8 +40,8 @@ from gsmail.metrics import (
 )
 from gsmail.status import GROUPSERVER_UNREACHABLE, GroupServerError
 from gsmail.workers import _EventLines
+from tests.fakes import InMemory
 from tests.test_config import ConfigFileTestCase
-from tests.test_groupserver import InMemory
 from tests.test_workers import started
 from tests.util import ROOT, make_config
 

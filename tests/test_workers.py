@@ -37,7 +37,7 @@ from gsmail.workers import (
     read_setup,
     write_setup,
 )
-from tests.test_textlog import CountingFile
+from tests.fakes import CountingFile
 from tests.util import ROOT, TOKEN, make_config
 
 

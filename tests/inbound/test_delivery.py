@@ -10,12 +10,11 @@ import os
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gsmail import status
@@ -23,61 +22,11 @@ from gsmail.addresses import Address, BounceCheck, Route, RouteKind
 from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, received_from, trace_fields
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import Spool, SpooledMessage
-from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
+from gsmail.interfaces import GroupInfo, IGroupServer
 from gsmail.ledger import PostLedger
 from gsmail.status import GroupServerError, Reply
 from tests.bounce_samples import dsn
-
-
-@implementer(IGroupServer)
-class FakeGroupServer:
-    """
-    A GroupServer double that records calls; groups are C{{address: id}};
-    C{hold} keeps post Deferreds unfired; C{post_error} fails posts.
-    """
-
-    def __init__(self, groups: dict[str, str]) -> None:
-        self.groups = groups
-        self.lookups: list[str] = []
-        self.posts: list[tuple[str, bytes, str]] = []
-        self.relays: list[bytes] = []
-        self.bounces: list[tuple[str, str]] = []
-        self.lookup_error: Exception | None = None
-        self.post_error: Exception | None = None
-        self.hold = False
-        self.held: list[Deferred[None]] = []
-
-    def lookup_group(self, address: str) -> Deferred[GroupInfo]:
-        self.lookups.append(address)
-        if self.lookup_error is not None:
-            return fail(self.lookup_error)
-        gid = self.groups.get(address.lower())
-        return succeed(GroupInfo(address, gid, "site" if gid else None))
-
-    def _read(self, message: MessageSource) -> bytes:
-        with open(message.path, "rb") as f:
-            return message.prefix + f.read(message.size)
-
-    def _result(self) -> Deferred[None]:
-        if self.post_error is not None:
-            return fail(self.post_error)
-        if self.hold:
-            d: Deferred[None] = Deferred()
-            self.held.append(d)
-            return d
-        return succeed(None)
-
-    def add_post(self, group_id: str, message: MessageSource, time_source: str) -> Deferred[None]:
-        self.posts.append((group_id, self._read(message), time_source))
-        return self._result()
-
-    def relay(self, message: MessageSource) -> Deferred[None]:
-        self.relays.append(self._read(message))
-        return self._result()
-
-    def record_bounce(self, user_email: str, group_email: str) -> Deferred[bool]:
-        self.bounces.append((user_email, group_email))
-        return self._result().addCallback(lambda _: True)
+from tests.fakes import FakeGroupServer, FakePostmaster
 
 
 class CoreTestsMixin:
@@ -720,19 +669,6 @@ class SafeTraceTests(SynchronousTestCase):
         """The submission listener's Received takes its C{from} clause from the same place."""
         session = Session(peer="local", protocol_name="ESMTP", helo="a\x85b")
         self.assertEqual(received_from(session), "from unknown (helo=a?b) (local)")
-
-
-class FakePostmaster:
-    """Records postmaster deliveries; C{reply} is what each gets."""
-
-    def __init__(self) -> None:
-        self.kept: list[tuple[str, bytes]] = []
-        self.reply = status.POSTMASTER_STORED
-
-    def deliver(self, sender: str, prefix: bytes, message: SpooledMessage) -> Deferred[Reply]:
-        with open(message.path, "rb") as f:
-            self.kept.append((sender, prefix + f.read()))
-        return succeed(self.reply)
 
 
 class PostmasterRoutingTests(CoreTestsMixin, SynchronousTestCase):

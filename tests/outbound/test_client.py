@@ -59,7 +59,7 @@ from gsmail.outbound.client import (
 )
 from gsmail.status import Reply
 from tests.certificates import new_ca
-from tests.inbound.test_protocol import FakeCore
+from tests.fakes import FakeCore
 from tests.util import free_port, require_tool
 
 reactor: Any = _reactor

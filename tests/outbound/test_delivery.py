@@ -47,7 +47,7 @@ from gsmail.outbound.queue import (
 )
 from gsmail.status import Reply
 from gsmail.verp import VerpKeys, VerpPolicy
-from tests.outbound.test_queue import ManualSync
+from tests.fakes import ManualSync
 
 HOSTNAME = "mx.groups.example.com"
 SITE = "groups.example.com"
