@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from zope.interface import implementer
@@ -37,11 +39,17 @@ from gsmail.addresses import Address, Route, RouteKind
 from gsmail.groupserver import (
     GroupServerClient,
 )
+from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.protocol import Envelope, Session
-from gsmail.inbound.spool import SpooledMessage
+from gsmail.inbound.spool import Spool, SpooledMessage
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
+from gsmail.ledger import PostLedger
 from gsmail.standin import StandIn
 from gsmail.status import Reply
+from gsmail.workers import (
+    InboundWorkers,
+)
+from tests.util import make_config
 
 #: The token and groups of L{InMemory}'s stand-in.
 GS_TOKEN = "s3cret-T0ken-never-logged"
@@ -395,3 +403,110 @@ class CountingFile(io.BytesIO):
 
     def flush(self) -> None:
         self.flushes += 1
+
+
+class FakeTransport:
+    """What a spawned process looks like to its protocol."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written = b""
+        self.stdin_closed = False
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class FakeWorkers(InboundWorkers):
+    """L{InboundWorkers} whose processes are L{FakeTransport}s."""
+
+    def __init__(self, test: SynchronousTestCase, count: int = 2) -> None:
+        self.clock = Clock()
+        self.events: list[LogEvent] = []
+        self.spawned: list[FakeTransport] = []
+        config = make_config(test.mktemp(), inbound_workers=count, reply_deadline=100.0)
+        super().__init__(config, self.clock, publisher=self.events.append)
+
+    def spawn(self, protocol: Any) -> Any:
+        transport = FakeTransport(1000 + len(self.spawned))
+        protocol.makeConnection(transport)
+        self.spawned.append(transport)
+        return transport
+
+
+class FakePort:
+    """A listening port as L{InboundWorkers.start} reads it."""
+
+    def __init__(self, fd: int, family: int = 2) -> None:
+        self._fd = fd
+        self.socket = attrs.make_class("S", {"family": attrs.field(default=family)})()
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def started(test: SynchronousTestCase, count: int = 2) -> FakeWorkers:
+    workers = FakeWorkers(test, count)
+    workers.start({"smtp": FakePort(7), "lmtp": FakePort(8)}, "http://127.0.0.1:8080")
+    return workers
+
+
+class CoreTestsMixin:
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.gs = FakeGroupServer(
+            {"dev@groups.example.com": "dev", "ann@groups.example.com": "ann"}
+        )
+        self.dir = self.mktemp()  # type: ignore[attr-defined]
+        os.makedirs(self.dir)
+        self.ledger = PostLedger(os.path.join(self.dir, "ledger"), clock=self.clock)
+        self.ledger.open()
+        self.core = self.make_core()
+        self.session = Session(
+            peer="[192.0.2.1]", protocol_name="ESMTP", helo="mx.example.org", extended=True
+        )
+
+    def tearDown(self) -> None:
+        self.ledger.close()
+
+    def make_core(self, **kw: object) -> DeliveryCore:
+        args: dict[str, object] = dict(
+            client=self.gs,
+            ledger=self.ledger,
+            clock=self.clock,
+            hostname="mx.groups.example.com",
+            domains=("groups.example.com",),
+            reply_deadline=540.0,
+        )
+        args.update(kw)
+        return DeliveryCore(**args)  # type: ignore[arg-type]
+
+    def rcpt(self, address: str) -> tuple[Reply, Route | None]:
+        local, _, domain = address.partition("@")
+        return self.successResultOf(  # type: ignore[attr-defined, no-any-return]
+            self.core.check_recipient(self.session, Address(local, domain))
+        )
+
+    def message(self, data: bytes) -> SpooledMessage:
+        spool = Spool(self.dir)
+        spool.write(data)
+        return spool.finish()
+
+    def envelope(self, *addresses: str) -> Envelope:
+        env = Envelope(sender=Address("alice", "example.org"))
+        for a in addresses:
+            reply, route = self.rcpt(a)
+            assert route is not None, reply
+            env.recipients.append(route)
+        return env
+
+    def deliver(self, env: Envelope, data: bytes) -> Deferred[list[Reply]]:
+        return self.core.deliver(self.session, env, self.message(data))

@@ -273,7 +273,7 @@ class DKIMCheckTests(TestCase):
 
     def setUp(self) -> None:
         from gsmail.signing import KeyRing, KeySpec
-        from tests.test_signing import key_file
+        from tests.signing import key_file
         from tests.zones import txt
 
         self.directory = tempfile.mkdtemp(prefix="gsmail-test-check-")

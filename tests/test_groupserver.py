@@ -45,7 +45,7 @@ from tests.certificates import self_signed
 from tests.fakes import GS_GROUPS as GROUPS
 from tests.fakes import GS_TOKEN as TOKEN
 from tests.fakes import InMemory, StepCooperator
-from tests.test_answers import page as answer_page
+from tests.pages import page as answer_page
 from tests.util import TrackingFactory
 
 ALL_BYTES = bytes(range(256)) * 3

@@ -40,9 +40,8 @@ from gsmail.metrics import (
 )
 from gsmail.status import GROUPSERVER_UNREACHABLE, GroupServerError
 from gsmail.workers import _EventLines
-from tests.fakes import InMemory
-from tests.test_config import ConfigFileTestCase
-from tests.test_workers import started
+from tests.fakes import InMemory, started
+from tests.gsconfig import ConfigFileTestCase
 from tests.util import ROOT, make_config
 
 
@@ -599,7 +598,7 @@ class OptionTests(ConfigFileTestCase):
                 self.assertIn(problem, str(error))
 
     def ini(self, options: dict[str, str]) -> str:
-        from tests.test_config import ini
+        from tests.gsconfig import ini
 
         return ini(options)
 

@@ -38,36 +38,8 @@ from gsmail.textlog import TextLogObserver
 from gsmail.tlsconfig import ServerTLS
 from gsmail.workers import WorkerReload, _ParentWatch, write_setup
 from tests.certificates import make_certificate, new_certificate, peer_certificate
+from tests.reloadconf import write_config
 from tests.util import DOMAIN, TOKEN, eventually, make_config, port_of
-
-CONFIG = """\
-[webservice-default]
-token = {token}
-[gsmail-default]
-url = embedded
-standin_groups = example
-smtp_endpoint = tcp:0:interface=127.0.0.1
-domains = {domains}
-hostname = mx.groups.example.com
-ledger_path = state/ledger/posted.log
-spool_dir = state/spool
-standin_dir = state/standin
-postmaster_maildir = state/postmaster
-route_state_dir = state/routes
-errors_dir = state/errors
-rejected_dir = state/rejected
-tls_certificate = tls/cert.pem
-tls_key = tls/key.pem
-{more}
-"""
-
-
-def write_config(directory: str, domains: str = DOMAIN, more: str = "") -> str:
-    """The configuration file of these tests (TLS from C{tls/}), written to C{directory}."""
-    path = os.path.join(directory, "gsconfig.ini")
-    with open(path, "w") as f:
-        f.write(CONFIG.format(token=TOKEN, domains=domains, more=more))
-    return path
 
 
 class RestartOptionTests(SynchronousTestCase):

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,69 +18,13 @@ from zope.interface.verify import verifyObject
 
 from gsmail import status
 from gsmail.addresses import Address, BounceCheck, Route, RouteKind
-from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, received_from, trace_fields
+from gsmail.inbound.delivery import GroupDirectory, received_from, trace_fields
 from gsmail.inbound.protocol import Envelope, Session
-from gsmail.inbound.spool import Spool, SpooledMessage
 from gsmail.interfaces import GroupInfo, IGroupServer
 from gsmail.ledger import PostLedger
-from gsmail.status import GroupServerError, Reply
+from gsmail.status import GroupServerError
 from tests.bounce_samples import dsn
-from tests.fakes import FakeGroupServer, FakePostmaster
-
-
-class CoreTestsMixin:
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.gs = FakeGroupServer(
-            {"dev@groups.example.com": "dev", "ann@groups.example.com": "ann"}
-        )
-        self.dir = self.mktemp()  # type: ignore[attr-defined]
-        os.makedirs(self.dir)
-        self.ledger = PostLedger(os.path.join(self.dir, "ledger"), clock=self.clock)
-        self.ledger.open()
-        self.core = self.make_core()
-        self.session = Session(
-            peer="[192.0.2.1]", protocol_name="ESMTP", helo="mx.example.org", extended=True
-        )
-
-    def tearDown(self) -> None:
-        self.ledger.close()
-
-    def make_core(self, **kw: object) -> DeliveryCore:
-        args: dict[str, object] = dict(
-            client=self.gs,
-            ledger=self.ledger,
-            clock=self.clock,
-            hostname="mx.groups.example.com",
-            domains=("groups.example.com",),
-            reply_deadline=540.0,
-        )
-        args.update(kw)
-        return DeliveryCore(**args)  # type: ignore[arg-type]
-
-    def rcpt(self, address: str) -> tuple[Reply, Route | None]:
-        local, _, domain = address.partition("@")
-        return self.successResultOf(  # type: ignore[attr-defined, no-any-return]
-            self.core.check_recipient(self.session, Address(local, domain))
-        )
-
-    def message(self, data: bytes) -> SpooledMessage:
-        spool = Spool(self.dir)
-        spool.write(data)
-        return spool.finish()
-
-    def envelope(self, *addresses: str) -> Envelope:
-        env = Envelope(sender=Address("alice", "example.org"))
-        for a in addresses:
-            reply, route = self.rcpt(a)
-            assert route is not None, reply
-            env.recipients.append(route)
-        return env
-
-    def deliver(self, env: Envelope, data: bytes) -> Deferred[list[Reply]]:
-        return self.core.deliver(self.session, env, self.message(data))
-
+from tests.fakes import CoreTestsMixin, FakePostmaster
 
 MSG = b"Message-ID: <1@example.org>\nSubject: hello\n\nbody\n"
 

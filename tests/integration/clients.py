@@ -259,3 +259,12 @@ class RawClient:
         if self._buffer:
             raise AssertionError(f"plaintext left before the handshake: {self._buffer!r}")
         self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+
+
+def rcpt(port: int, recipient: str) -> str:
+    """The enhanced status code gsmail answers C{RCPT TO:<recipient>} (blocking)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.example.org")
+        client.mail("alice@example.org")
+        code, text = client.rcpt(recipient)
+        return text.decode().split()[0]

@@ -29,12 +29,11 @@ from twisted.names import server
 from twisted.trial.unittest import TestCase
 
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
-from tests.test_signing import key_file
+from tests.signing import GROUP, key_file, message, results_of
 from tests.util import listen_dns, make_config, port_of, start_service
 from tests.zones import MemoryZone, txt
 
 HOST = "mx.groups.example.com"
-GROUP = "example@groups.example.com"
 
 
 class Silent(DatagramProtocol):
@@ -42,28 +41,6 @@ class Silent(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         pass
-
-
-def message(sender: str, subject: str, extra: bytes = b"") -> bytes:
-    return (
-        extra
-        + (
-            f"From: Alice <{sender}>\r\n"
-            f"To: {GROUP}\r\n"
-            f"Subject: {subject}\r\n"
-            f"Message-ID: <{subject.replace(' ', '.')}@sender.example>\r\n"
-            f"\r\n"
-            f"Hello, group.\r\n"
-        ).encode()
-    )
-
-
-def results_of(post: bytes) -> list[bytes]:
-    """The Authentication-Results fields of a post (unfolded), top first."""
-    head = post.split(b"\n\n", 1)[0].replace(b"\n\t", b" ").replace(b"\n ", b" ")
-    return [
-        line for line in head.split(b"\n") if line.lower().startswith(b"authentication-results:")
-    ]
 
 
 class AuthenticationResultsTests(TestCase):

@@ -56,9 +56,8 @@ from tests.integration.mailer import (
     gs_email_send,
 )
 from tests.integration.mx import capture_log
-from tests.integration.test_authresults import message as internet_message
-from tests.integration.test_authresults import results_of
-from tests.test_signing import DNSStub, key_file, verify_all
+from tests.signing import DNSStub, key_file, results_of, verify_all
+from tests.signing import message as internet_message
 from tests.util import DOMAIN, eventually, listen_dns, make_config, port_of
 from tests.zones import MemoryZone, txt
 

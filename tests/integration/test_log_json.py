@@ -20,8 +20,8 @@ from twisted.logger import LogEvent, eventFromJSON, formatEvent
 from twisted.trial.unittest import TestCase
 
 from tests.certificates import new_certificate
-from tests.integration.test_reload import rcpt
-from tests.test_reload import write_config
+from tests.integration.clients import rcpt
+from tests.reloadconf import write_config
 from tests.util import DOMAIN, TOKEN, Child, python_env, run_child, stop, twistd_argv
 
 #: Polls of the log (every 50 ms) before a test gives up.

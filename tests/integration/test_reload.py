@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import signal
-import smtplib
 import subprocess
 import sys
 from typing import Any
@@ -29,7 +28,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from tests.certificates import new_certificate, peer_certificate
-from tests.test_reload import write_config
+from tests.integration.clients import rcpt
+from tests.reloadconf import write_config
 from tests.util import (
     DOMAIN,
     ROOT,
@@ -47,15 +47,6 @@ from tests.util import (
 
 #: Polls of the log (every 50 ms) before a test gives up.
 POLLS = 400
-
-
-def rcpt(port: int, recipient: str) -> str:
-    """The enhanced status code gsmail answers C{RCPT TO:<recipient>} (blocking)."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.example.org")
-        client.mail("alice@example.org")
-        code, text = client.rcpt(recipient)
-        return text.decode().split()[0]
 
 
 class TwistdReloadTests(TestCase):
