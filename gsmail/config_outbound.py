@@ -199,17 +199,6 @@ class _OutboundOptions(_ValueReader):
             "auth_check_exceptions": exceptions,
         }
 
-    def monitoring(self, section: str) -> dict[str, Any]:
-        """
-        C{metrics_endpoint} (an endpoint string; empty: off) and
-        C{readyz_min_free} (MiB, like C{max_size}; C{0}: no free-space check)
-        (L{gsmail.metrics}).
-        """
-        return {
-            "metrics_endpoint": self.endpoint(section, "metrics_endpoint"),
-            "readyz_min_free": self.size(section, "readyz_min_free", zero=True),
-        }
-
     def mx_tls(self, section: str) -> str:
         """C{mx_tls}: C{none}, C{may}, C{encrypt}, or empty (as C{smtp_tls_security_level})."""
         if not self.raw(section, "mx_tls"):
