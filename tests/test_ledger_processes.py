@@ -33,8 +33,8 @@ from gsmail.ledger import (
     LedgerUnwritableError,
     Outcome,
     PostLedger,
-    _KeyLock,
 )
+from gsmail.ledger_claims import _KeyLock
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
 from tests.test_ledger import ManualSync, Post
 
