@@ -7,9 +7,10 @@ compacts it. The file's format and the blocking reads and writes are in
 L{gsmail.ledger_file}; claims on keys in L{gsmail.ledger_claims}; the
 guarantee they make together in L{gsmail.ledger}.
 
-  2. Catching up. Before C{run} decides (and in C{state}), the process
-     C{stat}s the path: new bytes past what it has read are read and parsed,
-     in the reactor thread (a post's worth of records is 85 bytes, so this
+  2. Catching up. Before C{run} decides on a key it does not remember as
+     done, once it holds the key's claim (rule 3), and in C{state}, the
+     process C{stat}s the path: new bytes past what it has read are read and
+     parsed, in the reactor thread (a post's worth of records is 85 bytes, so this
      costs one C{stat} and one small C{pread}: 4 to 7 microseconds per call
      measured); another inode means the file was compacted and is read again
      from the start, also in the reactor thread: rare (see 4), but with
