@@ -14,6 +14,8 @@ Prints one table. For both stores:
   - C{open}: opening a ledger of 100,000 live records with C{preload}
     (parsed into a dict; the sqlite store has nothing to parse: it opens the
     database, and C{open+dict} also reads every row into a dict), median of 3;
+  - C{smtp2gs}: what a pipe process does with that ledger: open it without
+    C{preload}, post one new message, close it (median of 5);
   - C{catch-up}: what a second process pays per C{run()} to see the record
     the first one just appended (C{PostLedger.state()}: catch-up and look-up;
     sqlite: one indexed SELECT), median over 2,000;
@@ -72,7 +74,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["append", "open", "catchup", "lines", "loop"],
+        choices=["append", "open", "one", "catchup", "lines", "loop"],
         help="measure only these",
     )
     return parser.parse_args()
@@ -252,41 +254,45 @@ def _in_reactor(main: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
 
 
 def measure_append(base: str) -> dict[str, list[float]]:
-    """Per-record latency, seconds, of both stores: 20 posts at once, 100 rounds."""
+    """
+    Per-record latency, seconds, of both stores: 20 posts at once, 100
+    rounds, the two stores taking turns so that both see the same load.
+    """
 
     async def main(reactor: Any) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
+        ledgers: dict[str, Any] = {}
+        serials: dict[str, SerialThread] = {}
         for name in ("file", "sqlite"):
-            serial = SerialThread(reactor, f"bench-{name}")
+            serials[name] = SerialThread(reactor, f"bench-{name}")
             path = _fresh(base, name)
-            ledger: Any
             if name == "file":
-                ledger = PostLedger(path, clock=reactor, sync=serial)
+                ledgers[name] = PostLedger(path, clock=reactor, sync=serials[name])
             else:
-                ledger = SqliteLedger(path, clock=reactor, sync=serial)
-            ledger.open()
-            latencies: list[float] = []
+                ledgers[name] = SqliteLedger(path, clock=reactor, sync=serials[name])
+            ledgers[name].open()
+        out: dict[str, list[float]] = {name: [] for name in ledgers}
 
-            def timed(
-                key: bytes, ledger: Any = ledger, latencies: list[float] = latencies
-            ) -> Deferred[None]:
-                started = time.perf_counter()
+        def timed(name: str, key: bytes) -> Deferred[None]:
+            started = time.perf_counter()
 
-                def done(outcome: Outcome, latencies: list[float] = latencies) -> None:
-                    assert outcome is Outcome.DONE, outcome
-                    latencies.append(time.perf_counter() - started)
+            def done(outcome: Outcome) -> None:
+                assert outcome is Outcome.DONE, outcome
+                out[name].append(time.perf_counter() - started)
 
-                return ledger.run(key, _instant).addCallback(done)
+            d: Deferred[None] = ledgers[name].run(key, _instant).addCallback(done)
+            return d
 
-            for r in range(ROUNDS):
-                await gatherResults([timed(_key(r * CONCURRENT + i)) for i in range(CONCURRENT)])
+        for r in range(ROUNDS):
+            for name in ("file", "sqlite") if r % 2 else ("sqlite", "file"):
+                keys = [_key(r * CONCURRENT + i, name) for i in range(CONCURRENT)]
+                await gatherResults([timed(name, key) for key in keys])
+        for name, ledger in ledgers.items():
             if name == "file":
                 await ledger.close()
             else:
                 ledger.close()
-            serial.stop()
-            shutil.rmtree(os.path.dirname(path))
-            out[name] = latencies
+            serials[name].stop()
+            shutil.rmtree(os.path.dirname(ledger.path))
         return out
 
     result: dict[str, list[float]] = _in_reactor(main)
@@ -320,15 +326,7 @@ def measure_open(base: str) -> dict[str, float]:
     shutil.rmtree(os.path.dirname(path))
 
     path = _fresh(base, "open-sqlite")
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("CREATE TABLE posted (key BLOB PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID")
-    db.executemany(
-        "INSERT INTO posted VALUES (?, ?)",
-        ((_key(i, "open"), now - OPEN_RECORDS + i) for i in range(OPEN_RECORDS)),
-    )
-    db.commit()
-    db.close()
+    _sqlite_ledger(path, now)
     for preload, label in ((False, "sqlite"), (True, "sqlite+dict")):
         times = []
         for _ in range(3):
@@ -351,36 +349,83 @@ def _inline(job: Callable[[], None]) -> Deferred[None]:
 def measure_catch_up(base: str) -> dict[str, float]:
     """
     Seconds per look of a second process at the key the first one just
-    recorded (median over 2,000).
+    recorded (median over 2,000, the two stores taking turns).
     """
     clock = Clock()
     clock.advance(time.time())
-    out: dict[str, float] = {}
+    pairs: dict[str, tuple[Any, Any]] = {}
     for name in ("file", "sqlite"):
         path = _fresh(base, f"catchup-{name}")
-        first: Any
-        second: Any
         if name == "file":
-            first = PostLedger(path, clock=clock)
-            second = PostLedger(path, clock=clock)
+            pairs[name] = (PostLedger(path, clock=clock), PostLedger(path, clock=clock))
         else:
-            first = SqliteLedger(path, clock=clock, sync=_inline)
-            second = SqliteLedger(path, clock=clock, sync=_inline)
-        first.open()
-        second.open()
-        times = []
-        for i in range(CATCH_UP_CALLS):
+            pairs[name] = (
+                SqliteLedger(path, clock=clock, sync=_inline),
+                SqliteLedger(path, clock=clock, sync=_inline),
+            )
+        for ledger in pairs[name]:
+            ledger.open()
+    times: dict[str, list[float]] = {name: [] for name in pairs}
+    for i in range(CATCH_UP_CALLS):
+        for name, (first, second) in pairs.items():
             key = _key(i, "catchup")
             first.run(key, _instant)
             started = time.perf_counter()
             outcome = second.state(key)
-            times.append(time.perf_counter() - started)
+            times[name].append(time.perf_counter() - started)
             assert outcome is Outcome.DUPLICATE, outcome
-        for ledger in (first, second):
-            ledger.close()
-        out[name] = statistics.median(times)
+    for first, second in pairs.values():
+        first.close()
+        second.close()
+        shutil.rmtree(os.path.dirname(first.path))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_one_post(base: str) -> dict[str, float]:
+    """
+    Seconds for what a pipe process (smtp2gs) does with a ledger of 100,000
+    live records: open it without C{preload}, post one new message, close
+    it (median of 5, the stores taking turns).
+    """
+    clock = Clock()
+    clock.advance(time.time())
+    now = clock.seconds()
+    paths = {"file": _fresh(base, "one-file"), "sqlite": _fresh(base, "one-sqlite")}
+    with open(paths["file"], "wb") as f:
+        f.write(_record_lines(OPEN_RECORDS, now))
+    _sqlite_ledger(paths["sqlite"], now)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(5):
+        for name, path in paths.items():
+            key = _key(r, "one")
+            started = time.perf_counter()
+            if name == "file":
+                ledger = PostLedger(path, clock=clock, preload=False)
+                ledger.open()
+                ledger.run(key, _instant)
+                ledger.close()
+            else:
+                sq = SqliteLedger(path, clock=clock, sync=_inline)
+                sq.open()
+                sq.run(key, _instant)
+                sq.close()
+            times[name].append(time.perf_counter() - started)
+    for path in paths.values():
         shutil.rmtree(os.path.dirname(path))
-    return out
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _sqlite_ledger(path: str, now: float) -> None:
+    """Make a sqlite ledger of 100,000 live records at C{path}."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE posted (key BLOB PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID")
+    db.executemany(
+        "INSERT INTO posted VALUES (?, ?)",
+        ((_key(i, "open"), now - OPEN_RECORDS + i) for i in range(OPEN_RECORDS)),
+    )
+    db.commit()
+    db.close()
 
 
 def measure_loop(shm: str) -> tuple[float, float]:
@@ -457,7 +502,7 @@ def measure_lines() -> dict[str, int]:
 
 def main() -> None:
     assert ARGS is not None
-    only = set(ARGS.only or ["append", "open", "catchup", "lines", "loop"])
+    only = set(ARGS.only or ["append", "open", "one", "catchup", "lines", "loop"])
     print(f"gsmail from {os.path.dirname(os.path.dirname(gsmail.__file__))}; files in {ARGS.dir}")
     print(f"sqlite {sqlite3.sqlite_version}; Python {sys.version.split()[0]}")
     rows: list[tuple[str, str, str]] = []
@@ -475,6 +520,9 @@ def main() -> None:
     if "open" in only:
         for name, seconds in measure_open(ARGS.dir).items():
             rows.append((f"open, {OPEN_RECORDS:,} records", name, f"{seconds * 1000:.0f} ms"))
+    if "one" in only:
+        for name, seconds in measure_one_post(ARGS.dir).items():
+            rows.append(("smtp2gs: open, one run(), close", name, f"{seconds * 1000:.1f} ms"))
     if "catchup" in only:
         for name, seconds in measure_catch_up(ARGS.dir).items():
             rows.append(("catch-up+look-up per run()", name, f"{seconds * 1e6:.1f} µs"))
