@@ -55,8 +55,8 @@ class LedgerClosedError(RuntimeError):
     """
     L{gsmail.ledger.PostLedger.run} was called before
     L{gsmail.ledger.PostLedger.open} or after L{gsmail.ledger.PostLedger.close}
-    began, or the ledger was closed while the call waited
-    for another process. The caller answers 451 4.3.0 (transient).
+    began, or the ledger was closed while the call waited for another
+    process. The caller answers 451 4.3.0 (transient).
     """
 
 
@@ -175,7 +175,7 @@ class _Claims:
         """
         @param path: the ledger file; C{<path>.claims} holds the locks.
         @param clock: for polling a key another process holds.
-        @param wait_timeout: seconds to wait for another process (L{_claim}).
+        @param wait_timeout: seconds to wait for another process (L{claim}).
         @param log: the ledger's logger.
         """
         self.path = path
@@ -228,9 +228,9 @@ class _Claims:
         """
         Claim the key, or wait until the process that holds it is done.
 
-        @param look: catches up with the file and looks C{key} up (a
-            L{gsmail.ledger_store._RecordStore}); called after each attempt.
-
+        @param look: catches up with the file and looks C{key} up (the
+            ledger's L{gsmail.ledger_store._RecordStore}); called after each
+            attempt to take the lock, whether it was taken or not.
         @return: the outcome recorded by another process (and no lock), or
             C{None} and the lock: perform the action.
         @raise LedgerBusyError: the key stayed locked for C{wait_timeout}.
