@@ -78,6 +78,9 @@ MAX_HEADER: Final = 1024 * 1024
 MAX_SIGNATURES: Final = 8
 #: Checks running at once; the rest wait (their wait counts against the budget).
 CONCURRENCY: Final = 8
+#: Client addresses whose check decision is kept (L{AuthChecker.client_ip});
+#: the memory is emptied when full.
+_IP_CACHE_SIZE: Final = 4096
 #: Seconds the reactor waits past the budget for the thread's own deadline.
 _GRACE: Final = 0.5
 _TOKEN: Final = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+")
@@ -640,6 +643,9 @@ class AuthChecker:
         self.exceptions = tuple(exceptions)
         self._limit = DeferredSemaphore(concurrency)
         self._now = now
+        # Peer text -> the checked IP or None: parsing an address and
+        # matching the exceptions cost more than the rest of the call.
+        self._ips: dict[str, str | None] = {}
 
     def client_ip(self, session: Session) -> str | None:
         """
@@ -647,10 +653,24 @@ class AuthChecker:
         from an IP address outside the exceptions; else C{None} (LMTP: the
         MTA in front checks; local deliveries; exempt clients).
         """
-        if session.protocol_name != "ESMTP" or not session.peer.startswith("["):
+        if session.protocol_name != "ESMTP":
+            return None
+        peer = session.peer
+        try:
+            return self._ips[peer]
+        except KeyError:
+            pass
+        if len(self._ips) >= _IP_CACHE_SIZE:
+            self._ips.clear()
+        found = self._ips[peer] = self._checked_ip(peer)
+        return found
+
+    def _checked_ip(self, peer: str) -> str | None:
+        """L{client_ip} for an ESMTP session's peer text (C{[192.0.2.1]})."""
+        if not peer.startswith("["):
             return None
         try:
-            ip = ipaddress.ip_address(session.peer.strip("[]").removeprefix("IPv6:"))
+            ip = ipaddress.ip_address(peer.strip("[]").removeprefix("IPv6:"))
         except ValueError:
             return None
         if any(ip in network for network in self.exceptions):

@@ -33,7 +33,7 @@ How it stays safe:
 from __future__ import annotations
 
 import errno
-import secrets
+import random
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -156,7 +156,7 @@ class Session:
     helo: str | None = None
     extended: bool = False
     tls: bool = False
-    id: str = attrs.field(factory=lambda: secrets.token_hex(6))
+    id: str = attrs.field(factory=lambda: f"{random.getrandbits(48):012x}")
     #: The user name given with AUTH (submission only), or C{None}.
     user: str | None = None
     #: Once the TLS handshake is done: version and cipher (L{connection_summary}).

@@ -345,6 +345,21 @@ class CheckerTests(ChecksTestCase):
         self.assertIsNone(checker.client_ip(Session("[192.0.2.10]", "LMTP")))
         self.assertIsNone(checker.client_ip(Session("[127.0.0.1]", "ESMTP")))
         self.assertIsNone(checker.client_ip(Session("local", "ESMTP")))
+        # The decisions are remembered per peer; asked again they are the same.
+        self.assertEqual(checker.client_ip(Session("[192.0.2.10]", "ESMTP")), CLIENT)
+        self.assertIsNone(checker.client_ip(Session("[127.0.0.1]", "ESMTP")))
+        self.assertIsNone(checker.client_ip(Session("[192.0.2.10]", "LMTP")))
+
+    def test_remembered_decisions_bounded(self) -> None:
+        """The memory of client decisions is emptied when full: never more than its size."""
+        from gsmail.inbound import authresults
+
+        checker = self.checker()
+        for n in range(authresults._IP_CACHE_SIZE + 10):
+            ip = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+            self.assertEqual(checker.client_ip(Session(f"[{ip}]", "ESMTP")), ip)
+        self.assertLessEqual(len(checker._ips), authresults._IP_CACHE_SIZE)
+        self.assertEqual(checker.client_ip(Session("[192.0.2.10]", "ESMTP")), CLIENT)
 
     def test_forged_removed_from_copy(self) -> None:
         """A forged field is gone from what is posted (a copy); the spool file is untouched."""

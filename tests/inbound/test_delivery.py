@@ -7,6 +7,8 @@ outcomes, the reply deadline).
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
@@ -366,6 +368,30 @@ class TraceFieldTests(SynchronousTestCase):
             "\tfor <dev@g.example>; Thu, 01 Jan 1970 00:00:00 +0000\n"
             "X-Original-To: dev@g.example\n",
         )
+
+    def test_date_of_each_second(self) -> None:
+        """
+        The Received date is the receipt time's own second, the date kept for
+        one second never leaking into the next (nor the last microsecond,
+        which rounds up), and the same as email.utils writes it.
+        """
+        session = Session(peer="[192.0.2.1]", protocol_name="ESMTP", helo="h", id="abc")
+        rcpt = Address("dev", "g.example")
+
+        def date(when: float) -> str:
+            text = trace_fields(session, Envelope(sender=None), rcpt, "gs", when).decode()
+            return text.split("; ", 1)[1].split("\n", 1)[0]
+
+        base = 1_780_000_000
+        for when in (base + 0.1, base + 0.5, base + 0.9999994, base + 0.9999996, base + 1.0):
+            self.assertEqual(
+                date(when), format_datetime(datetime.fromtimestamp(when, UTC)), repr(when)
+            )
+        self.assertEqual(date(base + 0.2), "Thu, 28 May 2026 20:26:40 +0000")
+        self.assertEqual(date(base + 0.9999996), "Thu, 28 May 2026 20:26:41 +0000")
+        self.assertEqual(date(base + 0.3), "Thu, 28 May 2026 20:26:40 +0000")
+        self.assertEqual(date(base + 1.3), "Thu, 28 May 2026 20:26:41 +0000")
+        self.assertEqual(date(base - 86400), "Wed, 27 May 2026 20:26:40 +0000")
 
     def test_utf8_protocol(self) -> None:
         """With SMTPUTF8 the protocol is UTF8SMTPS / UTF8LMTP (RFC 6531 §3.7.4)."""
