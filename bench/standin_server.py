@@ -33,7 +33,7 @@ them). Stops on SIGTERM/SIGINT.
 
 A slow GroupServer (bench/burst.py): C{--post-delay S} makes every add-email
 request take S seconds more (a real wait on the reactor's clock, inside the
-add's transaction: L{gsmail.standin.Faults.delay}), and C{--threads N}
+add's transaction: L{gsmail.standin_faults.Faults.delay}), and C{--threads N}
 serves at most N requests of the pages at once, the rest waiting in arrival
 order, as Zope 2's ZServer hands each request, once read, to one of its
 C{zserver-threads} worker threads (default 4, Zope 2's; C{0}: no limit).
@@ -58,7 +58,9 @@ from twisted.web.resource import Resource
 # Run from a checkout: the tree's gsmail, not an installed copy.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gsmail.standin import Faults, PostRecord, StandIn  # noqa: E402
+from gsmail.standin import StandIn  # noqa: E402
+from gsmail.standin_actions import PostRecord  # noqa: E402
+from gsmail.standin_faults import Faults  # noqa: E402
 
 reactor: Any = _reactor
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)

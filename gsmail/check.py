@@ -47,7 +47,8 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from gsmail import __version__
-from gsmail.config import ConfigError, GsmailConfig, _split_unescaped, load_config
+from gsmail.config import ConfigError, GsmailConfig, load_config
+from gsmail.config_reader import _split_unescaped
 from gsmail.privileges import RunUser, check_state, state_paths
 from gsmail.startup import listen_failure
 from gsmail.status import EX_CONFIG, EX_OK, EX_USAGE, GroupServerError

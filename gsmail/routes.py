@@ -31,24 +31,44 @@ drop, refusal) and its subject rewriting; DeleGate SMTPGATE's per-recipient
 configuration (C{RECIPIENT}, C{ARCHIVE}, C{OUTPUT/...}, C{ACCEPT/...},
 C{CONTROL/BCC}, C{CONTROL/Errors-To}, the C{isn}, C{rni}, C{res}, C{reb}
 options and the C{${...}} substitutions).
+
+This module reads the route file (L{parse_routes}, L{load_routes}) and is
+where the route table's names are imported from. The parts:
+L{gsmail.routes_table} (the entries, matching, the table),
+L{gsmail.routes_templates} (the C{${...}} substitutions) and
+L{gsmail.routes_policy} (the policy checks).
 """
 
 from __future__ import annotations
 
 import configparser
-import datetime
-import email.utils
-import fnmatch
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
-from email.message import Message
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
 import attrs
 
 from gsmail.addresses import Address, AddressError, parse_mailbox
+from gsmail.routes_policy import Policy, Refusal, check_policy, glob_matches
+from gsmail.routes_table import (
+    ACTIONS,
+    DEFAULT_ENTRIES,
+    NntpTarget,
+    Rewrite,
+    RouteEntry,
+    RouteMatch,
+    RouteTable,
+    RouteTableError,
+    address_pattern,
+)
+from gsmail.routes_templates import (
+    _HEADER_NAME,
+    Substitutions,
+    check_template,
+    expand,
+    one_line,
+)
 from gsmail.status import Reply
 
 __all__ = [
@@ -65,13 +85,14 @@ __all__ = [
     "Substitutions",
     "address_pattern",
     "check_policy",
+    "check_template",
     "expand",
+    "glob_matches",
     "load_routes",
+    "one_line",
     "parse_routes",
 ]
 
-#: The keys that make a route do something, in the order they run.
-ACTIONS: Final = ("reject", "group", "archive", "forward", "nntp", "handler", "postmaster")
 #: Policy keys (checked at the end of DATA, before any action).
 POLICY_KEYS: Final = (
     "max_size",
@@ -106,529 +127,11 @@ OTHER_KEYS: Final = ("bcc", "errors_to", "nntp_user", "nntp_password")
 _ROUTE_KEYS: Final = frozenset(ACTIONS + POLICY_KEYS + REWRITE_KEYS + OTHER_KEYS)
 _DEFAULT_KEYS: Final = frozenset(POLICY_KEYS + REWRITE_KEYS + ("errors_to",))
 
-_VARIABLE: Final = re.compile(r"\$\{([^{}]*)\}")
-_SEQNO: Final = re.compile(r"seqno(?:/([1-9][0-9]{0,8}))?\Z")
-_HEADER_NAME: Final = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 _REPLY: Final = re.compile(r"([45][0-9][0-9])\s+([45]\.[0-9]{1,3}\.[0-9]{1,3})\s+(\S.*)\Z")
 _SIZE: Final = re.compile(r"([0-9]+)\s*([kKmMgG]?)\Z")
 _LIST: Final = re.compile(r"[\s,]+")
-_WORD_CHARS: Final = re.compile(r"\w+", re.UNICODE)
-_PLAIN_VARIABLES: Final = frozenset(
-    {"sender", "recipient", "local", "domain", "group", "route", "subject", "from", "message_id"}
-)
 #: Header fields gsmail itself sets or that must stay one: never rewritten.
 _PROTECTED: Final = frozenset({"received", "return-path", "x-original-to"})
-
-
-class RouteTableError(ValueError):
-    """
-    The route file cannot be used. C{str()} is one line naming the file, the
-    section and the key. At start-up gsmail refuses to start (exit 78); on
-    SIGHUP the table in use is kept and the error logged.
-    """
-
-
-@attrs.frozen
-class NntpTarget:
-    """
-    Where an C{nntp} route posts: C{news://host[:port]/newsgroup}.
-
-    @ivar port: TCP port, 119 by default (RFC 3977 §3.1).
-    @ivar user: for C{AUTHINFO USER} (RFC 4643 §2.3), or C{""}.
-    """
-
-    host: str
-    port: int
-    newsgroup: str
-    user: str = ""
-    password: str = attrs.field(default="", repr=False)
-
-
-@attrs.frozen
-class Policy:
-    """
-    What a message must be for a route to take it (DeleGate's C{ACCEPT/...}
-    and C{REJECT/...}, its C{rni}, C{res} and C{reb} options). Empty or
-    C{None}: no check.
-
-    @ivar max_size: bytes, header and body (C{ACCEPT/Max-Bytes}).
-    @ivar min_body_size: bytes of body (C{ACCEPT/Min-Body-Bytes}).
-    @ivar accept_sender: envelope senders allowed (glob patterns, any case).
-    @ivar accept_from: addresses of C{From} allowed, one must match.
-    @ivar require_header: C{(field, regex)}: the field must be there and
-        one of its values match.
-    @ivar forbid_header: C{(field, regex)}: no value may match.
-    @ivar client_networks: the sending client's address must be in one.
-    @ivar required_words: one must be in the subject or the text (C{ACCEPT/User-Text}).
-    @ivar forbidden_words: none may be (C{REJECT/User-Text}).
-    @ivar content_types: the top-level C{Content-Type} must be one (a type,
-        or C{type/*}).
-    """
-
-    max_size: int | None = None
-    min_body_size: int | None = None
-    accept_sender: tuple[str, ...] = ()
-    reject_sender: tuple[str, ...] = ()
-    accept_from: tuple[str, ...] = ()
-    reject_from: tuple[str, ...] = ()
-    accept_to: tuple[str, ...] = ()
-    reject_to: tuple[str, ...] = ()
-    require_header: tuple[tuple[str, re.Pattern[str]], ...] = ()
-    forbid_header: tuple[tuple[str, re.Pattern[str]], ...] = ()
-    client_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    required_words: tuple[str, ...] = ()
-    forbidden_words: tuple[str, ...] = ()
-    content_types: tuple[str, ...] = ()
-    require_message_id: bool = False
-    require_subject: bool = False
-    require_body: bool = False
-    max_exclamations: int | None = None
-
-    @property
-    def needs_text(self) -> bool:
-        """Whether checking needs the message's text, not only its header."""
-        return bool(
-            self.required_words or self.forbidden_words or self.max_exclamations is not None
-        )
-
-
-@attrs.frozen
-class Rewrite:
-    """
-    Changes made to the message before the actions (DeleGate's C{OUTPUT/...},
-    emailtunnel's C{translate_subject}). Values are templates (L{expand}).
-
-    @ivar subject_prefix: put before the subject unless it is there already.
-    @ivar add_header: C{(field, template)} added.
-    @ivar set_header: C{(field, template)} replacing every field of that name.
-    @ivar remove_header: field names removed.
-    @ivar sequence_header: a field set to the route's sequence number, or C{""}.
-    """
-
-    subject_prefix: str = ""
-    add_header: tuple[tuple[str, str], ...] = ()
-    set_header: tuple[tuple[str, str], ...] = ()
-    remove_header: tuple[str, ...] = ()
-    sequence_header: str = ""
-
-    @property
-    def empty(self) -> bool:
-        """Whether it changes nothing."""
-        return not (
-            self.subject_prefix
-            or self.add_header
-            or self.set_header
-            or self.remove_header
-            or self.sequence_header
-        )
-
-
-@attrs.frozen
-class RouteEntry:
-    """
-    One section of the route file: an address form and what to do with mail
-    to a matching address.
-
-    @ivar name: the section's name, as written (logs, reply texts, the
-        sequence number's file).
-    @ivar reject: refuse at RCPT time with this reply.
-    @ivar group: post to this group id (a template), without a lookup.
-    @ivar archive: a Maildir path template (L{expand}; C{${seqno}}, dates).
-    @ivar forward: C{None}: no forward action; else addresses (templates)
-        the message is queued for with an SRS sender; C{()}: accept and drop.
-    @ivar nntp: post the message as an article.
-    @ivar handler: C{package.module:callable}, or C{""}.
-    @ivar postmaster: keep the message as the site's postmaster mail.
-    @ivar bcc: addresses sent a copy once every action succeeded.
-    @ivar errors_to: addresses sent a copy of a refused or failed message.
-    @ivar builtin: one of L{DEFAULT_ENTRIES}.
-    """
-
-    name: str
-    pattern: re.Pattern[str] = attrs.field(repr=False)
-    reject: Reply | None = None
-    group: str = ""
-    archive: str = ""
-    forward: tuple[str, ...] | None = None
-    nntp: NntpTarget | None = None
-    handler: str = ""
-    postmaster: bool = False
-    bcc: tuple[str, ...] = ()
-    errors_to: tuple[str, ...] = ()
-    policy: Policy = Policy()
-    rewrite: Rewrite = Rewrite()
-    builtin: bool = False
-    #: A bounce to an SRS address, going back where it came from: the
-    #: sender is kept (L{gsmail.inbound.routing.SrsCodec}).
-    srs_bounce: bool = False
-
-    @property
-    def drops(self) -> bool:
-        """C{forward =} with no address and no other action: accept and drop."""
-        return self.forward == () and not (
-            self.group or self.archive or self.nntp or self.handler or self.postmaster
-        )
-
-    @property
-    def uses_queue(self) -> bool:
-        """Whether the route needs the outbound queue (forward, bcc, errors_to)."""
-        return bool(self.forward or self.bcc or self.errors_to)
-
-    def templates(self) -> Iterable[str]:
-        """Every template of the entry, for checks."""
-        yield self.group
-        yield self.archive
-        yield from self.forward or ()
-        yield from self.bcc
-        yield from self.errors_to
-        yield self.rewrite.subject_prefix
-        for _, value in self.rewrite.add_header + self.rewrite.set_header:
-            yield value
-
-    @property
-    def uses_seqno(self) -> bool:
-        """Whether a message needs a sequence number (DeleGate's C{isn})."""
-        return bool(self.rewrite.sequence_header) or any(
-            _SEQNO.match(name) for t in self.templates() for name in _VARIABLE.findall(t)
-        )
-
-    def match(self, recipient: Address) -> RouteMatch | None:
-        """
-        The match of C{recipient} (bare C{postmaster} reads as
-        C{postmaster@}, which C{postmaster@*} matches), or C{None}.
-        """
-        m = self.pattern.fullmatch(f"{recipient.local}@{recipient.domain}")
-        if m is None:
-            return None
-        groups: dict[str, str] = {}
-        for index, value in enumerate(m.groups(), start=1):
-            groups[str(index)] = value or ""
-        for name, value in m.groupdict().items():
-            groups[name] = value or ""
-        return RouteMatch(self, recipient, groups)
-
-
-@attrs.frozen
-class RouteMatch:
-    """
-    An entry that matched a recipient, and what the pattern captured
-    (C{${1}}, C{${2}}, ... and named groups).
-    """
-
-    entry: RouteEntry
-    recipient: Address
-    groups: Mapping[str, str] = attrs.field(factory=dict)
-
-    def variables(self, sender: str = "") -> dict[str, str]:
-        """The substitutions known at RCPT time (L{expand})."""
-        values = dict(self.groups)
-        values.update(
-            sender=sender,
-            recipient=str(self.recipient),
-            local=self.recipient.local,
-            domain=self.recipient.domain,
-            route=self.entry.name,
-        )
-        return values
-
-    @property
-    def group_id(self) -> str:
-        """The group id of a C{group} action, expanded; C{""} when there is none."""
-        if not self.entry.group:
-            return ""
-        return expand(self.entry.group, Substitutions(self.variables())).strip()
-
-
-@attrs.frozen
-class Substitutions:
-    """
-    The values of C{${...}} in templates.
-
-    @ivar values: plain names (C{sender}, C{recipient}, C{local},
-        C{domain}, C{group}, C{route}, C{subject}, C{from}, C{message_id},
-        pattern groups).
-    @ivar header: the message's header, for C{${header.Field}}, or C{None}.
-    @ivar now: POSIX seconds, for C{${date:FORMAT}} (UTC, C{strftime}).
-    @ivar seqno: the route's sequence number for this message, or C{None}.
-    """
-
-    values: Mapping[str, str] = attrs.field(factory=dict)
-    header: Message | None = None
-    now: float = 0.0
-    seqno: int | None = None
-
-
-def expand(template: str, subs: Substitutions, clean: Callable[[str], str] | None = None) -> str:
-    """
-    Replace each C{${NAME}} of C{template}: C{${sender}}, C{${recipient}},
-    C{${local}}, C{${domain}}, C{${group}}, C{${route}}, C{${subject}},
-    C{${from}}, C{${message_id}}, C{${1}} (a pattern's groups),
-    C{${header.Field}} (the first such field, unfolded; C{""} if none),
-    C{${date:FORMAT}} (C{strftime}, UTC), C{${seqno}} and C{${seqno/N}} (the
-    sequence number divided by N, DeleGate's archive-per-N form). Unknown
-    names give C{""} (L{check_template} refuses them when the file is read).
-
-    @param clean: applied to every substituted value (never to the
-        template's own text): e.g. to keep C{/} out of a path.
-    """
-
-    def one(m: re.Match[str]) -> str:
-        value = _value(m.group(1), subs)
-        return clean(value) if clean is not None else value
-
-    return _VARIABLE.sub(one, template)
-
-
-def _value(name: str, subs: Substitutions) -> str:
-    seq = _SEQNO.match(name)
-    if seq is not None:
-        if subs.seqno is None:
-            return ""
-        return str(subs.seqno // int(seq.group(1) or 1))
-    if name.startswith("date:"):
-        when = datetime.datetime.fromtimestamp(subs.now, datetime.UTC)
-        return when.strftime(name[5:])
-    if name.startswith("header."):
-        return _header_value(subs.header, name[7:])
-    if name in ("subject", "from", "message_id") and name not in subs.values:
-        return _header_value(subs.header, name.replace("_", "-"))
-    return subs.values.get(name, "")
-
-
-def _header_value(header: Message | None, field: str) -> str:
-    if header is None:
-        return ""
-    value = header.get(field)
-    if value is None:
-        return ""
-    return one_line(str(value))
-
-
-def one_line(text: str) -> str:
-    """C{text} unfolded, with every control character (CR, LF, ...) made a space."""
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
-
-
-def check_template(template: str, groups: Iterable[str]) -> str | None:
-    """
-    The first unknown C{${NAME}} of C{template}, or C{None}.
-
-    @param groups: the names the route's pattern captures (C{"1"}, ...).
-    """
-    known = _PLAIN_VARIABLES | set(groups)
-    name: str
-    for name in _VARIABLE.findall(template):
-        if name in known or _SEQNO.match(name) or name.startswith("date:"):
-            continue
-        if name.startswith("header.") and _HEADER_NAME.match(name[7:]):
-            continue
-        return name
-    return None
-
-
-def glob_matches(patterns: Iterable[str], address: str) -> bool:
-    """
-    Whether C{address} matches one of the glob C{patterns}: C{*@example.com},
-    C{boss@example.com}, C{*-owner@*}; any case. A pattern without C{@} is a
-    domain and its subdomains (C{example.com} matches C{a@example.com} and
-    C{a@lists.example.com}).
-    """
-    address = address.lower()
-    for pattern in patterns:
-        pattern = pattern.lower()
-        if "@" not in pattern:
-            domain = address.rpartition("@")[2]
-            if domain == pattern or domain.endswith("." + pattern):
-                return True
-        elif fnmatch.fnmatchcase(address, pattern):
-            return True
-    return False
-
-
-@attrs.frozen
-class Refusal:
-    """A policy rule a message broke: the reply, and the rule's name for the log."""
-
-    reply: Reply
-    rule: str
-
-
-def check_policy(
-    policy: Policy,
-    route: str,
-    *,
-    sender: str,
-    client: str,
-    header: Message,
-    size: int,
-    body_size: int,
-    text: str = "",
-) -> Refusal | None:
-    """
-    Check a message against C{policy}, rules in the order of L{Policy}'s
-    fields; the first broken one gives the refusal, its text naming the
-    rule and the route. Pure.
-
-    @param sender: the envelope sender (C{""}: the null sender).
-    @param client: the client's IP address, or C{""} (a UNIX socket, local).
-    @param header: the message's header section.
-    @param size: the message's size in bytes (as received, LF line ends).
-    @param body_size: the size of its body (after the blank line).
-    @param text: the subject and the text parts, decoded (for the word
-        checks; only read when L{Policy.needs_text}).
-    @return: C{None} when the message passes. Replies: C{552 5.3.4} over
-        C{max_size}; C{550 5.6.0} for C{min_body_size}, C{require_subject},
-        C{require_body}, C{require_message_id}, C{content_types}; C{550
-        5.7.1} for the rest (the sender, the header, the client, the words).
-    """
-
-    def refuse(code: int, enhanced: str, rule: str, why: str) -> Refusal:
-        return Refusal(Reply(code, enhanced, f"{why} (rule {rule} of route {route})"), rule)
-
-    if policy.max_size is not None and size > policy.max_size:
-        return refuse(552, "5.3.4", "max_size", f"Message larger than {policy.max_size} bytes")
-    if policy.min_body_size is not None and body_size < policy.min_body_size:
-        return refuse(
-            550, "5.6.0", "min_body_size", f"Message body smaller than {policy.min_body_size} bytes"
-        )
-    if policy.accept_sender and not glob_matches(policy.accept_sender, sender):
-        return refuse(550, "5.7.1", "accept_sender", "Sender not allowed to write here")
-    if policy.reject_sender and glob_matches(policy.reject_sender, sender):
-        return refuse(550, "5.7.1", "reject_sender", "Sender not allowed to write here")
-    for key, field in (("from", "From"), ("to", "To")):
-        accept: tuple[str, ...] = getattr(policy, f"accept_{key}")
-        reject: tuple[str, ...] = getattr(policy, f"reject_{key}")
-        if not (accept or reject):
-            continue
-        values = [str(v) for v in header.get_all(field, [])]
-        if field == "To":
-            values += [str(v) for v in header.get_all("Cc", [])]
-        found = [a for _, a in email.utils.getaddresses(values) if a]
-        if accept and not any(glob_matches(accept, a) for a in found):
-            return refuse(550, "5.7.1", f"accept_{key}", f"{field} address not allowed here")
-        if reject and any(glob_matches(reject, a) for a in found):
-            return refuse(550, "5.7.1", f"reject_{key}", f"{field} address not allowed here")
-    for field, regex in policy.require_header:
-        values = [one_line(str(v)) for v in header.get_all(field, [])]
-        if not any(regex.search(v) for v in values):
-            return refuse(550, "5.7.1", "require_header", f"Header field {field} not as required")
-    for field, regex in policy.forbid_header:
-        values = [one_line(str(v)) for v in header.get_all(field, [])]
-        if any(regex.search(v) for v in values):
-            return refuse(550, "5.7.1", "forbid_header", f"Header field {field} not allowed")
-    if policy.client_networks:
-        try:
-            ip = ipaddress.ip_address(client)
-        except ValueError:
-            ip = None
-        if ip is None or not any(ip in net for net in policy.client_networks):
-            return refuse(550, "5.7.1", "client_networks", "Client host not allowed to write here")
-    if policy.content_types:
-        ctype = header.get_content_type().lower()
-        if not any(
-            ctype == t or (t.endswith("/*") and ctype.startswith(t[:-1]))
-            for t in policy.content_types
-        ):
-            return refuse(550, "5.6.0", "content_types", f"Content type {ctype} not allowed")
-    if policy.require_message_id and not one_line(str(header.get("Message-ID", ""))):
-        return refuse(550, "5.6.0", "require_message_id", "Message-ID missing")
-    if policy.require_subject and not one_line(str(header.get("Subject", ""))):
-        return refuse(550, "5.6.0", "require_subject", "Subject empty")
-    if policy.require_body and body_size == 0:
-        return refuse(550, "5.6.0", "require_body", "Body empty")
-    if policy.needs_text:
-        words = {w.lower() for w in _WORD_CHARS.findall(text)}
-        if policy.required_words and not any(w in words for w in policy.required_words):
-            return refuse(550, "5.7.1", "required_words", "Text lacks a required word")
-        bad = [w for w in policy.forbidden_words if w in words]
-        if bad:
-            return refuse(550, "5.7.1", "forbidden_words", "Text has a forbidden word")
-        if policy.max_exclamations is not None and text.count("!") > policy.max_exclamations:
-            return refuse(550, "5.7.1", "max_exclamations", "Too many exclamation marks")
-    return None
-
-
-@attrs.frozen
-class RouteTable:
-    """
-    The entries, in the order they are tried (the file's, then the built-in
-    ones the file did not override).
-
-    @ivar path: the file read, or C{""} (built-in entries only).
-    """
-
-    entries: tuple[RouteEntry, ...] = ()
-    path: str = ""
-
-    def lookup(self, recipient: Address) -> RouteMatch | None:
-        """The first entry matching C{recipient}, or C{None}."""
-        for entry in self.entries:
-            found = entry.match(recipient)
-            if found is not None:
-                return found
-        return None
-
-    @property
-    def uses_queue(self) -> bool:
-        """Whether an entry needs the outbound queue."""
-        return any(e.uses_queue for e in self.entries)
-
-    def check_forward_loops(self, domains: tuple[str, ...]) -> None:
-        """
-        Refuse a forward (or bcc) that sends mail back to its own route: an
-        address of the site's domains that the same entry matches.
-
-        @raise RouteTableError: naming the entry and the address.
-        """
-        for entry in self.entries:
-            for template in (entry.forward or ()) + entry.bcc:
-                if "${" in template:
-                    continue
-                try:
-                    target = parse_mailbox(template)
-                except AddressError:
-                    continue
-                found = self.lookup(target) if target.domain in domains else None
-                if found is not None and found.entry is entry:
-                    raise RouteTableError(
-                        f"{self.path}: [{entry.name}] forward: {template} routes back to"
-                        " this route (a loop)"
-                    )
-
-
-def address_pattern(form: str) -> re.Pattern[str]:
-    """
-    The regex of an address form: C{*} matches within one side of the C{@}
-    (a captured group each), C{?} one character; C{local@*} also matches
-    bare C{local} (C{postmaster}, RFC 5321 §4.1.1.3).
-    """
-    local, _, domain = form.rpartition("@")
-    parts = []
-    for side in (local, domain):
-        out = []
-        for c in side:
-            if c == "*":
-                out.append("([^@]*)")
-            elif c == "?":
-                out.append("([^@])")
-            else:
-                out.append(re.escape(c))
-        parts.append("".join(out))
-    return re.compile(f"{parts[0]}@{parts[1]}", re.IGNORECASE)
-
-
-def _builtin(local: str) -> RouteEntry:
-    return RouteEntry(
-        name=f"{local}@*",
-        pattern=address_pattern(f"{local}@*"),
-        postmaster=True,
-        builtin=True,
-    )
-
-
-#: The entries a site gets without a route file: postmaster (RFC 5321
-#: §4.5.1) and abuse (RFC 2142 §2) at every domain, kept as postmaster mail.
-DEFAULT_ENTRIES: Final = (_builtin("postmaster"), _builtin("abuse"))
 
 
 def parse_routes(

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gsmail import config as config_module
+from gsmail import config_site
 from gsmail.config import (
     GsmailConfig,
     load_config,
@@ -60,7 +60,7 @@ class ConfigFileTestCase(SynchronousTestCase):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         # Looking up the real name may be slow, and its result varies.
-        self.patch(config_module, "getfqdn", lambda: FQDN)
+        self.patch(config_site, "getfqdn", lambda: FQDN)
 
     def write(self, text: str, name: str = "gsconfig.ini") -> str:
         path = os.path.join(self.directory, name)

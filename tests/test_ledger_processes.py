@@ -33,8 +33,8 @@ from gsmail.ledger import (
     LedgerUnwritableError,
     Outcome,
     PostLedger,
-    _KeyLock,
 )
+from gsmail.ledger_claims import _KeyLock
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
 from tests.fakes import ManualSync, Post
 
@@ -134,6 +134,35 @@ class SharingTests(SharedFileTestCase):
         self.assertEqual(self.successResultOf(pipe.run(L, post)), Outcome.DONE)
         self.assertEqual(daemon.state(L), Outcome.DUPLICATE)
         self.assertFalse(self.claimed(K))
+
+    def test_appended_after_own_write(self) -> None:
+        """
+        A call looks at the file once, after taking the key's claim: a record
+        another process appended after this process's own last write is
+        seen there, and the copy is answered as a duplicate without posting.
+        """
+        daemon, pipe = self.pair()
+        self.successResultOf(pipe.run(L, Post(instant=True)))
+        self.successResultOf(daemon.run(K, Post(instant=True)))
+        post = Post(instant=True)
+        self.assertEqual(self.successResultOf(pipe.run(K, post)), Outcome.DUPLICATE)
+        self.assertEqual(post.calls, 0)
+        self.assertFalse(self.claimed(K))
+
+    def test_appended_by_another_writer(self) -> None:
+        """
+        A record appended by a process that is not holding a ledger open
+        (a line added to the file as an append would) is seen by the next
+        call in a process that has read the whole file.
+        """
+        pipe = self.ledger(preload=self.preload)
+        self.successResultOf(pipe.run(L, Post(instant=True)))
+        self.assertIsNone(pipe.state(K))
+        with open(self.path, "ab") as f:
+            f.write(record(K, time=b"%.6f" % self.clock.seconds()))
+        post = Post(instant=True)
+        self.assertEqual(self.successResultOf(pipe.run(K, post)), Outcome.DUPLICATE)
+        self.assertEqual(post.calls, 0)
 
     def test_opened_later(self) -> None:
         """

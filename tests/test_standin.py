@@ -44,7 +44,10 @@ from twisted.web.http import HTTPChannel
 
 from gsmail import standin_postid
 from gsmail.answers import PageResult, read_status
-from gsmail.standin import Faults, PostRecord, StandIn, _Base64Writer, make_demo_standin
+from gsmail.standin import StandIn, make_demo_standin
+from gsmail.standin_actions import PostRecord
+from gsmail.standin_faults import Faults
+from gsmail.standin_form import _Base64Writer
 from gsmail.standin_postid import compute_post_id, post_id_of_message, to_b62
 
 TOKEN = "s3cret-token-value"
