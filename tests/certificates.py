@@ -58,6 +58,20 @@ def _alt_names(names: Sequence[str], ips: Sequence[str]) -> x509.SubjectAlternat
     return x509.SubjectAlternativeName(general)
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
+    """A certificate of C{subject} by C{issuer}, valid from an hour ago for a day."""
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
 def _server_extensions(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
     return builder.add_extension(
         x509.BasicConstraints(ca=False, path_length=None), critical=True
@@ -102,15 +116,9 @@ class TestCA:
         and IP addresses C{ips}, signed by this CA.
         """
         key = _new_key(key_type)
-        now = _now()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            _builder(subject, self.certificate.subject, key.public_key())
             .add_extension(_alt_names(names, ips), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
@@ -129,15 +137,8 @@ def new_ca(common_name: str = "gsmail test CA") -> TestCA:
     """A new CA (EC P-256, valid a day) that may sign server certificates."""
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _now()
     certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        _builder(name, name, key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -169,16 +170,8 @@ def self_signed(
     """
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = _now()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(_alt_names(names, ips), critical=False)
+    builder = _builder(name, name, key.public_key()).add_extension(
+        _alt_names(names, ips), critical=False
     )
     if ca:
         builder = builder.add_extension(

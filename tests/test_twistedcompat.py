@@ -31,35 +31,17 @@ from twisted.web import client as web_client
 from twisted.web import http
 
 from gsmail.twistedcompat import adopt_unix_port, idle_tcp_connection, set_connection_factory
+from tests.util import Made, tcp_pair
 
 reactor: Any = _reactor
-
-
-class _Made(Protocol):
-    """Fires C{made} with itself once connected."""
-
-    def __init__(self, made: Deferred[_Made]) -> None:
-        self.made = made
-
-    def connectionMade(self) -> None:
-        self.made.callback(self)
 
 
 class IdleTCPConnectionTests(TestCase):
     """L{idle_tcp_connection}: C{tcp.Connection._writeDisconnected}, C{_tempDataBuffer}."""
 
     async def connect(self) -> tuple[Any, socket.socket]:
-        """The server side's transport of a real TCP connection, and the peer's socket."""
-        made: Deferred[_Made] = Deferred()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(lambda: _Made(made))
-        )
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(peer.close)
-        server = await made
-        self.addCleanup(server.transport.abortConnection)
-        return server.transport, peer
+        """The server side's transport, and the peer's socket."""
+        return await tcp_pair(self)
 
     async def test_attributes(self) -> None:
         """A TCP transport still has the private attributes the adapter reads."""
@@ -112,10 +94,8 @@ class AdoptUnixPortTests(TestCase):
         os.chmod(path, 0o660)
         listening.listen(5)
         listening.setblocking(False)
-        made: Deferred[_Made] = Deferred()
-        port = adopt_unix_port(
-            reactor, listening.fileno(), Factory.forProtocol(lambda: _Made(made))
-        )
+        made: Deferred[Made] = Deferred()
+        port = adopt_unix_port(reactor, listening.fileno(), Factory.forProtocol(lambda: Made(made)))
         port.startListening()
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(peer.close)

@@ -471,3 +471,33 @@ class StandInServer:
         await self.standin.when_idle()
         await self.port.stopListening()
         await self.factory.when_all_closed()
+
+
+class Made(Protocol):
+    """Fires C{made} with itself once connected."""
+
+    def __init__(self, made: Deferred[Made]) -> None:
+        self.made = made
+
+    def connectionMade(self) -> None:
+        self.made.callback(self)
+
+
+async def tcp_pair(test: TestCase) -> tuple[Any, socket.socket]:
+    """
+    A real TCP connection on 127.0.0.1 between a Twisted server and a plain
+    blocking socket: the server side's transport and the peer's socket,
+    both closed (and the listener stopped) by the test's cleanup.
+    """
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    made: Deferred[Made] = Deferred()
+    port = await TCP4ServerEndpoint(_reactor(), 0, interface="127.0.0.1").listen(
+        Factory.forProtocol(lambda: Made(made))
+    )
+    test.addCleanup(port.stopListening)
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    test.addCleanup(peer.close)
+    server = await made
+    test.addCleanup(server.transport.abortConnection)
+    return server.transport, peer
