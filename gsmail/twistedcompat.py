@@ -10,14 +10,12 @@ behaviour is gone: a Twisted upgrade that breaks one is seen in the test
 run, not in production. C{setup.py} keeps an upper bound on Twisted for
 these; raise it after the tests pass on the new release.
 
-Still used directly, outside this module (their tests are here too):
-C{StreamServerEndpointService._raiseSynchronously} and C{_waitingForPort}
-(L{gsmail.service}), C{client.Resolver._parseCall} (L{gsmail.service},
-L{gsmail.check}), C{IOpenSSLTrustRoot._addCACertsToContext}
-(L{gsmail.outbound.mtasts}), C{LogPublisher._observers} and
-C{FileLogObserver._outFile} (L{gsmail.reload}), C{HTTPChannel._path}
-(L{gsmail.standin}) and C{twisted.web.client._HTTP11ClientFactory}
-(L{gsmail.groupserver}).
+The adapters after L{set_connection_factory} are for uses in modules this
+change did not touch (L{gsmail.service}, L{gsmail.check},
+L{gsmail.outbound.mtasts}, L{gsmail.reload}, L{gsmail.standin_http}): they still
+reach in directly, each on one line that the adapter named in its
+docstring replaces. C{twisted.web.client._HTTP11ClientFactory}, which
+L{gsmail.groupserver} subclasses, is checked by the tests too.
 """
 
 from __future__ import annotations
@@ -34,9 +32,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IOpenSSLTrustRoot",
+    "add_trust_root",
     "adopt_unix_port",
     "idle_tcp_connection",
+    "log_file_of",
+    "log_observers",
+    "raise_listen_errors",
+    "request_path",
     "set_connection_factory",
+    "stop_resolv_conf_timer",
+    "waiting_for_port",
 ]
 
 
@@ -109,3 +114,93 @@ def set_connection_factory(pool: Any, factory_class: type) -> None:
     choose its protocol factory. Gains one useless log line per connection.
     """
     pool._factory = factory_class
+
+
+def raise_listen_errors(service: Any) -> None:
+    """
+    Make a C{StreamServerEndpointService} raise a listening failure from
+    C{privilegedStartService} (so that gsmail's start-up fails with one line
+    naming the endpoint) instead of logging it and running on without the
+    listener. Replaces C{svc._raiseSynchronously = True} in
+    L{gsmail.service}.
+
+    Private: C{StreamServerEndpointService._raiseSynchronously}; Twisted's
+    own C{strports.service} sets it the same way, and there is no public
+    switch.
+    """
+    service._raiseSynchronously = True
+
+
+def waiting_for_port(service: Any) -> Any:
+    """
+    The Deferred of a C{StreamServerEndpointService}'s listening port
+    (fired with the port once it listens), or C{None} before it started or
+    for another kind of service. Replaces C{_waitingForPort} in
+    L{gsmail.service} (the port a listener got, and C{/readyz}).
+
+    Private: C{StreamServerEndpointService._waitingForPort}; the service
+    does not expose its port otherwise.
+    """
+    return getattr(service, "_waitingForPort", None)
+
+
+def stop_resolv_conf_timer(resolver: Any) -> None:
+    """
+    Cancel the timer with which a C{twisted.names.client.Resolver} re-reads
+    C{resolv.conf} every minute, so that a stopped service (or
+    C{gsmail-check}) leaves no delayed call behind. Replaces the
+    C{_parseCall} lines of L{gsmail.service} and L{gsmail.check}.
+
+    Private: C{client.Resolver._parseCall}; the resolver has no public
+    close.
+    """
+    call = getattr(resolver, "_parseCall", None)
+    if call is not None and call.active():
+        call.cancel()
+
+
+def add_trust_root(trust_root: Any, context: Any) -> None:
+    """
+    Make the pyOpenSSL C{context} trust the CAs of C{trust_root} (an
+    C{IOpenSSLTrustRoot}: C{platformTrust()} or
+    C{trustRootFromCertificates()}). Replaces C{_addCACertsToContext} in
+    L{gsmail.outbound.mtasts}, whose client context is gsmail's own.
+
+    Private: the interface's only method, C{_addCACertsToContext}; the
+    public way (C{optionsForClientTLS}) builds the whole context itself.
+    """
+    trust_root._addCACertsToContext(context)
+
+
+def log_observers(publisher: Any) -> list[Any]:
+    """
+    The observers of a C{twisted.logger.LogPublisher} (the global one:
+    twistd's log file among them), for L{gsmail.reload}'s reopening of log
+    files after logrotate. Replaces C{globalLogPublisher._observers} there.
+
+    Private: C{LogPublisher._observers}; Twisted has no public way to list
+    them.
+    """
+    return list(getattr(publisher, "_observers", ()))
+
+
+def log_file_of(observer: Any) -> Any:
+    """
+    The file a C{FileLogObserver} writes to, or C{None} for another
+    observer. Replaces C{_outFile} in L{gsmail.reload}.
+
+    Private: C{FileLogObserver._outFile}; not exposed.
+    """
+    return getattr(observer, "_outFile", None)
+
+
+def request_path(channel: Any) -> bytes:
+    """
+    The path of the request an C{HTTPChannel} is reading, once its request
+    line is parsed and before its body is in (when the C{Request} itself
+    does not know it yet): the stand-in's fault injection decides there.
+    Replaces C{getattr(channel, "_path", b"")} in L{gsmail.standin_http}.
+
+    Private: C{HTTPChannel._path}.
+    """
+    return getattr(channel, "_path", b"") or b""

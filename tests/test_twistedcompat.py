@@ -30,7 +30,18 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import client as web_client
 from twisted.web import http
 
-from gsmail.twistedcompat import adopt_unix_port, idle_tcp_connection, set_connection_factory
+from gsmail.twistedcompat import (
+    add_trust_root,
+    adopt_unix_port,
+    idle_tcp_connection,
+    log_file_of,
+    log_observers,
+    raise_listen_errors,
+    request_path,
+    set_connection_factory,
+    stop_resolv_conf_timer,
+    waiting_for_port,
+)
 from tests.util import Made, tcp_pair
 
 reactor: Any = _reactor
@@ -145,49 +156,65 @@ class ConnectionFactoryTests(SynchronousTestCase):
         self.assertFalse(factory.noisy)
 
 
-class ElsewhereTests(TestCase):
+class ListenerServiceTests(TestCase):
     """
-    Private parts used outside L{gsmail.twistedcompat}; each test names its
-    user.
+    L{raise_listen_errors} and L{waiting_for_port}:
+    C{StreamServerEndpointService._raiseSynchronously} and
+    C{_waitingForPort} (gsmail.service).
+    """
+
+    def service(self, port: int) -> StreamServerEndpointService:
+        return StreamServerEndpointService(
+            TCP4ServerEndpoint(reactor, port, interface="127.0.0.1"),
+            Factory.forProtocol(Protocol),
+        )
+
+    async def test_port(self) -> None:
+        """Once started, the service's port is the result of L{waiting_for_port}."""
+        svc = self.service(0)
+        self.assertIsNone(waiting_for_port(svc))
+        raise_listen_errors(svc)
+        svc.privilegedStartService()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        port = waiting_for_port(svc).result
+        self.assertGreater(port.getHost().port, 0)
+
+    async def test_listen_error_raised(self) -> None:
+        """With L{raise_listen_errors}, a port taken is raised by C{privilegedStartService}."""
+        svc = self.service(0)
+        svc.privilegedStartService()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        taken = self.service(waiting_for_port(svc).result.getHost().port)
+        raise_listen_errors(taken)
+        self.assertRaises(CannotListenError, taken.privilegedStartService)
+
+
+class ElsewhereTests(SynchronousTestCase):
+    """
+    The other adapters for modules outside this one: the trust root
+    (gsmail.outbound.mtasts), the resolver's timer (gsmail.service,
+    gsmail.check), log files (gsmail.reload), a request's path
+    (gsmail.standin_http).
     """
 
     def test_trust_root(self) -> None:
         """
-        gsmail.outbound.mtasts: C{IOpenSSLTrustRoot._addCACertsToContext} on
+        L{add_trust_root}: C{IOpenSSLTrustRoot._addCACertsToContext} on
         C{platformTrust()}, and the interface gsmail.twistedcompat names.
         """
         from twisted.internet._sslverify import IOpenSSLTrustRoot
 
         trust = ssl.platformTrust()
         self.assertTrue(IOpenSSLTrustRoot.providedBy(trust))
-        trust._addCACertsToContext(SSL.Context(SSL.TLS_CLIENT_METHOD))
-
-    async def test_endpoint_service(self) -> None:
-        """
-        gsmail.service: C{StreamServerEndpointService._waitingForPort} holds
-        the listening port once started, and with C{_raiseSynchronously} a
-        listen failure is raised by C{privilegedStartService}.
-        """
-        svc = StreamServerEndpointService(
-            TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), Factory.forProtocol(Protocol)
-        )
-        svc._raiseSynchronously = True
-        svc.privilegedStartService()
-        svc.startService()
-        self.addCleanup(svc.stopService)
-        port = svc._waitingForPort.result
-        self.assertGreater(port.getHost().port, 0)
-        taken = StreamServerEndpointService(
-            TCP4ServerEndpoint(reactor, port.getHost().port, interface="127.0.0.1"),
-            Factory.forProtocol(Protocol),
-        )
-        taken._raiseSynchronously = True
-        self.assertRaises(CannotListenError, taken.privilegedStartService)
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        add_trust_root(trust, context)  # AttributeError when Twisted renamed it
 
     def test_resolver_timer(self) -> None:
         """
-        gsmail.service and gsmail.check: C{client.Resolver._parseCall}, the
-        timer that re-reads resolv.conf, which they cancel when done.
+        L{stop_resolv_conf_timer}: C{client.Resolver._parseCall}, the timer
+        that re-reads resolv.conf, is cancelled.
         """
         path = self.mktemp()
         with open(path, "w") as f:
@@ -195,30 +222,32 @@ class ElsewhereTests(TestCase):
         clock = MemoryReactorClock()
         resolver = dns_client.Resolver(resolv=path, reactor=clock)
         self.assertTrue(resolver._parseCall.active())
-        resolver._parseCall.cancel()
+        stop_resolv_conf_timer(resolver)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_log_files(self) -> None:
         """
-        gsmail.reload: C{LogPublisher._observers} lists the observers, and a
-        text observer keeps its file in C{_outFile}.
+        L{log_observers} and L{log_file_of}: C{LogPublisher._observers}
+        lists the observers, and a text observer keeps its file in
+        C{_outFile}.
         """
         out = io.StringIO()
         observer = textFileLogObserver(out)
         publisher = LogPublisher(observer)
-        self.assertEqual(list(publisher._observers), [observer])
-        self.assertIs(observer._outFile, out)
+        self.assertEqual(log_observers(publisher), [observer])
+        self.assertIs(log_file_of(observer), out)
+        self.assertIsNone(log_file_of(lambda event: None))
 
     def test_channel_path(self) -> None:
         """
-        gsmail.standin: C{HTTPChannel._path} is the request's path once the
+        L{request_path}: C{HTTPChannel._path} is the request's path once the
         request line is parsed, before the body is in.
         """
         paths = []
 
         class Request(http.Request):
             def gotLength(self, length: int | None) -> None:
-                paths.append(getattr(self.channel, "_path", None))
+                paths.append(request_path(self.channel))
                 super().gotLength(length)
 
         channel = http.HTTPChannel()
