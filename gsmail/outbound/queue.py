@@ -59,7 +59,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,7 +74,6 @@ from gsmail.outbound.queue_envelope import (
     NoSuchMessageError,
     RecipientState,
     check_id,
-    encode_envelope,
 )
 from gsmail.outbound.queue_journal import Journals
 from gsmail.outbound.queue_load import QueueRecovery, read_queue
@@ -87,10 +86,10 @@ from gsmail.outbound.queue_store import (
     lock_queue,
     read_source,
     remove_message,
-    rewrite_envelope,
     run_inline,
     store_message,
 )
+from gsmail.outbound.queue_update import EnvelopeUpdates
 from gsmail.outbound.queue_zope import ZopeImport
 
 __all__ = [
@@ -172,11 +171,10 @@ class OutboundQueue:
         self._ops = FileOps() if file_ops is None else file_ops
         self._signer = signer
         self._envelopes: dict[str, Envelope] = {}
-        self._locks: dict[str, DeferredLock] = {}
-        # Per message: update generations asked for and written (coalescing).
-        self._requested: dict[str, int] = {}
-        self._written: dict[str, int] = {}
         self._journals = Journals(self._dirs.journal, self._ops)
+        self._updates = EnvelopeUpdates(
+            self._envelopes, self._journals, self._ops, self._dirs, self._run
+        )
         self._watchers: list[Callable[[Envelope], None]] = []
         self._last_id_us = 0
         self._lock_fd: int | None = None
@@ -216,7 +214,7 @@ class OutboundQueue:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise
-        self._envelopes = {e.id: e for e in found}
+        self._envelopes.update((e.id, e) for e in found)  # the dict others hold
         if found:
             # Ids stay time-ordered even if the clock went back since.
             self._last_id_us = max(int(found[-1].created * 1_000_000), self._last_id_us)
@@ -641,20 +639,6 @@ class OutboundQueue:
         )
         return envelope
 
-    async def _acquire(self, qid: str) -> DeferredLock:
-        lock = self._locks.setdefault(qid, DeferredLock())
-        await lock.acquire()
-        return lock
-
-    def _release(self, qid: str, lock: DeferredLock) -> None:
-        lock.release()
-        if not lock.locked and not lock.waiting and self._locks.get(qid) is lock:
-            del self._locks[qid]
-
-    def _bump(self, qid: str) -> int:
-        generation = self._requested[qid] = self._requested.get(qid, 0) + 1
-        return generation
-
     async def _update(self, envelope: Envelope) -> None:
         self._check_open()
         current = self._envelopes.get(envelope.id)
@@ -662,58 +646,17 @@ class OutboundQueue:
             raise NoSuchMessageError(envelope.id)
         if current is not envelope:
             raise ValueError("update() takes the queue's own envelope object, not a copy")
-        generation = self._bump(envelope.id)
-        lock = await self._acquire(envelope.id)
+        generation = self._updates.bump(envelope.id)
+        lock = await self._updates.acquire(envelope.id)
         try:
-            await self._write_envelope(envelope.id, generation)
+            await self._updates.write(envelope.id, generation)
         finally:
-            self._release(envelope.id, lock)
-
-    async def _write_envelope(self, qid: str, generation: int) -> None:
-        """
-        Write the envelope as it is now, unless a write that began after
-        generation C{generation} was asked for has already done it; then
-        empty its journal, whose records the new envelope includes (as it
-        does the records still waiting: their callers are answered by this
-        write). Per-message lock held.
-        """
-        journals = self._journals
-        async with journals.lock:
-            envelope = self._envelopes.get(qid)
-            if envelope is None:
-                raise NoSuchMessageError(qid)
-            if self._written.get(qid, 0) >= generation:
-                return
-            covers = self._requested[qid]
-            # Here, in the reactor thread: the job gets bytes.
-            data = encode_envelope(envelope, journals.seq.get(qid, 0))
-            taken = journals.waiting.pop(qid, None)
-            journal = journals.on_disk(qid)
-            job = functools.partial(
-                rewrite_envelope, self._ops, self._dirs, qid, data, journals.fds, journal
-            )
-            try:
-                await self._run(job)
-            except BaseException:
-                journals.broken.add(qid)
-                if taken is not None:
-                    error = Failure()
-                    for d in taken[1]:
-                        d.errback(error)
-                raise
-            if qid in self._envelopes:
-                self._written[qid] = max(self._written.get(qid, 0), covers)
-                journals.broken.discard(qid)
-                if journal is not None:
-                    journals.lines[qid] = 0
-        if taken is not None:
-            for d in taken[1]:
-                d.callback(None)
+            self._updates.release(envelope.id, lock)
 
     async def _resign(self, old: Envelope) -> Envelope:
         self._check_open()
         qid = old.id
-        lock = await self._acquire(qid)
+        lock = await self._updates.acquire(qid)
         try:
             if self._envelopes.get(qid) is not old:
                 raise NoSuchMessageError(qid)
@@ -722,7 +665,7 @@ class OutboundQueue:
             if self._signer is None:
                 # Signing is no longer configured: it goes out as it is.
                 old.sign_pending = False
-                await self._write_envelope(qid, self._bump(qid))
+                await self._updates.write(qid, self._updates.bump(qid))
                 self.log.warn("Sending {queue_id} unsigned: no DKIM signer any more", queue_id=qid)
                 return old
             signer = self._signer
@@ -765,10 +708,10 @@ class OutboundQueue:
             finally:
                 journals.lock.release()
             del self._envelopes[qid]
-            self._forget(qid)
+            self._updates.forget(qid)
             self._envelopes[new_id] = new
         finally:
-            self._release(qid, lock)
+            self._updates.release(qid, lock)
         self.log.info(
             "Signed {queue_id}: queued again as {new_id}, {size} bytes{note}",
             queue_id=qid,
@@ -786,21 +729,21 @@ class OutboundQueue:
     async def _set_held(self, qid: str, held: bool) -> None:
         self._check_open()
         check_id(qid)
-        lock = await self._acquire(qid)
+        lock = await self._updates.acquire(qid)
         try:
             envelope = self._envelopes.get(qid)
             if envelope is None:
                 raise NoSuchMessageError(qid)
             envelope.held = held
-            await self._write_envelope(qid, self._bump(qid))
+            await self._updates.write(qid, self._updates.bump(qid))
         finally:
-            self._release(qid, lock)
+            self._updates.release(qid, lock)
         self.log.info("{action} {queue_id}", action="Held" if held else "Released", queue_id=qid)
 
     async def _remove(self, qid: str, *, force: bool) -> None:
         self._check_open()
         check_id(qid)
-        lock = await self._acquire(qid)
+        lock = await self._updates.acquire(qid)
         try:
             envelope = self._envelopes.get(qid)
             if envelope is None:
@@ -820,9 +763,9 @@ class OutboundQueue:
                 journals.lock.release()
                 if gone:
                     del self._envelopes[qid]
-                    self._forget(qid)
+                    self._updates.forget(qid)
         finally:
-            self._release(qid, lock)
+            self._updates.release(qid, lock)
         if force:
             self.log.info(
                 "Deleted {queue_id}: {pending} recipients not delivered",
@@ -831,12 +774,6 @@ class OutboundQueue:
             )
         else:
             self.log.info("{queue_id}: removed", queue_id=qid)  # qmgr's line
-
-    def _forget(self, qid: str) -> None:
-        """Drop what the queue knows of a removed message; its waiting records fail."""
-        self._requested.pop(qid, None)
-        self._written.pop(qid, None)
-        self._journals.forget(qid)
 
     # -- journals -------------------------------------------------------------
 
