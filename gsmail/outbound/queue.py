@@ -53,10 +53,8 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Final
 
 import attrs
 from twisted.internet.defer import Deferred, fail, maybeDeferred
@@ -72,8 +70,10 @@ from gsmail.outbound.queue_envelope import (
     PENDING,
     Envelope,
     NoSuchMessageError,
+    RecipientDSN,
     RecipientState,
     check_id,
+    check_submission,
 )
 from gsmail.outbound.queue_journal import Journals
 from gsmail.outbound.queue_load import QueueRecovery, read_queue
@@ -109,16 +109,11 @@ __all__ = [
     "read_queue",
 ]
 
-_FORBIDDEN: Final = re.compile(r"[\x00\r\n]")
-
 #: Signs a message (L{gsmail.signing.DKIMSigner.queue_signer}): given its
 #: bytes and its envelope sender, returns the header fields to put before it
 #: (C{b""}: not signed) and a warning to log (C{""}: none); raises when the
 #: message must wait (a key that cannot be used), with a one-line reason.
 Signer = Callable[[bytes, str], tuple[bytes, str]]
-#: Per recipient, in order: its C{NOTIFY} (normalised) and C{ORCPT} (decoded)
-#: parameters, C{""} when not given (L{OutboundQueue.enqueue}'s C{dsn}).
-RecipientDSN = tuple[str, str]
 
 
 class OutboundQueue:
@@ -468,29 +463,11 @@ class OutboundQueue:
         C{queuepath}, a Maildir), so that nothing is lost when a site switches
         its outbound mail to gsmail.
 
-        Files in C{new/} and C{cur/} are taken oldest first; dotfiles (claims,
-        C{.rejected-} copies) and C{tmp/} are skipped. Each file starts with
-        C{X-Zope-From: <addr>} and C{X-Zope-To: <addr>, <addr>} lines; those
-        two lines are stripped and the rest is queued durably, exactly as
-        stored. For each file:
-
-          1. a C{.sending-<name>} claim younger than 3 hours (zope.sendmail's
-             C{MAX_SEND_TIME}) means a zope.sendmail processor may be sending
-             it now: the file is skipped (left for a later import); an older
-             claim is stale and removed;
-          2. the file is claimed as zope.sendmail does (touched, hard link
-             C{.sending-<name>}), so a processor still running skips it;
-          3. it is queued; after the envelope is fsynced, and before the
-             message can be delivered, the file is unlinked and its directory
-             fsynced; then the claim is removed.
-
-        A crash after the envelope is durable but before the file is unlinked
-        leaves both; the next import finds the envelope by its C{origin} and
-        only unlinks the file. So an interrupted import imports each message
-        once, as long as its envelope is still queued; the at-least-once window
-        left is a zope.sendmail processor that sends a file whose claim is
-        older than 3 hours. Files that are not zope.sendmail messages, or fail,
-        are logged and left in place.
+        Files in C{new/} and C{cur/} are taken oldest first, claimed as
+        zope.sendmail does, queued without their X-Zope lines and unlinked
+        once queued; L{gsmail.outbound.queue_zope} has the steps and the
+        at-least-once window. Files that are not zope.sendmail messages, or
+        fail, are logged and left in place.
 
         @param queuepath: the zope.sendmail queue directory.
         @param xverp: queue the messages for delivery with XVERP (gs.email's
@@ -560,27 +537,7 @@ class OutboundQueue:
         self._check_open()
         if not isinstance(source, (bytes, str)):
             raise TypeError("data must be bytes or the path of a file")
-        _check_address(sender, null=True)
-        if not recipients:
-            raise ValueError("a message needs at least one recipient")
-        for address in recipients:
-            _check_address(address, null=False)
-        params = dict(params or {})
-        for key, value in params.items():
-            if not (isinstance(key, str) and isinstance(value, str)) or _FORBIDDEN.search(
-                key + value
-            ):
-                raise ValueError("MAIL parameters must be text without CR, LF or NUL")
-        pairs: Sequence[RecipientDSN] = [("", "")] * len(recipients) if dsn is None else dsn
-        if len(pairs) != len(recipients):
-            raise ValueError("dsn must give one (NOTIFY, ORCPT) pair per recipient")
-        for pair in pairs:
-            if not (
-                isinstance(pair, tuple)
-                and len(pair) == 2
-                and all(isinstance(v, str) and not _FORBIDDEN.search(v) for v in pair)
-            ):
-                raise ValueError("NOTIFY and ORCPT must be text without CR, LF or NUL")
+        params, pairs = check_submission(sender, recipients, params, dsn)
         now = self._clock.seconds()
         qid = self._new_id(now)
         envelope = Envelope(
@@ -625,11 +582,7 @@ class OutboundQueue:
             )
         elif signing and signing[0]:
             self.log.warn("Queued {queue_id} unsigned: {reason}", queue_id=qid, reason=signing[0])
-        for observer in self._watchers:
-            try:
-                observer(envelope)
-            except Exception:
-                self.log.failure("A queue observer failed on {queue_id}", queue_id=qid)
+        self._notify(envelope)
         self.log.info(
             "Queued {queue_id} from <{sender}> for {recipients} recipients, {size} bytes",
             queue_id=qid,
@@ -719,12 +672,16 @@ class OutboundQueue:
             size=new.size,
             note=f" ({warnings[0]})" if warnings and warnings[0] else "",
         )
+        self._notify(new)
+        return new
+
+    def _notify(self, envelope: Envelope) -> None:
+        """Tell the watchers (L{watch}) of a message just queued."""
         for observer in self._watchers:
             try:
-                observer(new)
+                observer(envelope)
             except Exception:
-                self.log.failure("A queue observer failed on {queue_id}", queue_id=new_id)
-        return new
+                self.log.failure("A queue observer failed on {queue_id}", queue_id=envelope.id)
 
     async def _set_held(self, qid: str, held: bool) -> None:
         self._check_open()
@@ -805,15 +762,3 @@ class OutboundQueue:
     def _compaction_failed(self, failure: Failure, qid: str) -> None:
         if not failure.check(NoSuchMessageError, QueueClosedError):
             self.log.failure("Rewriting the envelope of {queue_id} failed", failure, queue_id=qid)
-
-
-# -- helpers
-
-
-def _check_address(address: str, *, null: bool) -> None:
-    if not isinstance(address, str):
-        raise TypeError("addresses must be str")
-    if not address and not null:
-        raise ValueError("empty recipient address")
-    if _FORBIDDEN.search(address):
-        raise ValueError("an address must not contain CR, LF or NUL")

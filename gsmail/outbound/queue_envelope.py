@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -40,10 +41,12 @@ __all__ = [
     "PENDING",
     "QUEUE_ID",
     "STATES",
+    "RecipientDSN",
     "Envelope",
     "NoSuchMessageError",
     "RecipientState",
     "check_id",
+    "check_submission",
     "encode_envelope",
     "read_envelope",
     "replay_journal",
@@ -62,6 +65,12 @@ _MAX_ENVELOPE: Final = 64 << 20
 _MAX_JOURNAL: Final = 256 << 20
 _FORMAT: Final = 1
 QUEUE_ID: Final = re.compile(r"\A[0-9a-f]{16}-[0-9a-f]{8}\Z")
+_FORBIDDEN: Final = re.compile(r"[\x00\r\n]")
+
+#: Per recipient, in order: its C{NOTIFY} (normalised) and C{ORCPT} (decoded)
+#: parameters, C{""} when not given
+#: (L{gsmail.outbound.queue.OutboundQueue.enqueue}'s C{dsn}).
+RecipientDSN = tuple[str, str]
 
 
 @attrs.define
@@ -164,6 +173,54 @@ def check_id(qid: str) -> None:
     """
     if not isinstance(qid, str) or not QUEUE_ID.match(qid):
         raise ValueError(f"not a queue id: {qid!r}")
+
+
+def check_submission(
+    sender: str,
+    recipients: list[str],
+    params: dict[str, str] | None,
+    dsn: Sequence[RecipientDSN] | None,
+) -> tuple[dict[str, str], Sequence[RecipientDSN]]:
+    """
+    Check what a new message is submitted with (the arguments of
+    L{gsmail.outbound.queue.OutboundQueue.enqueue}) before anything is
+    written.
+
+    @return: a copy of C{params}, and C{dsn} with C{("", "")} for each
+        recipient when C{None}.
+    @raise ValueError: no recipients, C{dsn} not one pair per recipient, or
+        an address or parameter with CR, LF or NUL.
+    @raise TypeError: an address that is not C{str}.
+    """
+    _check_address(sender, null=True)
+    if not recipients:
+        raise ValueError("a message needs at least one recipient")
+    for address in recipients:
+        _check_address(address, null=False)
+    params = dict(params or {})
+    for key, value in params.items():
+        if not (isinstance(key, str) and isinstance(value, str)) or _FORBIDDEN.search(key + value):
+            raise ValueError("MAIL parameters must be text without CR, LF or NUL")
+    pairs: Sequence[RecipientDSN] = [("", "")] * len(recipients) if dsn is None else dsn
+    if len(pairs) != len(recipients):
+        raise ValueError("dsn must give one (NOTIFY, ORCPT) pair per recipient")
+    for pair in pairs:
+        if not (
+            isinstance(pair, tuple)
+            and len(pair) == 2
+            and all(isinstance(v, str) and not _FORBIDDEN.search(v) for v in pair)
+        ):
+            raise ValueError("NOTIFY and ORCPT must be text without CR, LF or NUL")
+    return params, pairs
+
+
+def _check_address(address: str, *, null: bool) -> None:
+    if not isinstance(address, str):
+        raise TypeError("addresses must be str")
+    if not address and not null:
+        raise ValueError("empty recipient address")
+    if _FORBIDDEN.search(address):
+        raise ValueError("an address must not contain CR, LF or NUL")
 
 
 def encode_envelope(envelope: Envelope, journal_seq: int = 0) -> bytes:

@@ -3,10 +3,34 @@
 Importing a zope.sendmail queue (gs.email's C{queuepath}, a Maildir) into
 the outbound queue, so that nothing is lost when a site switches its
 outbound mail to gsmail
-(L{gsmail.outbound.queue.OutboundQueue.import_zope_sendmail} has the steps
-and the at-least-once window). Reading the X-Zope lines,
-claiming a file as zope.sendmail does and unlinking it once queued are
-here; queuing it durably is the queue's.
+(L{gsmail.outbound.queue.OutboundQueue.import_zope_sendmail}). Reading the
+X-Zope lines, claiming a file as zope.sendmail does and unlinking it once
+queued are here; queuing it durably is the queue's
+(L{gsmail.outbound.queue_store.store_message}).
+
+Files in C{new/} and C{cur/} are taken oldest first; dotfiles (claims,
+C{.rejected-} copies) and C{tmp/} are skipped. Each file starts with
+C{X-Zope-From: <addr>} and C{X-Zope-To: <addr>, <addr>} lines; those
+two lines are stripped and the rest is queued durably, exactly as
+stored. For each file:
+
+  1. a C{.sending-<name>} claim younger than 3 hours (zope.sendmail's
+     C{MAX_SEND_TIME}) means a zope.sendmail processor may be sending
+     it now: the file is skipped (left for a later import); an older
+     claim is stale and removed;
+  2. the file is claimed as zope.sendmail does (touched, hard link
+     C{.sending-<name>}), so a processor still running skips it;
+  3. it is queued; after the envelope is fsynced, and before the
+     message can be delivered, the file is unlinked and its directory
+     fsynced; then the claim is removed.
+
+A crash after the envelope is durable but before the file is unlinked
+leaves both; the next import finds the envelope by its C{origin} and
+only unlinks the file. So an interrupted import imports each message
+once, as long as its envelope is still queued; the at-least-once window
+left is a zope.sendmail processor that sends a file whose claim is
+older than 3 hours. Files that are not zope.sendmail messages, or fail,
+are logged and left in place.
 """
 
 from __future__ import annotations
