@@ -51,7 +51,6 @@ journal write never runs at the same time as an envelope rewrite or removal
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 from collections.abc import Callable, Sequence
@@ -85,11 +84,10 @@ from gsmail.outbound.queue_store import (
     Sync,
     lock_queue,
     read_source,
-    remove_message,
     run_inline,
     store_message,
 )
-from gsmail.outbound.queue_update import EnvelopeUpdates
+from gsmail.outbound.queue_update import MessageUpdates, Signer
 from gsmail.outbound.queue_zope import ZopeImport
 
 __all__ = [
@@ -108,12 +106,6 @@ __all__ = [
     "RecipientState",
     "read_queue",
 ]
-
-#: Signs a message (L{gsmail.signing.DKIMSigner.queue_signer}): given its
-#: bytes and its envelope sender, returns the header fields to put before it
-#: (C{b""}: not signed) and a warning to log (C{""}: none); raises when the
-#: message must wait (a key that cannot be used), with a one-line reason.
-Signer = Callable[[bytes, str], tuple[bytes, str]]
 
 
 class OutboundQueue:
@@ -167,8 +159,8 @@ class OutboundQueue:
         self._signer = signer
         self._envelopes: dict[str, Envelope] = {}
         self._journals = Journals(self._dirs.journal, self._ops)
-        self._updates = EnvelopeUpdates(
-            self._envelopes, self._journals, self._ops, self._dirs, self._run
+        self._updates = MessageUpdates(
+            self._envelopes, self._journals, self._ops, self._dirs, self._run, self.log
         )
         self._watchers: list[Callable[[Envelope], None]] = []
         self._last_id_us = 0
@@ -631,38 +623,7 @@ class OutboundQueue:
                 sign_pending=False,
                 replaces=qid,
             )
-            ops, dirs, journals = self._ops, self._dirs, self._journals
-            old_data = os.path.join(dirs.data, qid)
-            warnings: list[str] = []
-            await journals.lock.acquire()  # no journal write meanwhile
-            journal = journals.on_disk(qid)
-            fd = journals.fds.pop(qid, None)
-            replaced: list[bool] = []
-
-            def job() -> None:
-                with open(old_data, "rb") as f:
-                    message = f.read()
-                prefix, warning = signer(message, old.sender)  # raises: nothing changed
-                warnings.append(warning)
-                store_message(ops, dirs, new, prefix + message, 0)
-                # The signed copy is durable: the old one goes (load()
-                # finishes this if a crash stops it).
-                replaced.append(True)
-                remove_message(ops, dirs, qid, fd, journal, [])
-
-            try:
-                await self._run(job)
-            except BaseException:
-                if fd is not None and not replaced:
-                    journals.fds[qid] = fd
-                if not replaced:
-                    raise
-                self.log.failure("Removing {queue_id} after signing it failed", queue_id=qid)
-            finally:
-                journals.lock.release()
-            del self._envelopes[qid]
-            self._updates.forget(qid)
-            self._envelopes[new_id] = new
+            warning = await self._updates.replace_signed(old, new, signer)
         finally:
             self._updates.release(qid, lock)
         self.log.info(
@@ -670,7 +631,7 @@ class OutboundQueue:
             queue_id=qid,
             new_id=new_id,
             size=new.size,
-            note=f" ({warnings[0]})" if warnings and warnings[0] else "",
+            note=f" ({warning})" if warning else "",
         )
         self._notify(new)
         return new
@@ -708,19 +669,7 @@ class OutboundQueue:
             pending = len(envelope.pending())
             if pending and not force:
                 raise ValueError(f"{qid} has {pending} pending recipients")
-            gone: list[bool] = []
-            journals = self._journals
-            await journals.lock.acquire()  # no journal write meanwhile
-            journal = journals.on_disk(qid)
-            fd = journals.fds.pop(qid, None)
-            job = functools.partial(remove_message, self._ops, self._dirs, qid, fd, journal, gone)
-            try:
-                await self._run(job)
-            finally:
-                journals.lock.release()
-                if gone:
-                    del self._envelopes[qid]
-                    self._updates.forget(qid)
+            await self._updates.remove(qid)
         finally:
             self._updates.release(qid, lock)
         if force:
