@@ -13,6 +13,9 @@ disk is written. Its parts:
     (the durability protocol is in its docstring);
   - L{gsmail.outbound.queue_journal}: the per-recipient journals and their
     group commit;
+  - L{gsmail.outbound.queue_update}: the per-message locks and the changes
+    made under them (envelope rewrites shared by concurrent updates, the
+    signed copy replacing a message, removal);
   - L{gsmail.outbound.queue_load}: the load at start-up (replay, corrupt
     envelopes, crash leftovers) and L{read_queue} for listings;
   - L{gsmail.outbound.queue_zope}: the import of a zope.sendmail queue.
