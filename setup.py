@@ -37,8 +37,8 @@ setup(
         # adopt_unix_port (unix.Port._fromListeningDescriptor/_bindPath,
         # workers.py), set_connection_factory (HTTPConnectionPool._factory;
         # and _HTTP11ClientFactory, groupserver.py), IOpenSSLTrustRoot, and
-        # for service.py, check.py, outbound/mtasts.py, reload.py and
-        # standin_http.py raise_listen_errors, waiting_for_port,
+        # for service.py, service_listeners.py, check.py, outbound/mtasts.py,
+        # reload.py and standin_http.py raise_listen_errors, waiting_for_port,
         # stop_resolv_conf_timer, add_trust_root, log_observers/log_file_of
         # and request_path. tests/test_twistedcompat.py fails when one is
         # gone. Tested with 24.7 to 26.10; raise the bound after that test

@@ -11,7 +11,8 @@ run, not in production. C{setup.py} keeps an upper bound on Twisted for
 these; raise it after the tests pass on the new release.
 
 The adapters after L{set_connection_factory} are for uses in modules this
-change did not touch (L{gsmail.service}, L{gsmail.check},
+change did not touch (L{gsmail.service}, L{gsmail.service_listeners},
+L{gsmail.check},
 L{gsmail.outbound.mtasts}, L{gsmail.reload}, L{gsmail.standin_http}): they still
 reach in directly, each on one line that the adapter named in its
 docstring replaces. C{twisted.web.client._HTTP11ClientFactory}, which
@@ -122,7 +123,7 @@ def raise_listen_errors(service: Any) -> None:
     C{privilegedStartService} (so that gsmail's start-up fails with one line
     naming the endpoint) instead of logging it and running on without the
     listener. Replaces C{svc._raiseSynchronously = True} in
-    L{gsmail.service}.
+    L{gsmail.service_listeners}.
 
     Private: C{StreamServerEndpointService._raiseSynchronously}; Twisted's
     own C{strports.service} sets it the same way, and there is no public
@@ -136,7 +137,8 @@ def waiting_for_port(service: Any) -> Any:
     The Deferred of a C{StreamServerEndpointService}'s listening port
     (fired with the port once it listens), or C{None} before it started or
     for another kind of service. Replaces C{_waitingForPort} in
-    L{gsmail.service} (the port a listener got, and C{/readyz}).
+    L{gsmail.service} and L{gsmail.service_listeners} (the port a listener
+    got, the UNIX socket's mode, and C{/readyz}).
 
     Private: C{StreamServerEndpointService._waitingForPort}; the service
     does not expose its port otherwise.
