@@ -1,50 +1,59 @@
-# -*- test-case-name: tests.outbound.test_dsn -*-
+# -*- test-case-name: tests.outbound.test_dsn,tests.test_bounces -*-
 """
 Delivery status notifications: building the RFC 3464 report gsmail sends to
 a message's envelope sender when delivery failed, is late or (when asked
-for) succeeded, deciding whether to send one at all, reading one back, and
-the RFC 3461 parameters that ask for them (C{NOTIFY}, C{ORCPT}, C{ENVID},
-and their C{xtext} encoding).
+for) succeeded, and deciding whether to send one at all.
 
 For GroupServer the envelope sender of each copy is its XVERP address
 (C{group+member=domain@site}), so a DSN goes back to gsmail's own inbound
-side, which hands it to GroupServer's bounce page. L{parse_dsn} lets that
-side tell a real failure (C{Action: failed}, C{5.x.x}) from a delay notice.
+side, which hands it to GroupServer's bounce page.
 
 The report (RFC 6522 C{multipart/report}) has three parts: a human-readable
 explanation, the machine-readable C{message/delivery-status}, and the
 original message's header section (or the whole message). The
 delivery-status part is always 7-bit: a non-ASCII address is written with
 the C{utf-8} address type in its C{utf-8-addr-xtext} form (RFC 6533 §3).
+
+Not here: the RFC 3461 parameters that ask for a DSN (C{NOTIFY}, C{ORCPT},
+C{ENVID}, C{xtext}: L{gsmail.outbound.dsn_params}, whose public names this
+module also offers, as the delivery code uses them from here), and reading
+a DSN back (L{gsmail.outbound.dsn_parse}).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import quopri
 import re
 import secrets
-from collections.abc import Iterator
-from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import format_datetime
-from typing import Final, NamedTuple
+from typing import Final
 
 import attrs
 from twisted.logger import Logger
 
 from gsmail.addresses import AddressError, parse_mailbox
+from gsmail.outbound.dsn_params import (
+    DEFAULT_NOTIFY,
+    STATUS_CODE,
+    VERP_DEFAULT_NOTIFY,
+    notify_requests,
+    orcpt_parameter,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    utf8_addr_xtext,
+    xtext_decode,
+    xtext_encode,
+)
 from gsmail.status import Reply
 
 __all__ = [
     "FailedRecipient",
-    "DSNRecipient",
     "build_dsn",
     "should_send_dsn",
-    "parse_dsn",
     "parse_notify",
     "notify_requests",
     "parse_orcpt",
@@ -68,27 +77,9 @@ MAX_RETURNED_MESSAGE: Final = 10 * 1024 * 1024
 _MAX_VALUE: Final = 900
 _FOLD_AT: Final = 76
 
-_STATUS: Final = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
-
 #: The actions a report may give a recipient (RFC 3464 §2.3.3).
 _ACTIONS: Final = ("failed", "delayed", "delivered", "relayed")
 
-#: What a recipient without a C{NOTIFY} parameter gets: RFC 3461 §4.1 leaves
-#: the default (FAILURE, or FAILURE and DELAY) to the MTA; gsmail warns of
-#: delays as well, as Postfix does once C{delay_warning_time} is set.
-DEFAULT_NOTIFY: Final = frozenset({"FAILURE", "DELAY"})
-#: The default for mail gsmail sends with a VERP sender per recipient
-#: (GroupServer's posts): every notice to such an address reaches a bounce
-#: processor (GroupServer's bounce page), which counts it as a bounce, so
-#: only failures are reported unless C{NOTIFY} asks for more.
-VERP_DEFAULT_NOTIFY: Final = frozenset({"FAILURE"})
-_NOTIFY_ORDER: Final = ("SUCCESS", "FAILURE", "DELAY")
-#: RFC 3461 §4.4 and §4.2: the longest ENVID and ORCPT values (characters).
-MAX_ENVID: Final = 100
-MAX_ORCPT: Final = 500
-_HEXCHAR: Final = re.compile(r"\+([0-9A-Fa-f]{2})")
-_XTEXT: Final = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*\Z")
-_ADDR_TYPE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
 _MESSAGE_ID: Final = re.compile(r"<[\x21-\x3b\x3d\x3f-\x7e]+@[\x21-\x3b\x3d\x3f-\x7e]+>\Z")
 
 
@@ -131,26 +122,6 @@ class FailedRecipient:
     original_recipient: str | None = None
 
 
-class DSNRecipient(NamedTuple):
-    """
-    One per-recipient block of a DSN, as L{parse_dsn} reads it.
-
-    @ivar recipient: the C{Final-Recipient} address (decoded from the
-        C{utf-8} xtext form when needed).
-    @ivar action: lowercase: C{failed}, C{delayed}, C{delivered}, C{relayed}
-        or C{expanded}.
-    @ivar status: the RFC 3463 code, e.g. C{"5.1.1"}, or C{""} when missing
-        or malformed.
-    @ivar original: the C{Original-Recipient} address (the sender's C{ORCPT},
-        RFC 3461 §4.2), or C{""} when the block has none.
-    """
-
-    recipient: str
-    action: str
-    status: str
-    original: str = ""
-
-
 # -- deciding -----------------------------------------------------------------
 
 
@@ -181,138 +152,6 @@ def should_send_dsn(original_sender: str) -> bool:
     return address.local.strip('"').lower() != "mailer-daemon"
 
 
-# -- the RFC 3461 parameters ----------------------------------------------------
-
-
-def xtext_decode(text: str) -> str:
-    """
-    Undo RFC 3461 §4 C{xtext}: C{+XX} (two hex digits) is the octet XX; any
-    other character from C{!} to C{~} but C{+} and C{=} stands for itself.
-    Lowercase hex digits are taken too (be liberal).
-
-    @param text: the parameter value as received.
-    @return: the decoded text (octets above 127 are refused, so it is ASCII).
-    @raise ValueError: not xtext (a space, C{=}, a control or non-ASCII
-        character, a C{+} without two hex digits, or an encoded octet above
-        127); the submission port answers C{501 5.5.4}.
-    """
-    if not _XTEXT.match(text):
-        raise ValueError("not xtext (RFC 3461 section 4)")
-    decoded = _HEXCHAR.sub(lambda m: chr(int(m.group(1), 16)), text)
-    if not decoded.isascii():
-        raise ValueError("xtext must encode US-ASCII")
-    return decoded
-
-
-def xtext_encode(text: str) -> str:
-    """
-    RFC 3461 §4 C{xtext}: C{+}, C{=}, space, controls and non-ASCII as
-    C{+XX} (UTF-8 octets for non-ASCII), the rest as is.
-    """
-    return "".join(
-        c if "\x21" <= c <= "\x7e" and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
-        for c in text
-    )
-
-
-def _printable(text: str) -> bool:
-    """Printable US-ASCII, space included (RFC 3461 §4.2, §4.4)."""
-    return all(" " <= c <= "~" for c in text)
-
-
-def parse_notify(value: str | None) -> str:
-    """
-    Check and normalise a C{NOTIFY} value (RFC 3461 §4.1): C{NEVER} alone,
-    or one or more of C{SUCCESS}, C{FAILURE}, C{DELAY}, any case.
-
-    @return: C{"NEVER"} or the words in the order C{SUCCESS,FAILURE,DELAY},
-        e.g. C{"FAILURE,DELAY"}.
-    @raise ValueError: missing, empty, unknown or repeated words, or NEVER
-        with others; the submission port answers C{501 5.5.4}.
-    """
-    words = (value or "").upper().split(",")
-    chosen = set(words)
-    if (
-        not value
-        or len(chosen) != len(words)
-        or not chosen <= {"NEVER", *_NOTIFY_ORDER}
-        or ("NEVER" in chosen and len(chosen) > 1)
-    ):
-        raise ValueError("NOTIFY takes NEVER, or SUCCESS, FAILURE and DELAY (RFC 3461 section 4.1)")
-    return "NEVER" if "NEVER" in chosen else ",".join(w for w in _NOTIFY_ORDER if w in chosen)
-
-
-def notify_requests(notify: str, kind: str, *, verp: bool = False) -> bool:
-    """
-    Whether a recipient's C{NOTIFY} asks for a notice of C{kind}.
-
-    @param notify: as L{parse_notify} returns it; C{""} when the client gave
-        none: then L{DEFAULT_NOTIFY}, or L{VERP_DEFAULT_NOTIFY} for mail
-        delivered with a VERP sender per recipient.
-    @param kind: C{"SUCCESS"}, C{"FAILURE"} or C{"DELAY"}.
-    @param verp: the message goes out with a VERP sender per recipient.
-    """
-    if not notify:
-        return kind in (VERP_DEFAULT_NOTIFY if verp else DEFAULT_NOTIFY)
-    return kind in notify.split(",")
-
-
-def parse_orcpt(value: str | None) -> str:
-    """
-    Check and decode an C{ORCPT} value (RFC 3461 §4.2): C{addr-type;xtext},
-    at most 500 characters. The C{utf-8} type (RFC 6533 §3) holds
-    C{\\x{HEX}} escapes (and, with SMTPUTF8, UTF-8 itself); every other
-    type is xtext and must decode to printable US-ASCII.
-
-    @return: C{type;address}, the type lowercased and the address decoded,
-        e.g. C{rfc822;a+b@example.org} for C{rfc822;a+2Bb@example.org}.
-    @raise ValueError: malformed; the submission port answers C{501 5.5.4}.
-    """
-    kind, semicolon, text = (value or "").partition(";")
-    if not value or not semicolon or not text or not _ADDR_TYPE.match(kind):
-        raise ValueError("ORCPT takes addr-type;xtext (RFC 3461 section 4.2)")
-    if len(value) > MAX_ORCPT:
-        raise ValueError(f"ORCPT is longer than {MAX_ORCPT} characters (RFC 3461 section 4.2)")
-    kind = kind.lower()
-    if kind == "utf-8":
-        if any(c in "+=" or not c.isprintable() or c.isspace() for c in text):
-            raise ValueError("bad utf-8-addr-xtext in ORCPT (RFC 6533 section 3)")
-        address = _EMBEDDED.sub(lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), text)
-    else:
-        address = xtext_decode(text)
-    if not address or not address.isprintable() or address != address.strip():
-        raise ValueError("ORCPT must decode to printable characters (RFC 3461 section 4.2)")
-    return f"{kind};{address}"
-
-
-def orcpt_parameter(orcpt: str) -> str:
-    """
-    The C{ORCPT} value to pass on to a next hop that offers DSN (RFC 3461
-    §4.2), encoded again from L{parse_orcpt}'s form: xtext, or
-    C{utf-8-addr-xtext} for the C{utf-8} type.
-    """
-    kind, _, address = orcpt.partition(";")
-    return f"{kind};{_xtext(address) if kind == 'utf-8' else xtext_encode(address)}"
-
-
-def parse_envid(value: str | None) -> str:
-    """
-    Check an C{ENVID} value (RFC 3461 §4.4): xtext of at most 100
-    characters that decodes to printable US-ASCII.
-
-    @return: the value as received (still xtext: it is passed on as is, and
-        decoded with L{xtext_decode} for C{Original-Envelope-Id}).
-    @raise ValueError: malformed; the submission port answers C{501 5.5.4}.
-    """
-    if not value:
-        raise ValueError("ENVID needs a value (RFC 3461 section 4.4)")
-    if len(value) > MAX_ENVID:
-        raise ValueError(f"ENVID is longer than {MAX_ENVID} characters (RFC 3461 section 4.4)")
-    if not _printable(xtext_decode(value)):
-        raise ValueError("ENVID must decode to printable US-ASCII (RFC 3461 section 4.4)")
-    return value
-
-
 # -- building -----------------------------------------------------------------
 
 
@@ -329,19 +168,12 @@ def _cut(text: str) -> str:
     return text if len(text) <= _MAX_VALUE else text[: _MAX_VALUE - 3] + "..."
 
 
-def _xtext(address: str) -> str:
-    """RFC 6533 §3 C{utf-8-addr-xtext}: QCHARs as is, the rest as C{\\x{HEX}}."""
-    return "".join(
-        c if "\x21" <= c <= "\x7e" and c not in "+=\\" else f"\\x{{{ord(c):X}}}" for c in address
-    )
-
-
 def _typed_address(address: str) -> str:
     """C{rfc822; addr}, or C{utf-8; xtext} for a non-ASCII address."""
     address = re.sub(r"\s+", "", _clean(address))
     if address.isascii():
         return f"rfc822; {address}"
-    return f"utf-8; {_xtext(address)}"
+    return f"utf-8; {utf8_addr_xtext(address)}"
 
 
 def _original_recipient(value: str) -> str:
@@ -355,7 +187,7 @@ def _original_recipient(value: str) -> str:
     if not semicolon:
         return _typed_address(original)
     if kind.strip().lower() == "utf-8" and not address.isascii():
-        return f"utf-8;{_xtext(address)}"
+        return f"utf-8;{utf8_addr_xtext(address)}"
     return original
 
 
@@ -389,18 +221,22 @@ def _status(recipient: FailedRecipient) -> str:
     reply = recipient.reply
     if recipient.action in ("delivered", "relayed"):
         # RFC 3464 §2.3.4: a success is 2.x.x; the reply's own code if it has one.
-        if reply is not None and reply.enhanced.startswith("2") and _STATUS.match(reply.enhanced):
+        if (
+            reply is not None
+            and reply.enhanced.startswith("2")
+            and STATUS_CODE.match(reply.enhanced)
+        ):
             return reply.enhanced
         return "2.0.0"
     if reply is None:
         return "5.4.7" if recipient.action == "failed" else "4.4.7"
-    code = reply.enhanced if _STATUS.match(reply.enhanced) else f"{str(reply.code)[:1]}.0.0"
+    code = reply.enhanced if STATUS_CODE.match(reply.enhanced) else f"{str(reply.code)[:1]}.0.0"
     if recipient.action == "failed":
         return code if code.startswith("5") else "5.4.7"
     if code.startswith("4"):
         return code
     # A delay reported with a reply of another class: keep the detail.
-    return "4" + code[1:] if _STATUS.match(code) else "4.4.7"
+    return "4" + code[1:] if STATUS_CODE.match(code) else "4.4.7"
 
 
 def _reply_text(reply: Reply) -> str:
@@ -731,131 +567,3 @@ def build_dsn(
     for part in parts:
         out += f"\n--{boundary}\n".encode() + _lf(part)
     return out + f"\n--{boundary}--\n".encode()
-
-
-# -- reading ------------------------------------------------------------------
-
-_MAX_DEPTH: Final = 4
-_MAX_PARTS: Final = 100
-
-
-def _split(raw: bytes) -> tuple[Message, bytes]:
-    """A part's header fields (parsed) and its body (raw bytes)."""
-    if raw.startswith((b"\n", b"\r\n")):
-        return Message(), raw[1:] if raw.startswith(b"\n") else raw[2:]
-    end = re.search(rb"\r?\n\r?\n", raw)
-    header, body = (raw, b"") if end is None else (raw[: end.start()], raw[end.end() :])
-    return BytesHeaderParser(policy=compat32).parsebytes(header + b"\n\n"), body
-
-
-def _subparts(body: bytes, boundary: str) -> list[bytes]:
-    """The parts of a multipart body (RFC 2046 §5.1.1)."""
-    delimiter = b"--" + boundary.encode("ascii", "replace")
-    parts: list[bytes] = []
-    current: list[bytes] | None = None
-    for line in body.splitlines(keepends=True):
-        bare = line.rstrip(b"\r\n").rstrip(b" \t")
-        if bare == delimiter or bare == delimiter + b"--":
-            if current is not None:
-                parts.append(b"".join(current))
-                if len(parts) >= _MAX_PARTS:
-                    break
-            if bare.endswith(b"--") and bare != delimiter:
-                return parts
-            current = []
-        elif current is not None:
-            current.append(line)
-    if current:
-        parts.append(b"".join(current))
-    return parts
-
-
-def _reports(raw: bytes, inside_report: bool, depth: int) -> Iterator[bytes]:
-    """
-    The decoded bodies of the delivery-status parts of a C{multipart/report},
-    found in multipart parts only: a message/rfc822 attachment (e.g. the
-    returned original of a bounce) is never searched.
-    """
-    headers, body = _split(raw)
-    kind = headers.get_content_type()
-    if kind in ("message/delivery-status", "message/global-delivery-status") and inside_report:
-        encoding = str(headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-        if encoding == "base64":
-            try:
-                body = base64.b64decode(b"".join(body.split()))
-            except (binascii.Error, ValueError):
-                return
-        elif encoding == "quoted-printable":
-            body = quopri.decodestring(body)
-        yield body
-        return
-    if headers.get_content_maintype() != "multipart" or depth >= _MAX_DEPTH:
-        return
-    boundary = headers.get_boundary()
-    if not boundary:
-        return
-    for part in _subparts(body, boundary):
-        yield from _reports(part, kind == "multipart/report", depth + 1)
-
-
-def _blocks(text: str) -> Iterator[dict[str, str]]:
-    """The field blocks of a delivery-status body, names lowercased, unfolded."""
-    block: dict[str, str] = {}
-    last = ""
-    for line in text.splitlines():
-        if not line.strip():
-            if block:
-                yield block
-            block, last = {}, ""
-        elif line[0] in " \t" and last:
-            block[last] += " " + line.strip()
-        elif ":" in line:
-            name, _, value = line.partition(":")
-            last = name.strip().lower()
-            block[last] = value.strip()
-    if block:
-        yield block
-
-
-_EMBEDDED: Final = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
-
-
-def _address(value: str) -> str:
-    """The address of a C{type; address} field, xtext decoded for C{utf-8}."""
-    kind, semicolon, address = value.partition(";")
-    if not semicolon:
-        kind, address = "rfc822", value
-    address = address.strip().strip("<>").strip()
-    if kind.strip().lower() == "utf-8":
-        address = _EMBEDDED.sub(lambda m: chr(min(int(m.group(1), 16), 0x10FFFF)), address)
-    return address
-
-
-def parse_dsn(message: bytes) -> list[DSNRecipient]:
-    """
-    The per-recipient outcomes of a DSN (RFC 3464, and RFC 6533's
-    C{message/global-delivery-status}), from any C{multipart/report} in the
-    message's multipart structure.
-
-    @param message: the whole message as received.
-    @return: one L{DSNRecipient} per recipient block with a
-        C{Final-Recipient}; empty when the message is not a DSN.
-    """
-    out: list[DSNRecipient] = []
-    for body in _reports(message, inside_report=False, depth=0):
-        text = body.decode("utf-8", "replace")
-        for block in _blocks(text):
-            if "final-recipient" not in block:
-                continue
-            action = block.get("action", "").split(" ")[0].lower()
-            status = block.get("status", "").split(" ")[0]
-            original = block.get("original-recipient", "")
-            out.append(
-                DSNRecipient(
-                    _address(block["final-recipient"]),
-                    action,
-                    status if _STATUS.match(status) else "",
-                    _address(original) if original else "",
-                )
-            )
-    return out

@@ -47,7 +47,7 @@ from gsmail.inbound.delivery import received_from
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, release
 from gsmail.logtext import printable
-from gsmail.outbound import dsn
+from gsmail.outbound.dsn_params import parse_envid, parse_notify, parse_orcpt
 from gsmail.status import Reply
 
 __all__ = [
@@ -165,8 +165,8 @@ class SubmissionCore:
         for route in envelope.recipients:
             given = dict(route.params)
             # Checked by rcpt_parameters already.
-            notify = dsn.parse_notify(given["NOTIFY"]) if "NOTIFY" in given else ""
-            orcpt = dsn.parse_orcpt(given["ORCPT"]) if "ORCPT" in given else ""
+            notify = parse_notify(given["NOTIFY"]) if "NOTIFY" in given else ""
+            orcpt = parse_orcpt(given["ORCPT"]) if "ORCPT" in given else ""
             dsn_params.append((notify, orcpt))
         count = len(envelope.recipients)
         d = self.queue.enqueue(
@@ -289,7 +289,7 @@ class SubmissionServer(SMTPServer):
             return None
         if key == "ENVID":
             try:
-                envelope.params["ENVID"] = dsn.parse_envid(value)
+                envelope.params["ENVID"] = parse_envid(value)
             except ValueError as e:
                 return status.SYNTAX_ERROR.with_text(f"Bad ENVID parameter: {e}")
             return None
@@ -308,9 +308,9 @@ class SubmissionServer(SMTPServer):
         for key, value in params.items():
             try:
                 if key == "NOTIFY":
-                    dsn.parse_notify(value)
+                    parse_notify(value)
                 elif key == "ORCPT":
-                    dsn.parse_orcpt(value)
+                    parse_orcpt(value)
                 else:
                     return status.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}")
             except ValueError as e:

@@ -1,5 +1,6 @@
 """
-Tests for L{gsmail.outbound.dsn}: the RFC 3464 report as a mail reader (the
+Tests for L{gsmail.outbound.dsn}, L{gsmail.outbound.dsn_params} and
+L{gsmail.outbound.dsn_parse}: the RFC 3464 report as a mail reader (the
 C{email} package) sees it, when to send one, and reading DSNs back.
 """
 
@@ -15,21 +16,17 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from gsmail.outbound.dsn import (
-    MAX_RETURNED_HEADERS,
-    DSNRecipient,
-    FailedRecipient,
-    build_dsn,
+from gsmail.outbound.dsn import MAX_RETURNED_HEADERS, FailedRecipient, build_dsn, should_send_dsn
+from gsmail.outbound.dsn_params import (
     notify_requests,
     orcpt_parameter,
-    parse_dsn,
     parse_envid,
     parse_notify,
     parse_orcpt,
-    should_send_dsn,
     xtext_decode,
     xtext_encode,
 )
+from gsmail.outbound.dsn_parse import DSNRecipient, parse_dsn
 from gsmail.outbound.mx import NullMXError
 from gsmail.status import Reply
 
