@@ -31,7 +31,8 @@ from gsmail.inbound.postmaster import ForwardPostmaster
 from gsmail.inbound.protocol import Envelope, ServerSettings, Session
 from gsmail.inbound.spool import Spool, SpoolAlarm
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
-from gsmail.outbound.mtasts import MTASTS, PolicyCache
+from gsmail.outbound.mtasts import MTASTS
+from gsmail.outbound.mtasts_cache import PolicyCache
 from gsmail.outbound.mx import MXResolver, parse_relayhost
 from gsmail.outbound.queue import OutboundQueue
 from gsmail.outbound.submission import (

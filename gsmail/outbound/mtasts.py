@@ -1,17 +1,16 @@
-# -*- test-case-name: tests.outbound.test_mtasts -*-
+# -*- test-case-name: tests.outbound.test_mtasts,tests.integration.test_mta_sts -*-
 """
 MTA-STS (RFC 8461): a recipient domain's published wish that mail to it
 travel only to the MX hosts it lists, over TLS with a certificate verified
 for the MX host's name. Postfix needs a separate daemon for this
 (postfix-mta-sts-resolver); gsmail does it in the outbound delivery.
 
-  - L{parse_txt_records}, L{parse_policy} and L{mx_matches}: the pure parts
-    (the C{_mta-sts} TXT record, RFC 8461 §3.1; the policy file, §3.2; MX
-    patterns, §4.1);
-  - L{PolicyCache}: policies by domain, with their C{id} and time of fetch,
-    one JSON file per domain under the state directory, written atomically
-    off the reactor thread, so they survive a restart (§5.1: a cached
-    unexpired policy applies even when the fetch fails);
+  - L{gsmail.outbound.mtasts_policy}: the pure parts (the C{_mta-sts} TXT
+    record, RFC 8461 §3.1; the policy file, §3.2; MX patterns, §4.1);
+  - L{gsmail.outbound.mtasts_cache}: policies by domain, with their C{id}
+    and time of fetch, one JSON file per domain under the state directory,
+    so they survive a restart (§5.1: a cached unexpired policy applies even
+    when the fetch fails);
   - L{MTASTS}: the policy that applies to a domain now: the TXT record
     through the same C{IResolver} as MX lookups, then (when the C{id} is new
     or the cached policy expired) C{https://mta-sts.DOMAIN/.well-known/mta-sts.txt}
@@ -28,13 +27,10 @@ What the delivery does with a policy is in L{gsmail.outbound.delivery}.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
-import attrs
 import treq
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -42,10 +38,10 @@ from service_identity.hazmat import DNS_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from treq.client import HTTPClient
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime, IResolver
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IResolver
 from twisted.logger import Logger
 from twisted.names import dns, error
 from twisted.python.failure import Failure
@@ -60,367 +56,37 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from gsmail.outbound.mtasts_cache import PolicyCache, StoredPolicy
+from gsmail.outbound.mtasts_policy import (
+    ENFORCE,
+    MAX_POLICY_SIZE,
+    NONE,
+    Policy,
+    PolicyError,
+    parse_policy,
+    parse_txt_records,
+)
+
 __all__ = [
-    "ENFORCE",
-    "MAX_AGE_LIMIT",
-    "MAX_POLICY_SIZE",
+    "CHECK_INTERVAL",
     "MTASTS",
+    "STSClientTLS",
+    "WELL_KNOWN",
+    # Used from here by the delivery (gsmail.outbound.delivery).
+    "ENFORCE",
     "NONE",
     "Policy",
-    "PolicyCache",
-    "PolicyError",
-    "STSClientTLS",
-    "StoredPolicy",
-    "TESTING",
-    "mx_matches",
-    "parse_policy",
-    "parse_txt_records",
 ]
 
 log = Logger()
 
-ENFORCE: Final = "enforce"
-TESTING: Final = "testing"
-NONE: Final = "none"
-
-#: RFC 8461 §3.2: C{max_age} is at most 31557600 seconds (about a year).
-MAX_AGE_LIMIT: Final = 31_557_600
-#: Largest policy body read, in bytes: far above any real policy (a few hundred bytes).
-MAX_POLICY_SIZE: Final = 64 * 1024
 #: The policy's path on C{https://mta-sts.DOMAIN} (RFC 8461 §3.2).
 WELL_KNOWN: Final = "/.well-known/mta-sts.txt"
 #: Seconds a domain's outcome (policy or none) is reused before its TXT
 #: record is looked up again; never past the cached policy's expiry.
 CHECK_INTERVAL: Final = 300.0
 
-_ID: Final = re.compile(r"[A-Za-z0-9]{1,32}\Z")
-_FIELD: Final = re.compile(r"([A-Za-z0-9_]+):[ \t]*(.*?)[ \t]*\Z")
-_PATTERN: Final = re.compile(r"(\*\.)?[a-z0-9_\-]+(\.[a-z0-9_\-]+)*\Z")
 _DOMAIN: Final = re.compile(r"[a-z0-9_\-]+(\.[a-z0-9_\-]+)+\Z")
-
-
-class PolicyError(Exception):
-    """
-    A policy could not be had: the fetch failed or its text is invalid.
-
-    @ivar result_type: the RFC 8460 §4.3.2.1 result type for TLS reports:
-        C{sts-policy-fetch-error}, C{sts-policy-invalid} or
-        C{sts-webpki-invalid}.
-    """
-
-    def __init__(self, detail: str, result_type: str = "sts-policy-invalid") -> None:
-        super().__init__(detail)
-        self.result_type = result_type
-
-
-@attrs.frozen
-class Policy:
-    """
-    One MTA-STS policy (RFC 8461 §3.2).
-
-    @ivar mode: C{enforce}, C{testing} or C{none}.
-    @ivar mx: the MX patterns, lowercase: host names or C{*.example.net}.
-    @ivar max_age: seconds the policy may be cached (capped at
-        L{MAX_AGE_LIMIT}).
-    @ivar text: the policy as served (for TLS reports and the cache).
-    """
-
-    mode: str
-    mx: tuple[str, ...]
-    max_age: int
-    text: str = attrs.field(repr=False, default="")
-
-    def matches(self, host: str) -> bool:
-        """Whether MX host C{host} is one the policy lists (L{mx_matches})."""
-        return any(mx_matches(pattern, host) for pattern in self.mx)
-
-
-def parse_txt_records(records: Sequence[Sequence[bytes]]) -> str | None:
-    """
-    The policy C{id} of a domain's C{_mta-sts} TXT records (RFC 8461 §3.1).
-
-    Records not starting with C{v=STSv1;} are ignored; the strings of one
-    record are joined without spaces. Unless exactly one record remains
-    and it has a valid C{id} (1 to 32 letters and digits), the domain has
-    no usable record.
-
-    @param records: each TXT record's strings.
-    @return: the C{id}, or C{None}.
-    """
-    found = []
-    for strings in records:
-        text = b"".join(strings).decode("ascii", "replace")
-        if text.startswith("v=STSv1;") or text == "v=STSv1":
-            found.append(text)
-    if len(found) != 1:
-        return None
-    fields: dict[str, str] = {}
-    for part in found[0].split(";"):
-        key, eq, value = part.strip().partition("=")
-        if eq:
-            fields.setdefault(key.strip(), value.strip())
-    policy_id = fields.get("id", "")
-    return policy_id if _ID.match(policy_id) else None
-
-
-def parse_policy(text: bytes | str) -> Policy:
-    """
-    Parse a policy file (RFC 8461 §3.2): C{key: value} lines (CRLF or LF),
-    C{version: STSv1}, C{mode}, C{max_age} (digits; capped at
-    L{MAX_AGE_LIMIT}) and one or more C{mx} lines (required unless the mode
-    is C{none}). Unknown keys are ignored; for a repeated key other than
-    C{mx} the first counts.
-
-    @raise PolicyError: not UTF-8, a missing or bad field
-        (result type C{sts-policy-invalid}).
-    """
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PolicyError("the policy is not UTF-8") from e
-    fields: dict[str, str] = {}
-    mx: list[str] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        match = _FIELD.match(line)
-        if match is None:
-            raise PolicyError(f"bad policy line {line[:80]!r}")
-        key, value = match.group(1), match.group(2)
-        if key == "mx":
-            pattern = value.lower().rstrip(".")
-            if not _PATTERN.match(pattern):
-                raise PolicyError(f"bad mx pattern {value[:80]!r}")
-            mx.append(pattern)
-        else:
-            fields.setdefault(key, value)
-    if fields.get("version") != "STSv1":
-        raise PolicyError(f"version is {fields.get('version', '(missing)')!r}, not STSv1")
-    mode = fields.get("mode", "")
-    if mode not in (ENFORCE, TESTING, NONE):
-        raise PolicyError(f"bad mode {mode[:20]!r}")
-    age = fields.get("max_age", "")
-    if not (age.isascii() and age.isdigit()) or len(age) > 10:
-        raise PolicyError(f"bad max_age {age[:20]!r}")
-    if not mx and mode != NONE:
-        raise PolicyError("no mx line")
-    return Policy(mode, tuple(mx), min(int(age), MAX_AGE_LIMIT), text)
-
-
-def mx_matches(pattern: str, host: str) -> bool:
-    """
-    Whether MX host C{host} matches a policy's C{mx} pattern (RFC 8461
-    §4.1): equal names (case and a trailing dot ignored), or a wildcard
-    C{*.example.net} standing for exactly one label: it matches
-    C{mail.example.net}, neither C{example.net} nor C{a.b.example.net}.
-    """
-    pattern = pattern.lower().rstrip(".")
-    host = host.lower().rstrip(".")
-    if pattern.startswith("*."):
-        label, dot, rest = host.partition(".")
-        return bool(label) and bool(dot) and rest == pattern[2:]
-    return host == pattern
-
-
-# -- the cache ------------------------------------------------------------------
-
-
-@attrs.frozen
-class StoredPolicy:
-    """
-    A policy as cached: the domain's, with the C{id} it was published under.
-
-    @ivar fetched: when it was fetched, seconds since the epoch.
-    """
-
-    domain: str
-    policy_id: str
-    fetched: float
-    policy: Policy
-
-    @property
-    def expires(self) -> float:
-        """When the policy may no longer be used, seconds since the epoch."""
-        return self.fetched + self.policy.max_age
-
-    def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "domain": self.domain,
-                "id": self.policy_id,
-                "fetched": self.fetched,
-                "policy": self.policy.text,
-            },
-            sort_keys=True,
-        ).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> StoredPolicy:
-        """@raise ValueError: not a stored policy. @raise PolicyError: its text is invalid."""
-        fields = json.loads(data)
-        if not isinstance(fields, dict):
-            raise ValueError("not an object")
-        domain, policy_id, fetched, text = (
-            fields.get("domain"),
-            fields.get("id"),
-            fields.get("fetched"),
-            fields.get("policy"),
-        )
-        if not (
-            isinstance(domain, str)
-            and isinstance(policy_id, str)
-            and isinstance(fetched, int | float)
-            and isinstance(text, str)
-        ):
-            raise ValueError("missing fields")
-        return cls(domain, policy_id, float(fetched), parse_policy(text))
-
-
-Blocking = Callable[[Callable[[], None]], Deferred[None]]
-
-
-def run_inline(job: Callable[[], None]) -> Deferred[None]:
-    """Run C{job} now, in this thread (tests, tools): its exception fails the Deferred."""
-    try:
-        job()
-    except Exception as e:
-        return fail(e)
-    return succeed(None)
-
-
-class PolicyCache:
-    """
-    Policies by domain, in memory and one file per domain
-    (C{DOMAIN.json} in L{directory}), written atomically (a temporary
-    file, fsync, rename, fsync of the directory) by C{blocking}, so a
-    restart finds them again.
-
-    @ivar directory: where the files are.
-    """
-
-    def __init__(
-        self,
-        directory: str,
-        clock: IReactorTime,
-        blocking: Blocking | None = None,
-        max_entries: int = 10_000,
-    ) -> None:
-        """
-        @param blocking: runs a blocking callable off the reactor thread
-            (a thread pool hand-off, or a L{gsmail.handoff.SerialThread});
-            C{None}: inline (tests, tools).
-        @param max_entries: at most this many domains are kept in memory.
-        """
-        self.directory = os.path.abspath(directory)
-        self._clock = clock
-        self._blocking = blocking or run_inline
-        self._max = max_entries
-        self._policies: dict[str, StoredPolicy] = {}
-
-    def load(self) -> None:
-        """
-        Create the directory, read every cached policy, remove expired and
-        broken files (logged). Blocking: call at start-up.
-
-        @raise OSError: the directory cannot be created or read.
-        """
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        now = self._clock.seconds()
-        for name in sorted(os.listdir(self.directory)):
-            path = os.path.join(self.directory, name)
-            if name.endswith(".tmp"):
-                _remove(path)
-                continue
-            if not name.endswith(".json") or len(self._policies) >= self._max:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    stored = StoredPolicy.from_json(f.read(MAX_POLICY_SIZE * 2))
-            except (OSError, ValueError, PolicyError) as e:
-                log.warn(
-                    "Removing the unreadable MTA-STS cache file {path}: {error}",
-                    path=path,
-                    error=str(e),
-                )
-                _remove(path)
-                continue
-            if stored.expires <= now or name != _file_name(stored.domain):
-                _remove(path)
-                continue
-            self._policies[stored.domain] = stored
-
-    def get(self, domain: str) -> StoredPolicy | None:
-        """The cached policy of C{domain}, expired or not, or C{None}."""
-        return self._policies.get(domain)
-
-    def domains(self) -> list[str]:
-        """The domains with a cached policy."""
-        return list(self._policies)
-
-    def put(self, stored: StoredPolicy) -> Deferred[None]:
-        """
-        Cache C{stored}, replacing the domain's policy; the file is written
-        by the hand-off.
-
-        @return: fires when the file is durable (or fails with the
-            C{OSError}, which is also logged: the memory copy still applies).
-        """
-        if stored.domain not in self._policies and len(self._policies) >= self._max:
-            del self._policies[next(iter(self._policies))]
-        self._policies[stored.domain] = stored
-        path = os.path.join(self.directory, _file_name(stored.domain))
-        data = stored.to_json()
-        d = self._blocking(lambda: write_atomically(path, data))
-
-        def failed(failure: Failure) -> Failure:
-            log.error(
-                "Could not save the MTA-STS policy of {domain} in {path}: {error}",
-                domain=stored.domain,
-                path=path,
-                error=str(failure.value),
-            )
-            return failure
-
-        return d.addErrback(failed)
-
-    def forget(self, domain: str) -> Deferred[None]:
-        """Drop the cached policy of C{domain} (an expired one)."""
-        if self._policies.pop(domain, None) is None:
-            return succeed(None)
-        path = os.path.join(self.directory, _file_name(domain))
-        return self._blocking(lambda: _remove(path))
-
-
-def _file_name(domain: str) -> str:
-    return domain + ".json"
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write C{data} to C{path} so that a crash leaves the old or the new file."""
-    directory = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.{id(data):x}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # -- finding the policy that applies ---------------------------------------------

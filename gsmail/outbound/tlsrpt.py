@@ -27,7 +27,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from gsmail.outbound.mtasts import Blocking, Policy, run_inline, write_atomically
+from gsmail.outbound.mtasts_cache import Blocking, run_inline, write_atomically
+from gsmail.outbound.mtasts_policy import Policy
 
 __all__ = ["TLSReportCounts", "main", "make_report"]
 

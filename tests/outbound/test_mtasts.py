@@ -17,13 +17,12 @@ from twisted.internet.task import Clock
 from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
-from gsmail.outbound.mtasts import (
+from gsmail.outbound.mtasts import MTASTS
+from gsmail.outbound.mtasts_cache import PolicyCache, StoredPolicy
+from gsmail.outbound.mtasts_policy import (
     MAX_AGE_LIMIT,
-    MTASTS,
     Policy,
-    PolicyCache,
     PolicyError,
-    StoredPolicy,
     mx_matches,
     parse_policy,
     parse_txt_records,
