@@ -104,7 +104,7 @@ class _OutboundOptions(_ValueReader):
         if values["mta_sts_timeout"] <= 0:
             raise self.error(section, "mta_sts_timeout", "must be more than 0 seconds")
         if values["relayhost"]:
-            from gsmail.outbound.mx import parse_relayhost
+            from gsmail.outbound.relayhost import parse_relayhost
 
             try:
                 parse_relayhost(values["relayhost"])

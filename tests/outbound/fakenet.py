@@ -27,12 +27,13 @@ from zope.interface import implementer
 from gsmail import status
 from gsmail.outbound import backoff
 from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, OutboundDelivery
-from gsmail.outbound.mx import MXHost, NoSuchDomainError, RelayHost
+from gsmail.outbound.mx import MXHost, NoSuchDomainError
 from gsmail.outbound.queue import (
     Envelope,
     OutboundQueue,
     read_queue,
 )
+from gsmail.outbound.relayhost import RelayHost
 from gsmail.status import Reply
 
 HOSTNAME = "mx.groups.example.com"

@@ -24,7 +24,7 @@ from gsmail.addresses import MAX_LOCAL_PART, BounceCheck, parse_mailbox
 from gsmail.outbound import backoff
 from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, OutboundDelivery
 from gsmail.outbound.dsn_parse import DSNRecipient, parse_dsn
-from gsmail.outbound.mx import MXHost, NoSuchDomainError, RelayHost
+from gsmail.outbound.mx import MXHost, NoSuchDomainError
 from gsmail.outbound.queue import (
     DELIVERED,
     EXPIRED,
@@ -34,6 +34,7 @@ from gsmail.outbound.queue import (
     OutboundQueue,
     read_queue,
 )
+from gsmail.outbound.relayhost import RelayHost
 from gsmail.status import Reply
 from gsmail.verp import VerpKeys, VerpPolicy
 from tests.fakes import ManualSync

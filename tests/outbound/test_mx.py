@@ -28,9 +28,8 @@ from gsmail.outbound.mx import (
     MXResolver,
     NoSuchDomainError,
     NullMXError,
-    RelayHost,
-    parse_relayhost,
 )
+from gsmail.outbound.relayhost import RelayHost, parse_relayhost
 from tests.util import listen_dns
 from tests.zones import AAAA, CNAME, MX, A, MemoryZone
 
