@@ -4,9 +4,9 @@ Opening an outbound client session: the greeting, EHLO (HELO when EHLO
 gets a 5xx; LHLO for LMTP) and its keywords, STARTTLS (RFC 3207) with a
 fresh EHLO after it, and AUTH PLAIN or LOGIN (RFC 4954), only over TLS or
 to a loopback peer. These are steps of L{gsmail.outbound.client.connect}
-on its L{SMTPConnection}, whose reply reading they use.
+on its L{gsmail.outbound.client.SMTPConnection}, whose reply reading they use.
 
-Not here: the transactions that follow (L{SMTPConnection.send}), the
+Not here: the transactions that follow (L{gsmail.outbound.client.SMTPConnection.send}), the
 reply parser (L{gsmail.outbound.client_replies}).
 """
 

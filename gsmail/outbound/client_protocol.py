@@ -46,7 +46,7 @@ class _ClientProtocol(Protocol):
     """
     The I/O half of a connection: bytes to replies, one waiter at a time,
     timeouts, the data producer and connection loss. The session logic is
-    in L{SMTPConnection}.
+    in L{gsmail.outbound.client.SMTPConnection}.
 
     Waiting for a reply is bounded by one timer per connection, armed at
     the first wait and left running: each L{read} only moves a deadline, and

@@ -100,7 +100,7 @@ class Transaction:
     @ivar params: the MAIL parameters wanted: C{"BODY": "8BITMIME"},
         C{"SMTPUTF8": None}, C{"XVERP": None} (or C{"XVERP": "+="}),
         C{"RET": "HDRS"}, C{"ENVID": xtext}. Each is sent only when the server
-        offers its extension, except SMTPUTF8: see L{SMTPConnection.send}.
+        offers its extension, except SMTPUTF8: see L{gsmail.outbound.client.SMTPConnection.send}.
     @ivar wire_size: the exact size as transmitted (CRLF line ends), in
         bytes, when the queue knows it; else SIZE is estimated from C{size}.
     @ivar data: the message itself (C{size} bytes), when the caller holds
@@ -109,7 +109,7 @@ class Transaction:
         object once and reuses the result for the transactions that follow.
     @ivar checked: the caller vouches that C{sender} and C{recipients} are
         mailboxes (it parsed them with L{gsmail.addresses.parse_mailbox}),
-        so L{SMTPConnection.send} does not parse them again; the parameters
+        so L{gsmail.outbound.client.SMTPConnection.send} does not parse them again; the parameters
         and the size are checked either way.
     @ivar rcpt_params: per recipient address, the RCPT parameters wanted:
         C{"NOTIFY"} and C{"ORCPT"} (RFC 3461 §4.1, §4.2, encoded for the

@@ -83,7 +83,7 @@ class _Job:
     #: Ask the smarthost to do the VERP (Postfix's XVERP) for this batch;
     #: split per recipient if it turns out not to offer XVERP.
     xverp: bool = False
-    #: Its transaction, once made (L{OutboundDelivery._transaction}).
+    #: Its transaction, once made (L{_Sessions._transaction}).
     transaction: Transaction | None = None
     #: The sender and recipients are known to be mailboxes (L{Transaction.checked}).
     checked: bool = False
