@@ -72,7 +72,7 @@ __all__ = [
     "MTASTS",
     "STSClientTLS",
     "WELL_KNOWN",
-    # Used from here by the delivery (gsmail.outbound.delivery).
+    # Used from here by the delivery (gsmail.outbound.delivery, delivery_session).
     "ENFORCE",
     "NONE",
     "Policy",

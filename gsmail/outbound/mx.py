@@ -52,7 +52,7 @@ __all__ = [
     "NoSuchDomainError",
     "DNSTemporaryError",
     "MXResolver",
-    # Used from here by the delivery (gsmail.outbound.delivery).
+    # Used from here by the delivery (gsmail.outbound.delivery, delivery_session).
     "RelayHost",
     "NULL_MX",
     "NO_SUCH_DOMAIN",
