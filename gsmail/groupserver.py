@@ -76,10 +76,12 @@ from gsmail import status
 from gsmail.answers import PageResult, PageStatus, read_status
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.status import GroupServerError
+from gsmail.twistedcompat import set_connection_factory
 
 if TYPE_CHECKING:
     from treq.client import HTTPClient
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+    from gsmail.twistedcompat import IOpenSSLTrustRoot
 
 __all__ = [
     "CHUNK_SIZE",
@@ -626,7 +628,7 @@ class GroupServerClient:
             pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
             pool.retryAutomatically = False
             # One "Starting factory" log line per connection is noise.
-            pool._factory = _QuietHTTP11ClientFactory
+            set_connection_factory(pool, _QuietHTTP11ClientFactory)
             policy: IPolicyForHTTPS
             if not verify_tls:
                 policy = _UnverifiedPolicy()
