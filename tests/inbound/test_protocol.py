@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail import status
 from gsmail.addresses import Address, Route
-from gsmail.inbound import protocol as protocol_module
+from gsmail.inbound import protocol_commands
 from gsmail.inbound import spool as spool_module
 from gsmail.inbound.protocol import InboundFactory, ServerSettings, Session
 from gsmail.inbound.spool import SpoolFiles
@@ -693,7 +693,7 @@ class StorageFaultTestsMixin:
         with room, MAIL is accepted.
         """
         free = [10_000]
-        self.patch(protocol_module, "free_space", lambda directory: free[0])  # type: ignore[attr-defined]
+        self.patch(protocol_commands, "free_space", lambda directory: free[0])
         proto, t = self.connect()
         proto.dataReceived(
             b"MAIL FROM:<a@example.org> SIZE=20000\r\nMAIL FROM:<a@example.org> SIZE=5000\r\nRSET\r\n"
