@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from gsmail.config_schema import (
     _DEFAULTS,
     _GSMAIL_OPTIONS,
+    MAX_COMMIT_DELAY,
     MAX_INBOUND_WORKERS,
     ConfigError,
     parse_bool,
@@ -374,6 +375,18 @@ class _ValueReader:
                 f"must be at most {MAX_INBOUND_WORKERS} (one per core is enough), got {count}",
             )
         return count
+
+    def ledger_commit_delay(self, section: str) -> float:
+        """C{ledger_commit_delay}: 0 (off) up to L{MAX_COMMIT_DELAY} seconds."""
+        seconds = self.duration_or_off(section, "ledger_commit_delay")
+        if seconds > MAX_COMMIT_DELAY:
+            raise self.error(
+                section,
+                "ledger_commit_delay",
+                f"must be at most {MAX_COMMIT_DELAY:g} seconds (every post may wait it),"
+                f" got {seconds:g}",
+            )
+        return seconds
 
     def size(self, section: str, option: str, zero: bool = False) -> int:
         """

@@ -28,6 +28,8 @@ import attrs
 MAX_REPLY_DEADLINE: Final = 590.0
 #: The most inbound worker processes C{inbound_workers} may ask for.
 MAX_INBOUND_WORKERS: Final = 64
+#: The longest C{ledger_commit_delay}, in seconds: every post may wait it.
+MAX_COMMIT_DELAY: Final = 0.1
 
 #: The smallest C{max_line_length}: RFC 5321 §4.5.3.1.6 lets a text line be
 #: 1000 octets including CRLF, so a receiver must take at least that.
@@ -125,6 +127,8 @@ class GsmailConfig:
     spool_dir: str = ""
     ledger_path: str = "/var/lib/gsmail/ledger"
     ledger_ttl: float = 7 * 24 * 3600.0
+    # Seconds a ledger batch waits for the posts under way to share its fsync.
+    ledger_commit_delay: float = 0.002
     # Mail to postmaster (RFC 5321 §4.5.1): forwarded to postmaster_address
     # through the outbound queue when both are set, else kept in this Maildir.
     postmaster_maildir: str = "/var/lib/gsmail/postmaster"

@@ -211,6 +211,7 @@ class _SiteOptions(_ValueReader):
             spool_dir=self.path_option(section, "spool_dir", empty=tempfile.gettempdir()),
             ledger_path=self.path_option(section, "ledger_path"),
             ledger_ttl=self.duration(section, "ledger_ttl"),
+            ledger_commit_delay=self.ledger_commit_delay(section),
             postmaster_maildir=self.path_option(section, "postmaster_maildir"),
             postmaster_address=postmaster_address,
             standin_dir=self.path_option(section, "standin_dir"),

@@ -116,6 +116,7 @@ class PostLedger:
         sync: Sync | None = None,
         preload: bool = True,
         wait_timeout: float = 600.0,
+        commit_delay: float = 0.0,
     ) -> None:
         """
         @param path: the ledger file; its directory is created by L{open}.
@@ -135,13 +136,20 @@ class PostLedger:
         @param wait_timeout: how long, in seconds, a call waits for another
             process that is posting the same key before it fails with
             L{LedgerBusyError} (451 4.4.5).
+        @param commit_delay: how long, in seconds, a batch of records waits
+            for the records of the other posts under way in this process, so
+            that they share one fsync (L{gsmail.ledger_store}); C{0}: never
+            waits (each batch is what arrived during the previous fsync). The
+            daemon's C{ledger_commit_delay}.
         @raise ValueError: if C{ttl} or C{wait_timeout} is not a positive
-            number of seconds.
+            number of seconds, or C{commit_delay} is negative or not finite.
         """
         if not (math.isfinite(ttl) and ttl > 0):
             raise ValueError("ttl must be a positive number of seconds")
         if not (math.isfinite(wait_timeout) and wait_timeout > 0):
             raise ValueError("wait_timeout must be a positive number of seconds")
+        if not (math.isfinite(commit_delay) and commit_delay >= 0):
+            raise ValueError("commit_delay must be 0 or more seconds")
         self.path = path
         self._state = _State.NEW
         self._flights: dict[bytes, _Observer[Outcome]] = {}
@@ -156,6 +164,7 @@ class PostLedger:
             busy=lambda: self._claims.held | self._flights.keys(),
             on_rewritten=self._claims.release_held,
             on_idle=self._check_idle,
+            commit_delay=commit_delay,
         )
         self._idle: list[Deferred[None]] = []
         self._closed: _Observer[None] = _Observer()

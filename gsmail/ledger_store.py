@@ -31,7 +31,13 @@ L{gsmail.ledger.PostLedger.__len__} then parses the file the first time.
 
 Writes are group-committed: one write+fsync at a time per process, in the
 C{sync} hand-off (a thread in the service); records that arrive meanwhile
-share the next fsync.
+share the next fsync. With a C{commit_delay}, a batch also waits up to that
+long for the records of the posts under way in this process (PostgreSQL's
+C{commit_delay} with C{commit_siblings}): an fsync and its hand-off cost more
+CPU than the rest of a post's ledger work (bench/costs.py), and posts that
+finish within a few milliseconds of each other then share one. A batch with
+no other post under way is written at once, so a lone message waits for
+nothing.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from typing import Final
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -96,6 +102,24 @@ def _run_inline(f: Callable[[], None]) -> Deferred[None]:
     return maybeDeferred(f)
 
 
+class _Gathering:
+    """A batch waiting for C{records} records in all, or for its timer (L{_RecordStore._gather})."""
+
+    def __init__(self, records: int, done: Deferred[None]) -> None:
+        self.records = records
+        self.timer: IDelayedCall | None = None
+        self._done: Deferred[None] | None = done
+
+    def end(self) -> None:
+        """Stop waiting (once; the timer, if still pending, is cancelled)."""
+        done, self._done = self._done, None
+        if done is None:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        done.callback(None)
+
+
 class _RecordStore:
     """
     What one ledger object knows of the ledger file, and its writes to it
@@ -120,9 +144,10 @@ class _RecordStore:
         busy: Callable[[], Collection[bytes]],
         on_rewritten: Callable[[], None],
         on_idle: Callable[[], None],
+        commit_delay: float = 0.0,
     ) -> None:
         """
-        @param path, ttl, clock, sync, preload: as for
+        @param path, ttl, clock, sync, preload, commit_delay: as for
             L{gsmail.ledger.PostLedger}.
         @param log: the ledger's logger.
         @param busy: the keys whose posts are under way or whose records
@@ -166,6 +191,9 @@ class _RecordStore:
         self._missing = False
         self._wrote = False  # this process wrote the file
         self.observe_append: Callable[[float, int], None] | None = None
+        self._commit_delay = commit_delay
+        # A batch waiting for the records of posts under way (_gather).
+        self._gathering: _Gathering | None = None
 
     # -- opening and closing --------------------------------------------------
 
@@ -440,8 +468,29 @@ class _RecordStore:
         """
         d: Deferred[None] = Deferred()
         self._pending.append((line, d))
+        gathering = self._gathering
+        if gathering is not None and len(self._pending) >= gathering.records:
+            gathering.end()
         self._start_writing()
         return d
+
+    async def _gather(self) -> None:
+        """
+        Wait up to C{commit_delay} seconds until the posts under way in this
+        process (their keys are busy, their records not queued yet) have
+        queued their records too; at once when there are none.
+        """
+        under_way = len(self._busy()) - len(self._pending)
+        if under_way <= 0:
+            return
+        done: Deferred[None] = Deferred()
+        gathering = _Gathering(len(self._pending) + under_way, done)
+        gathering.timer = self._clock.callLater(self._commit_delay, gathering.end)
+        self._gathering = gathering
+        try:
+            await done
+        finally:
+            self._gathering = None
 
     def _start_writing(self) -> None:
         if not self._writing and (self._pending or self._compact_wanted):
@@ -471,6 +520,8 @@ class _RecordStore:
                     else:
                         self._compact_floor = _COMPACT_MIN_RECORDS
                     continue
+                if self._commit_delay > 0 and not self._needs_rewrite:
+                    await self._gather()
                 batch, self._pending = self._pending, []
                 try:
                     if self._needs_rewrite:

@@ -980,6 +980,24 @@ class ErrorTests(ConfigFileTestCase):
                     problem = "must be more than 0 seconds" if value.startswith("0") else "got"
                     self.assertGsmailError({option: value}, option, problem)
 
+    def test_ledger_commit_delay(self) -> None:
+        """
+        C{ledger_commit_delay}: 2 ms by default, C{0} turns it off, at most
+        0.1 s (every post may wait it); not a duration: refused.
+        """
+        self.assertEqual(self.load().ledger_commit_delay, 0.002)
+        self.assertEqual(self.load({"ledger_commit_delay": "0"}).ledger_commit_delay, 0.0)
+        self.assertEqual(self.load({"ledger_commit_delay": "0.01"}).ledger_commit_delay, 0.01)
+        for value, problem in (
+            ("0.2", "must be at most 0.1 seconds"),
+            ("1m", "must be at most 0.1 seconds"),
+            ("soon", "expected a duration"),
+        ):
+            with self.subTest(value=value):
+                self.assertGsmailError(
+                    {"ledger_commit_delay": value}, "ledger_commit_delay", problem
+                )
+
     def test_reply_deadline(self) -> None:
         """
         C{reply_deadline} above 590 seconds is refused: Postfix would stop

@@ -474,6 +474,95 @@ class DurabilityTests(LedgerTestCase):
         self.assertEqual(post.calls, 0)
 
 
+class CommitDelayTests(LedgerTestCase):
+    """
+    With a C{commit_delay}, a batch waits for the records of the posts under
+    way, so that they share one fsync; never longer than the delay, and not
+    at all when no other post is under way.
+    """
+
+    DELAY = 0.002
+
+    def delayed_ledger(self, sync: ManualSync) -> PostLedger:
+        ledger = PostLedger(self.path, clock=self.clock, sync=sync, commit_delay=self.DELAY)
+        ledger.open()
+        self.addCleanup(self.shut, ledger, sync)
+        return ledger
+
+    def test_alone(self) -> None:
+        """A post with no other under way is written at once."""
+        sync = ManualSync()
+        ledger = self.delayed_ledger(sync)
+        d = ledger.run(A, Post(instant=True))
+        self.assertEqual(sync.waiting, 1)
+        sync.finish()
+        self.assertEqual(self.successResultOf(d), Outcome.DONE)
+
+    def test_shared_fsync(self) -> None:
+        """
+        Three posts under way finishing within the delay: one fsync for the
+        three records, and no caller hears of its post before it.
+        """
+        sync = ManualSync()
+        ledger = self.delayed_ledger(sync)
+        post = Post()
+        done = [ledger.run(key, post) for key in (A, B, C)]
+        post.deferreds[0].callback(None)
+        self.clock.advance(self.DELAY / 2)
+        post.deferreds[1].callback(None)
+        self.assertEqual(sync.waiting, 0)  # still waiting for C's post
+        post.deferreds[2].callback(None)
+        self.assertEqual(sync.calls, 1)
+        for d in done:
+            self.assertNoResult(d)
+        sync.finish()
+        self.assertEqual([self.successResultOf(d) for d in done], [Outcome.DONE] * 3)
+        self.assertEqual(len(self.lines()), 3)
+        self.assertEqual(sync.calls, 1)
+
+    def test_never_longer_than_the_delay(self) -> None:
+        """
+        A post that is slow to finish does not hold the others' records back
+        for longer than the delay; its own record goes in a later batch.
+        """
+        sync = ManualSync()
+        ledger = self.delayed_ledger(sync)
+        post = Post()
+        first, slow = ledger.run(A, post), ledger.run(B, post)
+        post.deferreds[0].callback(None)
+        self.clock.advance(self.DELAY * 0.9)
+        self.assertEqual(sync.waiting, 0)
+        self.clock.advance(self.DELAY * 0.2)
+        self.assertEqual(sync.waiting, 1)
+        sync.finish()
+        self.assertEqual(self.successResultOf(first), Outcome.DONE)
+        self.assertEqual([line.split()[2] for line in self.lines()], [A.hex().encode()])
+        post.deferreds[1].callback(None)  # alone now: written at once
+        self.assertEqual(sync.waiting, 1)
+        sync.finish()
+        self.assertEqual(self.successResultOf(slow), Outcome.DONE)
+        self.assertEqual(sync.calls, 2)
+
+    def test_failed_post_does_not_hold(self) -> None:
+        """A post under way that fails adds no record: the batch goes at the delay."""
+        sync = ManualSync()
+        ledger = self.delayed_ledger(sync)
+        post = Post()
+        first, failing = ledger.run(A, post), ledger.run(B, post)
+        post.deferreds[0].callback(None)
+        post.deferreds[1].errback(GroupServerError(OUTCOME_UNKNOWN, "no answer"))
+        self.failureResultOf(failing, GroupServerError)
+        self.clock.advance(self.DELAY)
+        sync.finish()
+        self.assertEqual(self.successResultOf(first), Outcome.DONE)
+
+    def test_bad_delay(self) -> None:
+        """A negative or infinite delay is refused."""
+        for bad in (-0.001, float("inf"), float("nan")):
+            with self.assertRaises(ValueError):
+                PostLedger(self.path, clock=self.clock, commit_delay=bad)
+
+
 class FileTests(LedgerTestCase):
     """
     The ledger reads damaged files and keeps its file small.

@@ -137,7 +137,11 @@ class InboundParts:
         # never queued behind a long copy in the pool.
         self.ledger_sync = SerialThread(reactor, "gsmail-ledger")
         self.ledger = PostLedger(
-            config.ledger_path, ttl=config.ledger_ttl, clock=reactor, sync=self.ledger_sync
+            config.ledger_path,
+            ttl=config.ledger_ttl,
+            clock=reactor,
+            sync=self.ledger_sync,
+            commit_delay=config.ledger_commit_delay,
         )
         self.client = GroupServerClient(
             reactor,
