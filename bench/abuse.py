@@ -86,10 +86,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from common import DOMAIN, TOKEN, free_port, raise_fd_limit  # noqa: E402
+from common import DOMAIN, TOKEN, free_port, raise_fd_limit, twistd_argv  # noqa: E402
 from run import Process, StandIn, log  # noqa: E402
 
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 USER = "groupserver"
 PASSWORD = "bench-submission-password"
 EHLO = b"EHLO attacker.example.net\r\n"
@@ -221,7 +220,7 @@ class Gsmail:
                 )
             )
         env = {**os.environ, "PYTHONPATH": tree}
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", ini]
+        argv = twistd_argv("gsmail", "--config", ini)
         self.process = Process(name, argv, state, env)
         try:
             for port in (self.port, self.submission_port):

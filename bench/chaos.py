@@ -39,20 +39,16 @@ import urllib.request
 from collections import Counter
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import free_port, twistd_argv  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 TOKEN = "chaos-token"
 DOMAIN = "groups.example.com"
 #: Seconds one message may take, retries included, before the run gives up.
 MESSAGE_DEADLINE = 120.0
 #: Seconds the whole run may take.
 RUN_DEADLINE = 900.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def accepting(port: int) -> bool:
@@ -92,16 +88,7 @@ class Gsmail:
         while time.monotonic() < deadline:
             self.starts += 1
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    TWISTD,
-                    "-n",
-                    "--pidfile=",
-                    "gsmail",
-                    "--config",
-                    self.config,
-                ],
+                twistd_argv("gsmail", "--config", self.config),
                 cwd=self.directory,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,

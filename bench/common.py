@@ -222,6 +222,17 @@ def raise_fd_limit(wanted: int) -> int:
     return soft
 
 
+#: twistd, run as C{python -c TWISTD ...} (no console script needed).
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def twistd_argv(*arguments: str) -> list[str]:
+    """This interpreter running C{twistd -n --pidfile= ARGUMENTS...}."""
+    import sys
+
+    return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *arguments]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

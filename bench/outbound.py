@@ -7,14 +7,18 @@ smtplib peer. gsmail itself is started by run.py.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import smtplib
 import subprocess
+import sys
 import tempfile
 import time
 
 from common import free_port, wait_for_port
+
+# The private Postfix's configuration is the tests' (tests/postfixconf.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import postfixconf  # noqa: E402
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
@@ -166,60 +170,17 @@ class PrivatePostfix:
         self.directory = tempfile.mkdtemp(prefix="gsmail-bench-pf-", dir="/tmp")
         os.chmod(self.directory, 0o755)
         self.port = free_port()
-        etc, queue, data = (os.path.join(self.directory, d) for d in ("etc", "queue", "data"))
-        for d in (etc, queue, data):
-            os.makedirs(d)
-        user = pwd.getpwnam("postfix")
-        os.chown(data, user.pw_uid, user.pw_gid)
+        etc, _, _ = postfixconf.directories(self.directory)
         params = {
-            "compatibility_level": "3.6",
-            "config_directory": etc,
-            "queue_directory": queue,
-            "data_directory": data,
-            "myhostname": "relay.bench.invalid",
-            "mydestination": "",
-            "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
+            **postfixconf.main_cf(self.directory, "relay.bench.invalid"),
             "smtpd_authorized_verp_clients": "127.0.0.0/8",
-            "alias_maps": "",
-            "alias_database": "",
-            "biff": "no",
             "relayhost": f"[127.0.0.1]:{relay_port}",
             "default_transport": "smtp",
             "relay_transport": "smtp",
-            "smtp_dns_support_level": "disabled",
-            "smtp_host_lookup": "native",
-            "smtpd_peername_lookup": "no",
             "smtp_tls_security_level": "none",
-            "maillog_file": os.path.join(self.directory, "maillog"),
-            "maillog_file_prefixes": self.directory,
             **(params or {}),
         }
-        with open(os.path.join(etc, "main.cf"), "w") as f:
-            f.writelines(f"{k} = {v}\n" for k, v in params.items())
-        services = [
-            f"127.0.0.1:{self.port} inet n - n - - smtpd",
-            "cleanup unix n - n - 0 cleanup",
-            "qmgr unix n - n 300 1 qmgr",
-            "rewrite unix - - n - - trivial-rewrite",
-            "bounce unix - - n - 0 bounce",
-            "defer unix - - n - 0 bounce",
-            "trace unix - - n - 0 bounce",
-            "verify unix - - n - 1 verify",
-            "proxymap unix - - n - - proxymap",
-            "smtp unix - - n - - smtp",
-            "relay unix - - n - - smtp",
-            "error unix - - n - - error",
-            "retry unix - - n - - error",
-            "discard unix - - n - - discard",
-            "anvil unix - - n - 1 anvil",
-            "scache unix - - n - 1 scache",
-            "postlog unix-dgram n - n - 1 postlogd",
-            *(services or []),
-        ]
-        with open(os.path.join(etc, "master.cf"), "w") as f:
-            f.writelines(s + "\n" for s in services)
+        postfixconf.write(etc, params, postfixconf.master_cf(self.port, services or ()))
         self.etc = etc
         done = subprocess.run([POSTFIX, "-c", etc, "start"], capture_output=True, timeout=60)
         if done.returncode != 0:

@@ -60,6 +60,7 @@ from common import (  # noqa: E402
     percentile,
     raise_fd_limit,
     times,
+    twistd_argv,
     wait_for_log,
     wait_for_port,
     wakeups,
@@ -354,18 +355,9 @@ class Target:
             # The tree's gsmail, not an installed copy; twistd's default log file.
             root = BEFORE_ROOT if kind in BEFORE_TARGETS else GSMAIL_ROOT
             env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-            argv = [
-                sys.executable,
-                "-c",
-                "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
-                "-n",
-                "--pidfile=",
-                "--logfile",
-                os.path.join(state, "gsmail.log"),
-                "gsmail",
-                "--config",
-                ini,
-            ]
+            argv = twistd_argv(
+                "--logfile", os.path.join(state, "gsmail.log"), "gsmail", "--config", ini
+            )
         elif kind == "sink":
             argv = [
                 SMTP_SINK,

@@ -257,10 +257,10 @@ async def check_mx(
     or by address (one this host has). Anything else is a warning.
     """
     from gsmail.outbound.mx import MXLookupError, MXResolver
-    from gsmail.service import _resolver
+    from gsmail.service_outbound import dns_resolver
 
     local = is_local or local_address
-    resolver = _resolver(config.dns_servers, reactor)
+    resolver = dns_resolver(config.dns_servers, reactor)
     resolver.timeout = (TIMEOUT / 2, TIMEOUT / 2)
     mx = MXResolver(resolver, reactor)
     try:

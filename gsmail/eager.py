@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from gsmail.twistedcompat import idle_tcp_connection
 
 __all__ = ["write_now"]
 
@@ -27,20 +27,7 @@ def _idle(transport: Any) -> bool:
     nothing buffered and no producer? Anything else, or a Twisted whose
     transports look different, answers C{False}: the caller writes as usual.
     """
-    if not isinstance(transport, tcp.Connection):
-        return False
-    try:
-        return bool(
-            not transport.TLS
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-            and not transport.dataBuffer
-            and not transport._tempDataBuffer
-            and transport.producer is None
-        )
-    except AttributeError:
-        return False
+    return idle_tcp_connection(transport)
 
 
 def write_now(transport: Any, data: bytes) -> None:

@@ -76,7 +76,8 @@ from gsmail.status import GroupServerError
 
 if TYPE_CHECKING:
     from treq.client import HTTPClient
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+    from gsmail.twistedcompat import IOpenSSLTrustRoot
 
 __all__ = [
     "CHUNK_SIZE",

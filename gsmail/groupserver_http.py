@@ -45,8 +45,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from gsmail.twistedcompat import set_connection_factory
+
 if TYPE_CHECKING:
-    from twisted.internet._sslverify import IOpenSSLTrustRoot
+    from gsmail.twistedcompat import IOpenSSLTrustRoot
 
 # gsmail.groupserver re-exports IClientReactor and MAX_REPLY_SIZE.
 __all__ = ["IDLE_CONNECTION_TIMEOUT", "MAX_REPLY_SIZE", "IClientReactor"]
@@ -158,7 +160,7 @@ def _page_agent(
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     pool.retryAutomatically = False
     # One "Starting factory" log line per connection is noise.
-    pool._factory = _QuietHTTP11ClientFactory
+    set_connection_factory(pool, _QuietHTTP11ClientFactory)
     policy: IPolicyForHTTPS
     if not verify_tls:
         policy = _UnverifiedPolicy()

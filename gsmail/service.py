@@ -1,75 +1,53 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_tap,tests.test_startup,tests.test_reload,tests.integration.test_startup_failures -*-
 """
 C{makeService(config, reactor)}: the whole inbound side as one
 C{MultiService}, for C{twistd gsmail} and for Twisted applications that embed
 gsmail.
+
+L{GsmailService} builds the parts (the inbound side is
+L{gsmail.inbound.parts.InboundParts}, built alike by the inbound workers),
+starts them in order with the start-up checks and their failures, and stops
+them in order. Its parts live beside it: the listeners
+(L{gsmail.service_listeners}), the outbound side's wiring
+(L{gsmail.service_outbound}), SIGHUP and reloading
+(L{gsmail.service_reload}).
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet import ssl
-from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.components import Componentized
-from twisted.python.failure import Failure
 
-from gsmail import status
-from gsmail.addresses import AddressError, parse_mailbox
-from gsmail.config import (
-    ConfigError,
-    GsmailConfig,
-    load_config,
-    mta_sts_cache_path,
-)
-from gsmail.control import ControlFactory, ControlService, QueueControl, control_path
-from gsmail.handoff import SerialThread
-from gsmail.inbound.parts import (
-    InboundParts,
-    _thread_runner,
-    _why,
-    _with_tls_profile,
-    with_backlog,
-)
-from gsmail.inbound.postmaster import ForwardPostmaster
-from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import Spool, SpoolAlarm
-from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
-from gsmail.outbound.mtasts import MTASTS, PolicyCache
-from gsmail.outbound.mx import MXResolver, parse_relayhost
+from gsmail.config import ConfigError, GsmailConfig
+from gsmail.inbound.parts import InboundParts, _thread_runner
+from gsmail.inbound.protocol import InboundFactory, ServerSettings
+from gsmail.outbound.delivery import OutboundDelivery
+from gsmail.outbound.mtasts import MTASTS
+from gsmail.outbound.mx import MXResolver
 from gsmail.outbound.queue import OutboundQueue
-from gsmail.outbound.submission import (
-    PasswordChecker,
-    SubmissionCore,
-    SubmissionFactory,
-    parse_networks,
-)
 from gsmail.outbound.tlsrpt import TLSReportCounts
-from gsmail.privileges import RunUser, prepare_state, secure_socket, state_paths
-from gsmail.reload import (
-    Reload,
-    ReloadError,
-    applied,
-    leave_rotation_to_logrotate,
-    log_files,
-    needs_restart,
-    reopen_log_files,
+from gsmail.privileges import RunUser, prepare_state, state_paths
+from gsmail.service_listeners import (
+    listener_problems,
+    listening_service,
+    result_now,
+    secure_listener,
+    where,
 )
-from gsmail.signing import DKIMSigner, KeyRing, parse_key_specs
+from gsmail.service_outbound import OutboundSide, deliver_locally
+from gsmail.service_reload import HangupReload
+from gsmail.signing import DKIMSigner
 from gsmail.startup import EX_CANTCREAT, StartupError, listen_failure, notify_systemd
 from gsmail.status import EX_CONFIG, Reply
-from gsmail.tlsconfig import ServerTLS, implicit_tls_endpoint
+from gsmail.tlsconfig import ServerTLS
 from gsmail.verp import VerpKeyError
 
 if TYPE_CHECKING:
@@ -80,7 +58,7 @@ __all__ = ["makeService", "GsmailService"]
 log = Logger()
 
 
-class GsmailService(MultiService):
+class GsmailService(HangupReload, MultiService):
     """
     The mail service: ESMTP and/or LMTP listeners over one delivery core,
     the GroupServer client, the post ledger, the outbound side when a
@@ -186,121 +164,23 @@ class GsmailService(MultiService):
             )
 
     def _make_outbound(self, config: GsmailConfig, settings: ServerSettings, blocking: Any) -> None:
-        """The submission listener, the outbound queue and delivery."""
-        # The journal's group commits (one or more per transaction delivered)
-        # get a thread of their own, as the ledger's fsyncs do.
-        self._journal_sync = SerialThread(self.reactor, "gsmail-journal")
-        self.signer = dkim_signer(config)
-        self.queue = OutboundQueue(
-            config.queue_dir,
-            clock=self.reactor,
-            sync=blocking,
-            journal_sync=self._journal_sync,
-            signer=None if self.signer is None else self.signer.queue_signer,
+        """The submission listener, the outbound queue and delivery (L{OutboundSide})."""
+        side = OutboundSide(
+            config, self.reactor, self.inbound, settings, blocking, self._deliver_locally
         )
-        self._dns = _resolver(config.dns_servers, self.reactor)
-        relayhost = parse_relayhost(config.relayhost) if config.relayhost else None
-        trust_root = None
-        if config.tls_ca:
-            with open(config.tls_ca, "rb") as f:
-                trust_root = ssl.trustRootFromCertificates(
-                    [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())]
-                )
-        # Delivery TLS has options of its own; [smtp-NAME]'s no_tls and
-        # force_tls describe GroupServer's connection to the submission port.
-        level = config.smtp_tls_security_level
-        smarthost_tls = TLSPolicy(
-            use=level != "none",
-            require=level == "encrypt",
-            verify=True,
-            name=config.tls_name,
-            trust_root=trust_root,
-        )
-        mx_level = config.mx_tls or level
-        mx_tls = TLSPolicy(use=mx_level != "none", require=mx_level == "encrypt", verify=False)
-        auth = None
-        if config.relayhost_username:
-            auth = (config.relayhost_username, config.relayhost_password)
-        mx = self._mx = MXResolver(self._dns, self.reactor)
-        if config.mta_sts and not relayhost:
-            # MX delivery only: a smarthost is the operator's choice, with
-            # its own TLS options.
-            directory = mta_sts_cache_path(config)
-            if config.tls_rpt:
-                self.tls_report = TLSReportCounts(
-                    os.path.join(directory, "tlsrpt"), self.reactor, blocking
-                )
-            report = self.tls_report
-            self.mta_sts = MTASTS(
-                reactor=self.reactor,
-                resolver=self._dns,
-                addresses=mx.host_addresses,
-                cache=PolicyCache(directory, self.reactor, blocking),
-                timeout=config.mta_sts_timeout,
-                report=(
-                    None
-                    if report is None
-                    else lambda domain, policy, result, _detail: report.failure(
-                        domain, policy, result, ""
-                    )
-                ),
-            )
-        self.outbound = OutboundDelivery(
-            queue=self.queue,
-            reactor=self.reactor,
-            hostname=config.hostname,
-            relayhost=relayhost,
-            mx=mx,
-            smarthost_tls=smarthost_tls,
-            mx_tls=mx_tls,
-            auth=auth,
-            batch_size=config.batch_size,
-            max_connections=config.outbound_connections,
-            max_per_destination=config.destination_concurrency,
-            lifetime=config.queue_lifetime,
-            local_domains=config.domains,
-            local_delivery=self._deliver_locally,
-            trace=config.smtp_trace,
-            mx_port=config.mx_port,
-            pass_xverp=config.relayhost_xverp,
-            delay_warning_time=config.delay_warning_time,
-            verp=self.inbound.verp,
-            mta_sts=self.mta_sts,
-            tls_report=self.tls_report,
-        )
-        checker = None
-        if config.smtp_username:
-            checker = PasswordChecker(config.smtp_username, config.smtp_password)
-        self.submission_factory = SubmissionFactory(
-            SubmissionCore(
-                _KickingQueue(self.queue, self.outbound), SpoolAlarm("queueing", self.reactor)
-            ),
-            # Submission clients are current MUAs and GroupServer: Mozilla's set.
-            _with_tls_profile(config, settings, "intermediate"),
-            self.reactor,
-            trusted_networks=parse_networks(config.submission_networks),
-            checker=checker,
-            tls_security_level=submission_tls_level(config),
-            spool_dir=config.spool_dir,
-            spool_files=self.spool_files,
-            spool_alarm=self.inbound.spool_alarm,
-            anvil=self.inbound.anvil,
-        )
+        self._journal_sync = side.journal_sync
+        self.signer = side.signer
+        self.queue = side.queue
+        self._dns = side.dns
+        self._mx = side.mx
+        self.tls_report = side.tls_report
+        self.mta_sts = side.mta_sts
+        self.outbound = side.delivery
+        self.submission_factory = side.submission_factory
         self._listen("submission", config.submission_endpoint, self.submission_factory)
-        # Forward, bcc and errors_to routes queue here too.
-        self.core.actions.queue = _KickingQueue(self.queue, self.outbound)
-        if config.postmaster_address:
-            self.core.postmaster = ForwardPostmaster(
-                _KickingQueue(self.queue, self.outbound),
-                config.postmaster_address,
-                config.spool_dir,
-                blocking,
-            )
+        side.wire(self.core, config)
         # Listens in startService, after the queue is loaded (gsmail-queue).
-        control = QueueControl(
-            self.queue, self.outbound if config.processorthread else None, self.reactor
-        )
-        self.control = ControlService(control_path(config), ControlFactory(control), self.reactor)
+        self.control = side.control
         self.control.setServiceParent(self)
 
     def _make_metrics(self, config: GsmailConfig) -> None:
@@ -350,80 +230,16 @@ class GsmailService(MultiService):
 
     def _listener_problems(self) -> list[str]:
         """For C{/readyz}: a line per listener that is not listening (or no worker ready)."""
-        problems = []
-        for name, svc in self.listeners.items():
-            if self.workers is not None and name in ("smtp", "lmtp"):
-                continue  # the workers accept on these
-            waiting = getattr(svc, "_waitingForPort", None)
-            if (
-                not svc.running
-                or waiting is None
-                or not waiting.called
-                or isinstance(waiting.result, Failure)
-            ):
-                configured = getattr(self.config, f"{name}_endpoint")
-                problems.append(f"{name}_endpoint: not listening on {configured}")
-        if self.workers is not None:
-            slots = self.workers.slots
-            if not any(slot.ready for slot in slots):
-                problems.append(f"inbound_workers: none of the {len(slots)} workers is ready")
-        return problems
+        return listener_problems(self.listeners, self.workers, self.config)
 
     def _deliver_locally(self, sender: str, recipient: str, path: str) -> Deferred[Reply]:
-        """
-        Mail from the outbound queue to this site's own domains (DSNs to VERP
-        addresses, mostly) goes straight into the inbound delivery core, so a
-        bounce becomes a bounce record without a round trip through DNS.
-        """
-        return Deferred.fromCoroutine(self._local(sender, recipient, path))
-
-    async def _local(self, sender: str, recipient: str, path: str) -> Reply:
-        session = Session(
-            peer="local", protocol_name="ESMTP", helo=self.config.hostname, extended=True
+        """Mail from the outbound queue to this site's own domains (L{deliver_locally})."""
+        return Deferred.fromCoroutine(
+            deliver_locally(self.core, self.config, sender, recipient, path)
         )
-        try:
-            address = parse_mailbox(recipient)
-            envelope = Envelope(sender=parse_mailbox(sender) if sender else None)
-        except AddressError:
-            return status.BAD_RECIPIENT_SYNTAX
-        reply, route = await self.core.check_recipient(session, address)
-        if route is None:
-            return reply
-        envelope.recipients.append(route)
-        spool = Spool(self.config.spool_dir)
-        try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 16), b""):
-                    spool.write(chunk)
-        except OSError:
-            spool.discard()
-            raise
-        [result] = await self.core.deliver(session, envelope, spool.finish())
-        return result
 
     def _listen(self, name: str, configured: str, factory: Any) -> None:
-        description = with_backlog(configured, self.config.listen_backlog)
-        try:
-            # ssl: listeners get gsmail's TLS context, not Twisted's (gsmail.tlsconfig).
-            endpoint = implicit_tls_endpoint(
-                self.reactor,
-                description,
-                "intermediate" if name == "submission" else self.config.tls_ciphers,
-                self._own_tls,
-            )
-        except Exception as e:
-            raise ConfigError(
-                f"{self.config.path}: [gsmail-*] {name}_endpoint: cannot load: {_why(e)}"
-            ) from None
-        if endpoint is None:
-            try:
-                svc = strports.service(description, factory, reactor=self.reactor)
-            except Exception as e:
-                raise listen_failure(f"{name}_endpoint", configured, e) from None
-        else:
-            svc = StreamServerEndpointService(endpoint, factory)
-            svc._raiseSynchronously = True
-        svc.setName(name)
+        svc = listening_service(self.reactor, self.config, name, configured, factory, self._own_tls)
         self.listeners[name] = svc
         svc.setServiceParent(self)
 
@@ -477,15 +293,7 @@ class GsmailService(MultiService):
 
     def _secure(self, name: str) -> None:
         """The owner, group and mode of a UNIX listener's socket."""
-        if not hasattr(self.listeners[name], "_waitingForPort"):
-            return
-        address = self.port(name).getHost()
-        if not isinstance(address, UNIXAddress) or not address.name:
-            return  # TCP, or a socket systemd made (SocketMode=, SocketGroup=)
-        path = os.fsdecode(address.name)
-        description = getattr(self.config, f"{name}_endpoint")
-        mode = None if _has_mode(description) else self.config.unix_socket_mode
-        secure_socket(f"{name}_endpoint", path, mode, self.config.unix_socket_group, self.run_as)
+        secure_listener(name, self.listeners[name], self.config, self.run_as)
 
     def startService(self) -> None:
         try:
@@ -557,135 +365,6 @@ class GsmailService(MultiService):
                 problem=problem,
             )
 
-    def _install_hangup(self) -> None:
-        """
-        Reload on SIGHUP: always under twistd (L{config_file}) or with a
-        route file (as before); in an application that embeds gsmail, only
-        when no other handler is set (else it calls L{reload} itself). A
-        Python handler set before is called after ours (chained) and put
-        back when the service stops.
-        """
-        previous = signal.getsignal(signal.SIGHUP)
-        if not (
-            self.config_file
-            or self.config.routes
-            or previous in (signal.SIG_DFL, signal.SIG_IGN, None)
-        ):
-            return
-        try:
-            self._previous_hup = signal.signal(signal.SIGHUP, self._hangup)
-        except ValueError:  # not the main thread: the embedding application's business
-            return
-        self._hup_installed = True
-        if self.config_file:
-            leave_rotation_to_logrotate(log_files())
-
-    def _hangup(self, signum: int, frame: Any) -> None:
-        """SIGHUP: reopen the log file and reload (in the reactor's thread)."""
-        self.reactor.callFromThread(self.hangup)
-        previous = self._previous_hup
-        if callable(previous):
-            previous(signum, frame)
-
-    def hangup(self) -> Deferred[bool]:
-        """
-        What SIGHUP does: reopen twistd's log file (for logrotate), then
-        L{reload}.
-
-        @return: fires with whether the configuration was applied.
-        """
-        try:
-            for path in reopen_log_files(log_files()):
-                log.info("Log file {path} reopened", path=path)
-        except OSError as e:
-            log.error("Cannot reopen the log file: {error}", error=e.strerror or e)
-        d = self.reload()
-
-        def failed(failure: Failure) -> bool:
-            log.failure("Reloading failed", failure)
-            return False
-
-        return d.addErrback(failed)
-
-    def reload(self, config: GsmailConfig | None = None) -> Deferred[bool]:
-        """
-        Reload: read the configuration file again (when L{config_file};
-        else take C{config}, or the running configuration: the TLS and route
-        files are read again), and apply what can change without a restart
-        (L{gsmail.reload}): accepted domains, the TLS certificate and key
-        (new sessions get the new one), the route file; the group lookup
-        and MX caches are emptied, the inbound workers reload the same way.
-        Options that need a restart are named in one warning and keep their
-        running values. If anything cannot be loaded, nothing changes and
-        one error line says why. Reloads run one after the other.
-
-        @return: fires with whether it was applied.
-        """
-        return self._reloading.run(lambda: Deferred.fromCoroutine(self._reload(config)))
-
-    async def _reload(self, config: GsmailConfig | None) -> bool:
-        # systemd (Type=notify, notify-reload): reloading, then ready again.
-        notify_systemd(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            reload = await deferToThreadPool(
-                self.reactor, self.reactor.getThreadPool(), self._prepare_reload, config
-            )
-        except ReloadError as e:
-            log.error("Configuration not reloaded, everything stays as it was: {why}", why=str(e))
-            notify_systemd("READY=1")
-            return False
-        self._apply_reload(reload)
-        notify_systemd("READY=1")
-        return True
-
-    def _prepare_reload(self, config: GsmailConfig | None) -> Reload:
-        """Everything a reload needs, read (blocking: in a thread)."""
-        running = self.config
-        if config is None and self.config_file:
-            try:
-                config = load_config(running.path, running.instance)
-            except ConfigError as e:
-                raise ReloadError(str(e)) from None
-        new = running if config is None else config
-        more_tls = []
-        if self.queue is not None and self.submission_factory.settings.tls is not None:
-            more_tls.append(self.submission_factory.settings.tls)
-        return self.inbound.prepare_reload(
-            applied(running, new), needs_restart(running, new), self._own_tls, more_tls
-        )
-
-    def _apply_reload(self, reload: Reload) -> None:
-        """Apply a prepared reload here, then in the inbound workers."""
-        config = reload.config
-        changed = [
-            name
-            for name in ("domains", "tls_certificate", "tls_key", "routes", "srs_domain")
-            if getattr(config, name) != getattr(self.config, name)
-        ]
-        self.inbound.apply_reload(reload)
-        self.config = config
-        if self.outbound is not None:
-            self.outbound.local_domains = config.domains
-        if self._mx is not None:
-            self._mx.clear()
-        if self.workers is not None:
-            self.workers.reload(config)
-        if reload.restart:
-            log.warn(
-                "Configuration {path}: needs a restart: {options}",
-                path=config.path,
-                options=", ".join(reload.restart),
-            )
-        log.info(
-            "Configuration {path} reloaded ({changed}): domains {domains}, {tls},"
-            " {routes} routes; group and MX caches cleared",
-            path=config.path,
-            changed="changed: " + ", ".join(changed) if changed else "no option changed",
-            domains=" ".join(config.domains),
-            tls="TLS certificate read again" if reload.contexts else "no TLS",
-            routes=len(reload.routes.entries),
-        )
-
     def _imported(self, count: int) -> None:
         if count:
             log.info(
@@ -698,7 +377,7 @@ class GsmailService(MultiService):
         """Say that gsmail takes mail: in the log, and to systemd (C{Type=notify})."""
         kinds = {"smtp": "ESMTP", "lmtp": "LMTP", "submission": "submission (ESMTP)"}
         listening = ", ".join(
-            f"{kinds[name]} on {_where(self, name)}"
+            f"{kinds[name]} on {where(self, name)}"
             for name in ("smtp", "lmtp", "submission")
             if name in self.listeners
         )
@@ -707,7 +386,7 @@ class GsmailService(MultiService):
 
     def _say_metrics(self) -> None:
         log.info(
-            "Metrics, /healthz and /readyz on {where}", where=_where(self, "metrics", "http://")
+            "Metrics, /healthz and /readyz on {where}", where=where(self, "metrics", "http://")
         )
 
     def _start_standin(self) -> None:
@@ -728,7 +407,7 @@ class GsmailService(MultiService):
         try:
             endpoint = serverFromString(self.reactor, config.standin_endpoint)
             d = endpoint.listen(self.standin.site())
-            port = _result_now(d)
+            port = result_now(d)
         except Exception as e:
             raise listen_failure("standin_endpoint", config.standin_endpoint, e) from None
         self._standin_port = port
@@ -765,13 +444,7 @@ class GsmailService(MultiService):
         self.workers.start(sockets, self.client.url)
 
     async def _stop(self) -> None:
-        if self._hup_installed:
-            # Put back what was there, unless a later handler replaced ours.
-            previous = self._previous_hup
-            if signal.getsignal(signal.SIGHUP) == self._hangup:
-                signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
-            self._hup_installed = False
-            self._previous_hup = None
+        self._restore_hangup()
         notify_systemd("STOPPING=1")
         if self.metrics is not None:
             globalLogPublisher.removeObserver(self.metrics)
@@ -799,113 +472,6 @@ class GsmailService(MultiService):
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         return Deferred.fromCoroutine(self._stop())
-
-
-def dkim_signer(config: GsmailConfig) -> DKIMSigner | None:
-    """
-    The DKIM signer of the outbound queue (L{gsmail.signing}), or C{None}
-    when no C{dkim_keys} are configured. Reads no key yet.
-    """
-    if not config.dkim_keys:
-        return None
-    specs = parse_key_specs(config.dkim_keys)
-    return DKIMSigner(
-        KeyRing(specs),
-        config.dkim_sign_headers,
-        arc=config.arc_seal,
-        authserv_id=config.hostname,
-    )
-
-
-def submission_tls_level(config: GsmailConfig) -> str:
-    """
-    The submission listener's TLS level from GroupServer's C{[smtp-NAME]}
-    options, which describe GroupServer's connection to it: C{no_tls} gives
-    C{"none"} (STARTTLS not offered), C{force_tls} C{"encrypt"} (required),
-    else C{"may"} (offered when C{tls_certificate} is set).
-    """
-    if config.no_tls:
-        return "none"
-    return "encrypt" if config.force_tls else "may"
-
-
-class _KickingQueue:
-    """The queue as the submission core sees it: each enqueue wakes delivery."""
-
-    def __init__(self, queue: OutboundQueue, delivery: OutboundDelivery) -> None:
-        self._queue = queue
-        self._delivery = delivery
-
-    def enqueue(
-        self,
-        sender: str,
-        recipients: list[str],
-        data: bytes | str,
-        *,
-        xverp: bool = False,
-        params: dict[str, str] | None = None,
-        dsn: Sequence[tuple[str, str]] | None = None,
-        sign: bool = False,
-    ) -> Deferred[Any]:
-        d = self._queue.enqueue(
-            sender, recipients, data, xverp=xverp, params=params, dsn=dsn, sign=sign
-        )
-
-        def kick(envelope: Any) -> Any:
-            self._delivery.kick()
-            return envelope
-
-        return d.addCallback(kick)
-
-
-def _resolver(servers: tuple[str, ...], reactor: Any) -> Any:
-    """A DNS resolver: the configured servers, else those of /etc/resolv.conf."""
-    from twisted.names import client
-
-    if not servers:
-        return client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-    parsed = []
-    for server in servers:
-        host, _, port = server.rpartition(":") if server.count(":") == 1 else (server, "", "")
-        parsed.append((host or server, int(port) if port else 53))
-    return client.Resolver(servers=parsed, reactor=reactor)
-
-
-def _has_mode(description: str) -> bool:
-    """Whether a C{unix:} endpoint string gives the socket's C{mode=} itself."""
-    return any(part.strip().startswith("mode=") for part in description.split(":")[1:])
-
-
-def _where(service: GsmailService, name: str, scheme: str = "") -> str:
-    """
-    Where listener C{name} listens, as an operator writes it (C{127.0.0.1:25},
-    a path); C{scheme} goes before a TCP address.
-    """
-    try:
-        address = service.port(name).getHost()
-    except Exception:
-        return str(getattr(service.config, f"{name}_endpoint"))
-    if isinstance(address, UNIXAddress):
-        return os.fsdecode(address.name or b"?")
-    host = f"[{address.host}]" if ":" in address.host else address.host
-    return f"{scheme}{host}:{address.port}" if scheme else f"{address.host}:{address.port}"
-
-
-def _pem_blocks(data: bytes) -> list[bytes]:
-    """The certificates of a PEM bundle."""
-    end = b"-----END CERTIFICATE-----"
-    return [block + end for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
-
-
-def _result_now(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that has already fired (listen() on TCP/UNIX)."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    if not results:
-        raise RuntimeError("listening did not complete synchronously")
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def makeService(

@@ -103,6 +103,7 @@ from gsmail.config import GsmailConfig
 from gsmail.inbound.parts import InboundParts
 from gsmail.inbound.spool import remove_process_files
 from gsmail.textlog import event_text, held_writes
+from gsmail.twistedcompat import adopt_unix_port
 
 __all__ = ["InboundWorkers", "WorkerReload", "WorkerSetup", "main", "relayed_fields"]
 
@@ -767,10 +768,7 @@ def adopt(reactor: Any, fd: int, family: int, factory: Any) -> Any:
     the main process: the worker neither changes its mode nor removes it.
     """
     if family == socket.AF_UNIX:
-        from twisted.internet import unix
-
-        port = unix.Port._fromListeningDescriptor(reactor, fd, factory)
-        port._bindPath = b"\0"  # not in the file system as far as this port knows
+        port = adopt_unix_port(reactor, fd, factory)
         port.startListening()
         return port
     return reactor.adoptStreamPort(fd, family, factory)

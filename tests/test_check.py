@@ -23,11 +23,10 @@ from gsmail.check import effective_settings, run_checks
 from gsmail.privileges import RunUser
 from gsmail.standin import StandIn
 from gsmail.status import EX_CONFIG, EX_OK
-from tests.outbound.test_mx import MX, A, MemoryZone
-from tests.test_tlsconfig import make_chain
-from tests.util import DOMAIN, TOKEN, listen_dns, make_config
+from tests.certificates import make_chain
+from tests.util import DOMAIN, ROOT, TOKEN, listen_dns, make_config, twistd_argv
+from tests.zones import MX, A, MemoryZone
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOW = datetime.datetime.now(datetime.UTC)
 
 
@@ -262,9 +261,8 @@ class CommandTests(TestCase):
     async def test_twistd_check(self) -> None:
         """twistd gsmail --check runs the same checks and exits with their status."""
         path = self.write("smtp_endpoint = tcp:notaport\n")
-        twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
         out, err, code = await self.command(
-            "-c", twistd, "-n", "--pidfile=", "gsmail", "--config", path, "--check"
+            *twistd_argv(sys.executable, "gsmail", "--config", path, "--check")[1:]
         )
         self.assertEqual(code, EX_CONFIG, out + err)
         self.assertIn("smtp_endpoint 'tcp:notaport'", err)
@@ -275,8 +273,8 @@ class DKIMCheckTests(TestCase):
 
     def setUp(self) -> None:
         from gsmail.signing import KeyRing, KeySpec
-        from tests.integration.test_authresults import txt
-        from tests.test_signing import key_file
+        from tests.signing import key_file
+        from tests.zones import txt
 
         self.directory = tempfile.mkdtemp(prefix="gsmail-test-check-")
         os.chmod(self.directory, 0o755)

@@ -56,9 +56,8 @@ from gsmail.outbound.queue import (
 )
 from gsmail.queuectl import format_queue, run
 from gsmail.service import GsmailService, makeService
-from tests.util import TOKEN, make_config
+from tests.util import ROOT, TOKEN, make_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOW = 1_700_000_000.0
 MESSAGE = b"From: dev@groups.example.com\r\nSubject: Hello\r\n\r\nBody\r\n"
 

@@ -21,8 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gsmail.dkimtool import LookupFailed, check, run
 from gsmail.signing import load_key
-from tests.integration.test_authresults import Zone, txt
 from tests.util import TOKEN, listen_dns
+from tests.zones import MemoryZone, txt
 
 
 def genkey(directory: str, *extra: str) -> tuple[int, str, str]:
@@ -165,7 +165,7 @@ class CheckCommandTests(TestCase):
         out = io.StringIO()
         run(["genkey", "groups.example.com", "gs1", "--dir", directory], out, io.StringIO())
         record = published_value(out.getvalue()).decode()
-        zone = Zone([(b"gs1._domainkey.groups.example.com", txt(record))])
+        zone = MemoryZone(b"", [(b"gs1._domainkey.groups.example.com", txt(record))])
         factory = server.DNSServerFactory(authorities=[zone], verbose=0)
         factory.noisy = False
         udp, tcp = listen_dns(reactor, factory)

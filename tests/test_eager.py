@@ -12,24 +12,14 @@ import socket
 from typing import Any
 
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gsmail.eager import write_now
+from tests.util import tcp_pair
 
 reactor: Any = _reactor
-
-
-class _Server(Protocol):
-    def __init__(self, made: Deferred[_Server]) -> None:
-        self.made = made
-
-    def connectionMade(self) -> None:
-        self.made.callback(self)
 
 
 class WriteNowTests(TestCase):
@@ -37,16 +27,7 @@ class WriteNowTests(TestCase):
 
     async def connect(self) -> tuple[Any, socket.socket]:
         """The server side's transport, and the peer's socket."""
-        made: Deferred[_Server] = Deferred()
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            Factory.forProtocol(lambda: _Server(made))
-        )
-        self.addCleanup(port.stopListening)
-        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
-        self.addCleanup(peer.close)
-        server = await made
-        self.addCleanup(server.transport.abortConnection)
-        return server.transport, peer
+        return await tcp_pair(self)
 
     def received(self, peer: socket.socket) -> bytes:
         """What has arrived at the peer so far (without waiting)."""

@@ -8,29 +8,22 @@ and its streaming multipart body producer on its own.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
-import ipaddress
 import os
 from collections.abc import Callable
 from typing import Any
 
 import multipart
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor as global_reactor
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, gatherResults
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IOpenSSLContextFactory
+from twisted.internet.interfaces import IConsumer, IOpenSSLContextFactory
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -48,10 +41,13 @@ from gsmail.groupserver import (
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.standin import StandIn
 from gsmail.status import GroupServerError
-from tests.test_answers import page as answer_page
+from tests.certificates import self_signed
+from tests.fakes import GS_GROUPS as GROUPS
+from tests.fakes import GS_TOKEN as TOKEN
+from tests.fakes import InMemory, StepCooperator
+from tests.pages import page as answer_page
+from tests.util import TrackingFactory
 
-TOKEN = "s3cret-T0ken-never-logged"
-GROUPS = {"dev@groups.example.com": "dev", "ops@groups.example.com": "ops"}
 ALL_BYTES = bytes(range(256)) * 3
 
 
@@ -102,36 +98,6 @@ class ListConsumer:
 
     def value(self) -> bytes:
         return b"".join(self.writes)
-
-
-class StepCooperator:
-    """A Cooperator that does one step of work each time L{step} is called."""
-
-    def __init__(self) -> None:
-        self.pending: list[Callable[[], None]] = []
-        self.cooperator = Cooperator(
-            scheduler=self._schedule, terminationPredicateFactory=lambda: lambda: True
-        )
-
-    def _schedule(self, f: Callable[[], None]) -> IDelayedCall:
-        self.pending.append(f)
-        return _Uncancellable()
-
-    def step(self) -> bool:
-        """Run one step; C{False} when no step was scheduled."""
-        if not self.pending:
-            return False
-        self.pending.pop(0)()
-        return True
-
-    def run(self) -> None:
-        while self.step():
-            pass
-
-
-class _Uncancellable:
-    def cancel(self) -> None:
-        pass
 
 
 def parse_form(body: bytes, boundary: str) -> dict[str, bytes]:
@@ -391,45 +357,6 @@ class MultipartBodyTests(SynchronousTestCase):
 
 
 # -- in memory, against the stand-in's resource -----------------------------
-
-
-class InMemory:
-    """
-    A client talking to a resource through treq's in-memory agent, with a
-    L{Clock} for the client's timers and the stand-in's delays.
-    """
-
-    def __init__(
-        self,
-        testcase: SynchronousTestCase,
-        resource: Resource | None = None,
-        wrap: Callable[[Resource], Resource] | None = None,
-        **kw: Any,
-    ):
-        self.clock = Clock()
-        self.standin = StandIn(testcase.mktemp(), TOKEN, GROUPS, clock=self.clock, reactor=None)
-        self.resource = resource or self.standin.resource()
-        if wrap is not None:
-            self.resource = wrap(self.resource)
-        self.agent = RequestTraversalAgent(self.resource)
-        self.steps = StepCooperator()
-        kw.setdefault("response_timeout", 30.0)
-        self.client = GroupServerClient(
-            self.clock,  # type: ignore[arg-type]
-            "http://groups.example.com/",
-            kw.pop("token", TOKEN),
-            http_client=HTTPClient(self.agent),
-            cooperator=self.steps.cooperator,
-            **kw,
-        )
-
-    def pump(self) -> None:
-        """Move every byte and run every ready step."""
-        for _ in range(50):
-            self.agent.flush()
-            if not self.steps.step():
-                self.agent.flush()
-                return
 
 
 class _Fixed(Resource):
@@ -783,37 +710,6 @@ class NotifyingClock(Clock):
         return d
 
 
-class TrackingFactory(WrappingFactory):
-    """
-    Counts the server's open connections and those it ever accepted
-    (C{accepted}); tells when all are closed.
-    """
-
-    def __init__(self, wrapped: Factory) -> None:
-        super().__init__(wrapped)
-        self._closed_waiters: list[Deferred[None]] = []
-        self.accepted = 0
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        self.accepted += 1
-        return super().buildProtocol(addr)
-
-    def unregisterProtocol(self, p: Protocol) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._closed_waiters = self._closed_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def when_all_closed(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if not self.protocols:
-            d.callback(None)
-        else:
-            self._closed_waiters.append(d)
-        return d
-
-
 class _ConcurrencyGauge(Resource):
     """Wraps a resource; records the most requests it had open at once."""
 
@@ -832,34 +728,6 @@ class _ConcurrencyGauge(Resource):
 
         request.notifyFinish().addBoth(closed)
         return self.inner.render(request)
-
-
-def self_signed() -> tuple[bytes, bytes]:
-    """A certificate and key (PEM) for 127.0.0.1."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 @implementer(IOpenSSLContextFactory)
@@ -1130,7 +998,8 @@ class SocketClientTests(TestCase):
         Over https the server's certificate is verified: an unknown
         self-signed certificate is 4.4.4 unreachable; trusting it works.
         """
-        cert, key = self_signed()
+        issued = self_signed("127.0.0.1", ips=["127.0.0.1"], ca=True)
+        cert, key = issued.cert_pem, issued.key_pem
         client = self.serve(tls=(cert, key))
         error = await self.assertFails(
             client.lookup_group("dev@groups.example.com"), status.GROUPSERVER_UNREACHABLE
@@ -1147,7 +1016,8 @@ class SocketClientTests(TestCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        cert, key = self_signed()
+        issued = self_signed("127.0.0.1", ips=["127.0.0.1"], ca=True)
+        cert, key = issued.cert_pem, issued.key_pem
         client = self.serve(tls=(cert, key), verify_tls=False)
         self.assertEqual((await client.lookup_group("dev@groups.example.com")).group_id, "dev")
         self.assertTrue(any("NOT verified" in str(e.get("log_format")) for e in events))

@@ -6,12 +6,10 @@ arrive, whether they race or come after a restart.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-from collections.abc import Callable
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -19,73 +17,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.ledger import LedgerClosedError, LedgerUnwritableError, Outcome, PostLedger
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
+from tests.fakes import ManualSync, Post
 
 A = PostLedger.key("group-a", "<1@example.org>")
 B = PostLedger.key("group-a", "<2@example.org>")
 C = PostLedger.key("group-b", "<1@example.org>")
-
-
-class ManualSync:
-    """
-    A C{sync} hand-off whose jobs run only when the test says so, like a
-    thread pool that is slow to get to them. Counts the jobs it was given:
-    each is one write and fsync.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self._jobs: list[tuple[Callable[[], None], Deferred[None]]] = []
-
-    def __call__(self, job: Callable[[], None]) -> Deferred[None]:
-        self.calls += 1
-        d: Deferred[None] = Deferred()
-        self._jobs.append((job, d))
-        return d
-
-    @property
-    def waiting(self) -> int:
-        """The number of jobs handed over and not finished."""
-        return len(self._jobs)
-
-    def finish(self) -> None:
-        """Run the oldest job and report its success."""
-        job, d = self._jobs.pop(0)
-        job()
-        d.callback(None)
-
-    def finish_all(self) -> None:
-        """Run jobs, including those queued meanwhile, until none is left."""
-        while self._jobs:
-            self.finish()
-
-    def break_down(self) -> None:
-        """Report the oldest job as failed (the disk said EIO), without running it."""
-        _, d = self._jobs.pop(0)
-        d.errback(OSError(errno.EIO, "Input/output error"))
-
-
-class Post:
-    """
-    The action that posts: counts its calls and hands out Deferreds the test
-    fires, or fires them at once when C{instant}.
-    """
-
-    def __init__(self, instant: bool = False) -> None:
-        self.instant = instant
-        self.calls = 0
-        self.cancelled = 0
-        self.deferreds: list[Deferred[object]] = []
-
-    def __call__(self) -> Deferred[object]:
-        self.calls += 1
-        if self.instant:
-            return succeed(None)
-        d: Deferred[object] = Deferred(self._cancel)
-        self.deferreds.append(d)
-        return d
-
-    def _cancel(self, d: Deferred[object]) -> None:
-        self.cancelled += 1
 
 
 class LedgerTestCase(SynchronousTestCase):

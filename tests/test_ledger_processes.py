@@ -36,7 +36,7 @@ from gsmail.ledger import (
 )
 from gsmail.ledger_claims import _KeyLock
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
-from tests.test_ledger import ManualSync, Post
+from tests.fakes import ManualSync, Post
 
 K = PostLedger.key("post", "dev", "<1@example.org>")
 L = PostLedger.key("post", "dev", "<2@example.org>")

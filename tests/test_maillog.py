@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail import maillog, status
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
-from tests.inbound.test_delivery import CoreTestsMixin
+from tests.fakes import CoreTestsMixin
 
 MSG = b"Message-ID: <1@example.org>\r\nSubject: hello\r\n\r\nbody\r\n"
 

@@ -40,12 +40,9 @@ from gsmail.metrics import (
 )
 from gsmail.status import GROUPSERVER_UNREACHABLE, GroupServerError
 from gsmail.workers import _EventLines
-from tests.test_config import ConfigFileTestCase
-from tests.test_groupserver import InMemory
-from tests.test_workers import started
-from tests.util import make_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.fakes import InMemory, started
+from tests.gsconfig import ConfigFileTestCase
+from tests.util import ROOT, make_config
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -601,7 +598,7 @@ class OptionTests(ConfigFileTestCase):
                 self.assertIn(problem, str(error))
 
     def ini(self, options: dict[str, str]) -> str:
-        from tests.test_config import ini
+        from tests.gsconfig import ini
 
         return ini(options)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import smtplib
-import ssl
 from typing import Any
 
 import attrs
@@ -39,70 +37,9 @@ from gsmail.service import GsmailService, makeService
 from gsmail.textlog import TextLogObserver
 from gsmail.tlsconfig import ServerTLS
 from gsmail.workers import WorkerReload, _ParentWatch, write_setup
-from tests.integration.test_clients import make_certificate
-from tests.util import DOMAIN, TOKEN, make_config, port_of
-
-#: Polls (every 50 ms) before a test gives up waiting.
-POLLS = 200
-
-CONFIG = """\
-[webservice-default]
-token = {token}
-[gsmail-default]
-url = embedded
-standin_groups = example
-smtp_endpoint = tcp:0:interface=127.0.0.1
-domains = {domains}
-hostname = mx.groups.example.com
-ledger_path = state/ledger/posted.log
-spool_dir = state/spool
-standin_dir = state/standin
-postmaster_maildir = state/postmaster
-route_state_dir = state/routes
-errors_dir = state/errors
-rejected_dir = state/rejected
-tls_certificate = tls/cert.pem
-tls_key = tls/key.pem
-{more}
-"""
-
-
-def write_config(directory: str, domains: str = DOMAIN, more: str = "") -> str:
-    """The configuration file of these tests (TLS from C{tls/}), written to C{directory}."""
-    path = os.path.join(directory, "gsconfig.ini")
-    with open(path, "w") as f:
-        f.write(CONFIG.format(token=TOKEN, domains=domains, more=more))
-    return path
-
-
-def new_certificate(directory: str, name: str) -> bytes:
-    """A new certificate and key, moved over C{directory}/tls/ (as certbot renews); its DER."""
-    cert, key, pem = make_certificate(os.path.join(directory, name))
-    os.makedirs(os.path.join(directory, "tls"), exist_ok=True)
-    os.replace(cert, os.path.join(directory, "tls", "cert.pem"))
-    os.replace(key, os.path.join(directory, "tls", "key.pem"))
-    return ssl.PEM_cert_to_DER_cert(pem)
-
-
-def peer_certificate(port: int) -> bytes:
-    """The certificate a new STARTTLS session on C{port} gets (blocking: in a thread)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.starttls(context=context)
-        der = client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
-    assert der is not None
-    return der
-
-
-async def wait_until(predicate: Any, what: str) -> None:
-    """Poll the reactor until C{predicate()} (at most L{POLLS} times)."""
-    for _ in range(POLLS):
-        if predicate():
-            return
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"waited 10 s for {what}")
+from tests.certificates import make_certificate, new_certificate, peer_certificate
+from tests.reloadconf import write_config
+from tests.util import DOMAIN, TOKEN, eventually, make_config, port_of
 
 
 class RestartOptionTests(SynchronousTestCase):
@@ -359,7 +296,7 @@ class ServiceReloadTests(TestCase):
         """SIGHUP runs the reload under twistd (config_file)."""
         write_config(self.directory, domains="new.example")
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_until(lambda: self.service.core.domains == ("new.example",), "the reload")
+        await eventually(lambda: self.service.core.domains == ("new.example",), "the reload")
 
 
 class HandlerTests(TestCase):
@@ -409,7 +346,7 @@ class HandlerTests(TestCase):
         service.startService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), service._hangup)
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_until(lambda: calls, "the previous handler")
+        await eventually(lambda: calls, "the previous handler")
         self.assertEqual(calls, [signal.SIGHUP])
         await service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGHUP), own)

@@ -22,39 +22,31 @@ import os
 import re
 import smtplib
 import sys
-from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
-from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-import gsmail
 from gsmail import script, status
 from gsmail.config import ConfigError, PipeConfig, load_pipe_config
 from gsmail.groupserver import GroupServerClient
 from gsmail.inbound.spool import Spool
 from gsmail.ledger import PostLedger
 from gsmail.script import Job, Options, UsageError, exit_code, parse_arguments, prepare
-from gsmail.standin import StandIn
 from gsmail.status import Reply
 from tests import util
 from tests.bounce_samples import dsn
-from tests.util import make_config, port_of, start_service
+from tests.pipe import GROUPS, SENDER, TOKEN, write_config
+from tests.util import ROOT, StandInServer, TrackingFactory, make_config, port_of, start_service
 
-TOKEN: Final = "pipe-T0ken-never-printed"
-GROUPS: Final = {"example@groups.example.com": "example", "dev@groups.example.com": "dev"}
 EXAMPLE: Final = "example@groups.example.com"
-SENDER: Final = "alice@example.org"
 
 #: The project's directory, for the child processes' C{PYTHONPATH}.
-ROOT: Final = os.path.dirname(os.path.dirname(os.path.abspath(gsmail.__file__)))
 
 #: A status line: an RFC 3463 code, then a space (never a colon).
 STATUS_LINE: Final = re.compile(r"[245]\.\d{1,3}\.\d{1,3} \S")
@@ -77,26 +69,6 @@ def piped(recipient: str, raw: bytes | None = None) -> bytes:
     return top.encode() + (message() if raw is None else raw)
 
 
-def write_config(
-    directory: str,
-    token: str = TOKEN,
-    gsmail: Mapping[str, str] | None = None,
-    smtp: Mapping[str, str] | None = None,
-) -> str:
-    """A gs.config file in the short form; C{gsmail}/C{smtp}: those sections."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    lines = ["[webservice-default]", f"token = {token}"]
-    for name, options in (("smtp", smtp), ("gsmail", gsmail)):
-        if options is not None:
-            lines.append(f"[{name}-default]")
-            lines += [f"{key} = {value}" for key, value in options.items()]
-    path = os.path.join(directory, "gsconfig.ini")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
-
-
 @attrs.frozen
 class Result:
     """What one run of the command left: exit status and output."""
@@ -108,53 +80,6 @@ class Result:
     @property
     def first_line(self) -> str:
         return self.stderr.split("\n", 1)[0]
-
-
-class _Tracking(WrappingFactory):
-    """Counts the stand-in's open connections; tells when all are closed."""
-
-    def __init__(self, wrapped: Factory) -> None:
-        super().__init__(wrapped)
-        self._waiters: list[Deferred[None]] = []
-
-    def unregisterProtocol(self, p: Protocol) -> None:
-        super().unregisterProtocol(p)
-        if not self.protocols:
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def when_all_closed(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        if self.protocols:
-            self._waiters.append(d)
-        else:
-            d.callback(None)
-        return d
-
-
-class StandInServer:
-    """
-    The GroupServer stand-in on a free port of 127.0.0.1. Its delays
-    (L{gsmail.standin.Faults.delay}) run on a clock of the test's, so no
-    test waits for them; it is stopped in the test's cleanup once every
-    request finished and every connection closed.
-    """
-
-    def __init__(self, test: TestCase, token: str = TOKEN) -> None:
-        self.clock = Clock()
-        self.standin = StandIn(test.mktemp(), token, GROUPS, clock=self.clock, reactor=reactor)
-        self.factory = _Tracking(self.standin.site())
-        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
-        test.addCleanup(lambda: Deferred.fromCoroutine(self.stop()))
-
-    async def stop(self) -> None:
-        self.standin.faults.reset()
-        self.clock.advance(3600)  # delayed requests finish
-        await self.standin.when_idle()
-        await self.port.stopListening()
-        await self.factory.when_all_closed()
 
 
 class _NotTLS(Protocol):
@@ -469,7 +394,7 @@ class CommandTests(OutputAssertions, TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.server = StandInServer(self)
+        self.server = StandInServer(self, GROUPS, TOKEN)
         self.standin = self.server.standin
 
     async def smtp2gs(
@@ -591,7 +516,7 @@ class CommandTests(OutputAssertions, TestCase):
 
     async def test_tls_failure(self) -> None:
         """An https URL whose server does not speak TLS: transient 4.4.4, exit 76."""
-        factory = _Tracking(Factory.forProtocol(_NotTLS))
+        factory = TrackingFactory(Factory.forProtocol(_NotTLS))
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(factory.when_all_closed)
         self.addCleanup(port.stopListening)
@@ -779,7 +704,7 @@ class ChildProcessTests(OutputAssertions, TestCase):
         connect (76), configuration (78), command line and URL (64): the
         real exit values, the code first on standard error.
         """
-        server = StandInServer(self)
+        server = StandInServer(self, GROUPS, TOKEN)
         config = write_config(self.mktemp())
         url = server.url
         post = await run_child(["-c", config, url], piped(EXAMPLE))

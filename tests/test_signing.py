@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
 
 import dkim
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,8 +25,8 @@ from gsmail.signing import (
     load_key,
     parse_key_specs,
     public_key_matches,
-    record_name,
 )
+from tests.signing import DNSStub, key_file, verify_all
 
 SITE = "groups.example.com"
 HOSTNAME = "mx.groups.example.com"
@@ -47,60 +46,6 @@ POST = (
     b"\n"
     b"Hello, group.\n"
 )
-
-_KEYS: dict[str, bytes] = {}
-
-
-def key_file(directory: str, name: str, *, ed25519: bool = False) -> str:
-    """A key file in C{directory} (keys are made once per test run: RSA is slow)."""
-    kind = "ed25519" if ed25519 else "rsa"
-    if kind not in _KEYS:
-        _KEYS[kind] = generate_key(ed25519_key=ed25519, bits=2048)
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    with open(path, "wb") as f:
-        f.write(_KEYS[kind])
-    os.chmod(path, 0o600)
-    return path
-
-
-class DNSStub:
-    """
-    Published DKIM records for dkimpy's C{dnsfunc}: C{name -> TXT text}.
-
-    @ivar asked: the names looked up, in order.
-    """
-
-    def __init__(self) -> None:
-        self.records: dict[str, bytes] = {}
-        self.asked: list[str] = []
-
-    def publish(self, spec: KeySpec, ring: KeyRing | None = None) -> None:
-        """Publish C{spec}'s key as C{gsmail-dkim genkey} prints it."""
-        key = (ring or KeyRing([spec])).get(spec)
-        self.records[record_name(spec.domain, spec.selector) + "."] = (
-            f"v=DKIM1; k={key.key_type}; p={key.public}".encode()
-        )
-
-    def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
-        text = name.decode("ascii")
-        self.asked.append(text)
-        return self.records.get(text)
-
-
-def verify_all(message: bytes, dns: Callable[..., bytes | None]) -> list[tuple[str, bool]]:
-    """
-    Each DKIM signature of C{message} as a receiver sees it (CRLF on the
-    wire): C{(its a= tag, whether it verifies)}, top first.
-    """
-    wire = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    verifier = dkim.DKIM(wire)
-    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
-    results = []
-    for index in range(count):
-        ok = verifier.verify(idx=index, dnsfunc=dns)
-        results.append((verifier.signature_fields[b"a"].decode(), bool(ok)))
-    return results
 
 
 def signature_tags(message: bytes, index: int = 0) -> dict[bytes, bytes]:

@@ -21,10 +21,7 @@ from gsmail.reload import log_files
 from gsmail.service import GsmailService
 from gsmail.status import EX_CONFIG
 from gsmail.textlog import TextLogObserver
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+from tests.util import ROOT, TWISTD
 
 
 def write(path: str, text: str) -> str:

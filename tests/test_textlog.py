@@ -34,6 +34,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from gsmail import maillog
 from gsmail.reload import log_files, reopen_log_files
 from gsmail.textlog import TextLogObserver, event_text, held_writes, text_log_observer
+from tests.fakes import CountingFile
 
 
 def twistd_line(event: dict[str, Any]) -> str | None:
@@ -220,22 +221,6 @@ class WriteTests(SynchronousTestCase):
         self.assertEqual(
             out.getvalue().decode("utf-8"), twistd_line({"log_format": "née", "log_time": 0.0})
         )
-
-
-class CountingFile(io.BytesIO):
-    """A file that counts its writes and flushes (each one a system call on a real log file)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes = 0
-        self.flushes = 0
-
-    def write(self, data: Any) -> int:
-        self.writes += 1
-        return super().write(data)
-
-    def flush(self) -> None:
-        self.flushes += 1
 
 
 class HeldWritesTests(SynchronousTestCase):

@@ -8,14 +8,9 @@ in C{tests.integration.test_tls}.
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -32,70 +27,11 @@ from gsmail.tlsconfig import (
     handshake_failure_reason,
     implicit_tls_endpoint,
 )
+from tests.certificates import make_chain, write_pem
 from tests.util import make_config
 
 #: Handshake round trips allowed before a test gives up (a handshake needs 2-3).
 MAX_ROUND_TRIPS = 10
-
-
-def write_pem(path: str, *blocks: bytes) -> str:
-    with open(path, "wb") as f:
-        f.write(b"".join(blocks))
-    return path
-
-
-def make_chain(directory: str, key_type: str = "ec") -> tuple[str, str, str]:
-    """
-    A CA, and a server certificate it signed for C{mx.groups.example.com}.
-
-    @param key_type: C{"ec"} (P-256) or C{"rsa"} (2048 bits) for the server key.
-    @return: the server certificate file followed by the CA certificate (as
-        C{tls_certificate} holds a chain), the server key file, and a file
-        with the server certificate alone.
-    """
-    os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gsmail test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        if key_type == "rsa"
-        else ec.generate_private_key(ec.SECP256R1())
-    )
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.groups.example.com")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("mx.groups.example.com")]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    leaf_pem, ca_pem = leaf.public_bytes(pem), ca.public_bytes(pem)
-    key_pem = key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return (
-        write_pem(os.path.join(directory, "chain.pem"), leaf_pem, ca_pem),
-        write_pem(os.path.join(directory, "key.pem"), key_pem),
-        write_pem(os.path.join(directory, "leaf.pem"), leaf_pem),
-    )
 
 
 @attrs.define

@@ -13,9 +13,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import gsmail
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+from tests.util import ROOT, TWISTD
 
 
 class VersionTests(TestCase):

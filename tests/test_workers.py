@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 import attrs
 from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
@@ -29,7 +28,6 @@ from gsmail.textlog import TextLogObserver
 from gsmail.workers import (
     STABLE_AFTER,
     STOP_GRACE,
-    InboundWorkers,
     WorkerSetup,
     _EventLines,
     _ParentWatch,
@@ -37,62 +35,8 @@ from gsmail.workers import (
     read_setup,
     write_setup,
 )
-from tests.integration.test_large import ROOT
-from tests.test_textlog import CountingFile
-from tests.util import TOKEN, make_config
-
-
-class FakeTransport:
-    """What a spawned process looks like to its protocol."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.written = b""
-        self.stdin_closed = False
-        self.signals: list[str] = []
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def closeStdin(self) -> None:
-        self.stdin_closed = True
-
-    def signalProcess(self, name: str) -> None:
-        self.signals.append(name)
-
-
-class FakeWorkers(InboundWorkers):
-    """L{InboundWorkers} whose processes are L{FakeTransport}s."""
-
-    def __init__(self, test: SynchronousTestCase, count: int = 2) -> None:
-        self.clock = Clock()
-        self.events: list[LogEvent] = []
-        self.spawned: list[FakeTransport] = []
-        config = make_config(test.mktemp(), inbound_workers=count, reply_deadline=100.0)
-        super().__init__(config, self.clock, publisher=self.events.append)
-
-    def spawn(self, protocol: Any) -> Any:
-        transport = FakeTransport(1000 + len(self.spawned))
-        protocol.makeConnection(transport)
-        self.spawned.append(transport)
-        return transport
-
-
-class FakePort:
-    """A listening port as L{InboundWorkers.start} reads it."""
-
-    def __init__(self, fd: int, family: int = 2) -> None:
-        self._fd = fd
-        self.socket = attrs.make_class("S", {"family": attrs.field(default=family)})()
-
-    def fileno(self) -> int:
-        return self._fd
-
-
-def started(test: SynchronousTestCase, count: int = 2) -> FakeWorkers:
-    workers = FakeWorkers(test, count)
-    workers.start({"smtp": FakePort(7), "lmtp": FakePort(8)}, "http://127.0.0.1:8080")
-    return workers
+from tests.fakes import CountingFile, started
+from tests.util import ROOT, TOKEN, make_config
 
 
 class SetupTests(SynchronousTestCase):

@@ -34,7 +34,7 @@ from gsmail.inbound.authresults import (
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
-from tests.test_signing import key_file
+from tests.signing import key_file
 
 HOST = "mx.groups.example.com"
 CLIENT = "192.0.2.10"

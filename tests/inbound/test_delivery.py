@@ -10,129 +10,21 @@ import os
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gsmail import status
 from gsmail.addresses import Address, BounceCheck, Route, RouteKind
-from gsmail.inbound.delivery import DeliveryCore, GroupDirectory, received_from, trace_fields
+from gsmail.inbound.delivery import GroupDirectory, received_from, trace_fields
 from gsmail.inbound.protocol import Envelope, Session
-from gsmail.inbound.spool import Spool, SpooledMessage
-from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
+from gsmail.interfaces import GroupInfo, IGroupServer
 from gsmail.ledger import PostLedger
-from gsmail.status import GroupServerError, Reply
+from gsmail.status import GroupServerError
 from tests.bounce_samples import dsn
-
-
-@implementer(IGroupServer)
-class FakeGroupServer:
-    """
-    A GroupServer double that records calls; groups are C{{address: id}};
-    C{hold} keeps post Deferreds unfired; C{post_error} fails posts.
-    """
-
-    def __init__(self, groups: dict[str, str]) -> None:
-        self.groups = groups
-        self.lookups: list[str] = []
-        self.posts: list[tuple[str, bytes, str]] = []
-        self.relays: list[bytes] = []
-        self.bounces: list[tuple[str, str]] = []
-        self.lookup_error: Exception | None = None
-        self.post_error: Exception | None = None
-        self.hold = False
-        self.held: list[Deferred[None]] = []
-
-    def lookup_group(self, address: str) -> Deferred[GroupInfo]:
-        self.lookups.append(address)
-        if self.lookup_error is not None:
-            return fail(self.lookup_error)
-        gid = self.groups.get(address.lower())
-        return succeed(GroupInfo(address, gid, "site" if gid else None))
-
-    def _read(self, message: MessageSource) -> bytes:
-        with open(message.path, "rb") as f:
-            return message.prefix + f.read(message.size)
-
-    def _result(self) -> Deferred[None]:
-        if self.post_error is not None:
-            return fail(self.post_error)
-        if self.hold:
-            d: Deferred[None] = Deferred()
-            self.held.append(d)
-            return d
-        return succeed(None)
-
-    def add_post(self, group_id: str, message: MessageSource, time_source: str) -> Deferred[None]:
-        self.posts.append((group_id, self._read(message), time_source))
-        return self._result()
-
-    def relay(self, message: MessageSource) -> Deferred[None]:
-        self.relays.append(self._read(message))
-        return self._result()
-
-    def record_bounce(self, user_email: str, group_email: str) -> Deferred[bool]:
-        self.bounces.append((user_email, group_email))
-        return self._result().addCallback(lambda _: True)
-
-
-class CoreTestsMixin:
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.gs = FakeGroupServer(
-            {"dev@groups.example.com": "dev", "ann@groups.example.com": "ann"}
-        )
-        self.dir = self.mktemp()  # type: ignore[attr-defined]
-        os.makedirs(self.dir)
-        self.ledger = PostLedger(os.path.join(self.dir, "ledger"), clock=self.clock)
-        self.ledger.open()
-        self.core = self.make_core()
-        self.session = Session(
-            peer="[192.0.2.1]", protocol_name="ESMTP", helo="mx.example.org", extended=True
-        )
-
-    def tearDown(self) -> None:
-        self.ledger.close()
-
-    def make_core(self, **kw: object) -> DeliveryCore:
-        args: dict[str, object] = dict(
-            client=self.gs,
-            ledger=self.ledger,
-            clock=self.clock,
-            hostname="mx.groups.example.com",
-            domains=("groups.example.com",),
-            reply_deadline=540.0,
-        )
-        args.update(kw)
-        return DeliveryCore(**args)  # type: ignore[arg-type]
-
-    def rcpt(self, address: str) -> tuple[Reply, Route | None]:
-        local, _, domain = address.partition("@")
-        return self.successResultOf(  # type: ignore[attr-defined, no-any-return]
-            self.core.check_recipient(self.session, Address(local, domain))
-        )
-
-    def message(self, data: bytes) -> SpooledMessage:
-        spool = Spool(self.dir)
-        spool.write(data)
-        return spool.finish()
-
-    def envelope(self, *addresses: str) -> Envelope:
-        env = Envelope(sender=Address("alice", "example.org"))
-        for a in addresses:
-            reply, route = self.rcpt(a)
-            assert route is not None, reply
-            env.recipients.append(route)
-        return env
-
-    def deliver(self, env: Envelope, data: bytes) -> Deferred[list[Reply]]:
-        return self.core.deliver(self.session, env, self.message(data))
-
+from tests.fakes import CoreTestsMixin, FakePostmaster
 
 MSG = b"Message-ID: <1@example.org>\nSubject: hello\n\nbody\n"
 
@@ -720,19 +612,6 @@ class SafeTraceTests(SynchronousTestCase):
         """The submission listener's Received takes its C{from} clause from the same place."""
         session = Session(peer="local", protocol_name="ESMTP", helo="a\x85b")
         self.assertEqual(received_from(session), "from unknown (helo=a?b) (local)")
-
-
-class FakePostmaster:
-    """Records postmaster deliveries; C{reply} is what each gets."""
-
-    def __init__(self) -> None:
-        self.kept: list[tuple[str, bytes]] = []
-        self.reply = status.POSTMASTER_STORED
-
-    def deliver(self, sender: str, prefix: bytes, message: SpooledMessage) -> Deferred[Reply]:
-        with open(message.path, "rb") as f:
-            self.kept.append((sender, prefix + f.read()))
-        return succeed(self.reply)
 
 
 class PostmasterRoutingTests(CoreTestsMixin, SynchronousTestCase):

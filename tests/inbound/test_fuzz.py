@@ -22,8 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
 from gsmail.outbound.submission import SubmissionCore, SubmissionFactory
-from tests.inbound.test_protocol import FakeCore
-from tests.outbound.test_submission import FakeQueue
+from tests.fakes import FakeCore, FakeQueue
 
 #: Examples per property: enough to meet the Unicode digit and control
 #: cases every run, few enough for a fast suite. The properties live on a

@@ -24,9 +24,7 @@ from gsmail.inbound.parts import with_backlog
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
 from gsmail.ledger import PostLedger
 from gsmail.outbound.submission import PasswordChecker, SubmissionCore, SubmissionFactory
-from tests.inbound.test_delivery import FakeGroupServer
-from tests.inbound.test_protocol import TLSStringTransport, codes
-from tests.outbound.test_submission import FakeQueue
+from tests.fakes import FakeGroupServer, FakeQueue, TLSStringTransport, codes
 
 SETTINGS = ServerSettings(hostname="mx.groups.example.com", idle_timeout=60, tls=object())
 

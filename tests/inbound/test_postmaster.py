@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gsmail import status
 from gsmail.inbound.postmaster import ForwardPostmaster, MaildirPostmaster
 from gsmail.inbound.spool import Spool, SpooledMessage
-from tests.outbound.test_submission import FakeQueue
+from tests.fakes import FakeQueue
 
 PREFIX = b"Return-Path: <a@example.org>\nX-Original-To: postmaster\n"
 MESSAGE = b"Subject: help\nMessage-ID: <1@example.org>\n\nFrom the start of a line\nbody\n"

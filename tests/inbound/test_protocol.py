@@ -7,107 +7,26 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 from typing import Any
 
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from gsmail import status
-from gsmail.addresses import Address, Route, RouteKind
+from gsmail.addresses import Address, Route
 from gsmail.inbound import protocol as protocol_module
 from gsmail.inbound import spool as spool_module
-from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session
-from gsmail.inbound.spool import SpooledMessage, SpoolFiles
+from gsmail.inbound.protocol import InboundFactory, ServerSettings, Session
+from gsmail.inbound.spool import SpoolFiles
 from gsmail.status import Reply
+from tests.fakes import FakeCore, TLSStringTransport, codes, replies
 from tests.util import DiskFaults, open_descriptors
-
-
-class FakeCore:
-    """
-    A delivery core that accepts every recipient in C{example.com} (others get
-    550 5.7.1), records deliveries with the spooled bytes, and can hold
-    answers back to test ordering.
-    """
-
-    def __init__(self) -> None:
-        self.hold_rcpt = False
-        self.hold_delivery = False
-        self.rcpt_pending: list[
-            tuple[Deferred[tuple[Reply, Route | None]], Reply, Route | None]
-        ] = []
-        self.delivery_pending: list[tuple[Deferred[list[Reply]], list[Reply]]] = []
-        self.deliveries: list[tuple[Session, Envelope, bytes]] = []
-        self.results: dict[str, Reply] = {}
-
-    def check_recipient(
-        self, session: Session, recipient: Address
-    ) -> Deferred[tuple[Reply, Route | None]]:
-        if recipient.domain != "example.com":
-            answer: tuple[Reply, Route | None] = (status.RELAY_DENIED, None)
-        elif recipient.local.startswith("nosuch"):
-            answer = (status.NO_SUCH_GROUP, None)
-        else:
-            answer = (
-                status.RECIPIENT_OK,
-                Route(RouteKind.GROUP, recipient, group_id=recipient.local),
-            )
-        if self.hold_rcpt:
-            d: Deferred[tuple[Reply, Route | None]] = Deferred()
-            self.rcpt_pending.append((d, *answer))
-            return d
-        return succeed(answer)
-
-    def deliver(
-        self, session: Session, envelope: Envelope, message: SpooledMessage
-    ) -> Deferred[list[Reply]]:
-        with open(message.path, "rb") as f:
-            data = f.read()
-        self.deliveries.append((session, envelope, data))
-        replies = [self.results.get(r.recipient.local, status.POSTED) for r in envelope.recipients]
-        if self.hold_delivery:
-            d: Deferred[list[Reply]] = Deferred()
-            self.delivery_pending.append((d, replies))
-            return d
-        return succeed(replies)
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """A StringTransport that records STARTTLS."""
-
-    tls_started = None
-
-    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
-        self.tls_started = contextFactory
-
-
-def replies(transport: StringTransport) -> list[str]:
-    """The reply lines written so far, without CRLF."""
-    return transport.value().decode().split("\r\n")[:-1]
-
-
-def codes(transport: StringTransport) -> list[str]:
-    """The final lines' 'code enhanced' pairs (continuation lines skipped)."""
-    out = []
-    for line in replies(transport):
-        if line[3:4] == "-":
-            continue
-        parts = line.split(" ")
-        out.append(
-            " ".join(parts[:2])
-            if re.match(r"[245]\.\d", parts[1] if len(parts) > 1 else "")
-            else parts[0]
-        )
-    return out
 
 
 class ServerTestsMixin:

@@ -21,7 +21,7 @@ from gsmail.inbound.routing import RoutedMessage, SequenceStore, SrsCodec, make_
 from gsmail.routes import NntpTarget, parse_routes
 from gsmail.status import GroupServerError, Reply
 from gsmail.verp import VerpKeys
-from tests.inbound.test_delivery import CoreTestsMixin, FakePostmaster
+from tests.fakes import CoreTestsMixin, FakePostmaster
 
 DOMAINS = ("groups.example.com", "lists.example.com")
 MSG = b"Message-ID: <1@example.org>\nFrom: Alice <alice@example.org>\nSubject: hello\n\nbody\n"

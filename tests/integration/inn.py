@@ -24,8 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.test_outbound import free_port, listening, wait_until
-from tests.util import require_tool
+from tests.util import eventually, free_port, listening, require_tool
 
 NEWS_BIN = "/usr/lib/news/bin"
 
@@ -168,7 +167,7 @@ class PrivateInn:
         env = {"INNCONF": self.conf, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         innd = reactor.spawnProcess(self._innd, self.innd, [self.innd, "-d", "-f"], env=env)
         self.test.addCleanup(lambda: Deferred.fromCoroutine(self._stop(innd, self._innd, True)))
-        await wait_until(
+        await eventually(
             lambda: listening(self.innd_port) or self._innd.ended.called,
             lambda: f"innd did not listen: {self.describe()}",
             timeout=20,
@@ -180,7 +179,7 @@ class PrivateInn:
             env=env,
         )
         self.test.addCleanup(lambda: Deferred.fromCoroutine(self._stop(nnrpd, self._nnrpd, False)))
-        await wait_until(
+        await eventually(
             lambda: listening(self.port) or self._nnrpd.ended.called,
             lambda: f"nnrpd did not listen: {self.describe()}",
             timeout=20,
@@ -205,7 +204,7 @@ class PrivateInn:
         else:
             transport.signalProcess("TERM")
         try:
-            await wait_until(lambda: process.ended.called, lambda: "still running", timeout=10)
+            await eventually(lambda: process.ended.called, lambda: "still running", timeout=10)
         except AssertionError:
             transport.signalProcess("KILL")
             await process.ended

@@ -26,7 +26,6 @@ import re
 import shutil
 import signal
 import smtplib
-import socket
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -40,7 +39,8 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.util import DOMAIN, require_tool
+from tests import postfixconf
+from tests.util import DOMAIN, free_port, require_tool
 
 __all__ = ["Delivery", "PrivatePostfix", "ProcessResult", "run_process"]
 
@@ -205,7 +205,7 @@ class PrivatePostfix:
         self.queue_directory = os.path.join(self.directory, "queue")
         self.data_directory = os.path.join(self.directory, "data")
         self.maillog = os.path.join(self.directory, "maillog")
-        self.port = _free_port()
+        self.port = free_port()
 
     def __repr__(self) -> str:
         return f"<PrivatePostfix {self.directory} smtpd 127.0.0.1:{self.port}>"
@@ -222,49 +222,32 @@ class PrivatePostfix:
             C{lmtp:inet:127.0.0.1:2424}.
         @param extra: parameters added or replaced (e.g. recipient restrictions).
         """
-        params = {
-            # Postfix 3.7 knows levels up to 3.6 (Debian's main.cf sets the same).
-            "compatibility_level": "3.6",
-            "config_directory": self.config_directory,
-            "queue_directory": self.queue_directory,
-            "data_directory": self.data_directory,
-            "myhostname": "postfix.test.invalid",
-            "mydomain": "test.invalid",
-            "myorigin": "$myhostname",
-            "mydestination": "",
-            "inet_interfaces": "loopback-only",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "alias_maps": "",
-            "alias_database": "",
-            "biff": "no",
-            "append_dot_mydomain": "no",
-            # As conf/postfix/main.cf.example: the site's domain goes to gsmail.
-            "virtual_mailbox_domains": " ".join(self._domains),
-            "virtual_transport": transport,
-            "lmtp_data_done_timeout": "600s",
-            "smtputf8_enable": "yes",
-            # Nothing leaves the machine: bounce notices to senders are discarded
-            # (still logged: status=sent (no outbound mail in tests)).
-            "default_transport": "discard:no outbound mail in tests",
-            "relay_transport": "discard:no outbound mail in tests",
-            # No DNS anywhere.
-            "smtp_dns_support_level": "disabled",
-            "lmtp_dns_support_level": "disabled",
-            "smtp_host_lookup": "native",
-            "lmtp_host_lookup": "native",
-            "smtpd_peername_lookup": "no",
-            # Deferred mail is retried within seconds, not minutes. Not 1 s:
-            # qmgr then scans a deferred message while the delivery agent
-            # still has its queue file ("skipped, still being delivered") and
-            # leaves it in the active queue until qmgr restarts (seen in CI).
-            "queue_run_delay": "1s",
-            "minimal_backoff_time": "3s",
-            "maximal_backoff_time": "4s",
-            # The log the tests read.
-            "maillog_file": self.maillog,
-            "maillog_file_prefixes": self.directory,
-        }
+        params = postfixconf.main_cf(self.directory, "postfix.test.invalid")
+        params.update(
+            {
+                "mydomain": "test.invalid",
+                "myorigin": "$myhostname",
+                "append_dot_mydomain": "no",
+                # As conf/postfix/main.cf.example: the site's domain goes to gsmail.
+                "virtual_mailbox_domains": " ".join(self._domains),
+                "virtual_transport": transport,
+                "lmtp_data_done_timeout": "600s",
+                "smtputf8_enable": "yes",
+                # Nothing leaves the machine: bounce notices to senders are discarded
+                # (still logged: status=sent (no outbound mail in tests)).
+                "default_transport": "discard:no outbound mail in tests",
+                "relay_transport": "discard:no outbound mail in tests",
+                "lmtp_dns_support_level": "disabled",
+                "lmtp_host_lookup": "native",
+                # Deferred mail is retried within seconds, not minutes. Not 1 s:
+                # qmgr then scans a deferred message while the delivery agent
+                # still has its queue file ("skipped, still being delivered") and
+                # leaves it in the active queue until qmgr restarts (seen in CI).
+                "queue_run_delay": "1s",
+                "minimal_backoff_time": "3s",
+                "maximal_backoff_time": "4s",
+            }
+        )
         params.update(extra or {})
         return params
 
@@ -274,29 +257,7 @@ class PrivatePostfix:
         delivery over LMTP needs, the C{postlog} service for C{maillog_file},
         and no chroot anywhere (fifth column C{n}).
         """
-        # service type private unpriv chroot wakeup maxproc command
-        services = [
-            f"127.0.0.1:{self.port} inet n - n - - smtpd",
-            "cleanup unix n - n - 0 cleanup",
-            "qmgr unix n - n 300 1 qmgr",
-            "rewrite unix - - n - - trivial-rewrite",
-            "bounce unix - - n - 0 bounce",
-            "defer unix - - n - 0 bounce",
-            "trace unix - - n - 0 bounce",
-            "verify unix - - n - 1 verify",
-            "proxymap unix - - n - - proxymap",
-            "proxywrite unix - - n - 1 proxymap",
-            "smtp unix - - n - - smtp",
-            "relay unix - - n - - smtp",
-            "lmtp unix - - n - - lmtp",
-            "error unix - - n - - error",
-            "retry unix - - n - - error",
-            "discard unix - - n - - discard",
-            "anvil unix - - n - 1 anvil",
-            "scache unix - - n - 1 scache",
-            "postlog unix-dgram n - n - 1 postlogd",
-        ]
-        return "".join(line + "\n" for line in services)
+        return postfixconf.master_cf(self.port)
 
     async def start(self, transport: str, extra: Mapping[str, str] | None = None) -> None:
         """
@@ -309,17 +270,8 @@ class PrivatePostfix:
         @raise AssertionError: Postfix did not start; the message has its
             output and the log.
         """
-        os.makedirs(self.config_directory)
-        os.makedirs(self.queue_directory)  # root-owned; Postfix creates the rest
-        os.makedirs(self.data_directory)
-        postfix_user = pwd.getpwnam("postfix")
-        # The master takes its lock here as the mail_owner.
-        os.chown(self.data_directory, postfix_user.pw_uid, postfix_user.pw_gid)
-        with open(os.path.join(self.config_directory, "main.cf"), "w", encoding="utf-8") as f:
-            for name, value in self.main_cf(transport, extra).items():
-                f.write(f"{name} = {value}\n")
-        with open(os.path.join(self.config_directory, "master.cf"), "w", encoding="utf-8") as f:
-            f.write(self.master_cf())
+        postfixconf.directories(self.directory)
+        postfixconf.write(self.config_directory, self.main_cf(transport, extra), self.master_cf())
         self._running = True
         self._test.addCleanup(lambda: Deferred.fromCoroutine(self.stop()))
         result = await self._command("start")
@@ -503,14 +455,6 @@ def _require_root_and_postfix_user() -> None:
     if os.environ.get("CI"):
         raise AssertionError(problem)
     raise SkipTest(problem)
-
-
-def _free_port() -> int:
-    """A TCP port of 127.0.0.1 that was free a moment ago (see L{PrivatePostfix.port})."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _process_group_alive(group: int) -> bool:

@@ -1,37 +1,33 @@
 """
-Helpers for the tests that run gsmail as an operator does: C{twistd -n
-gsmail} in a child process (as root dropping to a user, under
-C{systemd-socket-activate}, ...), test users, and a short LMTP/SMTP client
-run as another user.
+Helpers for the tests that run gsmail as an operator does (as root dropping
+to a user, under C{systemd-socket-activate}, ...): test users, an interpreter
+another user can run this checkout with (L{pipe_runtime}), and a short
+LMTP/SMTP client run as another user. The child processes themselves
+(C{twistd -n gsmail} and others) are started with L{tests.util.run_child}.
 """
 
 from __future__ import annotations
 
 import grp
+import hashlib
+import importlib.metadata
 import os
 import pwd
-import signal
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import Final
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 
-from tests.util import require_tool
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-#: twistd, run as C{python -c TWISTD ...} (no console script needed).
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-
-#: How long a child gets to start or to stop, in seconds.
-WAIT = 30.0
+from tests.util import ROOT, require_tool
 
 
 def require_root() -> None:
@@ -75,105 +71,6 @@ def ensure_user(name: str, groups: Sequence[str] = ()) -> pwd.struct_passwd:
     return pwd.getpwnam(name)
 
 
-class Child(ProcessProtocol):
-    """A child process: collects its output (stdout and stderr apart) and its exit status."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: Deferred[int | None] = Deferred()
-        self.transport: Any = None
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Failure) -> None:
-        value = reason.value
-        code = getattr(value, "exitCode", None)
-        self.ended.callback(code if code is not None else -(getattr(value, "signal", 0) or 0))
-
-    @property
-    def output(self) -> str:
-        return (self.out + self.err).decode(errors="replace")
-
-
-async def run_child(
-    test: TestCase,
-    argv: Sequence[str],
-    *,
-    env: dict[str, str] | None = None,
-    path: str | None = None,
-    child: Child | None = None,
-) -> Child:
-    """
-    Start C{argv}; the test's cleanup kills it (SIGKILL) if it still runs.
-    """
-    child = child or Child()
-    process = reactor.spawnProcess(  # type: ignore[attr-defined]
-        child, argv[0], list(argv), env=env if env is not None else dict(os.environ), path=path
-    )
-
-    async def kill() -> None:
-        if not child.ended.called:
-            process.signalProcess(signal.SIGKILL)
-            await child.ended
-
-    test.addCleanup(kill)
-    return child
-
-
-async def wait_for(child: Child, text: str, timeout: float = WAIT) -> None:
-    """
-    Wait until C{text} is in the child's output.
-
-    @raise AssertionError: it ended first, or C{timeout} seconds passed.
-    """
-    deadline = reactor.seconds() + timeout
-    while text not in child.output:
-        if child.ended.called:
-            raise AssertionError(f"ended before {text!r}:\n{child.output}")
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"no {text!r} after {timeout:g} s:\n{child.output}")
-        await deferLater(reactor, 0.05, lambda: None)
-
-
-async def stop(child: Child, timeout: float = WAIT) -> int | None:
-    """SIGTERM the child and return its exit status (it must end within C{timeout})."""
-    if not child.ended.called:
-        child.transport.signalProcess(signal.SIGTERM)
-    d = child.ended
-    d.addTimeout(timeout, reactor)
-    return await d
-
-
-async def run_to_end(
-    test: TestCase, argv: Sequence[str], env: dict[str, str] | None = None, path: str | None = None
-) -> Child:
-    """Run C{argv} to its end (at most L{WAIT} seconds)."""
-    child = await run_child(test, argv, env=env, path=path)
-    d = child.ended
-    d.addTimeout(WAIT, reactor)
-    await d
-    return child
-
-
-def twistd_argv(python: str, *arguments: str) -> list[str]:
-    """C{python -c TWISTD -n --pidfile= ARGUMENTS...}."""
-    return [python, "-c", TWISTD, "-n", "--pidfile=", *arguments]
-
-
-def python_env(path: Sequence[str] = (ROOT,), **more: str) -> dict[str, str]:
-    """An environment that imports this checkout's gsmail (and C{path})."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env["PYTHONPATH"] = ":".join(path)
-    env.update(more)
-    return env
-
-
 #: A small LMTP or SMTP client for another user: argv is the socket path
 #: (or host:port), "lmtp" or "smtp", the recipient and a message id; it
 #: prints the reply to the message or the error, and needs only the
@@ -212,3 +109,147 @@ def system_python() -> str:
         if os.access(candidate, os.X_OK):
             return candidate
     raise SkipTest("no python3")
+
+
+#: The unprivileged user pipe(8) runs the command as in these tests.
+PIPE_USER: Final = "nobody"
+#: Modules the command imports while it posts.
+PROBE: Final = "import gsmail.script, gsmail.groupserver, gsmail.ledger, twisted.internet.reactor"
+
+
+class _Probe(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.ended: Deferred[int] = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None) or 0)
+
+
+async def _runs_as(user: pwd.struct_passwd, python: str, path: Sequence[str]) -> bool:
+    """Whether C{user} can run C{python} and import the command with C{path}."""
+    probe = _Probe()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(path)}
+    transport = reactor.spawnProcess(
+        probe,
+        python,
+        [python, "-c", PROBE],
+        env=env,
+        path="/",
+        uid=user.pw_uid,
+        gid=user.pw_gid,
+    )
+    killer = reactor.callLater(30, transport.signalProcess, "KILL")
+    code = await probe.ended
+    if killer.active():
+        killer.cancel()
+    return code == 0
+
+
+_runtime: tuple[str, tuple[str, ...]] | None = None
+
+
+async def pipe_runtime(user: pwd.struct_passwd) -> tuple[str, tuple[str, ...]]:
+    """
+    An interpreter and a C{PYTHONPATH} with which C{user} runs this
+    checkout's C{smtp2gs}: this interpreter if it can, else the system's
+    Python of the same version with a copy of gsmail's dependencies.
+
+    @raise SkipTest: neither works (a failure when C{CI} is set).
+    """
+    global _runtime
+    if _runtime is not None:
+        return _runtime
+    if await _runs_as(user, sys.executable, [ROOT]):
+        _runtime = (sys.executable, (ROOT,))
+        return _runtime
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for python in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
+        # The same binary is another runtime when this one is a virtual
+        # environment (its site-packages may be where the user cannot read).
+        in_venv = sys.prefix != sys.base_prefix
+        if os.access(python, os.X_OK) and (
+            in_venv or os.path.realpath(python) != os.path.realpath(sys.executable)
+        ):
+            copy = _dependency_copy()
+            if await _runs_as(user, python, [ROOT, copy]):
+                _runtime = (python, (ROOT, copy))
+                return _runtime
+    problem = (
+        f"user {user.pw_name!r} cannot run {sys.executable} and there is no system "
+        f"Python {version} to run smtp2gs with"
+    )
+    if os.environ.get("CI"):
+        raise AssertionError(problem)
+    raise SkipTest(problem)
+
+
+def _dependency_copy() -> str:
+    """
+    A world-readable directory under C{/tmp} holding a copy of every
+    distribution gsmail requires (with their compiled byte code, whose
+    modification times are kept so that they stay valid); made once per
+    set of versions, reused by later runs.
+    """
+    names = sorted(_requirements("gsmail") - {"gsmail"})
+    versions = [f"{name}=={importlib.metadata.version(name)}" for name in names]
+    digest = hashlib.sha256("\n".join([sys.version, *versions]).encode()).hexdigest()[:16]
+    target = os.path.join(tempfile.gettempdir(), f"gsmail-test-pipe-runtime-{digest}")
+    if os.path.isdir(target):
+        return target
+    building = tempfile.mkdtemp(prefix="gsmail-test-pipe-runtime-", dir=tempfile.gettempdir())
+    try:
+        for name in names:
+            distribution = importlib.metadata.distribution(name)
+            for file in distribution.files or []:
+                source = str(distribution.locate_file(file))
+                if ".." in file.parts or not os.path.isfile(source):
+                    continue  # scripts outside site-packages
+                destination = os.path.join(building, *file.parts)
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                shutil.copy2(source, destination)
+        for directory, _, _ in os.walk(building):
+            os.chmod(directory, 0o755)
+        os.rename(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        if os.path.isdir(target):  # another run made it meanwhile
+            return target
+        raise
+    return target
+
+
+def _requirements(name: str) -> set[str]:
+    """The distributions C{name} needs, itself included, with the extras asked for."""
+    from packaging.requirements import Requirement
+
+    found: dict[str, frozenset[str]] = {}
+    todo = [(name, frozenset[str]())]
+    while todo:
+        current, extras = todo.pop()
+        key = re.sub(r"[-_.]+", "-", current).lower()
+        if key in found and extras <= found[key]:
+            continue
+        found[key] = found.get(key, frozenset()) | extras
+        for line in importlib.metadata.distribution(current).requires or []:
+            requirement = Requirement(line)
+            environments = [{"extra": extra} for extra in (extras or {""})]
+            if requirement.marker is None or any(
+                requirement.marker.evaluate(environment) for environment in environments
+            ):
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    return set(found)
+
+
+def pipe_user() -> pwd.struct_passwd:
+    """L{PIPE_USER}'s account; the test is skipped (failed in CI) without it."""
+    try:
+        return pwd.getpwnam(PIPE_USER)
+    except KeyError:
+        problem = f"no user {PIPE_USER!r} to run the pipe as"
+    if os.environ.get("CI"):
+        raise AssertionError(problem)
+    raise SkipTest(problem)

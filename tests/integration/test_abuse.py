@@ -36,8 +36,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_attacks import AttackTestsMixin
-from tests.integration.test_clients import EXAMPLE, RawClient, RawReply, make_message
+from tests.integration.attacks import AttackTestsMixin
+from tests.integration.clients import EXAMPLE, RawClient, RawReply, make_message
 from tests.util import DOMAIN, port_of, require_tool
 
 _T = TypeVar("_T")

@@ -25,38 +25,15 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThread
-from twisted.names import authority, dns, server
+from twisted.names import server
 from twisted.trial.unittest import TestCase
 
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
-from tests.test_signing import key_file
+from tests.signing import GROUP, key_file, message, results_of
 from tests.util import listen_dns, make_config, port_of, start_service
+from tests.zones import MemoryZone, txt
 
 HOST = "mx.groups.example.com"
-GROUP = "example@groups.example.com"
-
-
-class Zone(authority.FileAuthority):
-    """Every name, in memory; names without records answer NXDOMAIN."""
-
-    def __init__(self, records: list[tuple[bytes, Any]]) -> None:
-        self._records = records
-        super().__init__(None)
-
-    def loadFile(self, filename: object) -> None:
-        soa = dns.Record_SOA(
-            mname=b"ns.example", rname=b"hostmaster.example", serial=1, minimum=60, expire=60
-        )
-        self.soa = (b"", soa)
-        self.records = {b"": [soa]}
-        for name, record in self._records:
-            self.records.setdefault(name.lower(), []).append(record)
-
-
-def txt(text: str) -> dns.Record_TXT:
-    """A TXT record, cut into strings of at most 250 octets."""
-    data = text.encode()
-    return dns.Record_TXT(*[data[i : i + 250] for i in range(0, len(data), 250)], ttl=60)
 
 
 class Silent(DatagramProtocol):
@@ -64,28 +41,6 @@ class Silent(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         pass
-
-
-def message(sender: str, subject: str, extra: bytes = b"") -> bytes:
-    return (
-        extra
-        + (
-            f"From: Alice <{sender}>\r\n"
-            f"To: {GROUP}\r\n"
-            f"Subject: {subject}\r\n"
-            f"Message-ID: <{subject.replace(' ', '.')}@sender.example>\r\n"
-            f"\r\n"
-            f"Hello, group.\r\n"
-        ).encode()
-    )
-
-
-def results_of(post: bytes) -> list[bytes]:
-    """The Authentication-Results fields of a post (unfolded), top first."""
-    head = post.split(b"\n\n", 1)[0].replace(b"\n\t", b" ").replace(b"\n ", b" ")
-    return [
-        line for line in head.split(b"\n") if line.lower().startswith(b"authentication-results:")
-    ]
 
 
 class AuthenticationResultsTests(TestCase):
@@ -98,13 +53,14 @@ class AuthenticationResultsTests(TestCase):
         self.good = KeySpec("sender.example", "sel", key_file(keys, "good.key"))
         self.wrong = KeySpec("sender.example", "sel", key_file(keys, "wrong.key", ed25519=True))
         published = KeyRing([self.good]).get(self.good)
-        zone = Zone(
+        zone = MemoryZone(
+            b"",
             [
                 (b"sender.example", txt("v=spf1 ip4:127.0.0.1 -all")),
                 (b"_dmarc.sender.example", txt("v=DMARC1; p=reject")),
                 (b"sel._domainkey.sender.example", txt(f"v=DKIM1; k=rsa; p={published.public}")),
                 (b"forger.example", txt("v=spf1 ip4:192.0.2.1 -all")),
-            ]
+            ],
         )
         factory = server.DNSServerFactory(authorities=[zone], verbose=0)
         factory.noisy = False

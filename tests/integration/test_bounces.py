@@ -26,17 +26,16 @@ from gsmail import status
 from gsmail.addresses import Address, parse_mailbox
 from gsmail.service import GsmailService
 from tests.bounce_samples import dsn, out_of_office, plain_mail, qmail_bounce
-from tests.integration.test_clients import codes, send_once, smtplib_codes
-from tests.integration.test_outbound import (
+from tests.integration.clients import codes, send_once, smtplib_codes
+from tests.integration.mailer import (
     SmtpSink,
     describe_queue,
     group_message,
     gs_email_send,
     queue_empty,
     submission_port,
-    wait_until,
 )
-from tests.util import DOMAIN, make_config, port_of, require_tool, start_service
+from tests.util import DOMAIN, eventually, make_config, port_of, require_tool, start_service
 
 GROUP = f"dev@{DOMAIN}"
 ALICE = "alice@example.org"
@@ -272,7 +271,7 @@ class EndToEndTests(TestCase):
             gs_email_send, submission_port(service), GROUP, members, group_message("Bounced")
         )
         self.assertEqual(submission.refused, {})
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and len(sink.transactions()) == 2,
             lambda: f"{describe_queue(service)}; {sink.describe()}",
         )

@@ -15,7 +15,8 @@ import sys
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.util import ROOT
+
 CHAOS = os.path.join(ROOT, "bench", "chaos.py")
 
 

@@ -41,7 +41,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from gsmail import status
 from gsmail.standin_postid import post_id_of_message
-from tests.integration.test_clients import (
+from tests.integration.clients import (
     CLIENT_TIMEOUT,
     DEV,
     EXAMPLE,

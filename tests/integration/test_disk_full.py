@@ -30,14 +30,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from gsmail.outbound.queue import read_queue
 from gsmail.service import GsmailService
-from tests.integration.test_clients import (
-    CLIENT_TIMEOUT,
-    DEV,
-    EXAMPLE,
-    SENDER,
-    RawClient,
-    make_message,
-)
+from tests.integration.clients import CLIENT_TIMEOUT, DEV, EXAMPLE, SENDER, RawClient, make_message
 from tests.util import make_config, open_descriptors, port_of, require_tool, start_service
 
 #: The size of the spool's file system, in bytes.

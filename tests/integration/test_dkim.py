@@ -47,20 +47,19 @@ from gsmail.outbound import delivery as delivery_module
 from gsmail.service import GsmailService, makeService
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
 from gsmail.status import Reply
-from tests.integration.test_authresults import Zone, results_of, txt
-from tests.integration.test_authresults import message as internet_message
-from tests.integration.test_outbound import (
+from tests.integration.mailer import (
     GROUP,
     RefusingCore,
     decoded,
     describe_queue,
     group_message,
     gs_email_send,
-    wait_until,
 )
-from tests.integration.test_outbound_mx import capture_log
-from tests.test_signing import DNSStub, key_file, verify_all
-from tests.util import DOMAIN, listen_dns, make_config, port_of
+from tests.integration.mx import capture_log
+from tests.signing import DNSStub, key_file, results_of, verify_all
+from tests.signing import message as internet_message
+from tests.util import DOMAIN, eventually, listen_dns, make_config, port_of
+from tests.zones import MemoryZone, txt
 
 MEMBERS = ["alice@members.example.org", "bob@members.example.net", "carol@members.example.com"]
 #: What the receiving server answers a member it is told to defer.
@@ -173,7 +172,7 @@ class SignedCopiesTests(SigningTestCase):
             replies = [r.last_reply for e in queue.envelopes() for r in e.pending()]
             return len(self.core.received) == 2 and any(s.startswith("451") for s in replies)
 
-        await wait_until(bob_deferred, lambda: describe_queue(first))
+        await eventually(bob_deferred, lambda: describe_queue(first))
         await first.stopService()
 
         self.core.defer.clear()
@@ -183,7 +182,7 @@ class SignedCopiesTests(SigningTestCase):
         self.assertEqual([r.address for r in waiting.pending()], [MEMBERS[1]])
         # gsmail-queue flush: the deferred member is due now.
         QueueControl(second.queue, second.outbound, reactor).flush()
-        await wait_until(lambda: len(self.core.received) == 3, lambda: describe_queue(second))
+        await eventually(lambda: len(self.core.received) == 3, lambda: describe_queue(second))
 
         copies = self.copies()
         self.assertEqual(sorted(copies), sorted(MEMBERS))
@@ -223,7 +222,7 @@ class CorruptedKeyTests(SigningTestCase):
         self.patch(ring, "get", counting_get)
         events = capture_log(self)
         await self.submit(service, group_message("Broken key"))
-        await wait_until(lambda: reads.count("gs1") >= 5, lambda: f"key read {reads}")
+        await eventually(lambda: reads.count("gs1") >= 5, lambda: f"key read {reads}")
 
         self.assertEqual(self.core.received, [])
         [envelope] = service.queue.envelopes()
@@ -238,7 +237,7 @@ class CorruptedKeyTests(SigningTestCase):
 
         with open(self.rsa.path, "wb") as f:
             f.write(good)
-        await wait_until(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
+        await eventually(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
         for member, data in self.copies().items():
             self.assertEqual(verify_all(data, self.dns), BOTH, member)
 
@@ -256,7 +255,8 @@ class ARCSealTests(SigningTestCase):
         """
         sender_keys = os.path.abspath(self.mktemp())
         sender_key = KeySpec("sender.example", "sel", key_file(sender_keys, "sender.key"))
-        zone = Zone(
+        zone = MemoryZone(
+            b"",
             [
                 (b"sender.example", txt("v=spf1 ip4:127.0.0.1 -all")),
                 (b"_dmarc.sender.example", txt("v=DMARC1; p=reject")),
@@ -264,7 +264,7 @@ class ARCSealTests(SigningTestCase):
                     b"sel._domainkey.sender.example",
                     txt(f"v=DKIM1; k=rsa; p={KeyRing([sender_key]).get(sender_key).public}"),
                 ),
-            ]
+            ],
         )
         factory = server.DNSServerFactory(authorities=[zone], verbose=0)
         factory.noisy = False
@@ -303,7 +303,7 @@ class ARCSealTests(SigningTestCase):
             + body
         ).replace(b"\n", b"\r\n")
         await self.submit(service, resent)
-        await wait_until(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
+        await eventually(lambda: len(self.core.received) == 3, lambda: describe_queue(service))
 
         for member, data in self.copies().items():
             wire = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

@@ -26,7 +26,7 @@ from gsmail import status
 from gsmail.config import GsmailConfig
 from gsmail.service import GsmailService, makeService
 from gsmail.standin import StandIn
-from tests.integration.test_clients import (
+from tests.integration.clients import (
     EXAMPLE,
     RawClient,
     RawReply,

@@ -9,77 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import socket
-import sys
-from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+from tests.util import free_port, spawn_gsmail, wait_for
+
 MIB = 1024 * 1024
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class TwistdProcess(ProcessProtocol):
-    """A C{twistd -n gsmail} child; collects its log and reports its exit."""
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(None)
-
-
-def spawn_gsmail(
-    test: TestCase,
-    directory: str,
-    config: str,
-    stop_signal: int | None = signal.SIGTERM,
-) -> tuple[TwistdProcess, Any]:
-    """
-    Start C{twistd -n --pidfile= gsmail --config CONFIG} in C{directory}
-    with this checkout on C{PYTHONPATH}; return its protocol and process.
-    Unless C{stop_signal} is C{None} (the caller cleans up itself), a
-    cleanup sends it that signal if it still runs and waits for its end.
-    """
-    child = TwistdProcess()
-    process = reactor.spawnProcess(  # type: ignore[attr-defined]
-        child,
-        sys.executable,
-        [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "gsmail", "--config", config],
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        path=directory,
-    )
-    if stop_signal is not None:
-        signal_number = stop_signal
-
-        async def stop() -> None:
-            if not child.ended.called:
-                process.signalProcess(signal_number)
-                await child.ended
-
-        test.addCleanup(stop)
-    return child, process
 
 
 def peak_rss(pid: int) -> int:
@@ -148,16 +85,12 @@ class LargeMessageTests(TestCase):
                 "standin_groups = example\nmax_size = 200\nledger_path = ledger/posted.log\n"
                 "spool_dir = spool\nstandin_dir = standin\n"
             )
-        child, process = spawn_gsmail(self, directory, config)
-        deadline = reactor.seconds() + 30  # type: ignore[attr-defined]
-        while b"Embedded GroupServer stand-in" not in child.output:
-            if child.ended.called or reactor.seconds() > deadline:  # type: ignore[attr-defined]
-                self.fail("gsmail did not start:\n" + child.output.decode(errors="replace"))
-            await deferLater(reactor, 0.05)
+        child = await spawn_gsmail(self, directory, config)
+        await wait_for(child, "Embedded GroupServer stand-in")
 
         size = 100 * MIB
         final, digest = await deferToThread(send_large, port, size)
-        rss = peak_rss(process.pid)
+        rss = peak_rss(child.pid)
         self.assertTrue(final.startswith(b"250 2.0.0"), final)
         [name] = os.listdir(os.path.join(directory, "standin", "groups", "example", "new"))
         stored = hashlib.sha256()

@@ -19,10 +19,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, eventFromJSON, formatEvent
 from twisted.trial.unittest import TestCase
 
-from tests.integration.running import Child, python_env, run_child, stop, twistd_argv
-from tests.integration.test_reload import rcpt
-from tests.test_reload import new_certificate, write_config
-from tests.util import DOMAIN, TOKEN
+from tests.certificates import new_certificate
+from tests.integration.clients import rcpt
+from tests.reloadconf import write_config
+from tests.util import DOMAIN, TOKEN, Child, python_env, run_child, stop, twistd_argv
 
 #: Polls of the log (every 50 ms) before a test gives up.
 POLLS = 400

@@ -22,9 +22,8 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gsmail.service import GsmailService
-from tests.integration.test_clients import RawClient
-from tests.integration.test_workers import bounded, eventually
-from tests.util import TOKEN, make_config, port_of, start_service
+from tests.integration.clients import RawClient
+from tests.util import TOKEN, bounded, eventually, make_config, port_of, start_service
 
 USER = "groupserver"
 PASSWORD = "s3cret-Pa55word-for-submission"

@@ -19,15 +19,17 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.integration.test_clients import (
-    CLIENT_TIMEOUT,
-    EXAMPLE,
-    SENDER,
-    UNKNOWN_GROUP,
-    make_message,
+from tests.integration.clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, UNKNOWN_GROUP, make_message
+from tests.util import (
+    TOKEN,
+    Child,
+    free_port,
+    make_config,
+    port_of,
+    spawn_gsmail,
+    start_service,
+    wait_for,
 )
-from tests.integration.test_large import TwistdProcess, free_port, spawn_gsmail
-from tests.util import TOKEN, make_config, port_of, start_service
 
 #: The longest any one wait lasts (seconds).
 WAIT = 30.0
@@ -198,9 +200,7 @@ class TwistdTests(TestCase):
 
     timeout = 120
 
-    async def start(
-        self, url: str, smtp_port: int, metrics_port: int, more: str = ""
-    ) -> TwistdProcess:
+    async def start(self, url: str, smtp_port: int, metrics_port: int, more: str = "") -> Child:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         config = os.path.join(directory, "gsconfig.ini")
@@ -214,12 +214,8 @@ class TwistdTests(TestCase):
                 "errors_dir = errors\nrejected_dir = rejected\nconnect_timeout = 2\n"
                 f"metrics_endpoint = tcp:{metrics_port}:interface=127.0.0.1\n" + more
             )
-        child, process = spawn_gsmail(self, directory, config)
-        deadline = reactor.seconds() + WAIT  # type: ignore[attr-defined]
-        while b"Metrics, /healthz and /readyz on" not in child.output:
-            if child.ended.called or reactor.seconds() > deadline:  # type: ignore[attr-defined]
-                self.fail("gsmail did not start:\n" + child.output.decode(errors="replace"))
-            await deferLater(reactor, 0.05)  # type: ignore[arg-type]
+        child = await spawn_gsmail(self, directory, config)
+        await wait_for(child, "Metrics, /healthz and /readyz on", WAIT)
         return child
 
     async def test_workers_counted_once(self) -> None:
@@ -271,8 +267,8 @@ class TwistdTests(TestCase):
         self.assertGreaterEqual(found[("gsmail_ledger_records", ())], 1)
         self.assertEqual(found.get(("gsmail_log_events_unreadable_total", ())), 0)
         # The snapshots are not log lines.
-        self.assertIn(b"Inbound worker 2", child.output)
-        self.assertNotIn(b"ledger_append", child.output)
+        self.assertIn("Inbound worker 2", child.output)
+        self.assertNotIn("ledger_append", child.output)
 
     async def test_scrape(self) -> None:
         """
@@ -281,7 +277,7 @@ class TwistdTests(TestCase):
         """
         smtp_port, metrics_port = free_port(), free_port()
         child = await self.start("embedded", smtp_port, metrics_port)
-        self.assertIn(f"on http://127.0.0.1:{metrics_port}".encode(), child.output)
+        self.assertIn(f"on http://127.0.0.1:{metrics_port}", child.output)
         base = f"http://127.0.0.1:{metrics_port}"
         for n in range(3):
             self.assertEqual(await deferToThread(send, smtp_port, f"t{n}@example.org"), {})

@@ -23,11 +23,10 @@ the cached policy.
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from twisted.internet import reactor, ssl
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
@@ -47,17 +46,10 @@ from gsmail.outbound.mx import MXResolver
 from gsmail.outbound.queue import PENDING, OutboundQueue
 from gsmail.outbound.tlsrpt import TLSReportCounts, read_day
 from gsmail.service import GsmailService
-from tests.integration.test_outbound_mx import (
-    MX,
-    A,
-    MemoryZone,
-    ScriptedCore,
-    capture_log,
-    receiver,
-    stop_receivers,
-    wait_until,
-)
-from tests.util import listen_dns, make_config, start_service
+from tests.certificates import TestCA, new_ca
+from tests.integration.mx import ScriptedCore, capture_log, receiver, stop_receivers
+from tests.util import eventually, listen_dns, make_config, start_service
+from tests.zones import MX, A, MemoryZone
 
 SENDER = "owner@groups.example.com"
 
@@ -110,90 +102,6 @@ POLICIES = {
 }
 
 
-# -- a test CA --------------------------------------------------------------------------
-@attrs.frozen
-class TestCA:
-    """A CA (its certificate in PEM) and a way to issue server certificates."""
-
-    key: Any
-    certificate: Any
-
-    def trust_root(self) -> Any:
-        from cryptography.hazmat.primitives import serialization
-
-        pem = self.certificate.public_bytes(serialization.Encoding.PEM)
-        return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem)])
-
-    def server_options(self, *names: str) -> Any:
-        """A server TLS context with a certificate for C{names}, signed by this CA."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        now = datetime.now(UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(hours=1))
-            .not_valid_after(now + timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
-            )
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .sign(self.key, hashes.SHA256())
-        )
-        pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return ssl.PrivateCertificate.loadPEM(pem).options()
-
-
-def make_ca() -> TestCA:
-    """A new EC P-256 CA, valid a day."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.now(UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gsmail MTA-STS test CA")])
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return TestCA(key, certificate)
-
-
 # -- the policy server ------------------------------------------------------------------
 class PolicyPages(Resource):
     """
@@ -232,7 +140,7 @@ class Network:
 
 async def start_network(test: TestCase, directory: str) -> Network:
     """The zone, the policy server and the receivers (bounded retries for a shared port)."""
-    ca = make_ca()
+    ca = new_ca()
     spool = os.path.join(directory, "receivers")
     os.makedirs(spool, exist_ok=True)
     cores = {VERIFIED: ScriptedCore(), WRONG_NAME: ScriptedCore(), PLAIN: ScriptedCore()}
@@ -256,7 +164,7 @@ async def start_network(test: TestCase, directory: str) -> Network:
         raise AssertionError("no port was free on all of 127.0.0.2-4 in 20 tries")
     test.addCleanup(stop_receivers, ports, list(factories.values()))
 
-    authority = MemoryZone(ZONE)
+    authority = MemoryZone(b"test", ZONE)
     zone = server.DNSServerFactory(authorities=[authority], verbose=0)
     zone.noisy = False
     udp, tcp = listen_dns(reactor, zone)
@@ -369,7 +277,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@enforce.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         cores = self.network.cores
         self.assertEqual(cores[PLAIN].received, [])
         self.assertEqual(
@@ -395,7 +303,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@badcert.test")
-        await wait_until("an attempt", attempted_by(outbound, queue_id))
+        await eventually(attempted_by(outbound, queue_id), "an attempt")
         envelope = outbound.queue.get(queue_id)
         assert envelope is not None
         recipient = envelope.recipients[0]
@@ -412,7 +320,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@testing.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         self.assertEqual(
             [(r.recipients, r.tls) for r in self.network.cores[WRONG_NAME].received],
             [(["member@testing.test"], True)],
@@ -429,7 +337,7 @@ class MTASTSDeliveryTests(TestCase):
         """A domain without a policy gets its mail as before (here in clear)."""
         outbound = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(outbound, "member@plain.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         self.assertEqual(
             [(r.recipients, r.tls) for r in self.network.cores[PLAIN].received],
             [(["member@plain.test"], False)],
@@ -444,7 +352,7 @@ class MTASTSDeliveryTests(TestCase):
         """
         first = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(first, "one@cached.test")
-        await wait_until("delivery", lambda: first.queue.get(queue_id) is None)
+        await eventually(lambda: first.queue.get(queue_id) is None, "delivery")
         await first.stop()
         self.assertEqual(os.listdir(first.sts.cache.directory).count("cached.test.json"), 1)
 
@@ -453,7 +361,7 @@ class MTASTSDeliveryTests(TestCase):
         self.network.pages.status = 500
         restarted = start_outbound(self, self.directory, self.network)
         queue_id = await self.send(restarted, "two@cached.test")
-        await wait_until("delivery", lambda: restarted.queue.get(queue_id) is None)
+        await eventually(lambda: restarted.queue.get(queue_id) is None, "delivery")
         self.assertEqual(self.network.cores[PLAIN].received, [])
         self.assertEqual(
             [r.recipients for r in self.network.cores[VERIFIED].received],
@@ -474,12 +382,12 @@ class MTASTSDeliveryTests(TestCase):
             resolver=outbound.resolver,
             addresses=outbound.delivery.mx.host_addresses,  # type: ignore[union-attr]
             cache=outbound.sts.cache,
-            trust_root=make_ca().trust_root(),
+            trust_root=new_ca().trust_root(),
             https_port=self.network.https_port,
         )
         outbound.delivery.mta_sts = outbound.sts
         queue_id = await self.send(outbound, "member@enforce.test")
-        await wait_until("delivery", lambda: outbound.queue.get(queue_id) is None)
+        await eventually(lambda: outbound.queue.get(queue_id) is None, "delivery")
         self.assertEqual(
             [r.recipients for r in self.network.cores[PLAIN].received], [["member@enforce.test"]]
         )
@@ -532,29 +440,29 @@ class STSClientTLSTests(TestCase):
 
     async def test_verified(self) -> None:
         """A certificate from the trusted CA for the MX name: the handshake completes."""
-        ca = make_ca()
+        ca = new_ca()
         tls = STSClientTLS("mx.example.test", enforce=True, trust_root=ca.trust_root())
         self.assertEqual(await self.handshake(tls, ca, "mx.example.test"), "completed")
         self.assertIsNone(tls.failure)
 
     async def test_wrong_name(self) -> None:
         """Enforce: a certificate for another name ends the handshake."""
-        ca = make_ca()
+        ca = new_ca()
         tls = STSClientTLS("mx.example.test", enforce=True, trust_root=ca.trust_root())
         self.assertEqual(await self.handshake(tls, ca, "other.example.test"), "failed")
         self.assertEqual(tls.failure, "certificate-host-mismatch")
 
     async def test_untrusted(self) -> None:
         """Enforce: a certificate from a CA not trusted ends the handshake."""
-        ca = make_ca()
-        tls = STSClientTLS("mx.example.test", enforce=True, trust_root=make_ca().trust_root())
+        ca = new_ca()
+        tls = STSClientTLS("mx.example.test", enforce=True, trust_root=new_ca().trust_root())
         self.assertEqual(await self.handshake(tls, ca, "mx.example.test"), "failed")
         self.assertEqual(tls.failure, "certificate-not-trusted")
 
     async def test_testing_untrusted(self) -> None:
         """Testing: the same certificate is recorded as a failure; the handshake completes."""
-        ca = make_ca()
-        tls = STSClientTLS("mx.example.test", enforce=False, trust_root=make_ca().trust_root())
+        ca = new_ca()
+        tls = STSClientTLS("mx.example.test", enforce=False, trust_root=new_ca().trust_root())
         self.assertEqual(await self.handshake(tls, ca, "mx.example.test"), "completed")
         self.assertEqual(tls.failure, "certificate-not-trusted")
 

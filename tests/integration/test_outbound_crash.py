@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 from collections import Counter
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -32,16 +31,8 @@ from twisted.trial.unittest import TestCase
 from gsmail.addresses import parse_mailbox
 from gsmail.outbound.queue import read_queue
 from gsmail.verp import parse_verp
-from tests.integration.test_large import TwistdProcess, free_port, spawn_gsmail
-from tests.integration.test_outbound_mx import (
-    GROUP,
-    ScriptedCore,
-    message,
-    receiver,
-    stop_receivers,
-    submit,
-    wait_until,
-)
+from tests.integration.mx import GROUP, ScriptedCore, message, receiver, stop_receivers, submit
+from tests.util import Child, eventually, free_port, spawn_gsmail
 
 log = Logger()
 
@@ -84,17 +75,15 @@ class CrashRecoveryTests(TestCase):
             )
         return path
 
-    async def start_gsmail(
-        self, directory: str, config: str, port: int
-    ) -> tuple[TwistdProcess, Any]:
+    async def start_gsmail(self, directory: str, config: str, port: int) -> Child:
         """Run C{twistd -n gsmail}; fire once its submission port accepts connections."""
-        child, process = spawn_gsmail(self, directory, config, signal.SIGKILL)
+        child = await spawn_gsmail(self, directory, config, signal.SIGKILL)
         deadline = reactor.seconds() + 30
         while not await deferToThread(port_open, port):
             if child.ended.called or reactor.seconds() > deadline:
-                self.fail("gsmail did not start:\n" + child.output.decode(errors="replace"))
+                self.fail("gsmail did not start:\n" + child.output)
             await deferLater(reactor, 0.1)
-        return child, process
+        return child
 
     async def test_sigkill_mid_delivery(self) -> None:
         """
@@ -111,31 +100,31 @@ class CrashRecoveryTests(TestCase):
         submission_port = free_port()
         config = self.write_config(directory, submission_port, relay.getHost().port)
 
-        child, process = await self.start_gsmail(directory, config, submission_port)
+        child = await self.start_gsmail(directory, config, submission_port)
         await deferToThread(
             submit, submission_port, GROUP, RECIPIENTS, message("crash"), xverp=True
         )
         # Poll often: the kill should land mid-delivery, near KILL_AT.
-        await wait_until(
-            f"{KILL_AT} recipients at the smarthost",
+        await eventually(
             lambda: len(core.recipients()) >= KILL_AT,
+            f"{KILL_AT} recipients at the smarthost",
             timeout=60,
         )
-        process.signalProcess(signal.SIGKILL)
+        child.signal(signal.SIGKILL)
         await child.ended
         at_kill = len(set(core.recipients()))
         self.assertLess(at_kill, len(RECIPIENTS), "the kill came after the whole delivery")
 
-        child, process = await self.start_gsmail(directory, config, submission_port)
-        await wait_until(
-            "every recipient at the smarthost",
+        child = await self.start_gsmail(directory, config, submission_port)
+        await eventually(
             lambda: set(core.recipients()) >= set(RECIPIENTS),
+            "every recipient at the smarthost",
             timeout=90,
         )
-        await wait_until(
-            "the queue to empty", lambda: not read_queue(os.path.join(directory, "queue"))
+        await eventually(
+            lambda: not read_queue(os.path.join(directory, "queue")), "the queue to empty"
         )
-        process.signalProcess(signal.SIGTERM)
+        child.signal(signal.SIGTERM)
         await child.ended
 
         received = core.recipients()

@@ -23,469 +23,39 @@ covered.
 from __future__ import annotations
 
 import os
-import smtplib
-import socket
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import attrs
-from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.names import authority, dns, server
 from twisted.trial.unittest import TestCase
-from zope.interface import provider
 
-from gsmail import status
-from gsmail.addresses import Address, Route, RouteKind
-from gsmail.inbound.protocol import (
-    Envelope,
-    InboundFactory,
-    ServerSettings,
-    Session,
-    SMTPServer,
-)
-from gsmail.inbound.spool import SpooledMessage, remove
 from gsmail.outbound.dsn import parse_dsn
 from gsmail.outbound.queue import DELIVERED, FAILED, PENDING
-from gsmail.outbound.queue import Envelope as QueuedEnvelope
 from gsmail.service import GsmailService, makeService
-from gsmail.status import Reply
-from tests.util import listen_dns, make_config, start_service
-
-#: How long any one wait in these tests may take, in seconds.
-WAIT = 20.0
-
-# The receiving hosts, by role.
-GOOD = "127.0.0.2"  # accepts everything
-GREET_421 = "127.0.0.3"  # 421 greeting (max_connections = 0)
-REJECT_550 = "127.0.0.4"  # 550 5.1.1 to every RCPT
-MAIL_451 = "127.0.0.5"  # 451 4.3.2 to MAIL
-DOWN = "127.0.0.6"  # port bound, nothing listening: connection refused
-STARTTLS = "127.0.0.7"  # accepts, offers STARTTLS
-SLOW = "127.0.0.8"  # accepts, answers the final dot after SLOW_REPLY seconds
-
-SLOW_REPLY = 1.5
-
-SENDER = "owner@s.test"
-GROUP = "example@groups.example.com"
-
-
-# -- receiving servers --------------------------------------------------------
-@attrs.frozen
-class Received:
-    """One transaction a receiving server accepted."""
-
-    sender: str
-    recipients: list[str]
-    data: bytes
-    tls: bool
-
-
-class ScriptedCore:
-    """
-    A receiving server's delivery core with scripted replies: C{rcpt} to each
-    RCPT, C{final} after the final dot (after C{delay} seconds). Records
-    every accepted transaction in L{received}, when the final dot arrives.
-    """
-
-    def __init__(
-        self,
-        rcpt: Reply = status.RECIPIENT_OK,
-        final: Reply = status.OK,
-        delay: float = 0.0,
-    ) -> None:
-        self.rcpt = rcpt
-        self.final = final
-        self.delay = delay
-        self.received: list[Received] = []
-        self.rcpt_calls = 0
-
-    def check_recipient(
-        self, session: Session, recipient: Address
-    ) -> Deferred[tuple[Reply, Route | None]]:
-        self.rcpt_calls += 1
-        route = Route(RouteKind.REMOTE, recipient) if self.rcpt.is_success else None
-        return succeed((self.rcpt, route))
-
-    def deliver(
-        self, session: Session, envelope: Envelope, message: SpooledMessage
-    ) -> Deferred[list[Reply]]:
-        with open(message.path, "rb") as f:
-            data = f.read()
-        remove(message.path)
-        self.received.append(
-            Received(
-                sender=str(envelope.sender) if envelope.sender else "",
-                recipients=[str(r.recipient) for r in envelope.recipients],
-                data=data,
-                tls=session.tls,
-            )
-        )
-        replies = [self.final] * len(envelope.recipients)
-        if self.delay:
-            return deferLater(reactor, self.delay, lambda: replies)
-        return succeed(replies)
-
-    def recipients(self) -> list[str]:
-        """Every recipient accepted so far, in order, duplicates included."""
-        return [r for t in self.received for r in t.recipients]
-
-
-class CountingFactory(InboundFactory):
-    """An inbound factory that counts the connections it was offered."""
-
-    offered = 0
-
-    def buildProtocol(self, addr: Any) -> Any:
-        self.offered += 1
-        return super().buildProtocol(addr)
-
-
-class RefuseMail(SMTPServer):
-    """A server that answers every MAIL with C{451 4.3.2}."""
-
-    def do_MAIL(self, arg: str) -> None:
-        self.transport.write(b"451 4.3.2 System not accepting mail now\r\n")
-
-
-def receiver(
-    core: ScriptedCore,
-    spool_dir: str,
-    *,
-    tls: Any = None,
-    max_connections: int = 100,
-    protocol: type[SMTPServer] | None = None,
-) -> CountingFactory:
-    """An ESMTP server factory over C{core}."""
-    settings = ServerSettings(
-        hostname="mx.receiver.test",
-        max_connections=max_connections,
-        idle_timeout=30,
-        max_recipients=10_000,
-        tls=tls,
-    )
-    factory = CountingFactory(core, settings, reactor, spool_dir=spool_dir)
-    if protocol is not None:
-        factory.protocol = protocol  # type: ignore[assignment]
-    return factory
-
-
-async def stop_receivers(ports: list[Any], factories: list[CountingFactory]) -> None:
-    """Stop listening, then wait (bounded) until every server connection is gone."""
-    for port in ports:
-        await port.stopListening()
-    await wait_until(
-        "the receiving servers' connections to close",
-        lambda: all(f.connections == 0 for f in factories),
-    )
-
-
-# -- certificates -----------------------------------------------------------------
-@attrs.frozen
-class TestPKI:
-    """A test CA and one server certificate it signed (PEM)."""
-
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-
-    def server_options(self) -> Any:
-        """The server TLS context for STARTTLS."""
-        return ssl.PrivateCertificate.loadPEM(self.key_pem + self.cert_pem).options()
-
-
-_pki: dict[str, TestPKI] = {}
-
-
-def make_pki(name: str) -> TestPKI:
-    """A CA and a certificate for DNS name C{name} (EC P-256, valid a day); cached."""
-    if name in _pki:
-        return _pki[name]
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gsmail test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = TestPKI(
-        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
-        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    _pki[name] = pki
-    return pki
-
-
-# -- DNS ------------------------------------------------------------------------------
-class MemoryZone(authority.FileAuthority):
-    """The zone C{test}, held in memory; names without records answer NXDOMAIN."""
-
-    def __init__(self, records: list[tuple[bytes, Any]]) -> None:
-        self._records = records
-        super().__init__(None)
-
-    def loadFile(self, filename: object) -> None:
-        soa = dns.Record_SOA(
-            mname=b"ns.test", rname=b"hostmaster.test", serial=1, minimum=60, expire=60, ttl=60
-        )
-        self.soa = (b"test", soa)
-        self.records = {b"test": [soa]}
-        for name, record in self._records:
-            self.records.setdefault(name.lower(), []).append(record)
-
-
-def MX(preference: int, name: bytes) -> dns.Record_MX:
-    return dns.Record_MX(preference, name, ttl=300)
-
-
-def A(address: str) -> dns.Record_A:
-    return dns.Record_A(address, ttl=300)
-
-
-ZONE = [
-    # Failover: down, then 421, then a host that accepts (listed out of order).
-    (b"a.test", MX(30, b"mx3.a.test")),
-    (b"a.test", MX(10, b"mx1.a.test")),
-    (b"a.test", MX(20, b"mx2.a.test")),
-    (b"mx1.a.test", A(DOWN)),
-    (b"mx2.a.test", A(GREET_421)),
-    (b"mx3.a.test", A(GOOD)),
-    # Only a host that refuses MAIL with 451.
-    (b"b.test", MX(10, b"mx.b.test")),
-    (b"mx.b.test", A(MAIL_451)),
-    # A host that refuses the recipient with 550 5.1.1.
-    (b"c.test", MX(10, b"mx.c.test")),
-    (b"mx.c.test", A(REJECT_550)),
-    # 451 to MAIL at the best host, a backup that accepts.
-    (b"d.test", MX(10, b"mx1.d.test")),
-    (b"d.test", MX(20, b"mx2.d.test")),
-    (b"mx1.d.test", A(MAIL_451)),
-    (b"mx2.d.test", A(GOOD)),
-    # RFC 7505 null MX.
-    (b"nullmx.test", MX(0, b"")),
-    # The foreign sender's domain: its DSNs land at the accepting host.
-    (b"s.test", MX(10, b"mx.s.test")),
-    (b"mx.s.test", A(GOOD)),
-    # A host without STARTTLS, and one with it.
-    (b"plain.test", MX(10, b"mx.plain.test")),
-    (b"mx.plain.test", A(GOOD)),
-    (b"tls.test", MX(10, b"mx.tls.test")),
-    (b"mx.tls.test", A(STARTTLS)),
-    # A host that is slow to answer the final dot.
-    (b"slow.test", MX(10, b"mx.slow.test")),
-    (b"mx.slow.test", A(SLOW)),
-    # nx.test has no records: NXDOMAIN.
-]
-
-
-# -- waiting, submitting, logs ------------------------------------------------------
-async def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll C{check} every 50 ms; fail naming C{what} after C{timeout} seconds."""
-    deadline = reactor.seconds() + timeout
-    while not check():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await deferLater(reactor, 0.05)
-
-
-def message(subject: str) -> bytes:
-    """A small message with a unique Message-ID."""
-    return (
-        f"From: {SENDER}\r\nTo: someone\r\nSubject: {subject}\r\n"
-        f"Message-ID: <{subject.replace(' ', '-')}.{os.urandom(4).hex()}@s.test>\r\n\r\n"
-        f"Body of {subject}.\r\n"
-    ).encode()
-
-
-def submit(
-    port: int, sender: str, recipients: list[str], data: bytes, *, xverp: bool = False
-) -> str:
-    """
-    Submit a message (blocking: run it in a thread); return its queue id,
-    from the C{250 2.0.0 Queued as ID} reply.
-    """
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
-        s.ehlo("client.test")
-        code, reply = s.mail(sender, ["XVERP"] if xverp else [])
-        assert code == 250, (code, reply)
-        for recipient in recipients:
-            code, reply = s.rcpt(recipient)
-            assert code == 250, (code, reply)
-        code, reply = s.data(data)
-        assert code == 250, (code, reply)
-        return reply.decode().rsplit(" ", 1)[-1]
-
-
-def capture_log(test: TestCase) -> list[LogEvent]:
-    """Every log event from now until the test ends."""
-    events: list[LogEvent] = []
-
-    @provider(ILogObserver)
-    def observe(event: LogEvent) -> None:
-        events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    test.addCleanup(globalLogPublisher.removeObserver, observe)
-    return events
-
-
-@attrs.define
-class Network:
-    """The receivers, the down host and the DNS server of one test."""
-
-    port: int
-    dns_port: int
-    cores: dict[str, ScriptedCore]
-    factories: dict[str, CountingFactory]
-
-
-async def start_network(test: TestCase, directory: str) -> Network:
-    """
-    Start the receivers on 127.0.0.2.. on one port P (retrying with another
-    P when one of the addresses has P taken, bounded), bind the down host's
-    P without listening, and serve L{ZONE} on 127.0.0.1 (UDP and TCP).
-    """
-    spool = os.path.join(directory, "receivers")
-    os.makedirs(spool, exist_ok=True)
-    pki = make_pki("mx.tls.test")
-    cores = {
-        GOOD: ScriptedCore(),
-        GREET_421: ScriptedCore(),
-        REJECT_550: ScriptedCore(rcpt=Reply(550, "5.1.1", "No such user here")),
-        MAIL_451: ScriptedCore(),
-        STARTTLS: ScriptedCore(),
-        SLOW: ScriptedCore(delay=SLOW_REPLY),
-    }
-    factories = {
-        GOOD: receiver(cores[GOOD], spool),
-        GREET_421: receiver(cores[GREET_421], spool, max_connections=0),
-        REJECT_550: receiver(cores[REJECT_550], spool),
-        MAIL_451: receiver(cores[MAIL_451], spool, protocol=RefuseMail),
-        STARTTLS: receiver(cores[STARTTLS], spool, tls=pki.server_options()),
-        SLOW: receiver(cores[SLOW], spool),
-    }
-    for _ in range(20):
-        ports: list[Any] = []
-        down = socket.socket()
-        try:
-            for address, factory in factories.items():
-                port = ports[0].getHost().port if ports else 0
-                ports.append(reactor.listenTCP(port, factory, interface=address))
-            down.bind((DOWN, ports[0].getHost().port))
-        except (CannotListenError, OSError):
-            down.close()
-            for p in ports:
-                await p.stopListening()
-            continue
-        break
-    else:
-        raise AssertionError("no port was free on all of 127.0.0.2-8 in 20 tries")
-    test.addCleanup(stop_receivers, ports, list(factories.values()))
-    test.addCleanup(down.close)
-
-    zone = server.DNSServerFactory(authorities=[MemoryZone(ZONE)], verbose=0)
-    zone.noisy = False
-    udp, tcp = listen_dns(reactor, zone)
-    test.addCleanup(udp.stopListening)
-    test.addCleanup(tcp.stopListening)
-    return Network(ports[0].getHost().port, udp.getHost().port, cores, factories)
-
-
-def start_gsmail(test: TestCase, directory: str, network: Network, **overrides: Any) -> Any:
-    """gsmail with its submission listener, delivering by MX through the test zone."""
-    config = make_config(
-        directory,
-        smtp_endpoint="",
-        lmtp_endpoint="",
-        submission_endpoint="tcp:0:interface=127.0.0.1",
-        queue_dir=os.path.join(directory, "queue"),
-        dns_servers=(f"127.0.0.1:{network.dns_port}",),
-        mx_port=network.port,
-        **overrides,
-    )
-    return start_service(test, config)
-
-
-def queued(service: GsmailService, queue_id: str) -> QueuedEnvelope | None:
-    """The message's envelope while it is queued, else C{None}."""
-    assert service.queue is not None
-    return service.queue.get(queue_id)
-
-
-def envelopes(service: GsmailService) -> list[QueuedEnvelope]:
-    """Every message in gsmail's outbound queue."""
-    assert service.queue is not None
-    return service.queue.envelopes()
-
-
-def attempted(service: GsmailService, queue_id: str) -> Callable[[], bool]:
-    """A check: every recipient of the message has had an attempt."""
-
-    def check() -> bool:
-        envelope = queued(service, queue_id)
-        return envelope is not None and all(r.attempts >= 1 for r in envelope.recipients)
-
-    return check
-
-
-def gone(service: GsmailService, queue_id: str) -> Callable[[], bool]:
-    """A check: the message has left the queue (every recipient done)."""
-    return lambda: queued(service, queue_id) is None
+from tests.integration.mx import (
+    DOWN,
+    GOOD,
+    GREET_421,
+    GROUP,
+    MAIL_451,
+    REJECT_550,
+    SENDER,
+    SLOW,
+    SLOW_REPLY,
+    STARTTLS,
+    attempted,
+    capture_log,
+    envelopes,
+    gone,
+    message,
+    queued,
+    start_gsmail,
+    start_network,
+    submit,
+)
+from tests.util import eventually, make_config
 
 
 class MXDeliveryTests(TestCase):
@@ -522,7 +92,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@a.test"], message("failover"))
-        await wait_until("delivery via mx3.a.test", gone(service, qid))
+        await eventually(gone(service, qid), "delivery via mx3.a.test")
         [got] = self.network.cores[GOOD].received
         self.assertEqual((got.sender, got.recipients), (SENDER, ["member@a.test"]))
         self.assertIn(b"Subject: failover\n", got.data)
@@ -538,7 +108,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@b.test"], message("later"))
-        await wait_until("the first attempt", attempted(service, qid))
+        await eventually(attempted(service, qid), "the first attempt")
         now = reactor.seconds()
         envelope = queued(service, qid)
         assert envelope is not None
@@ -557,16 +127,16 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@d.test"], message("backup"))
-        await wait_until(
-            "delivery via mx2.d.test, or the attempt to end",
+        await eventually(
             lambda: bool(self.network.cores[GOOD].received) or attempted(service, qid)(),
+            "delivery via mx2.d.test, or the attempt to end",
         )
         self.assertEqual(
             [t.recipients for t in self.network.cores[GOOD].received],
             [["member@d.test"]],
             "not delivered via the backup MX host after 451 to MAIL",
         )
-        await wait_until("the message to leave the queue", gone(service, qid))
+        await eventually(gone(service, qid), "the message to leave the queue")
 
     async def test_550_bounces_to_the_verp_address(self) -> None:
         """
@@ -579,9 +149,9 @@ class MXDeliveryTests(TestCase):
         qid = await deferToThread(
             submit, port, GROUP, ["member@c.test"], message("bounce"), xverp=True
         )
-        await wait_until("the bounce to be recorded", lambda: bool(service.standin.bounces()))
+        await eventually(lambda: bool(service.standin.bounces()), "the bounce to be recorded")
         self.assertEqual(service.standin.bounces(), [("member@c.test", GROUP)])
-        await wait_until("the queue to empty", lambda: not envelopes(service))
+        await eventually(lambda: not envelopes(service), "the queue to empty")
         self.assertEqual(self.network.cores[REJECT_550].rcpt_calls, 1)
         self.assertEqual(self.network.cores[REJECT_550].received, [])
         outcomes = [
@@ -596,10 +166,10 @@ class MXDeliveryTests(TestCase):
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, [recipient], message("no such"))
         good = self.network.cores[GOOD]
-        await wait_until("the DSN at the sender's MX host", lambda: bool(good.received))
+        await eventually(lambda: bool(good.received), "the DSN at the sender's MX host")
         [dsn] = good.received
         self.assertEqual((dsn.sender, dsn.recipients), ("", [SENDER]))
-        await wait_until("the queue to empty", lambda: not envelopes(service))
+        await eventually(lambda: not envelopes(service), "the queue to empty")
         self.assertTrue(gone(service, qid)())
         return parse_dsn(dsn.data)
 
@@ -632,7 +202,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start(mx_tls="encrypt")
         qid = await deferToThread(submit, port, SENDER, ["member@plain.test"], message("tls"))
-        await wait_until("the first attempt", attempted(service, qid))
+        await eventually(attempted(service, qid), "the first attempt")
         envelope = queued(service, qid)
         assert envelope is not None
         [r] = envelope.recipients
@@ -648,7 +218,7 @@ class MXDeliveryTests(TestCase):
         """
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@tls.test"], message("may"))
-        await wait_until("delivery via mx.tls.test", gone(service, qid))
+        await eventually(gone(service, qid), "delivery via mx.tls.test")
         [got] = self.network.cores[STARTTLS].received
         self.assertEqual(got.recipients, ["member@tls.test"])
         self.assertTrue(got.tls)
@@ -666,12 +236,12 @@ class MXDeliveryTests(TestCase):
         service, port = self.start()
         qid = await deferToThread(submit, port, SENDER, ["member@slow.test"], message("slow"))
         slow = self.network.cores[SLOW]
-        await wait_until("the final dot at the slow host", lambda: bool(slow.received))
+        await eventually(lambda: bool(slow.received), "the final dot at the slow host")
         cpu, wall = time.process_time(), reactor.seconds()
         await deferLater(reactor, SLOW_REPLY / 2)
         cpu, wall = time.process_time() - cpu, reactor.seconds() - wall
         self.assertLess(cpu, wall / 4, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting")
-        await wait_until("the delivery to be recorded", gone(service, qid))
+        await eventually(gone(service, qid), "the delivery to be recorded")
 
 
 class ServiceLifecycleTests(TestCase):

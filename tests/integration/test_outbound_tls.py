@@ -23,22 +23,20 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.outbound.queue import PENDING
 from gsmail.service import GsmailService
-from tests.integration.test_clients import make_certificate
-from tests.integration.test_outbound_mx import (
+from tests.certificates import make_certificate, make_pki
+from tests.integration.mx import (
     SENDER,
     CountingFactory,
     ScriptedCore,
     attempted,
     gone,
-    make_pki,
     message,
     queued,
     receiver,
     stop_receivers,
     submit,
-    wait_until,
 )
-from tests.util import make_config, start_service
+from tests.util import eventually, make_config, start_service
 
 #: The name in the smarthost's certificate.
 NAME = "smtp.relay.test"
@@ -84,7 +82,7 @@ class SmarthostTLSTests(TestCase):
     async def stays_queued(self, service: GsmailService, port: int, enhanced: str) -> None:
         """Submit one message; it must stay queued after one attempt with C{enhanced}."""
         qid = await deferToThread(submit, port, SENDER, ["member@far.test"], message("wait"))
-        await wait_until("the first attempt", attempted(service, qid))
+        await eventually(attempted(service, qid), "the first attempt")
         envelope = queued(service, qid)
         assert envelope is not None
         [r] = envelope.recipients
@@ -104,7 +102,7 @@ class SmarthostTLSTests(TestCase):
         core, _, relay_port = self.listen(tls=True)
         service, port = self.start(relay_port, tls_name=NAME)
         qid = await deferToThread(submit, port, SENDER, ["member@far.test"], message("tls"))
-        await wait_until("the relay to take the message", gone(service, qid))
+        await eventually(gone(service, qid), "the relay to take the message")
         [got] = core.received
         self.assertEqual((got.sender, got.recipients), (SENDER, ["member@far.test"]))
         self.assertTrue(got.tls)
@@ -156,7 +154,7 @@ class SmarthostTLSTests(TestCase):
         core, _, relay_port = self.listen(tls=True)
         service, port = self.start(relay_port, tls_name=NAME, no_tls=True)
         qid = await deferToThread(submit, port, SENDER, ["member@far.test"], message("no_tls"))
-        await wait_until("the relay to take the message", gone(service, qid))
+        await eventually(gone(service, qid), "the relay to take the message")
         [got] = core.received
         self.assertTrue(got.tls)
 
@@ -181,6 +179,6 @@ class SmarthostTLSTests(TestCase):
 
         code, text = await deferToThread(send)
         self.assertEqual((code, text), (530, "5.7.0 Must issue a STARTTLS command first"))
-        await wait_until("the relay to take the message", lambda: bool(core.received))
+        await eventually(lambda: bool(core.received), "the relay to take the message")
         [got] = core.received
         self.assertFalse(got.tls)

@@ -23,32 +23,23 @@ gsmail's dependencies, made once under C{/tmp}.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import os
 import pwd
-import re
-import shutil
-import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Final
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
-from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from gsmail import status
 from tests.integration.postfix import Delivery, PrivatePostfix
-from tests.test_script import ROOT, SENDER, StandInServer, write_config
+from tests.integration.running import PIPE_USER, pipe_runtime, pipe_user
+from tests.pipe import GROUPS, SENDER, TOKEN, write_config
+from tests.util import ROOT, StandInServer
 
 EXAMPLE: Final = "example@groups.example.com"
 NOSUCH: Final = "nosuch@groups.example.com"
 
-#: The unprivileged user pipe(8) runs the command as in these tests.
-PIPE_USER: Final = "nobody"
 
 #: The example files the tests configure Postfix with.
 CONF: Final = os.path.join(ROOT, "conf", "postfix")
@@ -68,9 +59,6 @@ PLACEHOLDERS: Final = {
 #: until qmgr restarts; 3 s lets the pipe process finish first. (Postfix's
 #: default, 300 s, is far from that.)
 RETRY: Final = {"minimal_backoff_time": "3s", "maximal_backoff_time": "4s"}
-
-#: Modules the command imports while it posts.
-PROBE: Final = "import gsmail.script, gsmail.groupserver, gsmail.ledger, twisted.internet.reactor"
 
 
 def message(message_id: str, subject: str = "Hello") -> bytes:
@@ -128,133 +116,6 @@ def _continuation(lines: Sequence[str]) -> list[str]:
     return found
 
 
-class _Probe(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int] = Deferred()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(getattr(reason.value, "exitCode", None) or 0)
-
-
-async def _runs_as(user: pwd.struct_passwd, python: str, path: Sequence[str]) -> bool:
-    """Whether C{user} can run C{python} and import the command with C{path}."""
-    probe = _Probe()
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(path)}
-    transport = reactor.spawnProcess(
-        probe,
-        python,
-        [python, "-c", PROBE],
-        env=env,
-        path="/",
-        uid=user.pw_uid,
-        gid=user.pw_gid,
-    )
-    killer = reactor.callLater(30, transport.signalProcess, "KILL")
-    code = await probe.ended
-    if killer.active():
-        killer.cancel()
-    return code == 0
-
-
-_runtime: tuple[str, tuple[str, ...]] | None = None
-
-
-async def pipe_runtime(user: pwd.struct_passwd) -> tuple[str, tuple[str, ...]]:
-    """
-    An interpreter and a C{PYTHONPATH} with which C{user} runs this
-    checkout's C{smtp2gs}: this interpreter if it can, else the system's
-    Python of the same version with a copy of gsmail's dependencies.
-
-    @raise SkipTest: neither works (a failure when C{CI} is set).
-    """
-    global _runtime
-    if _runtime is not None:
-        return _runtime
-    if await _runs_as(user, sys.executable, [ROOT]):
-        _runtime = (sys.executable, (ROOT,))
-        return _runtime
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for python in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        # The same binary is another runtime when this one is a virtual
-        # environment (its site-packages may be where the user cannot read).
-        in_venv = sys.prefix != sys.base_prefix
-        if os.access(python, os.X_OK) and (
-            in_venv or os.path.realpath(python) != os.path.realpath(sys.executable)
-        ):
-            copy = _dependency_copy()
-            if await _runs_as(user, python, [ROOT, copy]):
-                _runtime = (python, (ROOT, copy))
-                return _runtime
-    problem = (
-        f"user {user.pw_name!r} cannot run {sys.executable} and there is no system "
-        f"Python {version} to run smtp2gs with"
-    )
-    if os.environ.get("CI"):
-        raise AssertionError(problem)
-    raise SkipTest(problem)
-
-
-def _dependency_copy() -> str:
-    """
-    A world-readable directory under C{/tmp} holding a copy of every
-    distribution gsmail requires (with their compiled byte code, whose
-    modification times are kept so that they stay valid); made once per
-    set of versions, reused by later runs.
-    """
-    names = sorted(_requirements("gsmail") - {"gsmail"})
-    versions = [f"{name}=={importlib.metadata.version(name)}" for name in names]
-    digest = hashlib.sha256("\n".join([sys.version, *versions]).encode()).hexdigest()[:16]
-    target = os.path.join(tempfile.gettempdir(), f"gsmail-test-pipe-runtime-{digest}")
-    if os.path.isdir(target):
-        return target
-    building = tempfile.mkdtemp(prefix="gsmail-test-pipe-runtime-", dir=tempfile.gettempdir())
-    try:
-        for name in names:
-            distribution = importlib.metadata.distribution(name)
-            for file in distribution.files or []:
-                source = str(distribution.locate_file(file))
-                if ".." in file.parts or not os.path.isfile(source):
-                    continue  # scripts outside site-packages
-                destination = os.path.join(building, *file.parts)
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
-                shutil.copy2(source, destination)
-        for directory, _, _ in os.walk(building):
-            os.chmod(directory, 0o755)
-        os.rename(building, target)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        if os.path.isdir(target):  # another run made it meanwhile
-            return target
-        raise
-    return target
-
-
-def _requirements(name: str) -> set[str]:
-    """The distributions C{name} needs, itself included, with the extras asked for."""
-    from packaging.requirements import Requirement
-
-    found: dict[str, frozenset[str]] = {}
-    todo = [(name, frozenset[str]())]
-    while todo:
-        current, extras = todo.pop()
-        key = re.sub(r"[-_.]+", "-", current).lower()
-        if key in found and extras <= found[key]:
-            continue
-        found[key] = found.get(key, frozenset()) | extras
-        for line in importlib.metadata.distribution(current).requires or []:
-            requirement = Requirement(line)
-            environments = [{"extra": extra} for extra in (extras or {""})]
-            if requirement.marker is None or any(
-                requirement.marker.evaluate(environment) for environment in environments
-            ):
-                todo.append((requirement.name, frozenset(requirement.extras)))
-    return set(found)
-
-
 class PipePostfix(PrivatePostfix):
     """
     A private Postfix whose master.cf also has the C{smtp2gs} pipe service
@@ -276,17 +137,6 @@ class AliasPostfix(PrivatePostfix):
 
     def master_cf(self) -> str:
         return super().master_cf() + "local unix - n n - - local\n"
-
-
-def pipe_user() -> pwd.struct_passwd:
-    """L{PIPE_USER}'s account; the test is skipped (failed in CI) without it."""
-    try:
-        return pwd.getpwnam(PIPE_USER)
-    except KeyError:
-        problem = f"no user {PIPE_USER!r} to run the pipe as"
-    if os.environ.get("CI"):
-        raise AssertionError(problem)
-    raise SkipTest(problem)
 
 
 class PostfixPipeTests(TestCase):
@@ -315,7 +165,7 @@ class PostfixPipeTests(TestCase):
         """
         user = pipe_user()
         postfix = PipePostfix(self)
-        self.server = StandInServer(self)
+        self.server = StandInServer(self, GROUPS, TOKEN)
         self.standin = self.server.standin
         command = await self.command(postfix, user)
         state = postfix.path("state")
@@ -343,7 +193,7 @@ class PostfixPipeTests(TestCase):
         """
         user = pipe_user()
         postfix = AliasPostfix(self)
-        self.server = StandInServer(self)
+        self.server = StandInServer(self, GROUPS, TOKEN)
         self.standin = self.server.standin
         command = await self.command(postfix, user)
         config = write_config(postfix.path("etc-gs"))

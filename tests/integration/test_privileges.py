@@ -27,21 +27,14 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.startup import EX_NOPERM
 from tests.integration.running import (
-    ROOT,
     client_argv,
     ensure_group,
     ensure_user,
-    python_env,
+    pipe_runtime,
     require_root,
-    run_child,
-    run_to_end,
-    stop,
     system_python,
-    twistd_argv,
-    wait_for,
 )
-from tests.integration.test_postfix_pipe import pipe_runtime
-from tests.util import TOKEN
+from tests.util import ROOT, TOKEN, python_env, run_child, run_to_end, stop, twistd_argv, wait_for
 
 #: The user gsmail runs as, the group its LMTP socket is given to, a user
 #: in that group (Postfix's role) and one outside it.

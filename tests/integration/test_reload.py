@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import signal
-import smtplib
 import subprocess
 import sys
 from typing import Any
@@ -28,21 +27,26 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from tests.integration.running import ROOT, Child, python_env, run_child, stop, twistd_argv
-from tests.test_reload import new_certificate, peer_certificate, write_config
-from tests.util import DOMAIN, TOKEN, make_config, port_of, require_tool, start_service
+from tests.certificates import new_certificate, peer_certificate
+from tests.integration.clients import rcpt
+from tests.reloadconf import write_config
+from tests.util import (
+    DOMAIN,
+    ROOT,
+    TOKEN,
+    Child,
+    make_config,
+    port_of,
+    python_env,
+    require_tool,
+    run_child,
+    start_service,
+    stop,
+    twistd_argv,
+)
 
 #: Polls of the log (every 50 ms) before a test gives up.
 POLLS = 400
-
-
-def rcpt(port: int, recipient: str) -> str:
-    """The enhanced status code gsmail answers C{RCPT TO:<recipient>} (blocking)."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-        client.ehlo("client.example.org")
-        client.mail("alice@example.org")
-        code, text = client.rcpt(recipient)
-        return text.decode().split()[0]
 
 
 class TwistdReloadTests(TestCase):

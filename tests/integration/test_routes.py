@@ -25,11 +25,8 @@ from gsmail.config import ConfigError
 from gsmail.inbound.routing import RoutedMessage
 from gsmail.report import collect
 from gsmail.service import makeService
-from tests.integration.test_outbound import (
-    refusing_server,
-    wait_until,
-)
-from tests.util import DOMAIN, make_config, port_of, start_service
+from tests.integration.mailer import refusing_server
+from tests.util import DOMAIN, eventually, make_config, port_of, start_service
 
 OTHER = "lists.example.com"
 
@@ -131,7 +128,7 @@ class ForwardTests(TestCase):
         self.assertEqual(
             await sendmail(port, "alice@example.org", [f"support@{DOMAIN}"], message("help")), {}
         )
-        await wait_until(lambda: len(sink.received) == 1, lambda: f"{sink.received}")
+        await eventually(lambda: len(sink.received) == 1, lambda: f"{sink.received}")
         [forwarded] = sink.received
         self.assertEqual(forwarded.recipients, ("helper@example.net",))
         self.assertRegex(
@@ -141,7 +138,7 @@ class ForwardTests(TestCase):
         # The outside server bounces it later: the bounce goes to the SRS address.
         bounce = b"From: MAILER-DAEMON@example.net\r\nSubject: Undelivered\r\n\r\nNo such user.\r\n"
         self.assertEqual(await sendmail(port, "", [forwarded.sender], bounce), {})
-        await wait_until(lambda: len(sink.received) == 2, lambda: f"{sink.received}")
+        await eventually(lambda: len(sink.received) == 2, lambda: f"{sink.received}")
         back = sink.received[1]
         self.assertEqual((back.sender, back.recipients), ("", ("alice@example.org",)))
         self.assertIn(b"No such user.", back.data)
@@ -324,7 +321,7 @@ class SiteTests(TestCase):
             env=dict(os.environ),
         )
         self.assertEqual(code, 0)
-        await wait_until(
+        await eventually(
             lambda: any("admin@example.net" in r.recipients for r in sink.received),
             lambda: f"{sink.received}",
         )
@@ -411,7 +408,7 @@ class ReloadTests(TestCase):
         self.assertEqual(await refusal(), b"5.7.1 first")
         write_routes(directory, "[a@groups.example.com]\nreject = 550 5.7.1 second\n")
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_until(
+        await eventually(
             lambda: service.core.routes.entries[0].reject.text == "second",  # type: ignore[union-attr]
             lambda: "not reloaded",
             timeout=10,

@@ -19,15 +19,8 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.startup import EX_CANTCREAT, EX_NOPERM, EX_OSERR
 from gsmail.status import EX_CONFIG
-from tests.integration.running import (
-    ROOT,
-    Child,
-    python_env,
-    require_root,
-    run_to_end,
-    twistd_argv,
-)
-from tests.util import TOKEN
+from tests.integration.running import require_root
+from tests.util import ROOT, TOKEN, Child, python_env, run_to_end, twistd_argv
 
 
 class StartupFailureTests(TestCase):
@@ -117,7 +110,7 @@ class StartupFailureTests(TestCase):
     async def test_permission_denied(self) -> None:
         """Port 25 for a user that is not root: 77, saying what would allow it."""
         require_root()
-        from tests.integration.test_postfix_pipe import pipe_runtime, pipe_user
+        from tests.integration.running import pipe_runtime, pipe_user
 
         user = pipe_user()
         python, path = await pipe_runtime(user)

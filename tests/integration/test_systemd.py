@@ -28,17 +28,18 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.running import (
+from tests.util import (
     ROOT,
+    TOKEN,
     Child,
     python_env,
+    require_tool,
     run_child,
     run_to_end,
     stop,
     twistd_argv,
     wait_for,
 )
-from tests.util import TOKEN, require_tool
 
 UNITS: Final = os.path.join(ROOT, "conf", "systemd")
 EXAMPLE: Final = "example@groups.example.com"

@@ -25,18 +25,17 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from gsmail.service import GsmailService
-from tests.integration.test_clients import (
+from tests.certificates import make_certificate, make_chain
+from tests.integration.clients import (
     CLIENT_TIMEOUT,
     EXAMPLE,
     SENDER,
     RawClient,
     as_stored,
-    make_certificate,
     make_message,
     smtp_client,
     strip_trace,
 )
-from tests.test_tlsconfig import make_chain
 from tests.util import make_config, port_of, require_tool, start_service
 
 #: Polls of the log (every 50 ms) before a test gives up on a line.

@@ -7,8 +7,8 @@ threads. Each test asserts what a sender sees (replies), what the groups got
 the main process) and what is left behind (processes, ports, spool files,
 socket files).
 
-Every wait is bounded: L{eventually} polls the real reactor for at most
-L{WAIT} seconds, and every client socket has a timeout.
+Every wait is bounded: L{tests.util.eventually} polls the real reactor for
+a bounded time, and every client socket has a timeout.
 """
 
 from __future__ import annotations
@@ -27,23 +27,25 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from gsmail.service import GsmailService
-from tests.integration.test_clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
-from tests.integration.test_large import free_port, spawn_gsmail
-from tests.util import TOKEN, make_config, port_of, start_service
+from tests.integration.clients import CLIENT_TIMEOUT, EXAMPLE, SENDER, make_message
+from tests.util import (
+    TOKEN,
+    Child,
+    bounded,
+    eventually,
+    free_port,
+    make_config,
+    port_of,
+    spawn_gsmail,
+    start_service,
+)
 
-#: The longest any one wait in these tests lasts (seconds).
-WAIT = 15.0
-#: How often L{eventually} looks again (seconds).
-POLL = 0.05
 #: The Message-ID in a delivery event's C{message_id} field: C{<x@example.org>}.
 MESSAGE_ID = re.compile(r"<(?P<id>.*)>")
 
@@ -51,25 +53,6 @@ _T = TypeVar("_T")
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """
-    Wait on the real reactor until C{predicate()} is true.
-
-    @raise AssertionError: still false after C{timeout} seconds; says C{what}.
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        await deferLater(reactor, POLL, lambda: None)
-
-
-async def bounded(d: Deferred[_T], timeout: float = WAIT) -> _T:
-    """The result of C{d}, which must fire within C{timeout} seconds."""
-    d.addTimeout(timeout, reactor)
-    return await d
 
 
 def in_parallel(calls: Sequence[Callable[[], _T]]) -> list[_T]:
@@ -520,46 +503,28 @@ class MainProcessKilledTests(TestCase):
             )
         return path
 
-    async def start_gsmail(
-        self, directory: str, config: str, *, ready: bool = True
-    ) -> tuple[Any, Any]:
+    async def start_gsmail(self, directory: str, config: str, *, ready: bool = True) -> Child:
         """
-        Run C{twistd -n gsmail}; return its protocol and process once both
-        workers accept (C{ready}), or once both worker processes exist.
-        Fails if it cannot bind the port.
+        Run C{twistd -n gsmail}; return it once both workers accept
+        (C{ready}), or once both worker processes exist. Fails if it cannot
+        bind the port. The cleanup kills it and what is left of its process
+        group (its workers) with SIGKILL.
         """
-        child, process = spawn_gsmail(self, directory, config, None)
-        main_pid = process.pid
-        seen: set[int] = set()
-
-        async def stop() -> None:
-            seen.update(children(main_pid))
-            if not child.ended.called:
-                process.signalProcess(signal.SIGKILL)
-                await child.ended
-            for pid in seen:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-        self.addCleanup(stop)
+        child = await spawn_gsmail(self, directory, config, signal.SIGKILL)
 
         def started() -> bool:
             if child.ended.called:
-                raise AssertionError(
-                    "gsmail did not start:\n" + child.output.decode(errors="replace")
-                )
+                raise AssertionError("gsmail did not start:\n" + child.output)
             if ready:
-                return child.output.count(b") accepting") >= 2
-            seen.update(children(main_pid))
-            return len(seen) >= 2
+                return child.output.count(") accepting") >= 2
+            return len(children(child.pid)) >= 2
 
         await eventually(started, "both workers", timeout=30)
-        seen.update(children(main_pid))  # killed by the cleanup if still alive
-        return child, process
+        return child
 
-    async def kill_main(self, child: Any, process: Any, workers: list[int]) -> None:
+    async def kill_main(self, child: Child, workers: list[int]) -> None:
         """SIGKILL the main process; its C{workers} must end within five seconds."""
-        process.signalProcess(signal.SIGKILL)
+        child.signal(signal.SIGKILL)
         await bounded(child.ended)
         await eventually(
             partial(lambda pids: not any(alive(pid) for pid in pids), workers),
@@ -583,31 +548,31 @@ class MainProcessKilledTests(TestCase):
         os.makedirs(directory)
         port = free_port()
         config = self.write_config(directory, port)
-        child, process = await self.start_gsmail(directory, config)
+        child = await self.start_gsmail(directory, config)
         sent = []
         for kill in range(self.KILLS):
             sent.append(f"kill-{kill}@example.org")
             self.assertEqual(await deferToThread(send, port, sent[-1]), {})
-            workers = children(process.pid)
+            workers = children(child.pid)
             self.assertEqual(len(workers), 2, workers)
-            await self.kill_main(child, process, workers)
-            child, process = await self.start_gsmail(directory, config)
-            self.assertNotIn(b"Address already in use", child.output)
+            await self.kill_main(child, workers)
+            child = await self.start_gsmail(directory, config)
+            self.assertNotIn("Address already in use", child.output)
 
         for _ in range(self.KILLS):
-            await self.kill_main(child, process, children(process.pid))
-            child, process = await self.start_gsmail(directory, config, ready=False)
-            self.assertNotIn(b"Address already in use", child.output)
-        await self.kill_main(child, process, children(process.pid))
-        child, process = await self.start_gsmail(directory, config)
+            await self.kill_main(child, children(child.pid))
+            child = await self.start_gsmail(directory, config, ready=False)
+            self.assertNotIn("Address already in use", child.output)
+        await self.kill_main(child, children(child.pid))
+        child = await self.start_gsmail(directory, config)
 
         # Standard input held open elsewhere: only PR_SET_PDEATHSIG tells
         # the workers their main process died.
-        workers = children(process.pid)
+        workers = children(child.pid)
         for pid in workers:
-            self.addCleanup(os.close, hold_stdin(process.pid, pid))
-        await self.kill_main(child, process, workers)
-        child, process = await self.start_gsmail(directory, config)
+            self.addCleanup(os.close, hold_stdin(child.pid, pid))
+        await self.kill_main(child, workers)
+        child = await self.start_gsmail(directory, config)
 
         sent.append("last@example.org")
         self.assertEqual(await deferToThread(send, port, sent[-1]), {})
@@ -617,5 +582,5 @@ class MainProcessKilledTests(TestCase):
             with open(os.path.join(new, name), "rb") as f:
                 posted.append(f.read())
         self.assertEqual(sorted(message_ids(posted)), sorted(sent))
-        process.signalProcess(signal.SIGTERM)
+        child.signal(signal.SIGTERM)
         await bounded(child.ended, 30)

@@ -12,17 +12,11 @@ test CA, for pipelining, many recipients and STARTTLS with verification.
 from __future__ import annotations
 
 import base64
-import datetime
 import os
 import re
-import socket
 from collections.abc import Sequence
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor as _reactor
@@ -64,8 +58,9 @@ from gsmail.outbound.client import (
     connect,
 )
 from gsmail.status import Reply
-from tests.inbound.test_protocol import FakeCore
-from tests.util import require_tool
+from tests.certificates import new_ca
+from tests.fakes import FakeCore
+from tests.util import free_port, require_tool
 
 reactor: Any = _reactor
 
@@ -1866,13 +1861,6 @@ class InMemoryTests(SynchronousTestCase):
 # -- real sockets ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class _Process(ProcessProtocol):
     def __init__(self) -> None:
         self.output = b""
@@ -2020,70 +2008,6 @@ class SmtpSinkTests(TestCase):
         await conn.quit()
 
 
-def make_ca_and_server_certificate(name: str) -> tuple[bytes, bytes]:
-    """
-    A test CA and a server certificate for C{name} signed by it.
-
-    @return: the CA certificate (PEM) and the server's key and certificate
-        (PEM, concatenated).
-    """
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gsmail test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return (
-        ca.public_bytes(serialization.Encoding.PEM),
-        key_pem + leaf.public_bytes(serialization.Encoding.PEM),
-    )
-
-
 class RealTLSTests(TestCase):
     """STARTTLS against gsmail's own inbound server over a real socket, test CA."""
 
@@ -2091,8 +2015,9 @@ class RealTLSTests(TestCase):
     server_name = "mx.test.example"
 
     def setUp(self) -> None:
-        self.ca_pem, server_pem = make_ca_and_server_certificate(self.server_name)
-        self.server_tls = ssl.PrivateCertificate.loadPEM(server_pem).options()
+        ca = new_ca()
+        self.ca_pem = ca.pem
+        self.server_tls = ca.server_options(self.server_name)
 
     def listen(self, tls: Any, implicit: bool = False) -> int:
         """
@@ -2200,7 +2125,7 @@ class RealTLSTests(TestCase):
 
     async def test_untrusted_ca(self) -> None:
         """A certificate from a CA the client does not trust is refused (4.7.5)."""
-        other_ca, _ = make_ca_and_server_certificate(self.server_name)
+        other_ca = new_ca().pem
         port = self.listen(self.server_tls)
         tls = ClientTLS(
             ssl.optionsForClientTLS(self.server_name, trustRoot=ssl.Certificate.loadPEM(other_ca))

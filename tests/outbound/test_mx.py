@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.names import authority, client, dns, error, server
+from twisted.names import client, dns, error, server
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gsmail.outbound.mx import (
@@ -32,49 +32,7 @@ from gsmail.outbound.mx import (
     parse_relayhost,
 )
 from tests.util import listen_dns
-
-
-class MemoryZone(authority.FileAuthority):
-    """
-    A zone held in memory: C{records} is a list of (owner name, record).
-    Names in the zone without records answer NXDOMAIN, as a real server does.
-    """
-
-    def __init__(self, origin: bytes, records: list[tuple[bytes, Any]]) -> None:
-        self._origin = origin
-        self._records = records
-        super().__init__(None)
-
-    def loadFile(self, filename: object) -> None:
-        soa = dns.Record_SOA(
-            mname=b"ns." + self._origin,
-            rname=b"hostmaster." + self._origin,
-            serial=1,
-            minimum=60,
-            expire=60,
-            ttl=60,
-        )
-        self.soa = (self._origin, soa)
-        self.records = {self._origin: [soa]}
-        for name, record in self._records:
-            self.records.setdefault(name.lower(), []).append(record)
-
-
-def A(address: str, ttl: int = 300) -> dns.Record_A:
-    return dns.Record_A(address, ttl=ttl)
-
-
-def AAAA(address: str, ttl: int = 300) -> dns.Record_AAAA:
-    return dns.Record_AAAA(address, ttl=ttl)
-
-
-def MX(preference: int, name: bytes, ttl: int = 300) -> dns.Record_MX:
-    return dns.Record_MX(preference, name, ttl=ttl)
-
-
-def CNAME(name: bytes, ttl: int = 300) -> dns.Record_CNAME:
-    return dns.Record_CNAME(name, ttl=ttl)
-
+from tests.zones import AAAA, CNAME, MX, A, MemoryZone
 
 ZONE = [
     # Three MX hosts, listed out of preference order.

@@ -37,6 +37,7 @@ from gsmail.outbound.queue import (
     RecipientState,
     read_queue,
 )
+from tests.fakes import ManualSync
 
 MESSAGE = b"From: dev@groups.example.com\nSubject: Hello\n\nBody line\n.leading dot\n"
 
@@ -129,36 +130,6 @@ class RecordingOps(FileOps):
     def truncate(self, fd: int, size: int) -> None:
         self._step("truncate", self._paths[fd])
         super().truncate(fd, size)
-
-
-class ManualSync:
-    """
-    A C{sync} hand-off whose jobs run only when the test says so, like a
-    busy thread pool.
-    """
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], None], Deferred[None]]] = []
-
-    def __call__(self, job: Callable[[], None]) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.jobs.append((job, d))
-        return d
-
-    def finish(self) -> None:
-        """Run the oldest job and report how it went."""
-        job, d = self.jobs.pop(0)
-        try:
-            job()
-        except Exception as exc:
-            d.errback(exc)
-        else:
-            d.callback(None)
-
-    def finish_all(self) -> None:
-        """Run jobs, including those queued meanwhile, until none is left."""
-        while self.jobs:
-            self.finish()
 
 
 ENQUEUE_CALLS = [

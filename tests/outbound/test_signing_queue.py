@@ -18,8 +18,8 @@ from gsmail.outbound import backoff
 from gsmail.outbound.delivery import SIGN_RETRY
 from gsmail.outbound.queue import FileOps, OutboundQueue, read_queue
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec
-from tests.outbound.test_delivery import LIST, SITE, DeliveryTestCase
-from tests.test_signing import DNSStub, key_file, verify_all
+from tests.outbound.fakenet import LIST, SITE, DeliveryTestCase
+from tests.signing import DNSStub, key_file, verify_all
 
 #: A group post as GroupServer submits it.
 POST = (

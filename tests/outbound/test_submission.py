@@ -10,20 +10,17 @@ import errno
 import os
 import socket
 from base64 import b64encode
-from collections.abc import Sequence
 from typing import Any
 
-import attrs
 from twisted.internet import reactor as _reactor
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IAddress, ITLSTransport
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 
 from gsmail import status
 from gsmail.inbound import spool as spool_module
@@ -34,63 +31,10 @@ from gsmail.outbound.submission import (
     SubmissionFactory,
     parse_networks,
 )
+from tests.fakes import FakeQueue, TLSStringTransport
 from tests.util import DiskFaults, open_descriptors
 
 reactor: Any = _reactor
-
-
-@attrs.define
-class Queued:
-    id: str
-    sender: str
-    recipients: list[str]
-    data: bytes
-    xverp: bool
-    params: dict[str, str]
-    dsn: list[tuple[str, str]] | None
-    sign: bool = False
-
-
-class FakeQueue:
-    """Records what would be queued; C{error} makes enqueue fail."""
-
-    def __init__(self) -> None:
-        self.entries: list[Queued] = []
-        self.error: Exception | None = None
-
-    def enqueue(
-        self,
-        sender: str,
-        recipients: list[str],
-        data: bytes | str,
-        *,
-        xverp: bool = False,
-        params: dict[str, str] | None = None,
-        dsn: Sequence[tuple[str, str]] | None = None,
-        sign: bool = False,
-    ) -> Deferred[Any]:
-        if self.error is not None:
-            return fail(self.error)
-        assert isinstance(data, str)
-        with open(data, "rb") as f:
-            entry = Queued(
-                f"q{len(self.entries) + 1}",
-                sender,
-                recipients,
-                f.read(),
-                xverp,
-                params or {},
-                None if dsn is None else list(dsn),
-                sign,
-            )
-        self.entries.append(entry)
-        return succeed(entry)
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    def startTLS(self, contextFactory: object, normal: bool = True) -> None:
-        self.tls_started = contextFactory
 
 
 def lines(t: StringTransport) -> list[str]:

@@ -27,8 +27,8 @@ from twisted.trial.unittest import TestCase
 
 from gsmail.outbound.dsn import DSNRecipient, parse_dsn
 from gsmail.service import GsmailService
-from tests.integration.test_clients import make_certificate
-from tests.integration.test_outbound import (
+from tests.certificates import make_certificate
+from tests.integration.mailer import (
     GROUP,
     SmtpSink,
     decoded,
@@ -40,8 +40,8 @@ from tests.integration.test_outbound import (
     refusing_server,
     start_gsmail,
     submission_port,
-    wait_until,
 )
+from tests.util import eventually
 
 USERNAME = "groupserver"
 PASSWORD = "s3cret-submission"
@@ -137,7 +137,7 @@ class ZopeSendmailTests(TestCase):
 
     async def delivered(self, service: GsmailService, sink: SmtpSink, count: int = 1) -> None:
         """The sink got C{count} messages, each to one member from its VERP sender."""
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and len(sink.transactions()) >= count,
             lambda: f"{describe_queue(service)}; {sink.describe()}",
         )
@@ -278,7 +278,7 @@ class DSNPeerTests(TestCase):
             ["NOTIFY=SUCCESS,FAILURE", f"ORCPT=rfc822;old+2B{member(1)}"],
         )
         self.assertEqual(refused, {})
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and bool(sink.transactions()),
             lambda: f"{describe_queue(service)}; {sink.describe()}",
         )
@@ -308,7 +308,7 @@ class DSNPeerTests(TestCase):
             ["ENVID=env-7"],
             ["NOTIFY=SUCCESS", f"ORCPT=rfc822;{member(1)}"],
         )
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and len(core.received) >= 2,
             lambda: f"{describe_queue(service)}; received {len(core.received)}",
         )
@@ -335,7 +335,7 @@ class DSNPeerTests(TestCase):
             [],
             ["NOTIFY=NEVER"],
         )
-        await wait_until(
+        await eventually(
             lambda: queue_empty(service) and bool(core.rcpts),
             lambda: describe_queue(service),
         )
