@@ -52,6 +52,7 @@ from gsmail.config_reader import _split_unescaped
 from gsmail.privileges import RunUser, check_state, state_paths
 from gsmail.startup import listen_failure
 from gsmail.status import EX_CONFIG, EX_OK, EX_USAGE, GroupServerError
+from gsmail.twistedcompat import stop_resolv_conf_timer
 
 __all__ = ["Report", "effective_settings", "main", "run_checks"]
 
@@ -283,9 +284,7 @@ async def check_mx(
                     f"domains: MX of {domain}: {described}: not this host (fine behind another MTA)"
                 )
     finally:
-        parse_call = getattr(resolver, "_parseCall", None)
-        if parse_call is not None and parse_call.active():
-            parse_call.cancel()
+        stop_resolv_conf_timer(resolver)
 
 
 async def check_dkim(

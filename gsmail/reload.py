@@ -34,6 +34,7 @@ from twisted.python.logfile import BaseLogFile, LogFile
 from gsmail.config import GsmailConfig
 from gsmail.routes import RouteTable
 from gsmail.tlsconfig import ServerTLS, unusable_reason
+from gsmail.twistedcompat import log_file_of, log_observers
 
 __all__ = [
     "LIVE_OPTIONS",
@@ -154,10 +155,10 @@ def log_files(observers: Sequence[object] | None = None) -> list[BaseLogFile]:
         to list them).
     """
     if observers is None:
-        observers = list(getattr(globalLogPublisher, "_observers", ()))
+        observers = log_observers(globalLogPublisher)
     found = []
     for observer in observers:
-        out = getattr(observer, "_outFile", None)
+        out = log_file_of(observer)
         if isinstance(out, BaseLogFile) and out not in found:
             found.append(out)
     return found

@@ -48,6 +48,7 @@ from gsmail.signing import DKIMSigner
 from gsmail.startup import EX_CANTCREAT, StartupError, listen_failure, notify_systemd
 from gsmail.status import EX_CONFIG, Reply
 from gsmail.tlsconfig import ServerTLS
+from gsmail.twistedcompat import stop_resolv_conf_timer, waiting_for_port
 from gsmail.verp import VerpKeyError
 
 if TYPE_CHECKING:
@@ -426,7 +427,7 @@ class GsmailService(HangupReload, MultiService):
         C{"metrics"} listener (after start).
         """
         service = self.listeners.get(name) or self.getServiceNamed(name)
-        return service._waitingForPort.result
+        return waiting_for_port(service).result
 
     def _start_workers(self) -> None:
         """
@@ -463,9 +464,7 @@ class GsmailService(HangupReload, MultiService):
         await self.inbound.close()
         if self.queue is not None:
             # client.Resolver re-reads resolv.conf every minute: stop that timer.
-            parse_call = getattr(self._dns, "_parseCall", None)
-            if parse_call is not None and parse_call.active():
-                parse_call.cancel()
+            stop_resolv_conf_timer(self._dns)
         if self.standin is not None and self._standin_port is not None:
             port, self._standin_port = self._standin_port, None
             await port.stopListening()

@@ -26,6 +26,7 @@ from gsmail.inbound.parts import _why, with_backlog
 from gsmail.privileges import RunUser, secure_socket
 from gsmail.startup import listen_failure
 from gsmail.tlsconfig import ServerTLS, implicit_tls_endpoint
+from gsmail.twistedcompat import raise_listen_errors, waiting_for_port
 
 if TYPE_CHECKING:
     from gsmail.service import GsmailService
@@ -77,16 +78,17 @@ def listening_service(
             raise listen_failure(f"{name}_endpoint", configured, e) from None
     else:
         svc = StreamServerEndpointService(endpoint, factory)
-        svc._raiseSynchronously = True
+        raise_listen_errors(svc)
     svc.setName(name)
     return svc
 
 
 def secure_listener(name: str, svc: Any, config: GsmailConfig, run_as: RunUser | None) -> None:
     """The owner, group and mode of a UNIX listener's socket."""
-    if not hasattr(svc, "_waitingForPort"):
+    waiting = waiting_for_port(svc)
+    if waiting is None:
         return
-    address = svc._waitingForPort.result.getHost()
+    address = waiting.result.getHost()
     if not isinstance(address, UNIXAddress) or not address.name:
         return  # TCP, or a socket systemd made (SocketMode=, SocketGroup=)
     path = os.fsdecode(address.name)
@@ -101,7 +103,7 @@ def listener_problems(listeners: dict[str, Any], workers: Any, config: GsmailCon
     for name, svc in listeners.items():
         if workers is not None and name in ("smtp", "lmtp"):
             continue  # the workers accept on these
-        waiting = getattr(svc, "_waitingForPort", None)
+        waiting = waiting_for_port(svc)
         if (
             not svc.running
             or waiting is None

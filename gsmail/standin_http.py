@@ -47,6 +47,7 @@ from gsmail.standin_form import (
     _Staging,
 )
 from gsmail.standin_postid import compute_post_id
+from gsmail.twistedcompat import request_path
 
 # The namespace of the module these lines came from, so that the stand-in's
 # log lines stay as they were.
@@ -102,7 +103,7 @@ class _Request(server.Request):
             return
         # The request line is parsed; the Request learns its path only once
         # the body is in, so the channel's copy is read.
-        path = getattr(channel, "_path", b"") or b""
+        path = request_path(channel)
         if standin._reset_now(path):
             _reset(channel)
 

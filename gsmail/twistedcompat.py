@@ -10,13 +10,9 @@ behaviour is gone: a Twisted upgrade that breaks one is seen in the test
 run, not in production. C{setup.py} keeps an upper bound on Twisted for
 these; raise it after the tests pass on the new release.
 
-The adapters after L{set_connection_factory} are for uses in modules this
-change did not touch (L{gsmail.service}, L{gsmail.service_listeners},
-L{gsmail.check},
-L{gsmail.outbound.mtasts}, L{gsmail.reload}, L{gsmail.standin_http}): they still
-reach in directly, each on one line that the adapter named in its
-docstring replaces. C{twisted.web.client._HTTP11ClientFactory}, which
-L{gsmail.groupserver_http} subclasses, is checked by the tests too.
+gsmail's modules use these adapters, not the private names.
+C{twisted.web.client._HTTP11ClientFactory}, which L{gsmail.groupserver_http}
+subclasses, is checked by the tests too.
 """
 
 from __future__ import annotations
