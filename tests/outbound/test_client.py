@@ -1,5 +1,6 @@
 """
-Tests for L{gsmail.outbound.client}, gsmail's ESMTP/LMTP client.
+Tests for L{gsmail.outbound.client} and its parts (C{client_*.py}), gsmail's
+ESMTP/LMTP client.
 
 Three layers: the test plays the server by hand over a L{StringTransport}
 (every byte the client writes is asserted, replies are scripted, time is a
@@ -43,13 +44,12 @@ from zope.interface import directlyProvides, implementer
 
 from gsmail import status
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
-from gsmail.outbound import client
+from gsmail.outbound import client, client_replies
 from gsmail.outbound.client import (
     DEFAULT_TIMEOUTS,
     SMTPUTF8_UNSUPPORTED,
     ClientTLS,
     DataEncoder,
-    ReplyParser,
     SMTPClientError,
     SMTPConnection,
     Timeouts,
@@ -57,6 +57,7 @@ from gsmail.outbound.client import (
     TransactionResult,
     connect,
 )
+from gsmail.outbound.client_replies import ReplyParser
 from gsmail.status import Reply
 from tests.certificates import new_ca
 from tests.fakes import FakeCore
@@ -344,7 +345,7 @@ class ReplyParserTests(SynchronousTestCase):
             b"650 bad class\r\n",
             b"250-a\r\n251 b\r\n",
             b"250x\r\n",
-            b"2" * (client.MAX_REPLY_LINE + 1),
+            b"2" * (client_replies.MAX_REPLY_LINE + 1),
         ]:
             with self.assertRaises(SMTPClientError) as caught:
                 ReplyParser().feed(data)
