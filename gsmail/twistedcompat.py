@@ -11,7 +11,7 @@ run, not in production. C{setup.py} keeps an upper bound on Twisted for
 these; raise it after the tests pass on the new release.
 
 gsmail's modules use these adapters, not the private names.
-C{twisted.web.client._HTTP11ClientFactory}, which L{gsmail.groupserver}
+C{twisted.web.client._HTTP11ClientFactory}, which L{gsmail.groupserver_http}
 subclasses, is checked by the tests too.
 """
 
@@ -104,7 +104,7 @@ def set_connection_factory(pool: Any, factory_class: type) -> None:
     """
     Make C{pool} (an C{HTTPConnectionPool}) open its connections with
     C{factory_class}, a subclass of C{twisted.web.client._HTTP11ClientFactory}
-    (L{gsmail.groupserver}: one with C{noisy = False}, so that each new
+    (L{gsmail.groupserver_http}: one with C{noisy = False}, so that each new
     connection to GroupServer does not log "Starting factory").
 
     Private: C{HTTPConnectionPool._factory}; the pool has no public way to

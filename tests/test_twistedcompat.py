@@ -136,7 +136,7 @@ class _Endpoint:
 class ConnectionFactoryTests(SynchronousTestCase):
     """
     L{set_connection_factory}: C{HTTPConnectionPool._factory}; and
-    C{twisted.web.client._HTTP11ClientFactory}, which gsmail.groupserver
+    C{twisted.web.client._HTTP11ClientFactory}, which gsmail.groupserver_http
     subclasses.
     """
 
