@@ -20,8 +20,8 @@ Prints one table. For both stores:
     the first one just appended (C{PostLedger.state()}: catch-up and look-up;
     sqlite: one indexed SELECT), median over 2,000;
   - C{lines}: lines of code (no blank lines, comments or docstrings) of the
-    record store: gsmail/ledger_store.py and ledger_file.py (or the whole of
-    gsmail/ledger.py in a tree before the split), and the prototype class.
+    record store: gsmail/ledger/store.py and ledger/file.py (or the whole of
+    gsmail/ledger/__init__.py in a tree before the split), and the prototype class.
 
 Then, for the file store only, C{run loop}: the CPU time per C{run()} of 10,000
 new keys in a row in one process, inline C{sync}, on C{--shm} (tmpfs, where
@@ -486,7 +486,7 @@ def code_lines(source: str) -> int:
 
 def measure_lines() -> dict[str, int]:
     package = os.path.dirname(gsmail.__file__)
-    store = [os.path.join(package, n) for n in ("ledger_store.py", "ledger_file.py")]
+    store = [os.path.join(package, n) for n in ("ledger/store.py", "ledger/file.py")]
     if not all(os.path.exists(p) for p in store):
         store = [os.path.join(package, "ledger.py")]  # before the split: all of it
     total = 0

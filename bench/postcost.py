@@ -42,7 +42,7 @@ from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.web import server  # noqa: E402
 
-from gsmail.standin_postid import compute_post_id  # noqa: E402
+from gsmail.standin.postid import compute_post_id  # noqa: E402
 
 _MESSAGE = re.compile(rb'name="form\.emailMessage"\r\n\r\n([A-Za-z0-9+/=]+)')
 

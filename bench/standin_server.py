@@ -33,7 +33,7 @@ them). Stops on SIGTERM/SIGINT.
 
 A slow GroupServer (bench/burst.py): C{--post-delay S} makes every add-email
 request take S seconds more (a real wait on the reactor's clock, inside the
-add's transaction: L{gsmail.standin_faults.Faults.delay}), and C{--threads N}
+add's transaction: L{gsmail.standin.faults.Faults.delay}), and C{--threads N}
 serves at most N requests of the pages at once, the rest waiting in arrival
 order, as Zope 2's ZServer hands each request, once read, to one of its
 C{zserver-threads} worker threads (default 4, Zope 2's; C{0}: no limit).
@@ -59,8 +59,8 @@ from twisted.web.resource import Resource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gsmail.standin import StandIn  # noqa: E402
-from gsmail.standin_actions import PostRecord  # noqa: E402
-from gsmail.standin_faults import Faults  # noqa: E402
+from gsmail.standin.actions import PostRecord  # noqa: E402
+from gsmail.standin.faults import Faults  # noqa: E402
 
 reactor: Any = _reactor
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)

@@ -48,7 +48,7 @@ from twisted.internet.defer import Deferred
 
 from gsmail import __version__
 from gsmail.config import ConfigError, GsmailConfig, load_config
-from gsmail.config_reader import _split_unescaped
+from gsmail.config.reader import _split_unescaped
 from gsmail.privileges import RunUser, check_state, state_paths
 from gsmail.startup import listen_failure
 from gsmail.status import EX_CONFIG, EX_OK, EX_USAGE, GroupServerError
@@ -258,7 +258,7 @@ async def check_mx(
     or by address (one this host has). Anything else is a warning.
     """
     from gsmail.outbound.mx import MXLookupError, MXResolver
-    from gsmail.service_outbound import dns_resolver
+    from gsmail.service.outbound import dns_resolver
 
     local = is_local or local_address
     resolver = dns_resolver(config.dns_servers, reactor)

@@ -220,7 +220,7 @@ def implicit_tls_endpoint(
     @raise OSError: a file cannot be read.
     @raise OpenSSL.SSL.Error: the key does not match the certificate.
     """
-    from gsmail.config_reader import _split_unescaped, _unescape
+    from gsmail.config.reader import _split_unescaped, _unescape
 
     fields = _split_unescaped(description, ":")
     if fields[0].strip().lower() != "ssl":

@@ -11,7 +11,7 @@ run, not in production. C{setup.py} keeps an upper bound on Twisted for
 these; raise it after the tests pass on the new release.
 
 gsmail's modules use these adapters, not the private names.
-C{twisted.web.client._HTTP11ClientFactory}, which L{gsmail.groupserver_http}
+C{twisted.web.client._HTTP11ClientFactory}, which L{gsmail.groupserver.http}
 subclasses, is checked by the tests too.
 """
 
@@ -104,7 +104,7 @@ def set_connection_factory(pool: Any, factory_class: type) -> None:
     """
     Make C{pool} (an C{HTTPConnectionPool}) open its connections with
     C{factory_class}, a subclass of C{twisted.web.client._HTTP11ClientFactory}
-    (L{gsmail.groupserver_http}: one with C{noisy = False}, so that each new
+    (L{gsmail.groupserver.http}: one with C{noisy = False}, so that each new
     connection to GroupServer does not log "Starting factory").
 
     Private: C{HTTPConnectionPool._factory}; the pool has no public way to
@@ -119,7 +119,7 @@ def raise_listen_errors(service: Any) -> None:
     C{privilegedStartService} (so that gsmail's start-up fails with one line
     naming the endpoint) instead of logging it and running on without the
     listener. Replaces C{svc._raiseSynchronously = True} in
-    L{gsmail.service_listeners}.
+    L{gsmail.service.listeners}.
 
     Private: C{StreamServerEndpointService._raiseSynchronously}; Twisted's
     own C{strports.service} sets it the same way, and there is no public
@@ -133,7 +133,7 @@ def waiting_for_port(service: Any) -> Any:
     The Deferred of a C{StreamServerEndpointService}'s listening port
     (fired with the port once it listens), or C{None} before it started or
     for another kind of service. Replaces C{_waitingForPort} in
-    L{gsmail.service} and L{gsmail.service_listeners} (the port a listener
+    L{gsmail.service} and L{gsmail.service.listeners} (the port a listener
     got, the UNIX socket's mode, and C{/readyz}).
 
     Private: C{StreamServerEndpointService._waitingForPort}; the service
@@ -197,7 +197,7 @@ def request_path(channel: Any) -> bytes:
     The path of the request an C{HTTPChannel} is reading, once its request
     line is parsed and before its body is in (when the C{Request} itself
     does not know it yet): the stand-in's fault injection decides there.
-    Replaces C{getattr(channel, "_path", b"")} in L{gsmail.standin_http}.
+    Replaces C{getattr(channel, "_path", b"")} in L{gsmail.standin.http}.
 
     Private: C{HTTPChannel._path}.
     """

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from gsmail import config_site
 from gsmail.config import (
     GsmailConfig,
     load_config,
 )
+from gsmail.config import site as config_site
 
 TOKEN = "Tk-9f8e7d6c5b4a"
 FQDN = "mx.test.example"

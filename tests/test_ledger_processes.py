@@ -34,7 +34,7 @@ from gsmail.ledger import (
     Outcome,
     PostLedger,
 )
-from gsmail.ledger_claims import _KeyLock
+from gsmail.ledger.claims import _KeyLock
 from gsmail.status import OUTCOME_UNKNOWN, GroupServerError
 from tests.fakes import ManualSync, Post
 

@@ -3,7 +3,7 @@
 Tests for L{gsmail.standin}: the GroupServer stand-in answers as
 GroupServer's pages do (C{shared/groupserver-protocol.md}, "What a page
 answers"; the fixtures in C{tests/fixtures/groupserver/}), archives a post
-once by its post id (L{gsmail.standin_postid}), stores what it accepts in
+once by its post id (L{gsmail.standin.postid}), stores what it accepts in
 Maildirs, and misbehaves on request through L{Faults}.
 """
 
@@ -42,13 +42,13 @@ from twisted.web.client import (
 )
 from twisted.web.http import HTTPChannel
 
-from gsmail import standin_postid
 from gsmail.answers import PageResult, read_status
 from gsmail.standin import StandIn, make_demo_standin
-from gsmail.standin_actions import PostRecord
-from gsmail.standin_faults import Faults
-from gsmail.standin_form import _Base64Writer
-from gsmail.standin_postid import compute_post_id, post_id_of_message, to_b62
+from gsmail.standin import postid as standin_postid
+from gsmail.standin.actions import PostRecord
+from gsmail.standin.faults import Faults
+from gsmail.standin.form import _Base64Writer
+from gsmail.standin.postid import compute_post_id, post_id_of_message, to_b62
 
 TOKEN = "s3cret-token-value"
 BASE = "http://groups.example.com"
@@ -694,7 +694,7 @@ class ArchiveTests(StubTestBase):
 
 
 class PostIdTests(SynchronousTestCase):
-    """L{gsmail.standin_postid} computes C{EmailMessage.post_id} as gs.group.list.base does."""
+    """L{gsmail.standin.postid} computes C{EmailMessage.post_id} as gs.group.list.base does."""
 
     # gs.group.list.base tests/emailmessage.py: EmailMessageTest.m and its ids.
     ETHEL = (

@@ -136,7 +136,7 @@ class _Endpoint:
 class ConnectionFactoryTests(SynchronousTestCase):
     """
     L{set_connection_factory}: C{HTTPConnectionPool._factory}; and
-    C{twisted.web.client._HTTP11ClientFactory}, which gsmail.groupserver_http
+    C{twisted.web.client._HTTP11ClientFactory}, which gsmail.groupserver.http
     subclasses.
     """
 
@@ -196,7 +196,7 @@ class ElsewhereTests(SynchronousTestCase):
     The other adapters for modules outside this one: the trust root
     (gsmail.outbound.mtasts), the resolver's timer (gsmail.service,
     gsmail.check), log files (gsmail.reload), a request's path
-    (gsmail.standin_http).
+    (gsmail.standin.http).
     """
 
     def test_trust_root(self) -> None:

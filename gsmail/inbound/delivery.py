@@ -33,9 +33,9 @@ from gsmail.addresses import (
 from gsmail.bounces import Blocking, BounceScreen
 from gsmail.inbound.authresults import AuthChecker, AuthOutcome
 from gsmail.inbound.postmaster import Postmaster
-from gsmail.inbound.protocol_state import Envelope, Session
+from gsmail.inbound.protocol.state import Envelope, Session
 from gsmail.inbound.routing import RouteActions
-from gsmail.inbound.routing_work import Blocking as RouteBlocking
+from gsmail.inbound.routing.work import Blocking as RouteBlocking
 from gsmail.inbound.spool import SpooledMessage, release
 from gsmail.interfaces import GroupInfo, IGroupServer, MessageSource
 from gsmail.ledger import Outcome, PostLedger

@@ -20,9 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail import status
 from gsmail.addresses import Address, Route
-from gsmail.inbound import protocol_commands
 from gsmail.inbound import spool as spool_module
 from gsmail.inbound.protocol import InboundFactory, ServerSettings, Session
+from gsmail.inbound.protocol import commands as protocol_commands
 from gsmail.inbound.spool import SpoolFiles
 from gsmail.status import Reply
 from tests.fakes import FakeCore, TLSStringTransport, codes, replies

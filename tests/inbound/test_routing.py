@@ -510,7 +510,7 @@ nntp_password = secret
 
     def test_failure_is_transient(self) -> None:
         """A news server that fails: 451, the sender retries; the retry posts."""
-        from gsmail.inbound.routing_work import _ActionFailed
+        from gsmail.inbound.routing.work import _ActionFailed
 
         self.news.error = _ActionFailed(status.NNTP_FAILED)
         self.assertEqual(self.deliver_to("news@groups.example.com"), status.NNTP_FAILED)

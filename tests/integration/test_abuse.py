@@ -598,7 +598,11 @@ class AuthBruteForceTests(AbuseTestsMixin, TestCase):
         lines = [
             line
             for line in map(formatEvent, self.log.events)
-            if "AUTH" in line and "authenticated as" not in line
+            if "AUTH" in line
+            and "authenticated as" not in line
+            # smtpd's line for the last client, which leaves without QUIT:
+            # logged or not yet when the test reads the log.
+            and not line.startswith("lost connection after AUTH")
         ]
         # The first failure and the lock-out: not one line per try (seven tries).
         self.assertEqual(len(lines), 2, lines)

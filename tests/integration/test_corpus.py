@@ -40,7 +40,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from gsmail import status
-from gsmail.standin_postid import post_id_of_message
+from gsmail.standin.postid import post_id_of_message
 from tests.integration.clients import (
     CLIENT_TIMEOUT,
     DEV,

@@ -24,7 +24,7 @@ import attrs
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from gsmail.standin_faults import Faults
+from gsmail.standin.faults import Faults
 from tests.integration.clients import EXAMPLE, SENDER, make_message, smtp_client
 from tests.util import make_config, port_of, start_service
 

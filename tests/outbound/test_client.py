@@ -44,7 +44,7 @@ from zope.interface import directlyProvides, implementer
 
 from gsmail import status
 from gsmail.inbound.protocol import InboundFactory, ServerSettings
-from gsmail.outbound import client, client_replies
+from gsmail.outbound import client
 from gsmail.outbound.client import (
     DEFAULT_TIMEOUTS,
     SMTPUTF8_UNSUPPORTED,
@@ -57,7 +57,8 @@ from gsmail.outbound.client import (
     TransactionResult,
     connect,
 )
-from gsmail.outbound.client_replies import ReplyParser
+from gsmail.outbound.client import replies as client_replies
+from gsmail.outbound.client.replies import ReplyParser
 from gsmail.status import Reply
 from tests.certificates import new_ca
 from tests.fakes import FakeCore
