@@ -8,7 +8,7 @@ that delivery to that member failed for good, to an address this site made.
      accepted and dropped (C{250 2.0.0 Not recorded: not a current bounce
      address of this site}).
   2. The message: an RFC 3464 report (C{multipart/report;
-     report-type=delivery-status}, read by L{gsmail.outbound.dsn_parse.parse_dsn})
+     report-type=delivery-status}, read by L{gsmail.outbound.dsn.parse.parse_dsn})
      with a block for the member whose C{Action} is C{failed} and whose
      C{Status} is C{5.x.x}, or C{4.x.x} (a sender that gave up after
      transient failures: Postfix reports queue expiry so); or, for a bounce
@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from gsmail import status
 from gsmail.addresses import Address, BounceCheck, Route
 from gsmail.interfaces import MessageSource
-from gsmail.outbound.dsn_parse import parse_dsn
+from gsmail.outbound.dsn.parse import parse_dsn
 from gsmail.status import Reply
 
 __all__ = [

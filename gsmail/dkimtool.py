@@ -220,7 +220,7 @@ def dns_lookup(servers: Sequence[str], timeout: float = 10.0) -> TXTLookup:
     import dns.exception
     import dns.resolver
 
-    from gsmail.inbound.authchecks import make_resolver
+    from gsmail.inbound.authresults.checks import make_resolver
 
     resolver = make_resolver(servers)
 

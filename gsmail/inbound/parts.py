@@ -30,8 +30,8 @@ from gsmail.config import (
 )
 from gsmail.groupserver import GroupServerClient
 from gsmail.handoff import SerialThread
-from gsmail.inbound.authchecks import make_resolver
 from gsmail.inbound.authresults import AuthChecker
+from gsmail.inbound.authresults.checks import make_resolver
 from gsmail.inbound.delivery import DeliveryCore
 from gsmail.inbound.postmaster import MaildirPostmaster
 from gsmail.inbound.protocol import InboundFactory, ServerSettings

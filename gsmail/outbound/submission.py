@@ -47,7 +47,7 @@ from gsmail.inbound.delivery import received_from
 from gsmail.inbound.protocol import Envelope, InboundFactory, ServerSettings, Session, SMTPServer
 from gsmail.inbound.spool import Spool, SpoolAlarm, SpooledMessage, SpoolFiles, release
 from gsmail.logtext import printable
-from gsmail.outbound.dsn_params import parse_envid, parse_notify, parse_orcpt
+from gsmail.outbound.dsn.params import parse_envid, parse_notify, parse_orcpt
 from gsmail.status import Reply
 
 __all__ = [

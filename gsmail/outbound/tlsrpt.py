@@ -27,8 +27,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from gsmail.outbound.mtasts_cache import Blocking, run_inline, write_atomically
-from gsmail.outbound.mtasts_policy import Policy
+from gsmail.outbound.mtasts.cache import Blocking, run_inline, write_atomically
+from gsmail.outbound.mtasts.policy import Policy
 
 __all__ = ["TLSReportCounts", "main", "make_report"]
 

@@ -32,7 +32,7 @@ from gsmail.inbound.protocol import Envelope, ServerSettings, Session
 from gsmail.inbound.spool import Spool, SpoolAlarm
 from gsmail.outbound.delivery import OutboundDelivery, TLSPolicy
 from gsmail.outbound.mtasts import MTASTS
-from gsmail.outbound.mtasts_cache import PolicyCache
+from gsmail.outbound.mtasts.cache import PolicyCache
 from gsmail.outbound.mx import MXResolver
 from gsmail.outbound.queue import OutboundQueue
 from gsmail.outbound.relayhost import parse_relayhost

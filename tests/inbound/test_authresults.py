@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.inbound.test_authresults -*-
 """
-Tests for L{gsmail.inbound.authresults}, L{gsmail.inbound.authchecks} and
-L{gsmail.inbound.authfield}: the checks of one message against
+Tests for L{gsmail.inbound.authresults}, L{gsmail.inbound.authresults.checks} and
+L{gsmail.inbound.authresults.field}: the checks of one message against
 a DNS held in memory (a dnspython resolver stand-in), the field written,
 the forgeries removed, and the delivery core posting with the field.
 """
@@ -20,15 +20,15 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.addresses import parse_mailbox
-from gsmail.inbound.authchecks import DNS, from_domain, organizational_domain
-from gsmail.inbound.authfield import (
+from gsmail.inbound.authresults import AuthChecker, authenticate
+from gsmail.inbound.authresults.checks import DNS, from_domain, organizational_domain
+from gsmail.inbound.authresults.field import (
     Checks,
     authserv_id_of,
     forged_fields,
     format_field,
     remove_fields,
 )
-from gsmail.inbound.authresults import AuthChecker, authenticate
 from gsmail.inbound.protocol import Envelope, Session
 from gsmail.inbound.spool import SpooledMessage
 from gsmail.signing import DKIMSigner, KeyRing, KeySpec

@@ -42,7 +42,7 @@ from zope.interface import implementer
 from gsmail.handoff import SerialThread
 from gsmail.outbound.delivery import MX_TLS, OutboundDelivery
 from gsmail.outbound.mtasts import MTASTS, STSClientTLS
-from gsmail.outbound.mtasts_cache import PolicyCache
+from gsmail.outbound.mtasts.cache import PolicyCache
 from gsmail.outbound.mx import MXResolver
 from gsmail.outbound.queue import PENDING, OutboundQueue
 from gsmail.outbound.tlsrpt import TLSReportCounts, read_day

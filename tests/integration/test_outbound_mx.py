@@ -31,7 +31,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from gsmail.outbound.dsn_parse import parse_dsn
+from gsmail.outbound.dsn.parse import parse_dsn
 from gsmail.outbound.queue import DELIVERED, FAILED, PENDING
 from gsmail.service import GsmailService, makeService
 from tests.integration.mx import (

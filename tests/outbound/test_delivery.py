@@ -23,7 +23,7 @@ from gsmail import status
 from gsmail.addresses import MAX_LOCAL_PART, BounceCheck, parse_mailbox
 from gsmail.outbound import backoff
 from gsmail.outbound.delivery import CONNECTION_CACHE_TIME, OutboundDelivery
-from gsmail.outbound.dsn_parse import DSNRecipient, parse_dsn
+from gsmail.outbound.dsn.parse import DSNRecipient, parse_dsn
 from gsmail.outbound.mx import MXHost, NoSuchDomainError
 from gsmail.outbound.queue import (
     DELIVERED,

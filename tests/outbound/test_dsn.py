@@ -1,6 +1,6 @@
 """
-Tests for L{gsmail.outbound.dsn}, L{gsmail.outbound.dsn_params} and
-L{gsmail.outbound.dsn_parse}: the RFC 3464 report as a mail reader (the
+Tests for L{gsmail.outbound.dsn}, L{gsmail.outbound.dsn.params} and
+L{gsmail.outbound.dsn.parse}: the RFC 3464 report as a mail reader (the
 C{email} package) sees it, when to send one, and reading DSNs back.
 """
 
@@ -17,7 +17,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.outbound.dsn import MAX_RETURNED_HEADERS, FailedRecipient, build_dsn, should_send_dsn
-from gsmail.outbound.dsn_params import (
+from gsmail.outbound.dsn.params import (
     notify_requests,
     orcpt_parameter,
     parse_envid,
@@ -26,7 +26,7 @@ from gsmail.outbound.dsn_params import (
     xtext_decode,
     xtext_encode,
 )
-from gsmail.outbound.dsn_parse import DSNRecipient, parse_dsn
+from gsmail.outbound.dsn.parse import DSNRecipient, parse_dsn
 from gsmail.outbound.mx import NullMXError
 from gsmail.status import Reply
 

@@ -18,8 +18,8 @@ from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
 from gsmail.outbound.mtasts import MTASTS
-from gsmail.outbound.mtasts_cache import PolicyCache, StoredPolicy
-from gsmail.outbound.mtasts_policy import (
+from gsmail.outbound.mtasts.cache import PolicyCache, StoredPolicy
+from gsmail.outbound.mtasts.policy import (
     MAX_AGE_LIMIT,
     Policy,
     PolicyError,

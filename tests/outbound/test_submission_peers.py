@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from gsmail.outbound.dsn_parse import DSNRecipient, parse_dsn
+from gsmail.outbound.dsn.parse import DSNRecipient, parse_dsn
 from gsmail.service import GsmailService
 from tests.certificates import make_certificate
 from tests.integration.mailer import (

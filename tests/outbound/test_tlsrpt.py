@@ -11,7 +11,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from gsmail.outbound.mtasts_policy import parse_policy
+from gsmail.outbound.mtasts.policy import parse_policy
 from gsmail.outbound.tlsrpt import FLUSH_DELAY, TLSReportCounts, main, make_report
 
 POLICY = parse_policy("version: STSv1\nmode: enforce\nmx: mx.example.net\nmax_age: 86400\n")

@@ -31,7 +31,7 @@ from typing import Any, Final
 
 import attrs
 
-from gsmail.outbound.dsn_params import parse_notify, parse_orcpt
+from gsmail.outbound.dsn.params import parse_notify, parse_orcpt
 
 __all__ = [
     "DELIVERED",

@@ -15,9 +15,9 @@ delivery-status part is always 7-bit: a non-ASCII address is written with
 the C{utf-8} address type in its C{utf-8-addr-xtext} form (RFC 6533 §3).
 
 Not here: the RFC 3461 parameters that ask for a DSN (C{NOTIFY}, C{ORCPT},
-C{ENVID}, C{xtext}: L{gsmail.outbound.dsn_params}, whose public names this
+C{ENVID}, C{xtext}: L{gsmail.outbound.dsn.params}, whose public names this
 module also offers, as the delivery code uses them from here), and reading
-a DSN back (L{gsmail.outbound.dsn_parse}).
+a DSN back (L{gsmail.outbound.dsn.parse}).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import attrs
 from twisted.logger import Logger
 
 from gsmail.addresses import AddressError, parse_mailbox
-from gsmail.outbound.dsn_params import (
+from gsmail.outbound.dsn.params import (
     DEFAULT_NOTIFY,
     STATUS_CODE,
     VERP_DEFAULT_NOTIFY,

@@ -5,7 +5,7 @@ The C{Authentication-Results} field (RFC 8601): what the checks found
 fields already in a message that claim to come from gsmail's host, which
 are forgeries (RFC 8601 §5), found and removed. Pure: no I/O.
 
-Not here: the checks (L{gsmail.inbound.authchecks}) or when they run
+Not here: the checks (L{gsmail.inbound.authresults.checks}) or when they run
 (L{gsmail.inbound.authresults}).
 """
 

@@ -23,7 +23,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Final, NamedTuple
 
-from gsmail.outbound.dsn_params import STATUS_CODE, UTF8_ADDR_ESCAPE
+from gsmail.outbound.dsn.params import STATUS_CODE, UTF8_ADDR_ESCAPE
 
 __all__ = ["DSNRecipient", "parse_dsn"]
 

@@ -4,11 +4,11 @@ The RFC 3461 parameters that ask for delivery status notifications:
 C{NOTIFY}, C{ORCPT} and C{ENVID} as the submission port checks them, what a
 recipient's C{NOTIFY} asks for, and the encodings they travel in (RFC 3461
 C{xtext}, RFC 6533 C{utf-8-addr-xtext}), which the report
-(L{gsmail.outbound.dsn}) and the reader (L{gsmail.outbound.dsn_parse}) use
+(L{gsmail.outbound.dsn}) and the reader (L{gsmail.outbound.dsn.parse}) use
 too.
 
 Not here: building the report (L{gsmail.outbound.dsn}) or reading one back
-(L{gsmail.outbound.dsn_parse}).
+(L{gsmail.outbound.dsn.parse}).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ MTA-STS policies (RFC 8461) as text: the C{_mta-sts} TXT record (§3.1),
 the policy file (§3.2) and its MX patterns (§4.1). Pure: no I/O, no
 reactor.
 
-Not here: caching policies on disk (L{gsmail.outbound.mtasts_cache}),
+Not here: caching policies on disk (L{gsmail.outbound.mtasts.cache}),
 finding and fetching the policy that applies, and STARTTLS under it
 (L{gsmail.outbound.mtasts}).
 """

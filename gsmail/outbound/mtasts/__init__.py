@@ -5,9 +5,9 @@ travel only to the MX hosts it lists, over TLS with a certificate verified
 for the MX host's name. Postfix needs a separate daemon for this
 (postfix-mta-sts-resolver); gsmail does it in the outbound delivery.
 
-  - L{gsmail.outbound.mtasts_policy}: the pure parts (the C{_mta-sts} TXT
+  - L{gsmail.outbound.mtasts.policy}: the pure parts (the C{_mta-sts} TXT
     record, RFC 8461 §3.1; the policy file, §3.2; MX patterns, §4.1);
-  - L{gsmail.outbound.mtasts_cache}: policies by domain, with their C{id}
+  - L{gsmail.outbound.mtasts.cache}: policies by domain, with their C{id}
     and time of fetch, one JSON file per domain under the state directory,
     so they survive a restart (§5.1: a cached unexpired policy applies even
     when the fetch fails);
@@ -56,8 +56,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from gsmail.outbound.mtasts_cache import PolicyCache, StoredPolicy
-from gsmail.outbound.mtasts_policy import (
+from gsmail.outbound.mtasts.cache import PolicyCache, StoredPolicy
+from gsmail.outbound.mtasts.policy import (
     ENFORCE,
     MAX_POLICY_SIZE,
     NONE,

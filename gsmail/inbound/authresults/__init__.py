@@ -26,8 +26,8 @@ checks never refuse, delay beyond the budget or fail a delivery.
 This module runs the checks of one message (L{authenticate}) and schedules
 them off the reactor thread within the budget (L{AuthChecker}: threads,
 concurrency, reading the spooled message). Not here: the checks themselves
-and their DNS (L{gsmail.inbound.authchecks}); the field, what it reports
-and the forged fields (L{gsmail.inbound.authfield}).
+and their DNS (L{gsmail.inbound.authresults.checks}); the field, what it reports
+and the forged fields (L{gsmail.inbound.authresults.field}).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from gsmail.inbound.authchecks import (
+from gsmail.inbound.authresults.checks import (
     DNS,
     MAX_SIGNATURES,
     TempDNSError,
@@ -54,7 +54,7 @@ from gsmail.inbound.authchecks import (
     check_spf,
     from_domain,
 )
-from gsmail.inbound.authfield import (
+from gsmail.inbound.authresults.field import (
     Checks,
     DKIMResult,
     forged_fields,
@@ -188,7 +188,7 @@ class AuthChecker:
     @param authserv_id: gsmail's host name (C{hostname}), the field's
         authserv-id and what forged fields claim.
     @param resolver: the DNS of the checks
-        (L{gsmail.inbound.authchecks.make_resolver}).
+        (L{gsmail.inbound.authresults.checks.make_resolver}).
     @param blocking: runs a function in a thread (the reactor's pool).
     @param budget: seconds the checks of one message may take (DNS
         included, waiting for a thread included).

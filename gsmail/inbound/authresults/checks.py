@@ -7,7 +7,7 @@ dkimpy), an ARC chain (RFC 8617; dkimpy) and the C{From} domain's DMARC
 policy (RFC 7489), each lookup through L{DNS}, one dnspython resolver
 bounded by what is left of the message's time budget. A DNS failure or
 timeout is C{temperror}. What they found is kept in
-L{gsmail.inbound.authfield.Checks}.
+L{gsmail.inbound.authresults.field.Checks}.
 
 pyspf has no DNS argument: its module function C{DNSLookup} is what its
 test suite replaces, so gsmail replaces it once (when this module is
@@ -16,7 +16,7 @@ calling thread (a thread-local), and pyspf's own lookup everywhere else.
 
 Not here: running the checks of one message within its budget
 (L{gsmail.inbound.authresults}), or the C{Authentication-Results} field
-and forged fields (L{gsmail.inbound.authfield}).
+and forged fields (L{gsmail.inbound.authresults.field}).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import dns.resolver
 import spf
 from twisted.logger import Logger
 
-from gsmail.inbound.authfield import Checks, DKIMResult, header_fields
+from gsmail.inbound.authresults.field import Checks, DKIMResult, header_fields
 
 __all__ = [
     "DNS",

@@ -7,7 +7,7 @@ atomically off the reactor thread, so they survive a restart. Also the
 atomic file write and the inline C{blocking} runner the TLS-RPT counts
 (L{gsmail.outbound.tlsrpt}) share.
 
-Not here: parsing policies (L{gsmail.outbound.mtasts_policy}) or deciding
+Not here: parsing policies (L{gsmail.outbound.mtasts.policy}) or deciding
 which one applies (L{gsmail.outbound.mtasts}).
 """
 
@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gsmail.outbound.mtasts_policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
+from gsmail.outbound.mtasts.policy import MAX_POLICY_SIZE, Policy, PolicyError, parse_policy
 
 __all__ = [
     "Blocking",
