@@ -165,7 +165,7 @@ class Pieces:
 
 def _success_page() -> bytes:
     """The stand-in's answer to a successful add (the whole form page again, status Done)."""
-    from gsmail.standin import pages as pages
+    from gsmail.standin import pages
 
     page = pages.form_page(
         "add",

@@ -100,7 +100,7 @@ from twisted.internet.interfaces import (
 from twisted.web import server
 from twisted.web.resource import IResource
 
-from gsmail.standin import pages as pages
+from gsmail.standin import pages
 from gsmail.standin.actions import PostRecord, _Answer
 from gsmail.standin.faults import PAGE_PATHS, Faults
 from gsmail.standin.http import _Pages, _PageServer, _Request

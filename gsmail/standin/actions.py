@@ -28,7 +28,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from gsmail.standin import pages as pages
+from gsmail.standin import pages
 from gsmail.standin.faults import Faults
 from gsmail.standin.form import _MESSAGE_FIELD, _Form
 from gsmail.standin.postid import PostIdentity, compute_post_id

@@ -32,7 +32,7 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from gsmail.standin import pages as pages
+from gsmail.standin import pages
 from gsmail.standin.actions import (
     _Answer,
     _PageActions,
