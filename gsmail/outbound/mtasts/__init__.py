@@ -66,6 +66,7 @@ from gsmail.outbound.mtasts.policy import (
     parse_policy,
     parse_txt_records,
 )
+from gsmail.twistedcompat import add_trust_root
 
 __all__ = [
     "CHECK_INTERVAL",
@@ -456,7 +457,7 @@ class STSClientTLS:
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.set_min_proto_version(SSL.TLS1_2_VERSION)
         context.set_options(SSL.OP_NO_COMPRESSION)
-        (trust_root or ssl.platformTrust())._addCACertsToContext(context)
+        add_trust_root(trust_root or ssl.platformTrust(), context)
         self._context = context
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802, N803
